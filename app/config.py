@@ -1,0 +1,155 @@
+"""One typed configuration object for the whole product.
+
+Every field can be set three ways, later wins: its default, an environment variable (`KTO_LOOP_<FIELD>`), and a
+CLI flag (`--field-name`). The packages below `app` never read this object: the app hands each one the plain
+values it needs, so `feedback_store`, `aligner` and `serving` stay usable on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "KTO_LOOP_"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+@dataclass
+class Config:
+    # Where things live. Empty paths are derived from `home` in `resolved()`.
+    home: Path = _opt(Path("~/.cache/kto-loop"), "project home: models, data, adapters, logs")
+    model_dir: Path | None = _opt(None, "local Hugging Face model directory to serve and align "
+                                        "(default: the embedded SmolLM2-135M-Instruct under HOME/models)")
+    data_dir: Path | None = _opt(None, "data directory (default: HOME/data)")
+    db_path: Path | None = _opt(None, "DuckDB file of the feedback store (default: DATA_DIR/feedback.duckdb)")
+    adapter_dir: Path | None = _opt(None, "where adapter versions are kept (default: DATA_DIR/adapters)")
+    deployment: str = _opt("default", "deployment name recorded with every answer and rating")
+
+    # Network.
+    host: str = _opt("127.0.0.1", "address the Gradio app listens on")
+    port: int = _opt(7860, "port of the Gradio app")
+    vllm_host: str = _opt("127.0.0.1", "address of the vLLM server (always started on loopback)")
+    vllm_port: int = _opt(8000, "port of the vLLM server (0 = pick a free one)")
+
+    # vLLM server flags.
+    vllm_max_lora_rank: int = _opt(16, "vLLM --max-lora-rank; adapters above it are refused")
+    vllm_max_loras: int = _opt(2, "vLLM --max-loras (current + previous version stay loaded)")
+    vllm_max_model_len: int = _opt(2048, "vLLM --max-model-len")
+    vllm_dtype: str = _opt("bfloat16", "vLLM --dtype")
+    vllm_kvcache_gb: int = _opt(2, "VLLM_CPU_KVCACHE_SPACE in GiB (CPU builds)")
+    vllm_tensor_parallel: int = _opt(1, "vLLM --tensor-parallel-size (GPU builds)")
+    vllm_extra_args: str = _opt("", "extra flags passed verbatim to the vLLM server")
+    vllm_start_timeout: float = _opt(300.0, "seconds to wait for the vLLM server to become ready")
+
+    # Chat defaults.
+    system_prompt: str = _opt("You are a helpful assistant.", "default system prompt (operators can change it)")
+    temperature: float = _opt(0.7, "sampling temperature for chat answers")
+    top_p: float = _opt(0.95, "nucleus sampling for chat answers")
+    max_tokens: int = _opt(256, "maximum answer length in tokens")
+    max_message_chars: int = _opt(4000, "longest user message accepted")
+    ratings_per_minute: int = _opt(60, "per-user rating rate limit")
+
+    # Alignment and schedule.
+    schedule_interval_minutes: int = _opt(0, "realign every N minutes (0 = no interval schedule)")
+    schedule_cron: str = _opt("", "crontab expression for realignment, e.g. '0 3 * * *' (empty = none)")
+    min_new_ratings: int = _opt(50, "a scheduled run starts only after this many new ratings")
+    max_examples: int = _opt(2000, "most examples used by one run (newest first)")
+    lora_rank: int = _opt(16, "LoRA rank of trained adapters")
+    beta: float = _opt(0.1, "KTO beta")
+    promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
+
+    # Operator console.
+    admin_user: str = _opt("admin", "operator console user name")
+    admin_password: str = _opt("", "operator console password (empty = a random one, printed at start-up)",
+                               secret=True)
+
+    def resolved(self) -> Config:
+        """A copy with every derived path filled in and `~` expanded."""
+        home = Path(self.home).expanduser()
+        data = Path(self.data_dir).expanduser() if self.data_dir else home / "data"
+        return dataclasses.replace(
+            self,
+            home=home,
+            model_dir=Path(self.model_dir).expanduser() if self.model_dir else home / "models" / DEFAULT_MODEL_NAME,
+            data_dir=data,
+            db_path=Path(self.db_path).expanduser() if self.db_path else data / "feedback.duckdb",
+            adapter_dir=Path(self.adapter_dir).expanduser() if self.adapter_dir else data / "adapters",
+        )
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.model_dir is None or Path(self.model_dir).expanduser() == (
+            Path(self.home).expanduser() / "models" / DEFAULT_MODEL_NAME)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Fields as JSON-able values, secrets masked (for logs and the console)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _base_type(tp: Any) -> type:
+    """`Path | None` → Path; `int` → int."""
+    args = getattr(tp, "__args__", None)
+    if args:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def _parse(tp: type, raw: str) -> Any:
+    if tp is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    return tp(raw)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Config field; defaults are left to `config_from`, so env vars still apply."""
+    hints = get_type_hints(Config)
+    group = parser.add_argument_group("configuration (each flag also reads the env var shown)")
+    for f in dataclasses.fields(Config):
+        tp = _base_type(hints[f.name])
+        default = f.default
+        group.add_argument(
+            _flag(f.name), dest=f"cfg_{f.name}", type=lambda raw, tp=tp: _parse(tp, raw), default=None,
+            metavar=tp.__name__.upper(), choices=f.metadata.get("choices"),
+            help=f"{f.metadata['help']} [env {_env(f.name)}; default {default!r}]",
+        )
+
+
+def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Build the resolved Config from defaults, then env vars, then parsed CLI flags."""
+    environ = os.environ if environ is None else environ
+    hints = get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        tp = _base_type(hints[f.name])
+        raw = environ.get(_env(f.name))
+        if raw is not None and raw != "":
+            try:
+                values[f.name] = _parse(tp, raw)
+            except ValueError as e:
+                raise SystemExit(f"kto-loop: bad value for {_env(f.name)}={raw!r}: {e}") from None
+        flag_value = getattr(args, f"cfg_{f.name}", None) if args is not None else None
+        if flag_value is not None:
+            values[f.name] = flag_value
+    return Config(**values).resolved()
