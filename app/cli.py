@@ -17,6 +17,14 @@ def _command_modules() -> list[ModuleType]:
     return [importlib.import_module(f"app.commands.{n}") for n in names]
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that see the last arguments: config flags go there (`kto-loop model fetch --home X`)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for child in dict.fromkeys(a.choices.values()) for leaf in _leaf_parsers(child)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kto-loop",
@@ -28,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
-        add_config_arguments(p)
+        for leaf in _leaf_parsers(p):
+            add_config_arguments(leaf)
         p.set_defaults(_run=module.run)
     return parser
 
