@@ -1,0 +1,266 @@
+"""One realignment run: store snapshot → aligner subprocess → promotion gate → hot swap → records.
+
+Training runs in a child process (niced, its own process group) on a Parquet snapshot, so the app process keeps
+owning the DuckDB file and chat stays responsive. Runs never overlap: a second trigger raises RunInProgress.
+Every run, failed ones included, is recorded in the store with its error text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.gate import should_promote
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class RunInProgress(RuntimeError):
+    """A realignment run is already going; triggers are rejected, never queued."""
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str                 # "succeeded" | "failed" | "skipped"
+    promoted: bool
+    reason: str
+    version: str | None = None
+    manifest: dict[str, Any] | None = None
+
+
+@dataclass
+class RunStatus:
+    """What the console shows while a run is going (and after it, until the next one)."""
+    running: bool = False
+    run_id: str | None = None
+    trigger: str | None = None
+    phase: str = "idle"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Realigner:
+    """Owns the one-at-a-time lock and the aligner child process."""
+
+    def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
+                 beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
+                 extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None):
+        self.store, self.registry = store, registry
+        self.model_dir, self.work_dir = Path(model_dir), Path(work_dir)
+        self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
+        self.max_examples = max_examples
+        self.extra_args = list(extra_args)
+        self.niceness, self.timeout_s = niceness, timeout_s
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._closing = False
+        self.status = RunStatus()
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    def close(self) -> None:
+        """Stop a running aligner child (app shutdown); the run is recorded as failed."""
+        self._closing = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
+
+    def run(self, trigger: str, progress: Progress | None = None, *, max_examples: int | None = None,
+            since: Any = None) -> RunOutcome:
+        if not self._lock.acquire(blocking=False):
+            raise RunInProgress(f"a realignment run is already in progress (run {self.status.run_id}, "
+                                f"{self.status.phase}); try again when it has finished")
+        try:
+            return self._run(trigger, progress, max_examples or self.max_examples, since)
+        finally:
+            self._proc = None
+            self._lock.release()
+
+    # ------------------------------------------------------------------ internals
+    def _emit(self, progress: Progress | None, **event: Any) -> None:
+        st = self.status
+        for k in ("phase", "step", "total", "loss"):
+            if k in event:
+                setattr(st, k, event[k])
+        if progress is not None:
+            try:
+                progress(dict(event, run_id=st.run_id))
+            except Exception:
+                pass  # a broken progress callback must not break the run
+
+    def _run(self, trigger: str, progress: Progress | None, max_examples: int, since: Any) -> RunOutcome:
+        current = self.registry.current()
+        params = {"max_examples": max_examples, "lora_rank": self.lora_rank, "beta": self.beta,
+                  "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir)}
+        run_id = str(self.store.start_run(trigger, params))
+        self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
+                                started_at=time.time())
+        run_dir = self.work_dir / f"run-{run_id}"
+        manifest: dict[str, Any] | None = None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._emit(progress, event="phase", phase="snapshot")
+            snap = self.store.export_snapshot(run_dir / "snapshot.parquet", since=since, max_examples=max_examples)
+            self._emit(progress, event="snapshot", phase="snapshot", n_desirable=snap.n_desirable,
+                       n_undesirable=snap.n_undesirable)
+            if snap.n_desirable == 0 or snap.n_undesirable == 0:
+                raise RunFailed(f"need at least one thumbs-up and one thumbs-down to train "
+                                f"(have {snap.n_desirable} up, {snap.n_undesirable} down)")
+            out = run_dir / "adapter"
+            self._train(snap.path, out, self._adapter_dir_of(current), progress)
+            manifest = json.loads((out / "manifest.json").read_text())
+            heldout = manifest.get("heldout") or {}
+            self._emit(progress, event="phase", phase="gate")
+            ok, reason = should_promote(heldout.get("new"), heldout.get("served"), self.min_gain)
+            version = None
+            if ok:
+                self._emit(progress, event="phase", phase="promote")
+                version = self._promote(out, current, run_id)
+            self._finish(run_id, "succeeded", manifest=manifest, promoted=ok, reason=reason, version=version,
+                         snap=snap)
+            outcome = RunOutcome(run_id, "succeeded", bool(ok), reason, version, manifest)
+        except Exception as e:
+            err = str(e) or type(e).__name__
+            self._finish(run_id, "failed", manifest=manifest, promoted=False, reason=err, version=None,
+                         error=err)
+            outcome = RunOutcome(run_id, "failed", False, err, None, manifest)
+        self.status.running, self.status.finished_at = False, time.time()
+        self.status.phase = "done" if outcome.status == "succeeded" else "failed"
+        self.status.last = {"run_id": run_id, "status": outcome.status, "promoted": outcome.promoted,
+                            "reason": outcome.reason, "version": outcome.version}
+        self._emit(progress, event="finished", phase=self.status.phase, **self.status.last)
+        return outcome
+
+    def _adapter_dir_of(self, version: str | None) -> Path | None:
+        if not version or version == "base":
+            return None
+        path_of = getattr(self.registry, "path_of", None)
+        path = path_of(version) if path_of else None
+        return Path(path) if path else None
+
+    def command(self, snapshot: Path, out: Path, served_dir: Path | None) -> list[str]:
+        cmd = [sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),
+               "--model-dir", str(self.model_dir), "--lora-rank", str(self.lora_rank),
+               "--beta", str(self.beta), "--progress-json"]
+        if served_dir is not None:
+            cmd += ["--served-adapter", str(served_dir)]
+        cmd += self.extra_args
+        nice = shutil.which("nice")
+        if self.niceness and nice:
+            cmd = [nice, "-n", str(self.niceness)] + cmd
+        return cmd
+
+    def _train(self, snapshot: Path, out: Path, served_dir: Path | None, progress: Progress | None) -> None:
+        """Run the aligner child, relay its JSON progress lines, fail with its last stderr lines."""
+        if self._closing:
+            raise RunFailed("the app is shutting down")
+        self._emit(progress, event="phase", phase="train", step=0, total=0)
+        log_path = out.parent / "aligner.log"
+        tail: deque[str] = deque(maxlen=20)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "w") as log:
+            proc = self._proc = subprocess.Popen(
+                self.command(snapshot, out, served_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, bufsize=1, env=env, start_new_session=True)
+            err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, tail), daemon=True)
+            err_thread.start()
+            deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(ev, dict) and ev.get("event") == "progress":
+                    self._emit(progress, event="progress", phase="train", step=int(ev.get("step", 0)),
+                               total=int(ev.get("total", 0)), loss=ev.get("loss"))
+                if deadline and time.monotonic() > deadline:
+                    _kill_group(proc)
+                    raise RunFailed(f"the aligner took longer than {self.timeout_s:.0f} s and was stopped")
+            rc = proc.wait()
+            err_thread.join(timeout=5)
+        if rc != 0:
+            last = " | ".join(line.strip() for line in tail if line.strip())[-1500:]
+            if self._closing:
+                raise RunFailed("stopped because the app shut down")
+            raise RunFailed(f"aligner exited with code {rc}: {last or 'no error output'} (log: {log_path})")
+        if not (out / "manifest.json").exists():
+            raise RunFailed(f"aligner finished without writing {out / 'manifest.json'}")
+
+    def _promote(self, out: Path, parent: str | None, run_id: str) -> str:
+        version = self.registry.promote(out)
+        version = getattr(version, "name", version)
+        self.store.register_adapter(version, str(self._adapter_dir_of(version) or out), _sha256_of(out),
+                                    parent if parent != "base" else None, run_id)
+        self.store.mark_promoted(version)
+        return str(version)
+
+    def _finish(self, run_id: str, status: str, *, manifest, promoted, reason, version, snap=None,
+                error=None) -> None:
+        m = manifest or {}
+        try:
+            self.store.finish_run(
+                run_id, status, n_desirable=m.get("n_desirable", getattr(snap, "n_desirable", None)),
+                n_undesirable=m.get("n_undesirable", getattr(snap, "n_undesirable", None)),
+                lambda_d=m.get("lambda_d"), lambda_u=m.get("lambda_u"),
+                metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
+                         "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
+                         "promoted": promoted, "reason": reason, "version": version},
+                error=error)
+        except Exception as e:  # recording must never mask the run's own outcome
+            print(f"kto-loop: could not record run {run_id}: {e}", file=sys.stderr)
+
+
+def _pump(stream, log, tail: deque[str]) -> None:
+    for line in stream:
+        log.write(line)
+        tail.append(line)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    except PermissionError:
+        proc.kill()
+
+
+def _sha256_of(adapter_dir: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(adapter_dir) / "adapter_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
