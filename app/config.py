@@ -65,6 +65,7 @@ class Config:
     lora_rank: int = _opt(16, "LoRA rank of trained adapters")
     beta: float = _opt(0.1, "KTO beta")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
+    align_extra_args: str = _opt("", "extra flags passed verbatim to the aligner subprocess (e.g. '--max-steps 2')")
 
     # Operator console.
     admin_user: str = _opt("admin", "operator console user name")
