@@ -1,0 +1,226 @@
+"""Wiring: vLLM server + feedback store + adapter registry + realigner (`build_stack`), then the web app on top.
+
+`build_stack(cfg)` is shared by `kto-loop run` and the simulator. `create_app` mounts the chat page at "/", the
+operator console at "/admin" and the operator JSON API at "/api/admin" (both behind admin basic auth) in one
+FastAPI app. `serve(cfg)` runs it all until Ctrl-C and tears everything down in reverse order, so no vLLM
+process outlives the app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from app.config import Config
+from app.realign import Realigner, RunInProgress
+from app.settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
+
+
+@dataclass
+class Stack:
+    server: Any           # serving.server.VLLMServer
+    store: Any            # feedback_store.FeedbackStore
+    registry: Any         # serving.registry.AdapterRegistry
+    client: Any           # serving.client.ChatClient
+    realigner: Realigner
+    settings: SettingsStore
+    cfg: Config
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def default_settings(cfg: Config) -> OperatorSettings:
+    return OperatorSettings(interval_minutes=cfg.schedule_interval_minutes, cron=cfg.schedule_cron,
+                            min_new_ratings=cfg.min_new_ratings, max_examples=cfg.max_examples,
+                            system_prompt=cfg.system_prompt)
+
+
+def server_spec(cfg: Config):
+    from serving.server import VLLMServerSpec
+
+    return VLLMServerSpec(
+        model_dir=Path(cfg.model_dir), host=cfg.vllm_host, port=cfg.vllm_port or _free_port(cfg.vllm_host),
+        max_lora_rank=cfg.vllm_max_lora_rank, max_loras=cfg.vllm_max_loras, max_model_len=cfg.vllm_max_model_len,
+        dtype=cfg.vllm_dtype, kvcache_gb=cfg.vllm_kvcache_gb, tensor_parallel=cfg.vllm_tensor_parallel,
+        extra_args=tuple(shlex.split(cfg.vllm_extra_args)), start_timeout=cfg.vllm_start_timeout,
+        log_path=Path(cfg.data_dir) / "vllm.log")
+
+
+@contextlib.contextmanager
+def build_stack(cfg: Config) -> Iterator[Stack]:
+    """Open the store, start vLLM (LoRA on), restore the served adapter; stop everything on exit."""
+    from serving.client import ChatClient
+    from serving.registry import AdapterRegistry
+    from serving.server import VLLMServer
+
+    from feedback_store import FeedbackStore
+
+    cfg = cfg.resolved() if cfg.data_dir is None else cfg
+    Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.adapter_dir).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        store = FeedbackStore(cfg.db_path, deployment=cfg.deployment)
+        stack.callback(_close, store)
+        server = VLLMServer(server_spec(cfg))
+        stack.callback(server.stop)  # registered first: a Ctrl-C during start-up still stops the child
+        server.start()
+        client = ChatClient(server.base_url)
+        registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
+        registry.reload_after_restart()
+        server.add_restart_hook(registry.reload_after_restart)
+        realigner = Realigner(
+            store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
+            lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,
+            extra_args=shlex.split(cfg.align_extra_args))
+        stack.callback(realigner.close)
+        yield Stack(server, store, registry, client, realigner, SettingsStore(cfg.data_dir, default_settings(cfg)),
+                    cfg)
+
+
+def _close(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if close:
+        close()
+
+
+# ---------------------------------------------------------------- the web app
+
+def sampling_for(cfg: Config):
+    from serving.client import SamplingParams
+
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+
+
+def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0):
+    """FastAPI app with chat at "/", console at "/admin", operator API at "/api/admin"; returns (app, scheduler)."""
+    import gradio as gr
+    from fastapi import Body, FastAPI, HTTPException
+    from fastapi.responses import JSONResponse
+
+    from app.auth import AuthMiddleware
+    from app.console import Operator, build_console
+    from app.scheduler import RealignScheduler
+    from app.ui import CSS, ChatService, build_chat_ui
+
+    cfg = st.cfg
+    scheduler = RealignScheduler(st.realigner, st.store, st.settings)
+    op = Operator(st.store, st.registry, st.realigner, scheduler, st.settings)
+    service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
+                          sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,
+                          ratings_per_minute=cfg.ratings_per_minute,
+                          health_url=st.server.base_url.rstrip("/").removesuffix("/v1") + "/health")
+
+    app = FastAPI(title="kto-loop", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AuthMiddleware, admin_user=cfg.admin_user, admin_password=admin_password)
+
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "server_ok": service.server_ok(), "served": st.registry.current()}
+
+    @app.get("/api/admin/stats")
+    def stats() -> dict[str, Any]:
+        s = op.summary()
+        return JSONResponse(_jsonable(s))
+
+    @app.post("/api/admin/align")
+    def align(body: Annotated[dict | None, Body()] = None):
+        body = body or {}
+        try:
+            msg = op.realign_now(trigger=str(body.get("trigger", "operator")))
+        except RunInProgress as e:
+            raise HTTPException(409, str(e)) from None
+        if body.get("wait"):
+            scheduler.wait()
+        return {"message": msg, "run": st.realigner.status.as_dict()}
+
+    @app.get("/api/admin/run")
+    def run_status():
+        return st.realigner.status.as_dict()
+
+    @app.get("/api/admin/schedule")
+    def get_schedule():
+        return dataclasses.asdict(st.settings.load()) | {"next_run": scheduler.next_run_time()}
+
+    @app.post("/api/admin/schedule")
+    def set_schedule(body: Annotated[dict, Body()]):
+        allowed = {"interval_minutes", "cron", "min_new_ratings", "max_examples", "enabled"}
+        unknown = set(body) - allowed
+        if unknown:
+            raise HTTPException(400, f"unknown schedule fields: {sorted(unknown)}")
+        try:
+            s = scheduler.update(**body)
+        except (ValueError, TypeError) as e:
+            raise HTTPException(400, str(e)) from None
+        return dataclasses.asdict(s) | {"next_run": scheduler.next_run_time()}
+
+    @app.post("/api/admin/rollback")
+    def rollback(body: Annotated[dict | None, Body()] = None):
+        body = body or {}
+        try:
+            return {"message": op.rollback(body.get("version")), "served": st.registry.current()}
+        except Exception as e:
+            raise HTTPException(400, str(e)) from None
+
+    console = build_console(op, refresh_s=console_refresh_s)
+    chat = build_chat_ui(service)
+    app = gr.mount_gradio_app(app, console, path="/admin", css=CSS, footer_links=[])
+    app = gr.mount_gradio_app(app, chat, path="/", css=CSS, footer_links=[])
+    return app, scheduler
+
+
+def _jsonable(obj: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+    """`kto-loop run`: everything up, serve until Ctrl-C (or `stop`), everything down."""
+    import uvicorn
+
+    from app.auth import new_password
+
+    password = cfg.admin_password or new_password()
+    with build_stack(cfg) as st:
+        app, scheduler = create_app(st, password)
+        scheduler.start()
+        port = cfg.port or _free_port(cfg.host)
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=port, log_level="warning",
+                                               timeout_graceful_shutdown=5))
+        runtime = Path(st.cfg.data_dir) / RUNTIME_FILE
+        url = f"http://{cfg.host}:{port}"
+        write_json_atomic(runtime, {"url": url, "pid": os.getpid(), "admin_user": cfg.admin_user,
+                                    "admin_password": password, "started_at": time.time()}, mode=0o600)
+        try:
+            print(f"kto-loop: chat at {url}/  console at {url}/admin/  (user {cfg.admin_user!r}"
+                  + ("" if cfg.admin_password else f", password {password!r}") + ")", flush=True)
+            if stop is not None:
+                threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)),
+                                 daemon=True).start()
+            if ready is not None:
+                threading.Thread(target=_signal_when_started, args=(server, ready), daemon=True).start()
+            server.run()
+        finally:
+            scheduler.shutdown()
+            with contextlib.suppress(FileNotFoundError):
+                runtime.unlink()
+    return 0
+
+
+def _signal_when_started(server, ready: threading.Event) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    ready.set()
