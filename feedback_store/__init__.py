@@ -1,0 +1,26 @@
+"""The feedback store: one DuckDB file holding conversations, answers, ratings, runs and adapters."""
+
+from feedback_store.errors import (
+    DuplicateAdapter,
+    InvalidInput,
+    InvalidRating,
+    ReadOnlyStore,
+    SchemaError,
+    StoreError,
+    StoreLocked,
+    UnknownAdapter,
+    UnknownAnswer,
+    UnknownConversation,
+    UnknownRun,
+    WrongDeployment,
+)
+from feedback_store.files import KTO_SCHEMA, SNAPSHOT_SCHEMA
+from feedback_store.schema import MIGRATIONS, SCHEMA_VERSION
+from feedback_store.store import RATING_VALUES, FeedbackStore, RateResult, SnapshotInfo
+
+__all__ = [
+    "FeedbackStore", "RateResult", "SnapshotInfo", "RATING_VALUES", "SNAPSHOT_SCHEMA", "KTO_SCHEMA",
+    "MIGRATIONS", "SCHEMA_VERSION", "StoreError", "InvalidInput", "InvalidRating", "UnknownAnswer",
+    "UnknownConversation", "UnknownRun", "UnknownAdapter", "WrongDeployment", "DuplicateAdapter",
+    "SchemaError", "StoreLocked", "ReadOnlyStore",
+]

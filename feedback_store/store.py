@@ -1,0 +1,798 @@
+"""FeedbackStore: the one DuckDB file that remembers every conversation, answer, rating, run and adapter.
+
+Threads: writes go through one connection under one lock; ratings use group commit (each caller queues its
+rating, whoever holds the lock commits everything queued in one transaction), because a DuckDB commit fsyncs the
+WAL (~4 ms here) and would otherwise cap a process at a few hundred ratings/s. Reads use one cursor per thread,
+so a dashboard query never waits for a writer (DuckDB MVCC). A call returns only after its transaction commits.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from feedback_store import files
+from feedback_store.errors import (
+    DuplicateAdapter,
+    InvalidInput,
+    InvalidRating,
+    ReadOnlyStore,
+    SchemaError,
+    StoreError,
+    StoreLocked,
+    UnknownAdapter,
+    UnknownAnswer,
+    UnknownConversation,
+    UnknownRun,
+    WrongDeployment,
+)
+from feedback_store.schema import SCHEMA_VERSION, file_version, migrate
+
+RATING_VALUES = ("up", "down", None)
+ROLES = ("system", "user", "assistant")
+TRIGGERS = ("schedule", "operator", "simulator", "cli")
+RUN_STATUSES = ("running", "succeeded", "promoted", "rejected", "failed", "cancelled")
+BASE = "base"
+MAX_ID, MAX_REASON, MAX_COMMENT = 256, 200, 4000
+
+_STAGE_SCHEMA = pa.schema([(n, pa.string()) for n in
+                           ("answer_id", "user_id", "id", "deployment", "adapter", "value", "reason", "comment")]
+                          + [("created_at", pa.timestamp("us")), ("updated_at", pa.timestamp("us"))])
+_EVENT_SCHEMA = pa.schema([(n, pa.string()) for n in
+                           ("id", "rating_id", "deployment", "answer_id", "user_id", "value", "reason", "comment")]
+                          + [("event_at", pa.timestamp("us"))])
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form every TIMESTAMP column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _naive_utc(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _check_str(name: str, value: Any, max_len: int = MAX_ID, *, optional: bool = False,
+               error: type[StoreError] = InvalidInput) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > max_len:
+        raise error(f"{name} is longer than {max_len} characters")
+
+
+@dataclass(frozen=True)
+class RateResult:
+    """rating_id is stable per (user, answer); None when withdrawing a rating that never existed."""
+    rating_id: str | None
+    value: str | None
+    changed: bool
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    n_desirable: int
+    n_undesirable: int
+    sha256: str
+    since: datetime | None = None
+    until: datetime | None = None
+    run_id: str | None = None
+
+    @property
+    def n_examples(self) -> int:
+        return self.n_desirable + self.n_undesirable
+
+
+@dataclass
+class _Item:
+    user_id: str
+    answer_id: str
+    value: str | None
+    reason: str | None
+    comment: str | None
+    adapter: str = ""          # filled from the answer when the batch is validated
+
+
+@dataclass
+class _Pending:
+    items: list[_Item]
+    done: bool = False
+    results: list[RateResult] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class FeedbackStore:
+    """One DuckDB file; `deployment` scopes every row, so one file can serve several deployments."""
+
+    def __init__(self, path: str | Path, deployment: str = "default", *, read_only: bool = False,
+                 clock: Callable[[], datetime] = utcnow, answer_cache_size: int = 50_000):
+        _check_str("deployment", deployment)
+        self.path = Path(path)
+        self.deployment = deployment
+        self.read_only = read_only
+        self._clock = clock
+        self._last_ts = datetime.min
+        if read_only and not self.path.exists():
+            raise StoreError(f"no feedback database at {self.path}")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StoreLocked(f"{self.path} is in use by another process (is the kto-loop app running?); "
+                                  "DuckDB allows one process to open it for writing") from None
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        self._lock = threading.Lock()          # guards self._conn: every write, and cursor creation
+        self._queue: list[_Pending] = []       # ratings waiting for the next group commit
+        self._queue_lock = threading.Lock()
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()   # id -> (deployment, adapter)
+        self._answer_cache_size = answer_cache_size
+        self._closed = False
+        try:
+            if read_only:
+                version = file_version(self._conn)
+                if version != SCHEMA_VERSION:
+                    raise SchemaError(f"{self.path} has schema version {version}, this code needs "
+                                      f"{SCHEMA_VERSION}; open it once read-write (start the app) to upgrade")
+            else:
+                self.migrated_from, _ = migrate(self._conn, self._now)
+                # only this process writes the file: a run still 'running' was cut off by a crash or restart
+                self._conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error = "
+                                   "'interrupted: the app stopped during the run' WHERE status = 'running' "
+                                   "AND deployment = ?", [self._now(), self.deployment])
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # ---------------------------------------------------------------- plumbing
+    def _now(self) -> datetime:
+        """Strictly increasing per store, so creation order is also time order."""
+        t = _naive_utc(self._clock())
+        if t <= self._last_ts:
+            t = self._last_ts + timedelta(microseconds=1)
+        self._last_ts = t
+        return t
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            if self._closed:
+                raise StoreError("the feedback store is closed")
+            with self._lock:
+                cur = self._conn.cursor()
+                self._cursors.append(cur)
+            self._local.cursor = cur
+        return cur
+
+    def _read(self, sql: str, params: list | None = None) -> list[tuple]:
+        return self._cursor().execute(sql, params or []).fetchall()
+
+    def _read_dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        cur = self._cursor().execute(sql, params or [])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    @contextmanager
+    def _tx(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction on the shared connection: all of it commits or none of it does."""
+        if self.read_only:
+            raise ReadOnlyStore(f"{self.path} is open read-only")
+        with self._lock:
+            if self._closed:
+                raise StoreError("the feedback store is closed")
+            self._conn.execute("BEGIN TRANSACTION")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for cur in self._cursors:
+                cur.close()
+            self._conn.close()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT max(version) FROM schema_version")[0][0])
+
+    # ---------------------------------------------------------------- conversations and answers
+    def new_conversation(self, user_id: str, system_prompt: str | None = None) -> str:
+        _check_str("user_id", user_id)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise InvalidInput("system_prompt must be a string or None")
+        conv_id = _new_id()
+        with self._tx() as c:
+            now = self._now()
+            c.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)",
+                      [conv_id, self.deployment, user_id, system_prompt, now])
+            if system_prompt:
+                c.execute("INSERT INTO messages VALUES (?, ?, NULL, 'system', ?, ?)",
+                          [_new_id(), conv_id, system_prompt, now])
+        return conv_id
+
+    def _check_conversation(self, c: duckdb.DuckDBPyConnection, conv_id: str) -> None:
+        _check_str("conversation id", conv_id, error=UnknownConversation)
+        row = c.execute("SELECT deployment FROM conversations WHERE id = ?", [conv_id]).fetchone()
+        if row is None:
+            raise UnknownConversation(f"unknown conversation {conv_id!r}")
+        if row[0] != self.deployment:
+            raise WrongDeployment(f"conversation {conv_id!r} belongs to deployment {row[0]!r}, "
+                                  f"not {self.deployment!r}")
+
+    def _last_node(self, c: duckdb.DuckDBPyConnection, conv_id: str) -> str | None:
+        row = c.execute("""SELECT id FROM (
+                SELECT id, created_at FROM messages WHERE conversation_id = ? AND role <> 'system'
+                UNION ALL SELECT id, created_at FROM answers WHERE conversation_id = ?)
+            ORDER BY created_at DESC LIMIT 1""", [conv_id, conv_id]).fetchone()
+        return row[0] if row else None
+
+    def add_user_message(self, conv_id: str, content: str, parent_id: str | None = None) -> str:
+        """parent_id: the answer this message replies to; None = the latest turn of the conversation."""
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidInput("message content must be a non-empty string")
+        msg_id = _new_id()
+        with self._tx() as c:
+            self._check_conversation(c, conv_id)
+            if parent_id is None:
+                parent_id = self._last_node(c, conv_id)
+            else:
+                found = c.execute("SELECT count(*) FROM answers WHERE id = ? AND conversation_id = ?",
+                                  [parent_id, conv_id]).fetchone()[0]
+                if not found:
+                    raise UnknownConversation(f"parent {parent_id!r} is not an answer of conversation {conv_id!r}")
+            c.execute("INSERT INTO messages VALUES (?, ?, ?, 'user', ?, ?)",
+                      [msg_id, conv_id, parent_id, content, self._now()])
+        return msg_id
+
+    def add_answer(self, conv_id: str, parent_id: str, prompt_messages: list[dict], text: str,
+                   adapter: str = BASE, sampling: dict | None = None, prompt_tokens: int | None = None,
+                   completion_tokens: int | None = None, latency_ms: float | None = None) -> str:
+        """Store one assistant answer to the user message `parent_id`; a regeneration is another call with the
+        same parent (siblings are kept). prompt_messages is the exact context sent to the model."""
+        if not isinstance(prompt_messages, list) or not prompt_messages:
+            raise InvalidInput("prompt_messages must be a non-empty list of {role, content} dicts")
+        clean = []
+        for m in prompt_messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise InvalidInput(f"bad prompt message {m!r}: need role in {ROLES} and string content")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if not isinstance(text, str):
+            raise InvalidInput("answer text must be a string")
+        _check_str("adapter", adapter)
+        for name, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise InvalidInput(f"{name} must be a non-negative int or None")
+        if latency_ms is not None and not isinstance(latency_ms, int | float):
+            raise InvalidInput("latency_ms must be a number or None")
+        ans_id = _new_id()
+        with self._tx() as c:
+            self._check_conversation(c, conv_id)
+            row = c.execute("SELECT role FROM messages WHERE id = ? AND conversation_id = ?",
+                            [parent_id, conv_id]).fetchone()
+            if row is None or row[0] != "user":
+                raise UnknownConversation(f"parent {parent_id!r} is not a user message of conversation {conv_id!r}")
+            c.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      [ans_id, self.deployment, conv_id, parent_id, json.dumps(clean, ensure_ascii=False), text,
+                       adapter, json.dumps(sampling or {}), prompt_tokens, completion_tokens,
+                       None if latency_ms is None else float(latency_ms), self._now()])
+        self._remember_answer(ans_id, self.deployment, adapter)
+        return ans_id
+
+    def _remember_answer(self, ans_id: str, deployment: str, adapter: str) -> None:
+        self._answers[ans_id] = (deployment, adapter)   # answers never change, so the cache is never stale
+        if len(self._answers) > self._answer_cache_size:
+            self._answers.popitem(last=False)
+
+    def get_answer(self, answer_id: str) -> dict:
+        rows = self._read_dicts("SELECT * FROM answers WHERE id = ?", [answer_id])
+        if not rows:
+            raise UnknownAnswer(f"unknown answer {answer_id!r}")
+        a = rows[0]
+        if a["deployment"] != self.deployment:
+            raise WrongDeployment(f"answer {answer_id!r} belongs to deployment {a['deployment']!r}")
+        a["prompt_messages"] = json.loads(a["prompt_messages"])
+        a["sampling"] = json.loads(a["sampling"]) if a["sampling"] else {}
+        return a
+
+    def siblings(self, answer_id: str) -> list[dict]:
+        """Every answer to the same user message (regenerations included), oldest first."""
+        a = self.get_answer(answer_id)
+        return [{**r, "prompt_messages": json.loads(r["prompt_messages"])} for r in self._read_dicts(
+            "SELECT * FROM answers WHERE parent_id = ? ORDER BY created_at", [a["parent_id"]])]
+
+    def conversation(self, conv_id: str) -> list[dict]:
+        """All turns (system, user, every answer) of a conversation in creation order."""
+        self._check_conversation(self._cursor(), conv_id)
+        return self._read_dicts("""SELECT id, parent_id, role, content, NULL AS adapter, created_at FROM messages
+                WHERE conversation_id = ?
+            UNION ALL SELECT id, parent_id, 'assistant', text, adapter, created_at FROM answers
+                WHERE conversation_id = ? ORDER BY created_at""", [conv_id, conv_id])
+
+    # ---------------------------------------------------------------- ratings
+    def rate(self, user_id: str, answer_id: str, value: str | None, reason: str | None = None,
+             comment: str | None = None) -> RateResult:
+        """Set the user's current rating of an answer ("up", "down", or None = withdraw). Idempotent: the same
+        value again changes nothing (reason/comment None keep the stored ones). Durable when it returns."""
+        return self._submit([self._item(user_id, answer_id, value, reason, comment)])[0]
+
+    def rate_many(self, items: Iterable[tuple | dict]) -> list[RateResult]:
+        """Several ratings in one transaction (all or none), applied in order; items are (user_id, answer_id,
+        value[, reason[, comment]]) tuples or dicts with those keys."""
+        parsed = [self._item(**it) if isinstance(it, dict) else self._item(*it) for it in items]
+        return self._submit(parsed) if parsed else []
+
+    @staticmethod
+    def _item(user_id: str, answer_id: str, value: str | None, reason: str | None = None,
+              comment: str | None = None) -> _Item:
+        _check_str("user_id", user_id, error=InvalidRating)
+        if not isinstance(answer_id, str) or not answer_id:
+            raise UnknownAnswer(f"unknown answer {answer_id!r}")
+        if value not in RATING_VALUES or not (value is None or isinstance(value, str)):
+            raise InvalidRating(f"rating value must be 'up', 'down' or None (withdraw), got {value!r}")
+        _check_str("reason", reason, MAX_REASON, optional=True, error=InvalidRating)
+        if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_COMMENT):
+            raise InvalidRating(f"comment must be a string of at most {MAX_COMMENT} characters")
+        return _Item(user_id, answer_id, value, reason, comment)
+
+    def _submit(self, items: list[_Item]) -> list[RateResult]:
+        """Group commit: queue, then whoever gets the lock commits everything queued so far."""
+        if self.read_only:
+            raise ReadOnlyStore(f"{self.path} is open read-only")
+        pending = _Pending(items)
+        with self._queue_lock:
+            self._queue.append(pending)
+        with self._lock:
+            if not pending.done:
+                if self._closed:
+                    raise StoreError("the feedback store is closed")
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit_ratings(batch)
+        if pending.error is not None:
+            raise pending.error
+        return pending.results
+
+    def _answer_info(self, answer_id: str) -> tuple[str, str] | None:
+        info = self._answers.get(answer_id)
+        if info is None:
+            row = self._conn.execute("SELECT deployment, adapter FROM answers WHERE id = ?", [answer_id]).fetchone()
+            if row is None:
+                return None
+            info = (row[0], row[1])
+            self._remember_answer(answer_id, *info)
+        return info
+
+    def _commit_ratings(self, batch: list[_Pending]) -> None:
+        """Runs under self._lock. A bad request fails alone; the rest commit in one transaction."""
+        good: list[_Pending] = []
+        for p in batch:
+            try:
+                for it in p.items:
+                    info = self._answer_info(it.answer_id)
+                    if info is None:
+                        raise UnknownAnswer(f"unknown answer {it.answer_id!r}")
+                    if info[0] != self.deployment:
+                        raise WrongDeployment(f"answer {it.answer_id!r} belongs to deployment {info[0]!r}, "
+                                              f"not {self.deployment!r}")
+                    it.adapter = info[1]
+                good.append(p)
+            except StoreError as e:
+                p.error, p.done = e, True
+        # the same (answer, user) twice in one batch: later rounds see the earlier ones, like sequential calls
+        rounds: list[list[tuple[_Pending, int, _Item]]] = []
+        seen: dict[tuple[str, str], int] = {}
+        for p in good:
+            p.results = [None] * len(p.items)  # type: ignore[list-item]
+            for i, it in enumerate(p.items):
+                k = seen.get((it.answer_id, it.user_id), 0)
+                seen[(it.answer_id, it.user_id)] = k + 1
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append((p, i, it))
+        if not good:
+            return
+        c = self._conn
+        try:
+            c.execute("BEGIN TRANSACTION")
+            events: list[dict] = []
+            for rnd in rounds:
+                now = self._now()
+                changed = self._apply_round(c, rnd, now)
+                for p, i, it in rnd:
+                    row = changed.get((it.answer_id, it.user_id))
+                    if row is not None:
+                        p.results[i] = RateResult(row[0], row[1], True)
+                        events.append({"id": _new_id(), "rating_id": row[0], "deployment": self.deployment,
+                                       "answer_id": it.answer_id, "user_id": it.user_id, "value": row[1],
+                                       "reason": row[2], "comment": row[3], "event_at": now})
+                    else:
+                        cur = c.execute("SELECT id, value FROM ratings WHERE answer_id = ? AND user_id = ?",
+                                        [it.answer_id, it.user_id]).fetchone()
+                        p.results[i] = RateResult(cur[0], cur[1], False) if cur else RateResult(None, None, False)
+            if events:
+                self._insert_rows(c, "rating_events", _EVENT_SCHEMA, events)
+            c.execute("COMMIT")
+        except BaseException as e:
+            try:
+                c.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            err = e if isinstance(e, StoreError) else StoreError(f"rating not stored: {e}")
+            for p in good:
+                p.error, p.results = err, []
+        finally:
+            for p in good:
+                p.done = True
+
+    def _apply_round(self, c: duckdb.DuckDBPyConnection, rnd: list, now: datetime) -> dict:
+        """Upsert the thumbs, withdraw the withdrawals; returns {(answer, user): (id, value, reason, comment)}
+        for the rows that actually changed (RETURNING skips no-ops, which keeps the audit exact)."""
+        changed: dict[tuple[str, str], tuple] = {}
+        ups = [it for _, _, it in rnd if it.value is not None]
+        if ups:
+            rows = self._insert_rows(c, "ratings", _STAGE_SCHEMA, [
+                {"answer_id": it.answer_id, "user_id": it.user_id, "id": _new_id(), "deployment": self.deployment,
+                 "adapter": it.adapter, "value": it.value, "reason": it.reason, "comment": it.comment,
+                 "created_at": now, "updated_at": now} for it in ups], suffix="""
+                ON CONFLICT (answer_id, user_id) DO UPDATE SET
+                    value = excluded.value,
+                    reason = CASE WHEN excluded.value IS NOT DISTINCT FROM ratings.value
+                                  THEN coalesce(excluded.reason, ratings.reason) ELSE excluded.reason END,
+                    comment = CASE WHEN excluded.value IS NOT DISTINCT FROM ratings.value
+                                   THEN coalesce(excluded.comment, ratings.comment) ELSE excluded.comment END,
+                    updated_at = excluded.updated_at
+                WHERE ratings.value IS DISTINCT FROM excluded.value
+                   OR (excluded.reason IS NOT NULL AND excluded.reason IS DISTINCT FROM ratings.reason)
+                   OR (excluded.comment IS NOT NULL AND excluded.comment IS DISTINCT FROM ratings.comment)
+                RETURNING answer_id, user_id, id, value, reason, comment""")
+            for a, u, rid, v, r, cm in rows:
+                changed[(a, u)] = (rid, v, r, cm)
+        for _, _, it in rnd:
+            if it.value is None:
+                row = c.execute("""UPDATE ratings SET value = NULL, reason = ?, comment = ?, updated_at = ?
+                    WHERE answer_id = ? AND user_id = ? AND value IS NOT NULL RETURNING id""",
+                                [it.reason, it.comment, now, it.answer_id, it.user_id]).fetchone()
+                if row is not None:
+                    changed[(it.answer_id, it.user_id)] = (row[0], None, it.reason, it.comment)
+        return changed
+
+    @staticmethod
+    def _insert_rows(c: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema, rows: list[dict],
+                     suffix: str = "") -> list[tuple]:
+        """One parameterised INSERT for many rows: VALUES for small batches (cheapest per statement), an Arrow
+        scan for big ones (one placeholder per value would make a huge statement)."""
+        cols = ", ".join(schema.names)
+        if len(rows) <= 64:
+            one = "(" + ", ".join("?" * len(schema.names)) + ")"
+            params = [r[n] for r in rows for n in schema.names]
+            return c.execute(f"INSERT INTO {table} ({cols}) VALUES {', '.join([one] * len(rows))} {suffix}",
+                             params).fetchall()
+        c.register("_rows", pa.Table.from_pylist(rows, schema=schema))
+        try:
+            return c.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows {suffix}").fetchall()
+        finally:
+            c.unregister("_rows")
+
+    def get_rating(self, user_id: str, answer_id: str) -> dict | None:
+        rows = self._read_dicts("SELECT * FROM ratings WHERE answer_id = ? AND user_id = ?", [answer_id, user_id])
+        return rows[0] if rows else None
+
+    def rating_history(self, rating_id: str) -> list[dict]:
+        """The audit trail of one rating, oldest first."""
+        return self._read_dicts("SELECT * FROM rating_events WHERE rating_id = ? ORDER BY event_at", [rating_id])
+
+    # ---------------------------------------------------------------- dashboard queries
+    _COUNTS = ("count(*) FILTER (WHERE value = 'up') AS up, count(*) FILTER (WHERE value = 'down') AS down, "
+               "count(*) FILTER (WHERE value IS NULL) AS withdrawn")
+
+    def counts(self) -> dict:
+        """Current ratings of this deployment: up, down, withdrawn, total."""
+        up, down, wd = self._read(f"SELECT {self._COUNTS} FROM ratings WHERE deployment = ?",
+                                  [self.deployment])[0]
+        return {"up": up, "down": down, "withdrawn": wd, "total": up + down + wd}
+
+    def counts_by_time(self, bucket: str = "day", since: datetime | None = None) -> list[dict]:
+        """Time series of current ratings by the time they took their final value (UTC buckets)."""
+        if bucket not in ("day", "hour"):
+            raise InvalidInput("bucket must be 'day' or 'hour'")
+        since = datetime.min if since is None else _naive_utc(since)
+        return self._read_dicts(f"""SELECT date_trunc('{bucket}', updated_at) AS bucket, {self._COUNTS}
+            FROM ratings WHERE deployment = ? AND updated_at >= ? GROUP BY 1 ORDER BY 1""",
+                                [self.deployment, since])
+
+    def counts_by_adapter(self) -> list[dict]:
+        """Per served version: up/down/withdrawn and approval = up / (up + down), oldest version first."""
+        rows = self._read_dicts(f"""SELECT adapter, {self._COUNTS}, min(created_at) AS first_rated_at
+            FROM ratings WHERE deployment = ? GROUP BY adapter ORDER BY first_rated_at""", [self.deployment])
+        for r in rows:
+            r["approval"] = r["up"] / (r["up"] + r["down"]) if r["up"] + r["down"] else None
+        return rows
+
+    def counts_by_user(self, limit: int | None = 100) -> list[dict]:
+        """Most active raters first (a single user dominating the data shows up here)."""
+        sql = f"""SELECT user_id, {self._COUNTS}, count(*) AS total FROM ratings WHERE deployment = ?
+            GROUP BY user_id ORDER BY total DESC, user_id"""
+        params: list = [self.deployment]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return self._read_dicts(sql, params)
+
+    def last_run(self, include_failed: bool = False) -> dict | None:
+        """The latest run; failed/cancelled runs are skipped unless asked for (they trained nothing)."""
+        where = "" if include_failed else "AND status NOT IN ('failed', 'cancelled')"
+        rows = self._read_dicts(f"SELECT * FROM runs WHERE deployment = ? {where} ORDER BY started_at DESC "
+                                "LIMIT 1", [self.deployment])
+        return self._decode_run(rows[0]) if rows else None
+
+    def _last_cutoff(self) -> datetime | None:
+        run = self.last_run()
+        return None if run is None else (run["snapshot_at"] or run["started_at"])
+
+    def ratings_since_last_run(self) -> dict:
+        """Final ratings that changed after the last run's snapshot (what a new run would add)."""
+        since = self._last_cutoff()
+        up, down, wd = self._read(f"SELECT {self._COUNTS} FROM ratings WHERE deployment = ? AND updated_at > ?",
+                                  [self.deployment, since or datetime.min])[0]
+        return {"since": since, "up": up, "down": down, "withdrawn": wd, "total": up + down}
+
+    def training_counts(self, since: datetime | str | None = None, max_examples: int | None = None
+                        ) -> tuple[int, int]:
+        """(n_desirable, n_undesirable) that export_snapshot with the same arguments would write."""
+        where, params = self._snapshot_filter(self._resolve_since(since), None)
+        sql = f"SELECT value FROM ratings r WHERE {where} ORDER BY updated_at DESC"
+        if max_examples is not None:
+            sql += " LIMIT ?"
+            params.append(int(max_examples))
+        return tuple(self._read(f"SELECT count(*) FILTER (WHERE value = 'up'), count(*) FILTER "
+                                f"(WHERE value = 'down') FROM ({sql})", params)[0])  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- training snapshot
+    def _resolve_since(self, since: datetime | str | None) -> datetime | None:
+        """None, a time, "last_run", or an adapter version: the ratings that version has not seen."""
+        if since is None or isinstance(since, datetime):
+            return None if since is None else _naive_utc(since)
+        if since == "last_run":
+            return self._last_cutoff()
+        if isinstance(since, str):
+            rows = self._read("""SELECT coalesce(r.snapshot_at, a.created_at) FROM adapters a
+                LEFT JOIN runs r ON r.id = a.run_id WHERE a.deployment = ? AND a.version = ?""",
+                              [self.deployment, since])
+            if not rows:
+                raise UnknownAdapter(f"unknown adapter version {since!r}")
+            return rows[0][0]
+        raise InvalidInput(f"since must be None, a datetime, 'last_run' or an adapter version, got {since!r}")
+
+    def _snapshot_filter(self, since: datetime | None, until: datetime | None) -> tuple[str, list]:
+        where, params = "r.deployment = ? AND r.value IS NOT NULL", [self.deployment]
+        if since is not None:
+            where += " AND r.updated_at > ?"
+            params.append(since)
+        if until is not None:
+            where += " AND r.updated_at <= ?"
+            params.append(until)
+        return where, params
+
+    def snapshot_table(self, since: datetime | str | None = None, max_examples: int | None = None,
+                       until: datetime | None = None) -> pa.Table:
+        """Final non-withdrawn ratings joined with their answers, newest first, in the snapshot schema."""
+        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 0):
+            raise InvalidInput("max_examples must be a non-negative int or None")
+        where, params = self._snapshot_filter(self._resolve_since(since), until)
+        sql = f"""SELECT r.id AS example_id, r.answer_id, a.prompt_messages AS messages, a.text AS completion,
+                r.value = 'up' AS label, r.user_id, r.adapter, r.updated_at AS rated_at
+            FROM ratings r JOIN answers a ON a.id = r.answer_id
+            WHERE {where} ORDER BY r.updated_at DESC, r.id"""
+        if max_examples is not None:
+            sql += " LIMIT ?"
+            params.append(max_examples)
+        return files.to_snapshot_table(self._cursor().sql(sql, params=params).to_arrow_table())
+
+    def export_snapshot(self, path: str | Path, since: datetime | str | None = None,
+                        max_examples: int | None = None, run_id: str | None = None) -> SnapshotInfo:
+        """Write the aligner's Parquet snapshot atomically. With run_id, also record which ratings (and labels)
+        the run trains on and the snapshot cutoff, for lineage and "ratings since the last run"."""
+        if run_id is not None:
+            self.get_run(run_id)
+        until = self._now()
+        since_t = self._resolve_since(since)
+        table = self.snapshot_table(since_t, max_examples, until=until)
+        digest = files.write_snapshot(Path(path), table)
+        n_d = int(pc.sum(table.column("label")).as_py() or 0)
+        n_u = table.num_rows - n_d
+        if run_id is not None:
+            with self._tx() as c:
+                c.execute("DELETE FROM run_examples WHERE run_id = ?", [run_id])
+                c.register("_examples", table.select(["example_id", "label"]))
+                try:
+                    c.execute("INSERT INTO run_examples SELECT ?, example_id, label, false FROM _examples", [run_id])
+                finally:
+                    c.unregister("_examples")
+                c.execute("UPDATE runs SET snapshot_at = ?, snapshot_sha256 = ?, n_desirable = ?, n_undesirable = ? "
+                          "WHERE id = ?", [until, digest, n_d, n_u, run_id])
+        return SnapshotInfo(Path(path), n_d, n_u, digest, since_t, until, run_id)
+
+    def export_kto(self, path: str | Path, since: datetime | str | None = None,
+                   max_examples: int | None = None) -> SnapshotInfo:
+        """TRL's unpaired format (prompt messages, [assistant completion], label); .jsonl or .parquet."""
+        try:
+            files.kto_format(Path(path))
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        table = self.snapshot_table(since, max_examples)
+        digest = files.write_kto(Path(path), files.kto_rows(table))
+        n_d = int(pc.sum(table.column("label")).as_py() or 0)
+        return SnapshotInfo(Path(path), n_d, table.num_rows - n_d, digest, self._resolve_since(since), None)
+
+    # ---------------------------------------------------------------- runs
+    def start_run(self, trigger: str, params: dict | None = None) -> str:
+        if trigger not in TRIGGERS:
+            raise InvalidInput(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+        run_id = _new_id()
+        with self._tx() as c:
+            c.execute("INSERT INTO runs (id, deployment, trigger, status, started_at, params) "
+                      "VALUES (?, ?, ?, 'running', ?, ?)",
+                      [run_id, self.deployment, trigger, self._now(), json.dumps(params or {}, default=str)])
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, *, n_desirable: int | None = None,
+                   n_undesirable: int | None = None, lambda_d: float | None = None, lambda_u: float | None = None,
+                   metrics: dict | None = None, error: str | None = None, adapter_version: str | None = None,
+                   dropped: Iterable[str] = ()) -> None:
+        """Close a run. `dropped`: example ids the aligner skipped, so lineage lists only trained ratings."""
+        if status not in RUN_STATUSES or status == "running":
+            raise InvalidInput(f"status must be one of {RUN_STATUSES[1:]}, got {status!r}")
+        self.get_run(run_id)
+        with self._tx() as c:
+            c.execute("""UPDATE runs SET status = ?, finished_at = ?, n_desirable = coalesce(?, n_desirable),
+                n_undesirable = coalesce(?, n_undesirable), lambda_d = ?, lambda_u = ?, metrics = ?, error = ?,
+                adapter_version = coalesce(?, adapter_version) WHERE id = ?""",
+                      [status, self._now(), n_desirable, n_undesirable, lambda_d, lambda_u,
+                       json.dumps(metrics or {}, default=str), error, adapter_version, run_id])
+            dropped = list(dropped)
+            if dropped:
+                c.execute("UPDATE run_examples SET dropped = true WHERE run_id = ? AND list_contains(?, rating_id)",
+                          [run_id, dropped])
+
+    @staticmethod
+    def _decode_run(r: dict) -> dict:
+        r["params"] = json.loads(r["params"]) if r["params"] else {}
+        r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
+        return r
+
+    def get_run(self, run_id: str) -> dict:
+        rows = self._read_dicts("SELECT * FROM runs WHERE id = ?", [run_id])
+        if not rows:
+            raise UnknownRun(f"unknown run {run_id!r}")
+        if rows[0]["deployment"] != self.deployment:
+            raise WrongDeployment(f"run {run_id!r} belongs to deployment {rows[0]['deployment']!r}")
+        return self._decode_run(rows[0])
+
+    def runs(self, limit: int = 50) -> list[dict]:
+        """Newest first."""
+        return [self._decode_run(r) for r in self._read_dicts(
+            "SELECT * FROM runs WHERE deployment = ? ORDER BY started_at DESC LIMIT ?", [self.deployment, limit])]
+
+    def run_examples(self, run_id: str, include_dropped: bool = False) -> list[str]:
+        where = "" if include_dropped else "AND NOT dropped"
+        return [r[0] for r in self._read(
+            f"SELECT rating_id FROM run_examples WHERE run_id = ? {where} ORDER BY rating_id", [run_id])]
+
+    # ---------------------------------------------------------------- adapters and lineage
+    def register_adapter(self, version: str, path: str | Path, sha256: str | None = None,
+                         parent: str | None = None, run_id: str | None = None) -> None:
+        _check_str("version", version)
+        if version == BASE:
+            raise InvalidInput(f"{BASE!r} is the base model, not an adapter version")
+        if run_id is not None:
+            self.get_run(run_id)
+        with self._tx() as c:
+            if c.execute("SELECT count(*) FROM adapters WHERE deployment = ? AND version = ?",
+                         [self.deployment, version]).fetchone()[0]:
+                raise DuplicateAdapter(f"adapter version {version!r} is already registered")
+            c.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                      [self.deployment, version, str(path), sha256, parent, run_id, self._now()])
+            if run_id is not None:
+                c.execute("UPDATE runs SET adapter_version = ? WHERE id = ?", [version, run_id])
+
+    def _check_adapter(self, c: duckdb.DuckDBPyConnection, version: str) -> None:
+        if version != BASE and not c.execute("SELECT count(*) FROM adapters WHERE deployment = ? AND version = ?",
+                                             [self.deployment, version]).fetchone()[0]:
+            raise UnknownAdapter(f"unknown adapter version {version!r}")
+
+    def _event(self, c: duckdb.DuckDBPyConnection, event: str, from_v: str | None, to_v: str,
+               reason: str | None, now: datetime) -> None:
+        c.execute("INSERT INTO adapter_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  [_new_id(), self.deployment, event, from_v, to_v, reason, now])
+
+    def mark_promoted(self, version: str, reason: str | None = None) -> None:
+        """`version` now serves chats; the version it replaces is retired (kept on disk for rollback)."""
+        with self._tx() as c:
+            self._check_adapter(c, version)
+            now, prev = self._now(), self._current(c)
+            c.execute("UPDATE adapters SET retired_at = ? WHERE deployment = ? AND version = ?",
+                      [now, self.deployment, prev])
+            c.execute("UPDATE adapters SET promoted_at = ?, retired_at = NULL WHERE deployment = ? AND version = ?",
+                      [now, self.deployment, version])
+            self._event(c, "promoted", prev, version, reason, now)
+
+    def record_rollback(self, from_version: str, to_version: str, reason: str | None = None) -> None:
+        """Serving went back from `from_version` to `to_version` (an older adapter or "base")."""
+        with self._tx() as c:
+            self._check_adapter(c, from_version)
+            self._check_adapter(c, to_version)
+            now = self._now()
+            c.execute("UPDATE adapters SET retired_at = ? WHERE deployment = ? AND version = ?",
+                      [now, self.deployment, from_version])
+            c.execute("UPDATE adapters SET retired_at = NULL WHERE deployment = ? AND version = ?",
+                      [self.deployment, to_version])
+            self._event(c, "rollback", from_version, to_version, reason, now)
+
+    def _current(self, c: duckdb.DuckDBPyConnection) -> str:
+        row = c.execute("SELECT to_version FROM adapter_events WHERE deployment = ? ORDER BY event_at DESC LIMIT 1",
+                        [self.deployment]).fetchone()
+        return row[0] if row else BASE
+
+    def current_adapter(self) -> str:
+        """The version the last promotion or rollback put in service ("base" if none)."""
+        return self._current(self._cursor())
+
+    def adapters(self) -> list[dict]:
+        return self._read_dicts("SELECT * FROM adapters WHERE deployment = ? ORDER BY created_at",
+                                [self.deployment])
+
+    def adapter_events(self) -> list[dict]:
+        return self._read_dicts("SELECT * FROM adapter_events WHERE deployment = ? ORDER BY event_at",
+                                [self.deployment])
+
+    def lineage(self, answer_id: str, include_ancestors: bool = False) -> list[str]:
+        """Rating ids that trained the adapter which produced this answer ([] for the base model). With
+        include_ancestors, also those of the adapters it was resumed from (its parent chain)."""
+        version = self.get_answer(answer_id)["adapter"]
+        out: set[str] = set()
+        seen: set[str] = set()
+        while version and version != BASE and version not in seen:
+            seen.add(version)
+            rows = self._read("SELECT run_id, parent FROM adapters WHERE deployment = ? AND version = ?",
+                              [self.deployment, version])
+            if not rows:
+                break
+            run_id, parent = rows[0]
+            if run_id is not None:
+                out.update(self.run_examples(run_id))
+            if not include_ancestors:
+                break
+            version = parent
+        return sorted(out)
