@@ -154,7 +154,10 @@ class Operator:
     def realign_now(self, trigger: str = "operator") -> str:
         s = self.settings.load()
         self.scheduler.start_run(trigger, max_examples=s.max_examples)
-        return f"Run {self.realigner.status.run_id} started."
+        st = self.realigner.status
+        if not st.running and st.last.get("status") == "failed":
+            return f"Run {st.run_id} failed at once: {st.last.get('reason')}"
+        return f"Run {st.run_id} started." if st.run_id else "Realignment started."
 
     def rollback(self, version: str | None = None) -> str:
         before = self.registry.current()
@@ -250,6 +253,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         with gr.Tab("Dashboard"):
             with gr.Row():
                 over_time = gr.LinePlot(x="time", y="n", color="rating", title="Thumbs over time (per hour)",
+                                        color_map={"👍 up": "#2e9e44", "👎 down": "#d9413b"},
                                         height=260, elem_id="kto-plot-time")
                 per_adapter = gr.BarPlot(x="adapter", y="like rate %", title="Like rate per adapter version",
                                          height=260, elem_id="kto-plot-adapter", y_lim=[0, 100])
@@ -279,12 +283,6 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
             prompt_btn = gr.Button("Save system prompt")
             prompt_msg = gr.Markdown()
 
-        outs = [summary, over_time, per_adapter, user_table, runs_table, versions_table, rb_version]
-
-        def refresh_all():
-            md, t, a, u, r, v, dd = refresh()
-            return md, t, a, u, r, v, dd
-
         def refresh_with_adapter_table():
             md, t, a, u, r, v, dd = refresh()
             return md, t, a, a, u, r, v, dd
@@ -297,5 +295,4 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         save_btn.click(save_schedule, [interval, cron, min_new, max_ex, enabled], sched_msg)
         prompt_btn.click(save_prompt, [prompt], prompt_msg)
         rb_btn.click(do_rollback, [rb_version], rb_msg).then(refresh_with_adapter_table, None, full)
-        del outs, refresh_all
     return demo

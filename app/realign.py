@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.gate import should_promote
-
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -136,6 +134,8 @@ class Realigner:
             manifest = json.loads((out / "manifest.json").read_text())
             heldout = manifest.get("heldout") or {}
             self._emit(progress, event="phase", phase="gate")
+            from serving.gate import should_promote
+
             ok, reason = should_promote(heldout.get("new"), heldout.get("served"), self.min_gain)
             version = None
             if ok:

@@ -7,6 +7,7 @@ answer id, so a rating always lands on the answer the user saw, whatever undo/re
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -20,6 +21,8 @@ import gradio as gr
 import httpx
 
 from app.auth import USER_COOKIE, RateLimiter, user_id_from_cookie
+
+log = logging.getLogger("kto_loop.chat")
 
 REASONS = ["inaccurate", "unhelpful", "off-topic", "unsafe", "too long", "too short", "other"]
 MAX_COMMENT_CHARS = 1000
@@ -324,7 +327,7 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="kto-stop")
         with gr.Row():
             regen = gr.Button("↻ Regenerate", size="sm", elem_id="kto-regen")
-            new = gr.Button("＋ New conversation", size="sm", elem_id="kto-new")
+            new = gr.Button("+ New conversation", size="sm", elem_id="kto-new")
         notice = gr.Markdown("", elem_id="kto-notice")
         with gr.Group(visible=False, elem_id="kto-down-panel") as down_panel:
             gr.Markdown("**What was wrong with this answer?** (optional)")
@@ -344,6 +347,7 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
             except InputError as e:
                 yield view(sess), restore, f"⚠️ {e}", gr.update()
             except Exception as e:  # server down, timeouts: a message, never a traceback
+                log.warning("chat answer failed: %r", e, exc_info=not isinstance(e, OSError))
                 if not service.server_ok():
                     yield view(sess), restore, "", gr.update(value=SERVER_DOWN, visible=True)
                 else:
