@@ -551,8 +551,9 @@ class FeedbackStore:
         return self._read_dicts(sql, params)
 
     def last_run(self, include_failed: bool = False) -> dict | None:
-        """The latest run; failed/cancelled runs are skipped unless asked for (they trained nothing)."""
-        where = "" if include_failed else "AND status NOT IN ('failed', 'cancelled')"
+        """The latest finished run. Failed/cancelled runs trained nothing and a running one has not finished,
+        so they are skipped unless include_failed (then: the latest run of any status)."""
+        where = "" if include_failed else "AND status IN ('succeeded', 'promoted', 'rejected')"
         rows = self._read_dicts(f"SELECT * FROM runs WHERE deployment = ? {where} ORDER BY started_at DESC "
                                 "LIMIT 1", [self.deployment])
         return self._decode_run(rows[0]) if rows else None
