@@ -62,11 +62,11 @@ def server_spec(cfg: Config):
 @contextlib.contextmanager
 def build_stack(cfg: Config) -> Iterator[Stack]:
     """Open the store, start vLLM (LoRA on), restore the served adapter; stop everything on exit."""
-    from serving.client import ChatClient
     from serving.registry import AdapterRegistry
-    from serving.server import VLLMServer
 
     from feedback_store import FeedbackStore
+    from serving.client import ChatClient
+    from serving.server import VLLMServer
 
     cfg = cfg.resolved() if cfg.data_dir is None else cfg
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
                           sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,
                           ratings_per_minute=cfg.ratings_per_minute,
-                          health_url=st.server.base_url.rstrip("/").removesuffix("/v1") + "/health")
+                          health=lambda: st.server.is_healthy(timeout=2.0))
 
     app = FastAPI(title="kto-loop", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AuthMiddleware, admin_user=cfg.admin_user, admin_password=admin_password)

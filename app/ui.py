@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
-import httpx
 
 from app.auth import USER_COOKIE, RateLimiter, user_id_from_cookie
 
@@ -105,12 +104,12 @@ class ChatService:
 
     def __init__(self, store, client, registry, *, system_prompt: Callable[[], str],
                  sampling: Callable[[], Any], max_chars: int, ratings_per_minute: int,
-                 health_url: str | None = None):
+                 health: Callable[[], bool] | None = None):
         self.store, self.client, self.registry = store, client, registry
         self.system_prompt, self.sampling = system_prompt, sampling
         self.max_chars = max_chars
         self.limiter = RateLimiter(ratings_per_minute, 60.0)
-        self.health_url = health_url
+        self.health = health
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -126,11 +125,11 @@ class ChatService:
             return sess
 
     def server_ok(self) -> bool:
-        if not self.health_url:
+        if self.health is None:
             return True
         try:
-            return httpx.get(self.health_url, timeout=2.0).status_code == 200
-        except httpx.HTTPError:
+            return bool(self.health())
+        except Exception:
             return False
 
     # ---- chat
@@ -189,7 +188,7 @@ class ChatService:
         turn = Turn("assistant", "")
         sess.turns.append(turn)
         t0 = time.perf_counter()
-        result, parts, stopped = None, [], False
+        result, parts, stopped, stream = None, [], False, None
         try:
             stream = self.client.stream_chat(prompt, model, sampling)
             for chunk, res in _consume_stream(stream):
@@ -201,25 +200,29 @@ class ChatService:
                     yield turn.content
                 if sess.stop.is_set():
                     stopped = True
-                    close = getattr(stream, "close", None)
-                    if close:
-                        close()
+                    _close(stream)
                     break
-        except BaseException:
+        except BaseException:  # failure, or the browser went away (GeneratorExit): abort the vLLM request
+            _close(stream)
             with sess.lock:
                 if turn in sess.turns:
                     sess.turns.remove(turn)
             raise
+        result = result or getattr(stream, "result", None)
         text = "".join(parts)
         latency_ms = (time.perf_counter() - t0) * 1000
         turn.stopped = stopped
+        if stopped and not text:  # stopped before the first token: nothing to keep or rate
+            with sess.lock:
+                sess.turns.remove(turn)
+            return
         turn.msg_id = self.store.add_answer(
             sess.conv_id, parent_id=parent_id, prompt_messages=prompt, text=text,
             adapter=getattr(result, "model", None) or model,
             sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {}),
             prompt_tokens=getattr(result, "prompt_tokens", None),
             completion_tokens=getattr(result, "completion_tokens", None),
-            latency_ms=getattr(result, "latency_ms", None) or latency_ms,
+            latency_ms=latency_ms,
         )
         yield text
 
@@ -256,6 +259,15 @@ class ChatService:
         turn.rating = "down"
 
 
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
 def _text_of(value: Any) -> str:
     """The plain text of a like event's value (a string, a list of parts, or {"type":"text","text":...})."""
     if isinstance(value, str):
@@ -270,6 +282,8 @@ def _text_of(value: Any) -> str:
 def _sampling_dict(sampling: Any) -> dict[str, Any]:
     if sampling is None:
         return {}
+    if hasattr(sampling, "as_dict"):
+        return dict(sampling.as_dict())
     if isinstance(sampling, dict):
         return dict(sampling)
     if hasattr(sampling, "__dataclass_fields__"):
