@@ -140,15 +140,17 @@ class Operator:
         return pd.DataFrame(rows, columns=cols)
 
     def adapters(self) -> pd.DataFrame:
-        lister = getattr(self.registry, "versions", None)
-        rows = records(lister()) if callable(lister) else []
+        """Registered versions (the store) with what serves now (the registry)."""
         current = self.registry.current()
-        out = [{"version": "base", "served": current == "base", "path": "", "loaded": True}]
-        for r in rows:
-            v = str(_get(r, "version", "name", default="?"))
-            out.append({"version": v, "served": v == current, "path": str(_get(r, "path", default="")),
-                        "loaded": bool(_get(r, "loaded", default=False))})
-        return pd.DataFrame(out, columns=["version", "served", "path", "loaded"])
+        out = [{"version": "base", "serving": current == "base", "run": "", "created": "", "promoted": "",
+                "retired": "", "path": ""}]
+        for r in records(self.store.adapters()):
+            v = str(r.get("version"))
+            out.append({"version": v, "serving": v == current, "run": r.get("run_id") or "",
+                        "created": _json_safe(r.get("created_at")) or "",
+                        "promoted": _json_safe(r.get("promoted_at")) or "",
+                        "retired": _json_safe(r.get("retired_at")) or "", "path": r.get("path") or ""})
+        return pd.DataFrame(out, columns=["version", "serving", "run", "created", "promoted", "retired", "path"])
 
     # ---- actions
     def realign_now(self, trigger: str = "operator") -> str:

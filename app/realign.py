@@ -35,7 +35,7 @@ class RunFailed(RuntimeError):
 @dataclass
 class RunOutcome:
     run_id: str
-    status: str                 # "succeeded" | "failed" | "skipped"
+    status: str                 # as recorded in the store: "promoted" | "rejected" (gate said no) | "failed"
     promoted: bool
     reason: str
     version: str | None = None
@@ -123,7 +123,8 @@ class Realigner:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._emit(progress, event="phase", phase="snapshot")
-            snap = self.store.export_snapshot(run_dir / "snapshot.parquet", since=since, max_examples=max_examples)
+            snap = self.store.export_snapshot(run_dir / "snapshot.parquet", since=since, max_examples=max_examples,
+                                              run_id=run_id)
             self._emit(progress, event="snapshot", phase="snapshot", n_desirable=snap.n_desirable,
                        n_undesirable=snap.n_undesirable)
             if snap.n_desirable == 0 or snap.n_undesirable == 0:
@@ -141,16 +142,17 @@ class Realigner:
             if ok:
                 self._emit(progress, event="phase", phase="promote")
                 version = self._promote(out, current, run_id)
-            self._finish(run_id, "succeeded", manifest=manifest, promoted=ok, reason=reason, version=version,
+            status = "promoted" if ok else "rejected"
+            self._finish(run_id, status, manifest=manifest, promoted=ok, reason=reason, version=version,
                          snap=snap)
-            outcome = RunOutcome(run_id, "succeeded", bool(ok), reason, version, manifest)
+            outcome = RunOutcome(run_id, status, bool(ok), reason, version, manifest)
         except Exception as e:
             err = str(e) or type(e).__name__
             self._finish(run_id, "failed", manifest=manifest, promoted=False, reason=err, version=None,
                          error=err)
             outcome = RunOutcome(run_id, "failed", False, err, None, manifest)
         self.status.running, self.status.finished_at = False, time.time()
-        self.status.phase = "done" if outcome.status == "succeeded" else "failed"
+        self.status.phase = "failed" if outcome.status == "failed" else "done"
         self.status.last = {"run_id": run_id, "status": outcome.status, "promoted": outcome.promoted,
                             "reason": outcome.reason, "version": outcome.version}
         self._emit(progress, event="finished", phase=self.status.phase, **self.status.last)
@@ -159,6 +161,9 @@ class Realigner:
     def _adapter_dir_of(self, version: str | None) -> Path | None:
         if not version or version == "base":
             return None
+        for a in self.store.adapters():
+            if a.get("version") == version and a.get("path"):
+                return Path(a["path"])
         path_of = getattr(self.registry, "path_of", None)
         path = path_of(version) if path_of else None
         return Path(path) if path else None
@@ -216,9 +221,10 @@ class Realigner:
     def _promote(self, out: Path, parent: str | None, run_id: str) -> str:
         version = self.registry.promote(out)
         version = getattr(version, "name", version)
-        self.store.register_adapter(version, str(self._adapter_dir_of(version) or out), _sha256_of(out),
-                                    parent if parent != "base" else None, run_id)
-        self.store.mark_promoted(version)
+        path = getattr(self.registry, "path_of", lambda v: None)(version) or out
+        self.store.register_adapter(version, str(path), _sha256_of(out), parent if parent != "base" else None,
+                                    run_id)
+        self.store.mark_promoted(version, reason="passed the held-out gate")
         return str(version)
 
     def _finish(self, run_id: str, status: str, *, manifest, promoted, reason, version, snap=None,
@@ -232,9 +238,19 @@ class Realigner:
                 metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
                          "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
                          "promoted": promoted, "reason": reason, "version": version},
-                error=error)
+                error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")))
         except Exception as e:  # recording must never mask the run's own outcome
             print(f"kto-loop: could not record run {run_id}: {e}", file=sys.stderr)
+
+
+def _dropped_ids(dropped: Any) -> list[str]:
+    """The manifest lists dropped examples as ids or as {"example_id": ..., "reason": ...} records."""
+    out = []
+    for d in dropped or []:
+        v = d.get("example_id") if isinstance(d, dict) else d
+        if isinstance(v, str):
+            out.append(v)
+    return out
 
 
 def _pump(stream, log, tail: deque[str]) -> None:
