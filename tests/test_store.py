@@ -215,7 +215,7 @@ def test_sibling_answers_are_kept(store):
 def test_dashboard_counts(store, clock):
     answers = []
     for day in range(3):
-        for hour in range(2):
+        for _hour in range(2):
             _, _, a = chat(store, adapter="base" if day < 2 else "kto-v1")
             answers.append(a)
             store.rate("alice", a, "up")

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output file; for kto the extension picks .jsonl or .parquet")
     parser.add_argument("--since", default=None,
                         help="only ratings after this: an ISO time (UTC), 'last_run', or an adapter version")
-    parser.add_argument("--max-examples", type=int, default=None, help="keep only the newest N examples")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="keep only the newest N examples (default: all; --max-examples is the run setting)")
 
 
 def parse_since(raw: str | None) -> datetime | str | None:
@@ -40,9 +41,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         with FeedbackStore(cfg.db_path, deployment=cfg.deployment, read_only=True) as store:
             since = parse_since(args.since)
             if args.format == "kto":
-                info = store.export_kto(args.out, since=since, max_examples=args.max_examples)
+                info = store.export_kto(args.out, since=since, max_examples=args.limit)
             else:
-                info = store.export_snapshot(args.out, since=since, max_examples=args.max_examples)
+                info = store.export_snapshot(args.out, since=since, max_examples=args.limit)
     except StoreError as e:
         print(f"kto-loop export: {e}", file=sys.stderr)
         return 1
