@@ -1,0 +1,413 @@
+"""Versioned LoRA adapters on a running vLLM server: validate, load under a new name, warm, switch, roll back.
+
+Why new names: vLLM refuses to load a name twice and in-place reloads would change an answer mid-stream. Each
+version `kto-vN` is loaded once under its own name and its files stay on disk; the app asks `current()` per
+request, so a request that started on kto-v6 finishes on kto-v6 while new requests already go to kto-v7.
+The pointer (`current`, `previous`) lives in a JSON state file replaced atomically (write temp + fsync + rename).
+
+Base-model match rule (validate): the adapter's tensors must fit the served model. For every `lora_A` / `lora_B`
+pair the wrapped module must exist in the served model's safetensors header with in/out features equal to the
+LoRA matrices' (this catches a different architecture, size or layer count, whatever the adapter calls its
+base). In addition, when `adapter_config.base_model_name_or_path` (or the manifest's `model_dir`/`base_model`)
+names an existing local directory other than the served one, its config.json must agree with the served
+config.json on the architecture fields in `_ARCH_KEYS`. Hub-style names are not compared (the same model has many
+names); the shape check decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "vocab_size")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+class InvalidAdapter(ValueError):
+    """The adapter directory cannot be served (the message says why); nothing was changed."""
+
+
+class AdapterLoadError(RuntimeError):
+    """vLLM failed to load or answer with the adapter; the previous `current` keeps serving."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: str | None
+    weights_file: str
+    sha256: str
+    size_bytes: int
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (8-byte little-endian length + JSON), without reading data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ValueError("header too large")
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _model_shapes(model_dir: Path) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        shapes.update(_safetensors_shapes(f))
+    return shapes
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidAdapter(f"{path.name} is missing in {path.parent}") from None
+    except (OSError, ValueError) as e:
+        raise InvalidAdapter(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidAdapter(f"{path} is not a JSON object")
+    return data
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AdapterRegistry:
+    """`current()` is the model name chat requests use ("base" until a version is promoted).
+
+    `base_url` may be a URL or an object with `.base_url` (a VLLMServer). `state_path` may be the JSON state file
+    or a directory: then the state is `DIR/registry.json` and promoted adapters are copied to `DIR/kto-vN/`
+    (so a later training run cannot overwrite a served version's files).
+    """
+
+    def __init__(self, base_url: Any, state_path: Path | str, max_lora_rank: int = 16,
+                 base_model_dir: Path | str | None = None, name_prefix: str = "kto-v",
+                 store_dir: Path | str | None = None, http_timeout: float = 300.0):
+        self._server = None if isinstance(base_url, str) else base_url
+        self._base_url = base_url.rstrip("/") if isinstance(base_url, str) else None
+        state_path = Path(state_path)
+        if state_path.suffix != ".json":
+            store_dir = store_dir or state_path
+            state_path = state_path / "registry.json"
+        self.state_path = state_path
+        self.store_dir = Path(store_dir) if store_dir else None
+        self.max_lora_rank = max_lora_rank
+        if base_model_dir is None and self._server is not None:
+            base_model_dir = getattr(getattr(self._server, "spec", None), "model_dir", None)
+        self.base_model_dir = Path(base_model_dir) if base_model_dir else None
+        self.name_prefix = name_prefix
+        self.http_timeout = http_timeout
+        self._lock = threading.RLock()
+        self._state = self._load_state()
+
+    # -- state ---------------------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return self._base_url or self._server.base_url.rstrip("/")
+
+    def _load_state(self) -> dict[str, Any]:
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+        else:
+            state = {}
+        state.setdefault("current", None)
+        state.setdefault("previous", None)
+        state.setdefault("next_number", 1)
+        state.setdefault("versions", {})
+        state.setdefault("events", [])
+        return state
+
+    def _save(self) -> None:
+        self._state["events"] = self._state["events"][-200:]
+        _atomic_write_json(self.state_path, self._state)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._state["events"].append({"event": kind, "at": time.time(), **fields})
+
+    def current(self) -> str:
+        return self._state["current"] or "base"
+
+    def previous(self) -> str | None:
+        return self._state["previous"]
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every version ever registered (oldest first), with its path, sha256, status and pointers."""
+        out = []
+        for name, v in sorted(self._state["versions"].items(), key=lambda kv: kv[1].get("number", 0)):
+            out.append({"name": name, **v, "current": name == self._state["current"],
+                        "previous": name == self._state["previous"]})
+        return out
+
+    def path_of(self, version: str) -> str | None:
+        v = self._state["versions"].get(version)
+        return v["path"] if v else None
+
+    def events(self) -> list[dict[str, Any]]:
+        """Promotions, rollbacks and load failures (the app copies these into its store)."""
+        return list(self._state["events"])
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def validate(self, adapter_dir: Path | str) -> AdapterInfo:
+        """Refuse what vLLM cannot serve (or would serve wrongly) before touching the server."""
+        d = Path(adapter_dir)
+        if not d.is_dir():
+            raise InvalidAdapter(f"adapter directory {d} does not exist")
+        cfg = _read_json(d / "adapter_config.json")
+        weights = next((d / n for n in _WEIGHT_FILES if (d / n).is_file()), None)
+        if weights is None:
+            raise InvalidAdapter(f"no weights file in {d} (expected {' or '.join(_WEIGHT_FILES)})")
+        if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+            raise InvalidAdapter(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be served")
+        if cfg.get("modules_to_save"):
+            raise InvalidAdapter(f"modules_to_save={cfg['modules_to_save']!r} is not supported by vLLM "
+                                 "(train with modules_to_save=None)")
+        if cfg.get("use_dora"):
+            raise InvalidAdapter("DoRA adapters (use_dora=true) are not supported by vLLM")
+        if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+            raise InvalidAdapter(f"bias={cfg.get('bias')!r} is not supported by vLLM (need bias='none')")
+        rank = cfg.get("r")
+        if not isinstance(rank, int) or rank <= 0:
+            raise InvalidAdapter(f"invalid LoRA rank r={rank!r}")
+        ranks = [rank, *[int(r) for r in (cfg.get("rank_pattern") or {}).values()]]
+        if max(ranks) > self.max_lora_rank:
+            raise InvalidAdapter(f"LoRA rank {max(ranks)} exceeds the server's --max-lora-rank "
+                                 f"{self.max_lora_rank}")
+        targets = cfg.get("target_modules")
+        if not targets:
+            raise InvalidAdapter("adapter_config.json has no target_modules")
+        base_name = cfg.get("base_model_name_or_path")
+        self._check_base(d, base_name, weights)
+        return AdapterInfo(path=str(d.resolve()), rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
+                           target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
+                           base_model=base_name, weights_file=weights.name, sha256=_sha256(weights),
+                           size_bytes=weights.stat().st_size)
+
+    def _check_base(self, d: Path, base_name: str | None, weights: Path) -> None:
+        if self.base_model_dir is None:
+            return
+        served_cfg = _read_json(self.base_model_dir / "config.json")
+        names = [base_name]
+        if (d / "manifest.json").is_file():
+            man = _read_json(d / "manifest.json")
+            hp = man.get("hyperparameters") if isinstance(man.get("hyperparameters"), dict) else {}
+            names += [man.get("model_dir"), man.get("base_model"), hp.get("model_dir"), hp.get("base_model")]
+        for name in filter(None, names):
+            other = Path(str(name)).expanduser()
+            if not (other / "config.json").is_file() or other.resolve() == self.base_model_dir.resolve():
+                continue
+            theirs = _read_json(other / "config.json")
+            diff = [k for k in _ARCH_KEYS if k in served_cfg and theirs.get(k) != served_cfg.get(k)]
+            if diff:
+                raise InvalidAdapter(f"adapter was trained on {other}, which differs from the served model "
+                                     f"{self.base_model_dir} in {', '.join(diff)}")
+        if weights.suffix != ".safetensors":
+            return  # .bin needs unpickling to read shapes; the name check above is all we do
+        try:
+            lora = _safetensors_shapes(weights)
+            base = _model_shapes(self.base_model_dir)
+        except (OSError, ValueError, struct.error) as e:
+            raise InvalidAdapter(f"cannot read tensor shapes: {e}") from None
+        if not base:
+            return
+        pairs: dict[str, dict[str, list[int]]] = {}
+        for key, shape in lora.items():
+            m = _LORA_KEY.match(key)
+            if m:
+                pairs.setdefault(m["module"], {})[m["ab"]] = shape
+        if not pairs:
+            raise InvalidAdapter(f"{weights.name} holds no lora_A/lora_B weights")
+        for module, ab in pairs.items():
+            w = base.get(module + ".weight")
+            if w is None:
+                raise InvalidAdapter(f"adapter targets {module}, which the served model "
+                                     f"{self.base_model_dir.name} does not have (different base model?)")
+            out_f, in_f = w[0], w[-1]
+            if "A" in ab and ab["A"][-1] != in_f or "B" in ab and ab["B"][0] != out_f:
+                raise InvalidAdapter(f"adapter shapes for {module} (A {ab.get('A')}, B {ab.get('B')}) do not fit "
+                                     f"the served model's {w} (different base model?)")
+
+    # -- server calls --------------------------------------------------------------------------------------
+    def _load_on_server(self, name: str, path: str) -> None:
+        try:
+            r = httpx.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                           timeout=self.http_timeout)
+        except httpx.HTTPError as e:
+            raise AdapterLoadError(f"could not reach vLLM to load {name}: {e}") from e
+        if r.status_code != 200:
+            if r.status_code == 400 and "already been loaded" in r.text:
+                return
+            raise AdapterLoadError(f"vLLM refused to load {name} from {path} (HTTP {r.status_code}): "
+                                   f"{_error_message(r)}")
+
+    def _warm(self, name: str) -> float:
+        """One tiny request so the first user of the version does not pay for the adapter's first use."""
+        t0 = time.monotonic()
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                "temperature": 0.0}
+        try:
+            r = httpx.post(f"{self.base_url}/v1/chat/completions", json=body, timeout=self.http_timeout)
+        except httpx.HTTPError as e:
+            raise AdapterLoadError(f"warm-up request on {name} failed: {e}") from e
+        if r.status_code != 200:
+            raise AdapterLoadError(f"warm-up request on {name} failed (HTTP {r.status_code}): {_error_message(r)}")
+        return time.monotonic() - t0
+
+    def loaded(self) -> list[str]:
+        r = httpx.get(f"{self.base_url}/v1/models", timeout=30)
+        r.raise_for_status()
+        return [m["id"] for m in r.json().get("data", [])]
+
+    # -- operations ----------------------------------------------------------------------------------------
+    def promote(self, adapter_dir: Path | str) -> str:
+        """Validate, load as a new version, warm, then switch `current` (old current becomes `previous`).
+
+        Raises InvalidAdapter or AdapterLoadError; in both cases `current` is unchanged and still serving.
+        """
+        info = self.validate(adapter_dir)
+        with self._lock:
+            number = self._state["next_number"]
+            name = f"{self.name_prefix}{number}"
+            self._state["next_number"] = number + 1
+            path = info.path
+            if self.store_dir is not None:
+                path = str(self._copy_in(Path(info.path), name))
+            self._state["versions"][name] = {"number": number, "path": path, "sha256": info.sha256,
+                                             "rank": info.rank, "source": info.path, "status": "loading",
+                                             "created_at": time.time()}
+            self._save()
+            t0 = time.monotonic()
+            try:
+                self._load_on_server(name, path)
+                load_s = time.monotonic() - t0
+                warm_s = self._warm(name)
+            except AdapterLoadError as e:
+                self._state["versions"][name]["status"] = "load_failed"
+                self._state["versions"][name]["error"] = str(e)
+                self._event("load_failed", version=name, error=str(e), serving=self.current())
+                self._save()
+                raise
+            v = self._state["versions"][name]
+            v.update(status="served", load_s=round(load_s, 3), warm_s=round(warm_s, 3), promoted_at=time.time())
+            self._switch(name, "promote")
+            return name
+
+    def rollback(self, version: str | None = None) -> str:
+        """Serve `version` (default: the previous one; "base" = no adapter) again; returns the name now served."""
+        with self._lock:
+            target = version or self._state["previous"]
+            if not target:
+                raise InvalidAdapter("nothing to roll back to: no previous version")
+            if target == self.current():
+                raise InvalidAdapter(f"{target} is already being served")
+            if target != "base":
+                v = self._state["versions"].get(target)
+                if v is None:
+                    known = ", ".join(self._state["versions"]) or "none"
+                    raise InvalidAdapter(f"unknown version {target!r} (known: {known})")
+                if v.get("status") == "load_failed":
+                    raise InvalidAdapter(f"{target} never loaded successfully: {v.get('error')}")
+                self._ensure_loaded(target)
+            self._switch(target, "rollback")
+            return target
+
+    def reload_after_restart(self) -> list[str]:
+        """Load current and previous into a (fresh) server. If current cannot be loaded, fall back to previous,
+        then to base, so chat keeps working; the failure is recorded. Returns the names loaded."""
+        with self._lock:
+            done = []
+            for role in ("current", "previous"):
+                name = self._state[role]
+                if not name or name == "base":
+                    continue
+                try:
+                    self._ensure_loaded(name)
+                    done.append(name)
+                except (AdapterLoadError, InvalidAdapter, httpx.HTTPError) as e:
+                    log.error("reloading %s %s after restart failed: %s", role, name, e)
+                    self._event("reload_failed", version=name, role=role, error=str(e))
+                    self._state[role] = None
+            if self._state["current"] is None and self._state["previous"]:
+                self._state["current"], self._state["previous"] = self._state["previous"], None
+                self._event("fallback", version=self._state["current"])
+            self._save()
+            return done
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _ensure_loaded(self, name: str) -> None:
+        v = self._state["versions"][name]
+        weights = next((Path(v["path"]) / n for n in _WEIGHT_FILES if (Path(v["path"]) / n).is_file()), None)
+        if weights is None:
+            raise InvalidAdapter(f"the files of {name} are gone from {v['path']}")
+        if v.get("sha256") and _sha256(weights) != v["sha256"]:
+            raise InvalidAdapter(f"the weights of {name} in {v['path']} changed since it was registered "
+                                 "(sha256 mismatch)")
+        if name not in self.loaded():
+            self._load_on_server(name, v["path"])
+        self._warm(name)
+
+    def _switch(self, name: str, why: str) -> None:
+        old = self.current()
+        self._state["previous"] = old
+        self._state["current"] = None if name == "base" else name
+        self._event(why, version=name, previous=old)
+        self._save()
+        log.info("serving %s (was %s) after %s", name, old, why)
+
+    def _copy_in(self, src: Path, name: str) -> Path:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.store_dir / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.store_dir))
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, dest)
+        return dest.resolve()
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        return r.json().get("error", {}).get("message") or r.text
+    except (ValueError, AttributeError):
+        return r.text[:500]
+

@@ -1,0 +1,275 @@
+"""Supervise vLLM's OpenAI-compatible server as a child process.
+
+One job: keep a server answering on `base_url`. The child runs in its own process group so that stop() can take
+down the API server, the engine core and the workers together (vLLM spawns them), leaving no orphan. A watchdog
+thread restarts the server when it dies (or stops answering /health for `hang_timeout` seconds), with exponential
+backoff, then calls the restart hooks (the adapter registry reloads its adapters there: a fresh vLLM knows only
+the base model).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+log = logging.getLogger(__name__)
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerStartError(RuntimeError):
+    """The server did not become ready; the message ends with the last lines of its log."""
+
+
+@dataclass
+class VLLMServerSpec:
+    model_dir: Path | str
+    host: str = "127.0.0.1"
+    port: int = 0                       # 0 = pick a free port once; restarts keep it
+    max_lora_rank: int = 16
+    max_loras: int = 2                  # current + previous version; 0 disables LoRA
+    max_model_len: int = 2048
+    dtype: str = "bfloat16"
+    kvcache_gb: int = 2                 # VLLM_CPU_KVCACHE_SPACE (ignored by GPU builds)
+    tensor_parallel: int = 1
+    extra_args: tuple[str, ...] = ()
+    served_model_name: str = "base"
+    log_path: Path | str | None = None  # default: a file in the temp dir named after the port
+    start_timeout: float = 300.0
+    fast_cpu_lora: bool = True          # serving.cpu_lora kernels (CPU only; a no-op on GPU builds)
+    auto_restart: bool = True
+    restart_backoff: tuple[float, float] = (2.0, 60.0)   # first delay, cap
+    hang_timeout: float = 120.0         # /health failing this long while the process lives = hung: restart
+    stop_grace: float = 15.0            # SIGTERM, then SIGKILL after this many seconds
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=n))
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+class VLLMServer:
+    def __init__(self, spec: VLLMServerSpec):
+        self.spec = spec
+        self.port = spec.port or free_port(spec.host)
+        self.log_path = Path(spec.log_path) if spec.log_path else (
+            Path(tempfile.gettempdir()) / f"kto-loop-vllm-{self.port}.log")
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()          # serialises start/stop/restart
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._hooks: list[Callable[[], None]] = []
+        atexit.register(self.stop)  # a parent that exits without stop() still takes its server down
+
+    # -- public -------------------------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.spec.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def add_restart_hook(self, fn: Callable[[], None]) -> None:
+        """`fn()` runs after every automatic or manual restart, once the server is ready again."""
+        self._hooks.append(fn)
+
+    def command(self) -> list[str]:
+        s = self.spec
+        module = "serving.vllm_launch" if s.fast_cpu_lora else "vllm.entrypoints.openai.api_server"
+        cmd = [sys.executable, "-m", module, "--model", str(s.model_dir), "--served-model-name",
+               s.served_model_name, "--host", s.host, "--port", str(self.port), "--dtype", s.dtype,
+               "--max-model-len", str(s.max_model_len)]
+        if s.tensor_parallel != 1:
+            cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
+        if s.max_loras > 0:
+            cmd += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras)]
+        return cmd + list(s.extra_args)
+
+    def start(self) -> VLLMServer:
+        """Spawn and wait until /health and /v1/models answer; raise ServerStartError otherwise."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return self
+            self._stopping.clear()
+            self._spawn_and_wait()
+            if self.spec.auto_restart and (self._watchdog is None or not self._watchdog.is_alive()):
+                self._watchdog = threading.Thread(target=self._watch, name=f"vllm-watchdog-{self.port}",
+                                                  daemon=True)
+                self._watchdog.start()
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after the grace period. Idempotent."""
+        self._stopping.set()
+        with self._lock:
+            self._kill()
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout=5)
+        self._watchdog = None
+
+    def restart(self) -> None:
+        """Operator restart: same port, hooks run afterwards."""
+        with self._lock:
+            self._kill()
+            self._spawn_and_wait()
+        self._run_hooks()
+
+    def is_healthy(self, timeout: float = 3.0) -> bool:
+        if self._proc is None or self._proc.poll() is not None:
+            return False
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, n: int = 40) -> str:
+        return _tail(self.log_path, n)
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _spawn_and_wait(self) -> None:
+        s = self.spec
+        env = dict(os.environ)
+        env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(s.kvcache_gb)})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env.update(s.env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n==== kto-loop: starting {' '.join(self.command())}\n".encode())
+            logf.flush()
+            self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.info("vLLM starting (pid %s) on %s, log %s", self._proc.pid, self.base_url, self.log_path)
+        deadline = time.monotonic() + s.start_timeout
+        while time.monotonic() < deadline:
+            if self._stopping.is_set():
+                self._kill()
+                raise ServerStartError("stopped during start-up")
+            code = self._proc.poll()
+            if code is not None:
+                self._kill()
+                raise ServerStartError(f"vLLM exited with code {code} during start-up; last log lines "
+                                       f"({self.log_path}):\n{_tail(self.log_path)}")
+            if self._ready():
+                log.info("vLLM ready on %s", self.base_url)
+                return
+            time.sleep(0.5)
+        self._kill()
+        raise ServerStartError(f"vLLM not ready after {s.start_timeout:.0f}s; last log lines "
+                               f"({self.log_path}):\n{_tail(self.log_path)}")
+
+    def _ready(self) -> bool:
+        try:
+            if httpx.get(f"{self.base_url}/health", timeout=2).status_code != 200:
+                return False
+            models = httpx.get(f"{self.base_url}/v1/models", timeout=2).json()
+            return any(m.get("id") == self.spec.served_model_name for m in models.get("data", []))
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.spec.stop_grace)
+        except subprocess.TimeoutExpired:
+            pass
+        _, alive = psutil.wait_procs(family, timeout=max(1.0, self.spec.stop_grace / 3))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in alive:  # anything that left the group (setsid) but is still ours
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+    def _run_hooks(self) -> None:
+        for fn in list(self._hooks):
+            try:
+                fn()
+            except Exception:  # a failing hook must not take the supervisor down
+                log.exception("vLLM restart hook %r failed", fn)
+
+    def _watch(self) -> None:
+        first, cap = self.spec.restart_backoff
+        failures = 0
+        unhealthy_since: float | None = None
+        up_since = time.monotonic()
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                proc = self._proc
+                if self._stopping.is_set():
+                    return
+                dead = proc is None or proc.poll() is not None
+            if not dead:
+                if time.monotonic() - up_since > 60:
+                    failures = 0
+                if self.is_healthy(timeout=5):
+                    unhealthy_since = None
+                    continue
+                unhealthy_since = unhealthy_since or time.monotonic()
+                if time.monotonic() - unhealthy_since < self.spec.hang_timeout:
+                    continue
+                log.error("vLLM unhealthy for %.0fs: restarting", self.spec.hang_timeout)
+            else:
+                log.error("vLLM exited (code %s); last log lines:\n%s",
+                          proc.returncode if proc else None, _tail(self.log_path, 20))
+            unhealthy_since = None
+            delay = min(cap, first * 2 ** failures)
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._kill()
+                    self._spawn_and_wait()
+                except ServerStartError as e:
+                    failures += 1
+                    log.error("vLLM restart failed (%d in a row): %s", failures, e)
+                    continue
+                self.restarts += 1
+            failures += 1
+            up_since = time.monotonic()
+            self._run_hooks()
