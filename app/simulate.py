@@ -1,0 +1,550 @@
+"""Closed-loop simulator: simulated users chat and rate through the real stack, the real realigner retrains and
+hot-swaps, and every cycle is measured on held-out prompts.
+
+Nothing here is a shortcut around the product: answers come from vLLM through `app.ui.ChatService` (the chat
+page's own logic, model = the registry's current adapter), thumbs go into the FeedbackStore through the same
+service, and each cycle ends with `Realigner.run("simulator")` (snapshot → aligner subprocess → promotion gate →
+hot swap). Measurements call the same ChatClient directly and are never stored, so the model never trains on
+held-out prompts or on its own evaluation.
+
+Desirable rate = thumbs-up / rated answers on held-out prompts (several samples per prompt at the served
+temperature), with a Wilson 95% interval (Wilson 1927; it stays inside [0, 1] and behaves at small counts, unlike
+the normal approximation). Capability = share of the shipped factual questions answered correctly at
+temperature 0; the set holds only questions the base model gets right, so base accuracy is ~100% by design.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATA_DIR = Path(__file__).parent / "data"
+DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
+DEFAULT_HOLDOUT = DATA_DIR / "holdout.jsonl"
+DEFAULT_CAPABILITY = DATA_DIR / "capability.jsonl"
+CAPABILITY_MAX_TOKENS = 64
+
+Rater = Callable[[str, str], "bool | None"]
+Log = Callable[[str], None]
+
+
+class SimulationError(RuntimeError):
+    """Bad input (prompts, rater) or a stage that did not run; the message says which."""
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a .jsonl file ({"prompt": ...} per line) or a plain text file (one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimulationError(f"prompt file not found: {path}")
+    out: list[str] = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                text = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise SimulationError(f"{path}:{i}: expected a JSON object with a 'prompt' string ({e})") from None
+            if not isinstance(text, str) or not text.strip():
+                raise SimulationError(f"{path}:{i}: 'prompt' must be a non-empty string")
+            line = text.strip()
+        out.append(line)
+    if not out:
+        raise SimulationError(f"no prompts in {path}")
+    return out
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: tuple[str, ...]
+
+
+def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise SimulationError(f"capability file not found: {path}")
+    items = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append(Question(str(row["question"]), tuple(str(a) for a in row["answers"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SimulationError(f"{path}:{i}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
+    if not items:
+        raise SimulationError(f"no questions in {path}")
+    return items
+
+
+def is_correct(answer: str, accepted: Sequence[str]) -> bool:
+    """An accepted answer appears as a whole word/phrase (case-insensitive): "8" does not match "18"."""
+    low = answer.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in accepted)
+
+
+def load_rater(spec: str) -> tuple[str, Rater]:
+    """`concise` (an example rater), `package.module:function` or `path/to/file.py:function` → (name, fn)."""
+    from app import raters
+
+    if spec in raters.EXAMPLE_RATERS:
+        return spec, raters.EXAMPLE_RATERS[spec]
+    target, sep, fn_name = spec.rpartition(":")
+    if not sep or not target or not fn_name:
+        raise SimulationError(f"bad rater {spec!r}: use one of {sorted(raters.EXAMPLE_RATERS)}, "
+                              "MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if target.endswith(".py") or os.sep in target:
+            file = Path(target)
+            if not file.is_file():
+                raise SimulationError(f"rater file not found: {file}")
+            mod_spec = importlib.util.spec_from_file_location(f"kto_rater_{file.stem}", file)
+            assert mod_spec is not None and mod_spec.loader is not None
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except SimulationError:
+        raise
+    except Exception as e:
+        raise SimulationError(f"cannot import rater {spec!r}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise SimulationError(f"rater {spec!r}: {fn_name!r} is not a function in {target}")
+    return fn_name, fn
+
+
+def call_rater(rater: Rater, prompt: str, answer: str) -> bool | None:
+    try:
+        verdict = rater(prompt, answer)
+    except Exception as e:
+        raise SimulationError(f"the rater raised {type(e).__name__}: {e} (prompt {prompt[:60]!r})") from e
+    if verdict is None:
+        return None
+    if not isinstance(verdict, bool):
+        raise SimulationError(f"the rater must return True, False or None, got {verdict!r}")
+    return verdict
+
+
+# ---------------------------------------------------------------- statistics
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n (95% by default); (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    for mod in ("torch", "vllm", "transformers", "peft"):
+        try:
+            info[mod] = importlib.import_module(mod).__version__
+        except Exception:
+            pass
+    return info
+
+
+# ---------------------------------------------------------------- talking to the served model
+
+def with_sampling(sampling: Any, **changes: Any) -> Any:
+    """A copy of the served sampling parameters with a few fields changed (dataclass or dict)."""
+    if dataclasses.is_dataclass(sampling):
+        return dataclasses.replace(sampling, **changes)
+    return {**dict(sampling), **changes}
+
+
+def complete(client: Any, messages: list[dict[str, str]], model: str, sampling: Any) -> str:
+    """The whole answer text from `ChatClient.stream_chat` (chunks are str; the final ChatResult is skipped)."""
+    return "".join(part for part in client.stream_chat(messages, model, sampling) if isinstance(part, str))
+
+
+def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}]
+
+
+def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, capability: Sequence[Question],
+            sampling: Any, system_prompt: str | None, samples: int, workers: int = 16) -> dict[str, Any]:
+    """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now."""
+    t0 = time.perf_counter()
+    greedy = with_sampling(sampling, temperature=0.0, top_p=1.0, max_tokens=CAPABILITY_MAX_TOKENS)
+    jobs: list[tuple[str, Any]] = [(p, sampling) for p in holdout for _ in range(samples)]
+    jobs += [(q.question, greedy) for q in capability]
+    with cf.ThreadPoolExecutor(workers) as ex:
+        texts = list(ex.map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1]), jobs))
+    answers, cap_texts = texts[:len(holdout) * samples], texts[len(holdout) * samples:]
+    verdicts = [call_rater(rater, p, a) for (p, _), a in zip(jobs, answers, strict=False)]
+    rated = [v for v in verdicts if v is not None]
+    ups = sum(rated)
+    lo, hi = wilson(ups, len(rated))
+    correct = [is_correct(a, q.answers) for q, a in zip(capability, cap_texts, strict=True)]
+    words = [len(a.split()) for a in answers]
+    return {
+        "model": model, "desirable_rate": ups / len(rated) if rated else None, "ci95": [lo, hi],
+        "n_rated": len(rated), "n_up": ups, "n_samples": len(answers),
+        "capability_accuracy": sum(correct) / len(correct), "capability_correct": sum(correct),
+        "capability_n": len(correct), "mean_words": sum(words) / max(1, len(words)),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "example_answer": {"prompt": jobs[0][0], "answer": answers[0]} if answers else None,
+    }
+
+
+def collect(service: Any, prompts: Sequence[str], rater: Rater, n_ratings: int, *, cursor: int, tag: str,
+            workers: int = 16, max_answers: int | None = None) -> tuple[dict[str, Any], int]:
+    """Simulated users chat and rate through ChatService until `n_ratings` thumbs are stored.
+
+    Each answer comes from a fresh simulated user (one conversation, one rating), the way many real users give a
+    few thumbs each; prompts are taken round-robin from `cursor`. Returns (stats, next cursor).
+    """
+    t0 = time.perf_counter()
+    max_answers = max_answers or 3 * n_ratings
+    ups = downs = skipped = answers = 0
+    answer_ids: list[str] = []
+
+    def one(i: int, prompt: str) -> tuple[Any, str]:
+        user = f"sim-{tag}-{i}"
+        sess = service.session(user, user)
+        texts = list(service.send(sess, prompt))  # the growing answer; the last item is the stored text
+        return sess, texts[-1] if texts else ""
+
+    while ups + downs < n_ratings and answers < max_answers:
+        need = min(max(n_ratings - ups - downs, 1), max_answers - answers)
+        batch = [(cursor + j, prompts[(cursor + j) % len(prompts)]) for j in range(need)]
+        cursor += need
+        with cf.ThreadPoolExecutor(workers) as ex:
+            done = list(ex.map(lambda b: one(*b), batch))
+        answers += len(done)
+        for (_, prompt), (sess, text) in zip(batch, done, strict=True):
+            if ups + downs >= n_ratings:
+                break
+            verdict = call_rater(rater, prompt, text)
+            if verdict is None:
+                skipped += 1
+                continue
+            turn = service.rate(sess, len(sess.turns) - 1, verdict)
+            answer_ids.append(turn.msg_id)
+            ups, downs = ups + verdict, downs + (not verdict)
+    if ups + downs == 0:
+        raise SimulationError(f"the rater rated none of {answers} answers")
+    return {"answers": answers, "ratings": ups + downs, "up": ups, "down": downs, "not_rated": skipped,
+            "desirable_rate": ups / (ups + downs), "seconds": round(time.perf_counter() - t0, 1)}, cursor
+
+
+# ---------------------------------------------------------------- one rater, end to end
+
+@dataclass
+class SimSpec:
+    rater_name: str
+    rater: Rater
+    cycles: int = 2
+    ratings_per_cycle: int = 400
+    prompts: Sequence[str] = ()
+    holdout: Sequence[str] = ()
+    capability: Sequence[Question] = ()
+    samples_per_prompt: int = 2
+    ablation: bool = False
+    seed: int = 0
+    workers: int = 16
+
+
+def _root_url(server: Any) -> str:
+    return str(server.base_url).rstrip("/").removesuffix("/v1")
+
+
+def _cycle_record(outcome: Any) -> dict[str, Any]:
+    m = outcome.manifest or {}
+    return {
+        "run_id": outcome.run_id, "status": outcome.status, "promoted": bool(outcome.promoted),
+        "reason": outcome.reason, "version": outcome.version,
+        "n_D": m.get("n_desirable"), "n_U": m.get("n_undesirable"),
+        "lambda_D": m.get("lambda_d"), "lambda_U": m.get("lambda_u"),
+        "z0_pre_clamp": m.get("z0_pre_clamp_mean"), "z0": m.get("z0_mean"),
+        "train_seconds": m.get("train_seconds"), "gate_heldout": m.get("heldout"),
+    }
+
+
+def train_pinned(stack: Any, run_id: str, cycle: int, log: Log) -> tuple[Path, dict[str, Any], float]:
+    """Ablation: train again on the very snapshot of run `run_id`, with λ_D = λ_U = 1 pinned."""
+    rl = stack.realigner
+    snapshot = Path(rl.work_dir) / f"run-{run_id}" / "snapshot.parquet"
+    if not snapshot.is_file():
+        raise SimulationError(f"ablation: snapshot of run {run_id} not found at {snapshot}")
+    out = Path(rl.work_dir) / f"run-{run_id}" / "adapter-pinned-lambda"
+    cmd = rl.command(snapshot, out, None) + ["--lambda-d", "1", "--lambda-u", "1"]
+    log(f"cycle {cycle}: ablation run (λ_D = λ_U = 1) on the same snapshot")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if proc.returncode != 0:
+        raise SimulationError(f"ablation aligner run failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return out, json.loads((out / "manifest.json").read_text()), time.perf_counter() - t0
+
+
+def load_for_eval(server: Any, adapter_dir: Path, name: str) -> None:
+    """Load an adapter into the running vLLM under `name` without touching the registry's served pointer."""
+    import httpx
+
+    r = httpx.post(_root_url(server) + "/v1/load_lora_adapter",
+                   json={"lora_name": name, "lora_path": str(adapter_dir)}, timeout=300)
+    if r.status_code != 200:
+        raise SimulationError(f"ablation: vLLM refused adapter {adapter_dir}: {r.status_code} {r.text[:300]}")
+
+
+def simulate_one(stack: Any, spec: SimSpec, log: Log = print) -> dict[str, Any]:
+    """Measure, then `cycles` × (collect ratings → realign → measure) on one stack; returns the JSON record."""
+    from app.main import sampling_for
+    from app.ui import ChatService
+
+    cfg = stack.cfg
+    system_prompt = stack.settings.load().system_prompt
+    sampling = sampling_for(cfg)
+    service = ChatService(stack.store, stack.client, stack.registry, system_prompt=lambda: system_prompt,
+                          sampling=lambda: sampling, max_chars=cfg.max_message_chars,
+                          ratings_per_minute=cfg.ratings_per_minute)
+    prompts = list(spec.prompts)
+    random.Random(spec.seed).shuffle(prompts)
+
+    def evaluate(model: str) -> dict[str, Any]:
+        return measure(stack.client, model, holdout=spec.holdout, rater=spec.rater, capability=spec.capability,
+                       sampling=sampling, system_prompt=system_prompt, samples=spec.samples_per_prompt,
+                       workers=spec.workers)
+
+    log(f"[{spec.rater_name}] measuring the base model on {len(spec.holdout)} held-out prompts "
+        f"× {spec.samples_per_prompt} and {len(spec.capability)} capability questions")
+    base = evaluate(stack.registry.current())
+    log(f"[{spec.rater_name}] base: desirable {pct(base['desirable_rate'])} "
+        f"[{pct(base['ci95'][0])}, {pct(base['ci95'][1])}], capability {pct(base['capability_accuracy'])} "
+        f"({base['seconds']} s)")
+    cycles: list[dict[str, Any]] = []
+    cursor = 0
+    for c in range(1, spec.cycles + 1):
+        served_before = stack.registry.current()
+        t0 = time.perf_counter()
+        stats, cursor = collect(service, prompts, spec.rater, spec.ratings_per_cycle, cursor=cursor,
+                                tag=f"{spec.rater_name}-c{c}", workers=spec.workers)
+        log(f"[{spec.rater_name}] cycle {c}: {stats['ratings']} ratings ({stats['up']} up, {stats['down']} down) "
+            f"from {served_before} in {stats['seconds']} s; realigning")
+        t1 = time.perf_counter()
+        outcome = stack.realigner.run("simulator", progress=_phase_logger(log, f"[{spec.rater_name}] cycle {c}"))
+        t2 = time.perf_counter()
+        rec = {"cycle": c, "served_before": served_before, "collect": stats, **_cycle_record(outcome),
+               "realign_seconds": round(t2 - t1, 1), "cycle_seconds": round(t2 - t0, 1)}
+        if outcome.status != "succeeded":
+            log(f"[{spec.rater_name}] cycle {c}: realignment {outcome.status}: {outcome.reason}")
+        served = stack.registry.current()
+        rec["served_after"] = served
+        if spec.ablation and outcome.status == "succeeded":
+            out, manifest, secs = train_pinned(stack, outcome.run_id, c, log)
+            name = f"ablation-pinned-c{c}-{outcome.run_id}"
+            load_for_eval(stack.server, out, name)
+            rec["ablation_pinned"] = {
+                "lambda_D": manifest.get("lambda_d"), "lambda_U": manifest.get("lambda_u"),
+                "z0_pre_clamp": manifest.get("z0_pre_clamp_mean"), "z0": manifest.get("z0_mean"),
+                "train_seconds": manifest.get("train_seconds"), "wall_seconds": round(secs, 1),
+                "gate_heldout": manifest.get("heldout"), "eval": evaluate(name)}
+        rec["eval"] = evaluate(served)
+        e = rec["eval"]
+        log(f"[{spec.rater_name}] cycle {c}: served {served} (promoted={rec['promoted']}): desirable "
+            f"{pct(e['desirable_rate'])} [{pct(e['ci95'][0])}, {pct(e['ci95'][1])}], capability "
+            f"{pct(e['capability_accuracy'])}; cycle took {rec['cycle_seconds']} s")
+        if "ablation_pinned" in rec:
+            a = rec["ablation_pinned"]["eval"]
+            log(f"[{spec.rater_name}] cycle {c}: ablation λ=1: desirable {pct(a['desirable_rate'])}, "
+                f"capability {pct(a['capability_accuracy'])}")
+        cycles.append(rec)
+    return {"rater": spec.rater_name, "rater_doc": (getattr(spec.rater, "__doc__", None) or "").strip(),
+            "base": base, "cycles": cycles, "summary": summarize(base, cycles)}
+
+
+def _phase_logger(log: Log, prefix: str) -> Callable[[dict[str, Any]], None]:
+    """A Realigner progress callback that logs each phase change once (snapshot, train, gate, promote)."""
+    last = [""]
+
+    def progress(ev: dict[str, Any]) -> None:
+        phase = ev.get("phase")
+        if phase and phase != last[0]:
+            last[0] = phase
+            log(f"{prefix}: {phase}")
+
+    return progress
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def summarize(base: dict[str, Any], cycles: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals per rater: +30 points within the cycles, capability ≥ 95% of base, cycles ≤ 10 min."""
+    rates = [c["eval"]["desirable_rate"] for c in cycles if c["eval"]["desirable_rate"] is not None]
+    b = base["desirable_rate"] or 0.0
+    best = max(rates, default=b)
+    cap_ratio = min((c["eval"]["capability_accuracy"] / base["capability_accuracy"] for c in cycles),
+                    default=1.0) if base["capability_accuracy"] else None
+    secs = [c["cycle_seconds"] for c in cycles]
+    out = {"base_desirable_rate": base["desirable_rate"], "final_desirable_rate": rates[-1] if rates else None,
+           "best_gain_points": round(100 * (best - b), 1), "min_capability_ratio": cap_ratio,
+           "max_cycle_seconds": max(secs, default=None), "promotions": sum(c["promoted"] for c in cycles)}
+    out["goals"] = {"gain_ge_30_points": out["best_gain_points"] >= 30,
+                    "capability_ge_95pct_of_base": cap_ratio is not None and cap_ratio >= 0.95,
+                    "cycles_le_10_min": bool(secs) and max(secs) <= 600}
+    abl = [c["ablation_pinned"]["eval"]["desirable_rate"] for c in cycles if "ablation_pinned" in c]
+    if abl:
+        out["ablation_pinned_final_desirable_rate"] = abl[-1]
+    return out
+
+
+# ---------------------------------------------------------------- several raters, each on a fresh stack
+
+def fresh_config(cfg: Any, data_dir: Path) -> Any:
+    """`cfg` pointed at an empty data directory (own store, adapters, runs) and a free vLLM port."""
+    return dataclasses.replace(cfg, data_dir=data_dir, db_path=data_dir / "feedback.duckdb",
+                               adapter_dir=data_dir / "adapters", vllm_port=0, schedule_interval_minutes=0,
+                               schedule_cron="")
+
+
+def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = print,
+             build_stack: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Run every spec on its own fresh stack under `work_dir/<rater>`; returns the whole JSON document."""
+    if build_stack is None:
+        from app.main import build_stack
+    t0 = time.time()
+    runs = []
+    for spec in specs:
+        d = Path(work_dir) / spec.rater_name
+        if d.exists() and any(d.iterdir()):
+            raise SimulationError(f"{d} is not empty: a simulation needs a fresh store; pick another --work-dir")
+        d.mkdir(parents=True, exist_ok=True)
+        with build_stack(fresh_config(cfg, d)) as stack:
+            rec = simulate_one(stack, spec, log)
+            rec["evidence"] = evidence(stack)
+        rec["data_dir"] = str(d)
+        runs.append(rec)
+    return {
+        "kind": "kto-loop simulate", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+        "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(),
+        "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
+                     "promote_min_gain": cfg.promote_min_gain, "align_extra_args": cfg.align_extra_args,
+                     "cycles": specs[0].cycles if specs else 0,
+                     "ratings_per_cycle": specs[0].ratings_per_cycle if specs else 0,
+                     "samples_per_prompt": specs[0].samples_per_prompt if specs else 0,
+                     "n_train_prompts": len(specs[0].prompts) if specs else 0,
+                     "n_holdout_prompts": len(specs[0].holdout) if specs else 0,
+                     "n_capability": len(specs[0].capability) if specs else 0,
+                     "ablation": any(s.ablation for s in specs)},
+        "runs": runs,
+    }
+
+
+def evidence(stack: Any) -> dict[str, Any]:
+    """What the store and server say happened: proof that each stage ran for real."""
+    counts = stack.store.counts()
+    runs = stack.store.runs()
+    return {"store_counts": _jsonable(counts), "runs": len(runs), "served": stack.registry.current()}
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, str | int | float | bool) or x is None:
+        return x
+    return str(x)
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Desirable rate per cycle (Wilson 95% error bars) per rater, and capability accuracy, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    for i, run in enumerate(doc["runs"]):
+        color = f"C{i}"
+        evals = [run["base"]] + [c["eval"] for c in run["cycles"]]
+        xs = list(range(len(evals)))
+        ys = [100 * (e["desirable_rate"] or 0) for e in evals]
+        err = [[y - 100 * e["ci95"][0] for y, e in zip(ys, evals, strict=True)],
+               [100 * e["ci95"][1] - y for y, e in zip(ys, evals, strict=True)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"{run['rater']} (auto λ)")
+        pinned = [c["ablation_pinned"]["eval"] for c in run["cycles"] if "ablation_pinned" in c]
+        if pinned:
+            py = [ys[0]] + [100 * (e["desirable_rate"] or 0) for e in pinned]
+            ax.plot(range(len(py)), py, linestyle="--", marker="x", color=color, alpha=0.7,
+                    label=f"{run['rater']} (λ_D = λ_U = 1)")
+        ax2.plot(xs, [100 * e["capability_accuracy"] for e in evals], marker="o", color=color, label=run["rater"])
+    ax.set_xlabel("cycle (0 = base model)")
+    ax.set_ylabel("held-out desirable rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Simulated users: desirable rate per cycle (95% Wilson CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.set_xlabel("cycle")
+    ax2.set_ylabel("capability accuracy (%)")
+    ax2.set_ylim(0, 105)
+    ax2.set_title("Capability probe")
+    ax2.grid(alpha=0.3)
+    n = max((len(r["cycles"]) for r in doc["runs"]), default=0)
+    for a in (ax, ax2):
+        a.set_xticks(range(n + 1))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stderr_log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
