@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+from fastapi import Body
+
 from app.config import Config
 from app.realign import Realigner, RunInProgress
 from app.settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
@@ -62,10 +64,9 @@ def server_spec(cfg: Config):
 @contextlib.contextmanager
 def build_stack(cfg: Config) -> Iterator[Stack]:
     """Open the store, start vLLM (LoRA on), restore the served adapter; stop everything on exit."""
-    from serving.registry import AdapterRegistry
-
     from feedback_store import FeedbackStore
     from serving.client import ChatClient
+    from serving.registry import AdapterRegistry
     from serving.server import VLLMServer
 
     cfg = cfg.resolved() if cfg.data_dir is None else cfg
@@ -107,7 +108,7 @@ def sampling_for(cfg: Config):
 def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0):
     """FastAPI app with chat at "/", console at "/admin", operator API at "/api/admin"; returns (app, scheduler)."""
     import gradio as gr
-    from fastapi import Body, FastAPI, HTTPException
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
     from app.auth import AuthMiddleware
