@@ -475,10 +475,19 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
 
 
 def evidence(stack: Any) -> dict[str, Any]:
-    """What the store and server say happened: proof that each stage ran for real."""
-    counts = stack.store.counts()
+    """What the store and the server say happened: proof that each stage ran for real."""
     runs = stack.store.runs()
-    return {"store_counts": _jsonable(counts), "runs": len(runs), "served": stack.registry.current()}
+    return {
+        "store_counts": stack.store.counts(),
+        "counts_by_adapter": [{k: r.get(k) for k in ("adapter", "up", "down", "approval")}
+                              for r in stack.store.counts_by_adapter()],
+        "runs": [{k: r.get(k) for k in ("id", "trigger", "status", "n_desirable", "n_undesirable", "adapter_version")}
+                 for r in runs],
+        "adapters": [{k: a.get(k) for k in ("version", "path", "promoted_at", "run_id")}
+                     for a in stack.store.adapters()],
+        "served": stack.registry.current(),
+        "loaded_on_server": stack.client.models(),
+    }
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,0 +1,263 @@
+"""Simulator pieces that need no model: statistics, inputs, shipped data, collection into a real store, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app import simulate as sim
+from app.commands import simulate as cmd
+from app.config import config_from
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_wilson_known_values():
+    lo, hi = sim.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = sim.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    assert sim.wilson(0, 0) == (0.0, 1.0)
+
+
+@given(st.integers(1, 5000), st.data())
+def test_wilson_contains_estimate_and_shrinks_with_n(n, data):
+    k = data.draw(st.integers(0, n))
+    lo, hi = sim.wilson(k, n)
+    assert 0.0 <= lo <= k / n + 1e-12 and k / n - 1e-12 <= hi <= 1.0
+    lo4, hi4 = sim.wilson(4 * k, 4 * n)
+    assert hi4 - lo4 < hi - lo
+
+
+def test_is_correct_matches_whole_words_only():
+    assert sim.is_correct("The capital of France is Paris.", ["Paris"])
+    assert sim.is_correct("5 + 3 = 8.", ["8", "eight"])
+    assert not sim.is_correct("It is 18.", ["8"])
+    assert not sim.is_correct("Parisian food is great.", ["Paris"])
+    assert sim.is_correct("It is made of H2O molecules", ["h2o"])
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def test_load_rater_forms(tmp_path):
+    name, fn = sim.load_rater("concise")
+    assert name == "concise" and fn("q", "short answer") is True
+    name, fn = sim.load_rater("app.raters:bullets")
+    assert name == "bullets" and fn("How?", "- a\n- b\n- c") is True
+    f = tmp_path / "my_rater.py"
+    f.write_text("def likes_paris(prompt, answer):\n    return 'Paris' in answer\n")
+    name, fn = sim.load_rater(f"{f}:likes_paris")
+    assert name == "likes_paris" and fn("q", "Paris!") is True and fn("q", "Rome") is False
+    for bad in ["nope", "app.raters:missing", "no_such_module_xyz:f", f"{tmp_path}/absent.py:f"]:
+        with pytest.raises(sim.SimulationError):
+            sim.load_rater(bad)
+
+
+def test_call_rater_rejects_non_bool_and_wraps_errors():
+    assert sim.call_rater(lambda p, a: None, "p", "a") is None
+    with pytest.raises(sim.SimulationError, match="True, False or None"):
+        sim.call_rater(lambda p, a: 1, "p", "a")
+    with pytest.raises(sim.SimulationError, match="ZeroDivisionError"):
+        sim.call_rater(lambda p, a: 1 / 0, "p", "a")
+
+
+def test_load_prompts_jsonl_and_text(tmp_path):
+    j = tmp_path / "p.jsonl"
+    j.write_text('{"prompt": "Hello?"}\n\n{"prompt": " Why? ", "category": "x"}\n')
+    assert sim.load_prompts(j) == ["Hello?", "Why?"]
+    t = tmp_path / "p.txt"
+    t.write_text("one\n\ntwo\n")
+    assert sim.load_prompts(t) == ["one", "two"]
+    j.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    with pytest.raises(sim.SimulationError, match=r"p.jsonl:2"):
+        sim.load_prompts(j)
+    with pytest.raises(sim.SimulationError, match="not found"):
+        sim.load_prompts(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------- shipped data
+
+
+def test_shipped_prompts_are_many_diverse_and_disjoint_from_holdout():
+    train, hold = sim.load_prompts(sim.DEFAULT_PROMPTS), sim.load_prompts(sim.DEFAULT_HOLDOUT)
+    assert len(train) >= 300 and len(hold) >= 40
+    assert len(set(train)) == len(train) and len(set(hold)) == len(hold)
+    assert not set(train) & set(hold)
+    cats = [json.loads(line)["category"] for line in sim.DEFAULT_PROMPTS.read_text().splitlines()]
+    assert len(set(cats)) >= 8 and max(cats.count(c) for c in set(cats)) < 0.25 * len(cats)
+
+
+def test_shipped_split_is_reproducible():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_prompts", sim.DATA_DIR / "build_prompts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.all_prompts()
+    assert [r["prompt"] for r in rows if not mod.is_holdout(r["prompt"])] == sim.load_prompts(sim.DEFAULT_PROMPTS)
+    assert [r["prompt"] for r in rows if mod.is_holdout(r["prompt"])] == sim.load_prompts(sim.DEFAULT_HOLDOUT)
+
+
+def test_shipped_capability_set():
+    qs = sim.load_capability()
+    assert 20 <= len(qs) <= 40
+    assert len({q.question for q in qs}) == len(qs)
+    assert all(q.answers and all(a.strip() for a in q.answers) for q in qs)
+
+
+# ---------------------------------------------------------------- collection through the real ChatService + store
+
+
+@dataclass
+class FakeRegistry:
+    name: str = "base"
+
+    def current(self) -> str:
+        return self.name
+
+
+class CannedClient:
+    """Stands in for vLLM only: answers with a list when the prompt says 'list', else one long sentence."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, object]] = []
+
+    def stream_chat(self, messages, model, sampling):
+        self.calls.append((messages[-1]["content"], model, sampling))
+        q = messages[-1]["content"]
+        if q in {"What is the capital of France?"}:
+            text = "The capital of France is Paris."
+        elif "list" in q:
+            text = "- a\n- b\n- c"
+        else:
+            text = "word " * 80
+        yield from [text[: len(text) // 2], text[len(text) // 2:]]
+
+
+@pytest.fixture
+def store(tmp_path):
+    from feedback_store import FeedbackStore
+
+    s = FeedbackStore(tmp_path / "f.duckdb")
+    yield s
+    s.close()
+
+
+def test_collect_stores_answers_and_ratings_like_the_ui(store, tmp_path):
+    from app.ui import ChatService
+
+    client = CannedClient()
+    service = ChatService(store, client, FakeRegistry("kto-v3"), system_prompt=lambda: "Be nice.",
+                          sampling=lambda: {"temperature": 0.7}, max_chars=4000, ratings_per_minute=60)
+    prompts = ["give me a list", "explain tides", "another list please", "Write a haiku about rain."]
+
+    def rater(prompt, answer):  # skips haiku, likes lists
+        return None if "haiku" in prompt else answer.startswith("- ")
+
+    stats, cursor = sim.collect(service, prompts, rater, 7, cursor=0, tag="t", workers=4)
+    assert stats["ratings"] == 7 and stats["up"] + stats["down"] == 7
+    assert stats["not_rated"] >= 1 and stats["answers"] == 7 + stats["not_rated"]
+    assert cursor == stats["answers"]
+    counts = store.counts()
+    assert counts["up"] == stats["up"] and counts["down"] == stats["down"]
+    by_adapter = store.counts_by_adapter()
+    assert [r["adapter"] for r in by_adapter] == ["kto-v3"]
+    assert all(model == "kto-v3" for _, model, _ in client.calls)
+    snap = store.export_snapshot(tmp_path / "snap.parquet")  # what the aligner would train on
+    assert snap.n_desirable == stats["up"] and snap.n_undesirable == stats["down"]
+
+
+def test_measure_rates_and_capability():
+    client = CannedClient()
+    caps = [sim.Question("What is the capital of France?", ("Paris",)), sim.Question("2+2?", ("4",))]
+    out = sim.measure(client, "kto-v1", holdout=["a list", "no"], rater=lambda p, a: a.startswith("- "),
+                      capability=caps, sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 256},
+                      system_prompt="sys", samples=3, workers=2)
+    assert out["n_samples"] == 6 and out["n_rated"] == 6 and out["n_up"] == 3
+    assert out["desirable_rate"] == 0.5 and out["ci95"] == list(sim.wilson(3, 6))
+    assert out["capability_accuracy"] == 0.5 and out["capability_n"] == 2
+    greedy = [s for q, _, s in client.calls if q.endswith("?")]
+    assert all(s["temperature"] == 0.0 and s["max_tokens"] == sim.CAPABILITY_MAX_TOKENS for s in greedy)
+    assert all(m == "kto-v1" for _, m, _ in client.calls)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def fake_doc(ablation: bool = True) -> dict:
+    def ev(rate, cap):
+        return {"desirable_rate": rate, "ci95": list(sim.wilson(round(rate * 100), 100)),
+                "capability_accuracy": cap}
+
+    runs = []
+    for name, rates in [("concise", [0.2, 0.45, 0.6]), ("examples", [0.05, 0.1, 0.4])]:
+        cycles = [{"eval": ev(r, 0.97), "cycle_seconds": 500.0, "promoted": True} for r in rates[1:]]
+        if ablation:
+            for c in cycles:
+                c["ablation_pinned"] = {"eval": ev(0.1, 0.9)}
+        runs.append({"rater": name, "base": ev(rates[0], 1.0), "cycles": cycles})
+    return {"runs": runs}
+
+
+def test_summary_goals():
+    doc = fake_doc()
+    r = doc["runs"][1]
+    s = sim.summarize(r["base"], r["cycles"])
+    assert s["best_gain_points"] == pytest.approx(35.0)
+    assert s["min_capability_ratio"] == pytest.approx(0.97)
+    assert s["goals"] == {"gain_ge_30_points": True, "capability_ge_95pct_of_base": True, "cycles_le_10_min": True}
+    r["cycles"][0]["cycle_seconds"] = 601
+    assert not sim.summarize(r["base"], r["cycles"])["goals"]["cycles_le_10_min"]
+    assert sim.summarize(doc["runs"][0]["base"], doc["runs"][0]["cycles"])["ablation_pinned_final_desirable_rate"] \
+        == 0.1
+
+
+def test_plot_and_json_are_written(tmp_path):
+    png = tmp_path / "out" / "sim.png"
+    sim.plot(fake_doc(), png)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    sim.write_json({"x": 1.5, "p": sim.DATA_DIR, "t": (1, 2)}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5, "p": str(sim.DATA_DIR), "t": [1, 2]}
+
+
+def test_fresh_config_never_points_at_the_production_store(tmp_path):
+    cfg = config_from(argparse.Namespace(), environ={})
+    fresh = sim.fresh_config(cfg, tmp_path / "r")
+    assert fresh.db_path == tmp_path / "r" / "feedback.duckdb" and fresh.adapter_dir == tmp_path / "r" / "adapters"
+    assert fresh.vllm_port == 0 and fresh.db_path != cfg.db_path
+
+
+def test_simulate_refuses_a_used_work_dir(tmp_path):
+    (tmp_path / "concise").mkdir()
+    (tmp_path / "concise" / "feedback.duckdb").write_text("x")
+    spec = sim.SimSpec("concise", sim.load_rater("concise")[1])
+    cfg = config_from(argparse.Namespace(), environ={})
+    with pytest.raises(sim.SimulationError, match="not empty"):
+        sim.simulate(cfg, [spec], tmp_path, log=lambda m: None, build_stack=lambda c: pytest.fail("started"))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_command_bad_input_is_a_one_line_error(tmp_path, capsys):
+    cfg = config_from(argparse.Namespace(), environ={})
+    out = tmp_path / "r.json"
+    assert cmd.run(parse(["--rater", "nope", "--json", str(out)]), cfg) == 2
+    assert "bad rater" in capsys.readouterr().err
+    assert cmd.run(parse(["--cycles", "0", "--json", str(out)]), cfg) == 2
+    assert "--cycles must be at least 1" in capsys.readouterr().err
+    overlap = tmp_path / "h.jsonl"
+    overlap.write_text(sim.DEFAULT_PROMPTS.read_text().splitlines()[0] + "\n")
+    assert cmd.run(parse(["--holdout", str(overlap), "--json", str(out)]), cfg) == 2
+    assert "also in the training prompts" in capsys.readouterr().err
+    assert not out.exists()
