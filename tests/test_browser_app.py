@@ -19,6 +19,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,7 +31,7 @@ ADMIN = ("admin", "browser-test-pw")
 
 
 @pytest.fixture(scope="module")
-def app_proc(tiny_model_dir, tmp_path_factory, free_port):
+def app_proc(tiny_model_dir, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: apt-get install -y chromium")
     data = tmp_path_factory.mktemp("app-data")

@@ -10,7 +10,7 @@ import sys
 from app.config import Config
 
 NAME = "schedule"
-HELP = "show or set the realignment schedule: --every MINUTES | --cron EXPR | --off, --min-new N, --max-examples N"
+HELP = "show or set the realignment schedule: --every MINUTES | --cron EXPR | --off, --min-new N, --examples-per-run N"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--off", action="store_true", help="no scheduled runs (settings are kept)")
     g.add_argument("--on", action="store_true", help="re-enable scheduled runs")
     parser.add_argument("--min-new", type=int, metavar="N", help="start a scheduled run only after N new ratings")
-    parser.add_argument("--max-examples", type=int, metavar="N", help="newest N examples per run at most")
+    parser.add_argument("--examples-per-run", type=int, metavar="N", help="newest N examples per run at most")
 
 
 def changes_from(args: argparse.Namespace) -> dict:
@@ -35,8 +35,8 @@ def changes_from(args: argparse.Namespace) -> dict:
         ch["enabled"] = True
     if args.min_new is not None:
         ch["min_new_ratings"] = args.min_new
-    if args.max_examples is not None:
-        ch["max_examples"] = args.max_examples
+    if args.examples_per_run is not None:
+        ch["max_examples"] = args.examples_per_run
     return ch
 
 
