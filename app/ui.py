@@ -43,6 +43,7 @@ class Turn:
     msg_id: str | None = None     # store id: user message id or answer id
     rating: str | None = None     # "up" | "down" | None, as last stored
     stopped: bool = False
+    adapter: str | None = None    # the served version that produced an answer
 
 
 @dataclass
@@ -212,13 +213,14 @@ class ChatService:
         text = "".join(parts)
         latency_ms = (time.perf_counter() - t0) * 1000
         turn.stopped = stopped
+        turn.adapter = getattr(result, "model", None) or model
         if stopped and not text:  # stopped before the first token: nothing to keep or rate
             with sess.lock:
                 sess.turns.remove(turn)
             return
         turn.msg_id = self.store.add_answer(
             sess.conv_id, parent_id=parent_id, prompt_messages=prompt, text=text,
-            adapter=getattr(result, "model", None) or model,
+            adapter=turn.adapter,
             sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {}),
             prompt_tokens=getattr(result, "prompt_tokens", None),
             completion_tokens=getattr(result, "completion_tokens", None),
@@ -233,7 +235,7 @@ class ChatService:
             raise RatingError("That answer is no longer in this conversation.")
         turn = sess.turns[index]
         if turn.role != "assistant" or turn.msg_id is None:
-            raise RatingError("Only finished answers can be rated.")
+            raise RatingError("Please wait until the answer has finished, then rate it.")
         if shown_text is not None and _text_of(shown_text) not in ("", turn.content):
             raise RatingError("That answer changed while you rated it; please rate it again.")
         value = {True: "up", False: "down"}.get(liked) if isinstance(liked, bool) else None
@@ -357,7 +359,10 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
             try:
                 for _ in gen:
                     yield view(sess), "", gr.update(), gr.update()
-                yield view(sess), "", "", gr.update(value="", visible=False)
+                last = sess.turns[-1] if sess.turns else None
+                done = (f"Answered by `{last.adapter}`{' (stopped)' if last.stopped else ''}. "
+                        "Rate it with 👍 / 👎." if last is not None and last.role == "assistant" else "")
+                yield view(sess), "", done, gr.update(value="", visible=False)
             except InputError as e:
                 yield view(sess), restore, f"⚠️ {e}", gr.update()
             except Exception as e:  # server down, timeouts: a message, never a traceback

@@ -111,7 +111,7 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     page.fill("#kto-input textarea", "Hello! What is the capital of France?")
     page.click("#kto-send")
     expect(chat.get_by_label("user's message: Hello! What is the capital of France?")).to_be_visible(timeout=10_000)
-    expect(thumb("Like")).to_be_visible(timeout=60_000)
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by `base`", timeout=60_000)
     first_text = chat.locator("[aria-label^=\"bot's message\"]").last.inner_text()
     assert first_text.strip()
 
@@ -129,14 +129,15 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
 
     # 3. regenerate: a new answer replaces the view; the old one keeps its thumbs-down in the store
     page.click("#kto-regen")
-    expect(thumb("Like")).to_be_visible(timeout=60_000)
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by", timeout=60_000)
     thumb("Like").click()
     expect(page.locator("#kto-notice")).to_contain_text("Thanks for the", timeout=10_000)
 
     # 4. a second turn rated down, so a run has both classes
     page.fill("#kto-input textarea", "Tell me a joke.")
     page.click("#kto-send")
-    expect(chat.get_by_role("button", name="Dislike", exact=True)).to_have_count(2, timeout=60_000)
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by", timeout=60_000)
+    expect(chat.get_by_role("button", name="Dislike", exact=True)).to_have_count(2, timeout=10_000)
     thumb("Dislike").click()
     expect(page.locator("#kto-down-panel").first).to_be_visible(timeout=10_000)
     _save(page, "chat.png")
@@ -174,7 +175,7 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     page.click("#kto-new")
     page.fill("#kto-input textarea", "Hi again")
     page.click("#kto-send")
-    expect(thumb("Like")).to_be_visible(timeout=60_000)
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by `kto-v1`", timeout=60_000)
     thumb("Like").click()
     expect(page.locator("#kto-notice")).to_contain_text("Thanks for the", timeout=10_000)
     admin.close()
