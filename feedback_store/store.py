@@ -460,12 +460,30 @@ class FeedbackStore:
         """Upsert the thumbs, withdraw the withdrawals; returns {(answer, user): (id, value, reason, comment)}
         for the rows that actually changed (no-ops are left out, which keeps the audit exact)."""
         changed: dict[tuple[str, str], tuple] = {}
-        # Read-then-write is safe: this runs under the one writer lock. A point lookup on the primary key plus a
-        # plain INSERT measured ~2x cheaper per rating than INSERT ... ON CONFLICT DO UPDATE ... RETURNING.
+        ups = [it for _, _, it in rnd if it.value is not None]
+        if len(ups) > 8:   # one INSERT ... ON CONFLICT for a big batch beats one lookup per rating
+            rows = self._insert_rows(c, "ratings", _STAGE_SCHEMA, [
+                {"answer_id": it.answer_id, "user_id": it.user_id, "id": _new_id(), "deployment": self.deployment,
+                 "adapter": it.adapter, "value": it.value, "reason": it.reason, "comment": it.comment,
+                 "created_at": now, "updated_at": now} for it in ups], suffix="""
+                ON CONFLICT (answer_id, user_id) DO UPDATE SET
+                    value = excluded.value,
+                    reason = CASE WHEN excluded.value IS NOT DISTINCT FROM ratings.value
+                                  THEN coalesce(excluded.reason, ratings.reason) ELSE excluded.reason END,
+                    comment = CASE WHEN excluded.value IS NOT DISTINCT FROM ratings.value
+                                   THEN coalesce(excluded.comment, ratings.comment) ELSE excluded.comment END,
+                    updated_at = excluded.updated_at
+                WHERE ratings.value IS DISTINCT FROM excluded.value
+                   OR (excluded.reason IS NOT NULL AND excluded.reason IS DISTINCT FROM ratings.reason)
+                   OR (excluded.comment IS NOT NULL AND excluded.comment IS DISTINCT FROM ratings.comment)
+                RETURNING answer_id, user_id, id, value, reason, comment""")
+            for a, u, rid, v, r, cm in rows:
+                changed[(a, u)] = (rid, v, r, cm)
+            ups = []
+        # Few ratings: read-then-write (safe under the one writer lock); a primary-key lookup plus a plain INSERT
+        # measured ~2x cheaper per rating than INSERT ... ON CONFLICT DO UPDATE ... RETURNING.
         new_rows = []
-        for _, _, it in rnd:
-            if it.value is None:
-                continue
+        for it in ups:
             cur = c.execute("SELECT id, value, reason, comment FROM ratings WHERE answer_id = ? AND user_id = ?",
                             [it.answer_id, it.user_id]).fetchone()
             if cur is None:

@@ -368,3 +368,18 @@ def test_read_only_store_refuses_writes(tmp_path):
         assert ro.counts()["total"] == 0
     with pytest.raises(StoreError, match="no feedback database"):
         FeedbackStore(tmp_path / "missing.duckdb", read_only=True)
+
+
+def test_rate_many_bulk_path_is_exact(store):
+    answers = [chat(store, answer=f"a{i}")[2] for i in range(12)]
+    first = store.rate_many([("dave", a, "up") for a in answers])          # > 8: the ON CONFLICT path
+    assert all(r.changed for r in first)
+    again = store.rate_many([("dave", a, "down" if i % 2 else "up", "wrong" if i % 2 else None)
+                             for i, a in enumerate(answers)] + [("dave", answers[0], None)])
+    assert [r.changed for r in again[:12]] == [i % 2 == 1 for i in range(12)]
+    assert again[12].changed and again[12].value is None                  # later item of the same batch wins
+    assert [r.rating_id for r in again[:12]] == [r.rating_id for r in first]
+    assert store.counts() == {"up": 5, "down": 6, "withdrawn": 1, "total": 12}
+    assert store.get_rating("dave", answers[1])["reason"] == "wrong"
+    assert [h["value"] for h in store.rating_history(first[0].rating_id)] == ["up", None]
+    assert [h["value"] for h in store.rating_history(first[1].rating_id)] == ["up", "down"]
