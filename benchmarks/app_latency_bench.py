@@ -54,7 +54,7 @@ def seed(store, n: int = 24) -> None:
     for i in range(n):
         m = store.add_user_message(conv, f"question {i}")
         a = store.add_answer(conv, m, [{"role": "user", "content": f"question {i}"}],
-                             ("A clear, helpful answer number %d." % i) if i % 3 else "meh", adapter="base")
+                             f"A clear, helpful answer number {i}." if i % 3 else "meh", adapter="base")
         store.rate("seed", a, "up" if i % 3 else "down")
 
 
