@@ -1,0 +1,113 @@
+"""`align`: the subprocess entry point the app spawns (also `python -m aligner` and `kto-loop align`).
+
+Exit codes: 0 success, 2 bad input (one line on stderr), 1 training failure (non-finite values; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from aligner.data import SnapshotError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The align flags, shareable with `kto-loop align` (which forwards to main)."""
+    p.add_argument("--snapshot", required=True, help="Parquet snapshot exported by feedback_store")
+    p.add_argument("--out", required=True, help="adapter directory to create (written atomically)")
+    p.add_argument("--model-dir", required=True, help="local Hugging Face model directory (the served base)")
+    p.add_argument("--resume-from", default=None, help="continue training this adapter directory")
+    p.add_argument("--reference", choices=("base", "previous"), default="base",
+                   help="reference policy: base (adapter off) or previous (the --resume-from adapter, frozen)")
+    p.add_argument("--served-adapter", default=None, help="adapter served now, for held-out comparison "
+                                                          "(default: the base model is served)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 × rank")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the vLLM server's --max-lora-rank")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size per process (≥ 2)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=512, help="prompt+completion tokens; prompts cut on the left")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lambda-d", type=float, default=None, help="pin λ_D (disables the automatic rule)")
+    p.add_argument("--lambda-u", type=float, default=None, help="pin λ_U (disables the automatic rule)")
+    p.add_argument("--target-ratio", type=float, default=None, help="λ_D·n_D/(λ_U·n_U) in [1, 4/3]")
+    p.add_argument("--preference", choices=("neutral", "penalise_bad", "reward_good"), default=None,
+                   help="loss-aversion preference within the paper's rule")
+    p.add_argument("--holdout-fraction", "--heldout-fraction", dest="heldout_fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
+    p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SnapshotError(f"output {out} already exists and is not an empty directory")
+    if not Path(args.model_dir).is_dir():
+        raise SnapshotError(f"model directory not found: {args.model_dir}")
+    for flag in ("resume_from", "served_adapter"):
+        d = getattr(args, flag)
+        if d and not (Path(d) / "adapter_config.json").is_file():
+            raise SnapshotError(f"--{flag.replace('_', '-')} {d} is not an adapter directory")
+    checks = [(args.epochs >= 1, "--epochs must be ≥ 1"), (args.batch_size >= 2, "--batch-size must be ≥ 2"),
+              (args.grad_accum >= 1, "--grad-accum must be ≥ 1"), (args.lr > 0, "--lr must be > 0"),
+              (args.beta > 0, "--beta must be > 0"), (args.max_length >= 32, "--max-length must be ≥ 32"),
+              (0 <= args.heldout_fraction < 1, "--holdout-fraction must be in [0, 1)"),
+              (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),
+              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise SnapshotError(msg)
+
+
+class _Printer:
+    """Progress sink: JSON lines on stdout, or a tqdm bar on stderr."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json, self.bar = as_json, None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.as_json:
+            print(json.dumps(event), flush=True)
+            return
+        if event["event"] == "progress":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event["total"], desc="align", unit="step", file=sys.stderr)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{event['loss']:.4f}", z0=f"{event['z0_pre_clamp']:+.3f}")
+        elif event["event"] == "phase":
+            print(f"align: {event['phase']} ({event.get('sequences', 0)} sequences)", file=sys.stderr)
+        elif event["event"] == "done":
+            if self.bar is not None:
+                self.bar.close()
+            print(f"align: wrote {event['out']}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="align", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    from aligner.train import TrainConfig, TrainingDiverged, run
+
+    try:
+        _validate(args)
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "progress_json"})
+        run(cfg, _Printer(args.progress_json))
+    except SnapshotError as e:
+        print(f"align: error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingDiverged, FloatingPointError) as e:
+        print(f"align: error: training failed, nothing written: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,166 @@
+"""Snapshot → tokenised examples → deterministic held-out split → length-grouped step plan.
+
+The snapshot is the Parquet file feedback_store exports (see docs/ARCHITECTURE.md). Everything here is
+deterministic given the snapshot and the seed, so every process of a distributed run builds the same plan and a
+resumed run holds out the same answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aligner.loss import rotation
+
+REQUIRED_COLUMNS = ("example_id", "answer_id", "messages", "completion", "label")
+MIN_PROMPT_TOKENS = 8  # below this the completion is judged without its question, so the example is dropped
+
+
+class SnapshotError(ValueError):
+    """Bad input: the run is refused with a one-line message (exit code 2)."""
+
+
+@dataclass
+class Example:
+    example_id: str
+    answer_id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]  # the answer tokens plus the end-of-turn token; the loss covers these only
+    desirable: bool
+    prompt_truncated: int = 0  # prompt tokens cut from the left to fit max_length
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    heldout: list[Example]
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+    data_sha256: str = ""
+    n_rows: int = 0
+
+
+def read_snapshot(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of the snapshot as dicts; SnapshotError for anything that is not a usable snapshot."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"snapshot not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt/foreign files
+        raise SnapshotError(f"cannot read snapshot {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise SnapshotError(f"snapshot {path.name} lacks column(s) {', '.join(missing)}")
+    if table.num_rows == 0:
+        raise SnapshotError(f"snapshot {path.name} is empty: nothing to train on")
+    rows = table.select(list(REQUIRED_COLUMNS)).to_pylist()
+    for i, row in enumerate(rows):
+        if row["label"] is None or not isinstance(row["label"], bool):
+            raise SnapshotError(f"row {i}: label must be a bool, got {row['label']!r}")
+        if not isinstance(row["completion"], str):
+            raise SnapshotError(f"row {i}: completion must be a string")
+        try:
+            msgs = json.loads(row["messages"]) if isinstance(row["messages"], str) else None
+        except json.JSONDecodeError as e:
+            raise SnapshotError(f"row {i}: messages is not valid JSON ({e.msg})") from e
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise SnapshotError(f"row {i}: messages must be a non-empty JSON list of {{role, content}}")
+        row["messages"] = msgs
+    return rows
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_heldout(answer_id: str, fraction: float) -> bool:
+    """Held out iff the hash of the answer id falls below `fraction`: stable across runs and snapshots, and all
+    ratings of one answer land on the same side, so a held-out answer is never trained on."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(answer_id.encode()).digest()[:8], "big") / 2**64
+    return h < fraction
+
+
+def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
+    """Prompt ids (chat template with the generation prompt) and completion ids (answer + end-of-turn token).
+
+    The completion is rendered through the template too, so the end-of-turn marker is the model's own; text the
+    template adds after it (a newline) is not part of what the model generated and is left out.
+    """
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    if full.startswith(prompt):
+        suffix = full[len(prompt):]
+        eot = tokenizer.eos_token or ""
+        start = suffix.find(completion) + len(completion) if completion in suffix else 0
+        cut = suffix.find(eot, start) if eot else -1
+        suffix = suffix[:cut + len(eot)] if cut >= 0 else suffix.rstrip()
+    else:  # templates that rewrite earlier turns: fall back to the plain answer plus EOS
+        suffix = completion + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(completion_ids)
+
+
+def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldout_fraction: float = 0.1,
+                  max_examples: int | None = None) -> Dataset:
+    """Read, tokenise, truncate prompts from the left, drop (and report) what cannot fit, split by answer id."""
+    rows = read_snapshot(path)
+    if max_examples is not None:
+        rows = rows[:max_examples]
+    train, heldout, dropped = [], [], []
+    for row in rows:
+        prompt_ids, completion_ids = tokenize_pair(tokenizer, row["messages"], row["completion"])
+        n_total = len(prompt_ids) + len(completion_ids)
+        if len(completion_ids) > max_length - MIN_PROMPT_TOKENS:
+            dropped.append({"example_id": row["example_id"], "answer_id": row["answer_id"],
+                            "reason": "completion longer than max_length allows", "n_tokens": n_total})
+            continue
+        cut = max(0, n_total - max_length)
+        ex = Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut)
+        (heldout if is_heldout(row["answer_id"], heldout_fraction) else train).append(ex)
+    return Dataset(train, heldout, dropped, file_sha256(path), len(rows))
+
+
+@dataclass
+class MicroBatch:
+    examples: list[int]  # indices into the train list
+    partners: list[int]  # KL partner of each: the next example of this micro-batch (rotation)
+
+
+def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 16) -> list[MicroBatch]:
+    """One epoch of micro-batches: fresh shuffle, then length grouping inside windows of `group` batches.
+
+    Sorting within a window keeps padding low while the shuffle still mixes the data; the batch order is
+    shuffled again so long batches are not all at one end. The KL pairs are rotated inside each micro-batch, so
+    they are rebuilt whenever the shuffle changes. A trailing single example joins the previous batch (a batch of
+    one has no mismatched partner).
+    """
+    n = len(lengths)
+    if n < 2:
+        raise ValueError(f"need at least 2 training examples, got {n}")
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(n))
+    rng.shuffle(order)
+    window = batch_size * group
+    sorted_order: list[int] = []
+    for s in range(0, n, window):
+        sorted_order += sorted(order[s:s + window], key=lambda i: lengths[i])
+    batches = [sorted_order[s:s + batch_size] for s in range(0, n, batch_size)]
+    if len(batches[-1]) < 2:
+        batches[-2] += batches.pop()
+    rng.shuffle(batches)
+    return [MicroBatch(b, [b[j] for j in rotation(len(b))]) for b in batches]

@@ -1,0 +1,119 @@
+"""Model loading, LoRA set-up and the one hot path: summed log-probs of completion tokens.
+
+The vocabulary (49k) dwarfs the hidden size (576), so projecting every position through the LM head is most of
+the work of a naive forward. We run the backbone, gather the hidden states at completion positions only, and
+project and normalise just those, in tiles so the [tokens, vocab] logits never exist all at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Every linear layer of a Llama block: what vLLM's LoRA kernels support and what the paper-style runs adapt.
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LM_HEAD_TILE = 1024  # completion positions projected through the LM head at once
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
+                resume_from: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> Any:
+    """The base model (frozen, in `dtype`) wrapped as a PEFT LoRA model whose adapter weights train in float32.
+
+    bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32 master weights and no
+    per-step weight casts; only the ~5M adapter parameters need full precision for the optimiser.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+    base.config.use_cache = False
+    if resume_from is not None:
+        model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
+    else:
+        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
+                         lora_dropout=0.0, bias="none", target_modules=list(LLAMA_LINEAR), task_type="CAUSAL_LM")
+        model = get_peft_model(base, cfg)
+    if dtype != torch.float32:  # under bf16 autocast: skip PEFT's bf16→fp32 copy of every adapter input
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            if "lora_" not in n:
+                raise RuntimeError(f"unexpected trainable parameter {n}: the adapter must hold LoRA weights only")
+    return model
+
+
+def adapter_rank(model: Any, name: str = "default") -> int:
+    return int(model.peft_config[name].r)
+
+
+def pad_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, torch.Tensor]:
+    """Right-padded ids plus the flat (row, position) of every completion-predicting position and its target.
+
+    Right padding under a causal mask means no real token ever attends to a pad, so no attention mask is needed
+    and SDPA can take its causal fast path.
+    """
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, (p, c) in enumerate(seqs):
+        ids[b, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        rows += [b] * len(c)
+        cols += range(len(p) - 1, len(p) + len(c) - 1)
+        targets += c
+    return ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
+
+
+def _backbone_and_head(model: Any) -> tuple[Any, Any]:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.model, lm.get_output_embeddings()
+
+
+def _tile_logps(head: Any, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(h).float(), targets, reduction="none")
+
+
+def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                     autocast: bool = True) -> torch.Tensor:
+    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair."""
+    backbone, head = _backbone_and_head(model)
+    ids, rows, cols, targets = pad_batch(seqs, pad_id)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        picked = hidden[rows, cols]  # [N, H]: only positions that predict a completion token
+        token_logps = []
+        for s in range(0, picked.shape[0], LM_HEAD_TILE):
+            h, t = picked[s:s + LM_HEAD_TILE], targets[s:s + LM_HEAD_TILE]
+            if torch.is_grad_enabled():  # recompute the tile's logits in backward instead of keeping them
+                token_logps.append(checkpoint(_tile_logps, head, h, t, use_reentrant=False))
+            else:
+                token_logps.append(_tile_logps(head, h, t))
+    token_logp = torch.cat(token_logps)
+    out = torch.zeros(len(seqs), dtype=torch.float32)
+    return out.index_add(0, rows, token_logp)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: Any):
+    """The reference policy for a fresh adapter: the same weights with the adapter switched off."""
+    with model.disable_adapter():
+        yield

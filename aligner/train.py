@@ -1,0 +1,370 @@
+"""One alignment run: snapshot → LoRA KTO training → held-out metrics → adapter directory (atomically).
+
+Cost model (CPU): every sequence forward is expensive, so each one is done once. Reference log-probs come from a
+single no-grad pass before training, for the matched pairs *and* for every mismatched KL pair any epoch will use:
+the epoch shuffles are seeded, so the whole plan (and hence every KL pair) is known up front. Precomputing them
+also makes `--reference previous` exact without keeping a frozen copy of the previous adapter: the pass runs
+before the first update, while the adapter still holds the previous weights.
+
+Distributed (`accelerate launch`, gloo on CPU): each optimizer step's micro-batches are dealt round-robin to the
+processes; z0 is the mean over all KL pairs of the step (sum and count all-reduced), the loss is divided by the
+step's global example count and the LoRA gradients are summed, so N processes give the same update as one
+process accumulating the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aligner import balance
+from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
+from aligner.evaluate import heldout_metrics
+from aligner.loss import kto_loss, rotation
+from aligner.model import LLAMA_LINEAR, adapter_rank, completion_logps, load_policy, load_tokenizer
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or metric: the run stops and writes nothing."""
+
+
+@dataclass
+class TrainConfig:
+    snapshot: str
+    out: str
+    model_dir: str
+    resume_from: str | None = None
+    reference: str = "base"            # "base" (adapter disabled) or "previous" (the resumed adapter, frozen)
+    served_adapter: str | None = None  # held-out comparison target; None = the base model is served
+    lora_rank: int = 16
+    lora_alpha: float | None = None    # default 2 × rank
+    max_lora_rank: int = 16            # vLLM's --max-lora-rank: a larger adapter would be refused at load time
+    epochs: int = 2
+    batch_size: int = 8                # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    max_steps: int | None = None
+    beta: float = 0.1
+    lambda_d: float | None = None      # pin the weights (the other defaults to 1 when only one is given)
+    lambda_u: float | None = None
+    target_ratio: float | None = None  # λ_D·n_D/(λ_U·n_U); default balance.DEFAULT_TARGET_RATIO
+    preference: str | None = None      # balance.PREFERENCES
+    heldout_fraction: float = 0.1
+    max_examples: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+class Dist:
+    """Rank, world size and the two collectives we need; a no-op outside `accelerate launch`."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState(cpu=True)  # initialises the gloo process group from the launcher's environment
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def gather_dict(self, d: dict) -> dict:
+        if self.world == 1:
+            return d
+        parts: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(parts, d)
+        return {k: v for p in parts for k, v in p.items()}
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _resolve_lambdas(cfg: TrainConfig, n_d: int, n_u: int) -> tuple[float, float, str]:
+    if cfg.lambda_d is not None or cfg.lambda_u is not None:
+        pinned = (cfg.lambda_d if cfg.lambda_d is not None else 1.0, cfg.lambda_u if cfg.lambda_u is not None else 1.0)
+        lam_d, lam_u = balance.auto_lambdas(n_d, n_u, pinned=pinned)
+        return lam_d, lam_u, "pinned"
+    lam_d, lam_u = balance.auto_lambdas(n_d, n_u, target_ratio=cfg.target_ratio, preference=cfg.preference)
+    return lam_d, lam_u, "auto"
+
+
+def _logps_for(model: Any, keys: list[tuple[int, int]], prompts: list[Example], completions: list[Example],
+               pad_id: int, batch_tokens: int) -> dict[tuple[int, int], float]:
+    """No-grad log-probs for (prompt index, completion index) pairs, batched by similar length."""
+    def length(k: tuple[int, int]) -> int:
+        return len(prompts[k[0]].prompt_ids) + len(completions[k[1]].completion_ids)
+
+    keys = sorted(set(keys), key=length)
+    out: dict[tuple[int, int], float] = {}
+    s = 0
+    with torch.no_grad():
+        while s < len(keys):
+            e = s + 1
+            while e < len(keys) and (e + 1 - s) * length(keys[e]) <= batch_tokens:
+                e += 1
+            chunk = keys[s:e]
+            seqs = [(prompts[i].prompt_ids, completions[j].completion_ids) for i, j in chunk]
+            for k, v in zip(chunk, completion_logps(model, seqs, pad_id).tolist(), strict=True):
+                out[k] = v
+            s = e
+    return out
+
+
+def _heldout_pairs(heldout: list[Example]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Matched and mismatched (rotation over the whole held-out set) index pairs; empty below 2 examples."""
+    if len(heldout) < 2:
+        return [], []
+    return [(i, i) for i in range(len(heldout))], [(i, j) for i, j in enumerate(rotation(len(heldout)))]
+
+
+def _eval_heldout(policy: dict, ref: dict, heldout: list[Example], beta: float, lam_d: float,
+                  lam_u: float) -> dict[str, Any]:
+    matched, kl = _heldout_pairs(heldout)
+    rewards = torch.tensor([policy[k] - ref[k] for k in matched])
+    kl_rewards = torch.tensor([policy[k] - ref[k] for k in kl])
+    desirable = torch.tensor([ex.desirable for ex in heldout])
+    return heldout_metrics(rewards, kl_rewards, desirable, beta, lam_d, lam_u)
+
+
+def _lr_at(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then linear decay to zero: a multiplier on the base learning rate."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def write_adapter_atomically(model: Any, out: Path, manifest: dict[str, Any]) -> None:
+    """Save into a temporary sibling directory, check it, then rename: readers see all of it or nothing."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        if cfg.get("modules_to_save") or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
+            raise RuntimeError(f"adapter config is not vLLM-compatible: {cfg}")
+        if not (tmp / "adapter_model.safetensors").is_file():
+            raise RuntimeError("adapter_model.safetensors was not written")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            out.rmdir()  # only an empty directory may be replaced (the CLI refuses a non-empty one up front)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Train and write the adapter; returns the manifest. Raises SnapshotError (bad input), TrainingDiverged."""
+    t_start = time.time()
+    emit = progress or (lambda _e: None)
+    dist = Dist()
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world))
+    torch.manual_seed(cfg.seed)
+    if cfg.reference not in ("base", "previous"):
+        raise SnapshotError(f"--reference must be base or previous, got {cfg.reference!r}")
+    if cfg.reference == "previous" and not cfg.resume_from:
+        raise SnapshotError("--reference previous needs --resume-from (there is no previous adapter)")
+    if cfg.batch_size < 2:
+        raise SnapshotError("--batch-size must be at least 2 (KL pairs are formed inside a batch)")
+
+    tok = load_tokenizer(cfg.model_dir)
+    pad_id = tok.pad_token_id
+    data: Dataset = build_dataset(cfg.snapshot, tok, cfg.max_length, cfg.heldout_fraction, cfg.max_examples)
+    train, heldout = data.train, data.heldout
+    n_d = sum(ex.desirable for ex in train)
+    n_u = len(train) - n_d
+    try:
+        lam_d, lam_u, lam_mode = _resolve_lambdas(cfg, n_d, n_u)
+    except ValueError as e:
+        raise SnapshotError(f"{e} (after holding out {len(heldout)} and dropping {len(data.dropped)})") from e
+
+    model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        resume_from=cfg.resume_from)
+    rank = adapter_rank(model)
+    if rank > cfg.max_lora_rank:
+        raise SnapshotError(f"adapter rank {rank} exceeds the server's max LoRA rank {cfg.max_lora_rank}")
+
+    # The plan: every epoch's shuffle, micro-batches and KL partners, fixed by the seed.
+    lengths = [len(ex.prompt_ids) + len(ex.completion_ids) for ex in train]
+    per_step = cfg.grad_accum * dist.world
+    steps: list[list[MicroBatch]] = []
+    for epoch in range(cfg.epochs):
+        mbs = plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch)
+        steps += [mbs[s:s + per_step] for s in range(0, len(mbs), per_step)]
+    if cfg.max_steps is not None:
+        steps = steps[:cfg.max_steps]
+    total = len(steps)
+
+    # Reference log-probs, once: matched pairs and every KL pair of the plan, sharded over processes.
+    train_keys = sorted({(i, i) for i in range(len(train))}
+                        | {(i, j) for st in steps for mb in st for i, j in zip(mb.examples, mb.partners, strict=True)})
+    batch_tokens = cfg.batch_size * cfg.max_length  # no-grad passes: bigger batches are fine
+    emit({"event": "phase", "phase": "reference", "sequences": len(train_keys)})
+    model.eval()
+    my_keys = train_keys[dist.rank::dist.world]
+    if cfg.reference == "base":
+        with model.disable_adapter():
+            ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens)
+    else:
+        ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens)
+    ref = dist.gather_dict(ref)
+
+    # Held-out: base reference, and the served adapter's numbers (rank 0 only; nothing to reduce).
+    h_matched, h_kl = _heldout_pairs(heldout)
+    h_keys = h_matched + h_kl
+    served_metrics = new_metrics = None
+    if dist.main and h_keys:
+        emit({"event": "phase", "phase": "heldout_served", "sequences": len(h_keys)})
+        with model.disable_adapter():
+            h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+        if cfg.served_adapter:
+            model.load_adapter(str(cfg.served_adapter), adapter_name="served")
+            model.set_adapter("served")
+            h_served = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+            model.set_adapter("default")
+            model.delete_adapter("served")
+        else:
+            h_served = h_ref  # the base model is served: rewards are exactly 0
+        served_metrics = _eval_heldout(h_served, h_ref, heldout, cfg.beta, lam_d, lam_u)
+    for n, p in model.named_parameters():  # set_adapter/delete_adapter may touch requires_grad
+        p.requires_grad_("lora_" in n and ".default." in n)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warmup = int(cfg.warmup_ratio * total)
+    log: list[dict[str, Any]] = []
+    n_tokens = 0
+    t_train = time.time()
+    for s, step in enumerate(steps):
+        mine = step[dist.rank::dist.world]
+        n_global = sum(len(mb.examples) for mb in step)
+        # z0: policy log-ratios of this step's mismatched pairs, without gradient, reduced over processes.
+        model.eval()
+        kl_sum = torch.zeros(2)
+        with torch.no_grad():
+            for mb in mine:
+                seqs = [(train[i].prompt_ids, train[j].completion_ids) for i, j in zip(mb.examples, mb.partners,
+                                                                                       strict=True)]
+                lp = completion_logps(model, seqs, pad_id)
+                kl = lp - torch.tensor([ref[(i, j)] for i, j in zip(mb.examples, mb.partners, strict=True)])
+                kl_sum += torch.stack([kl.sum(), torch.tensor(float(kl.numel()))])
+        kl_sum = dist.sum_(kl_sum)
+        z0_pre = kl_sum[0] / kl_sum[1]
+        # Matched pairs with gradient; the loss is the mean over the global step batch.
+        model.train()
+        stats = torch.zeros(5)  # loss sum, reward sum D, count D, reward sum U, count U
+        for mb in mine:
+            seqs = [(train[i].prompt_ids, train[i].completion_ids) for i in mb.examples]
+            n_tokens += sum(len(p) + len(c) for p, c in seqs)
+            lp = completion_logps(model, seqs, pad_id)
+            rewards = lp - torch.tensor([ref[(i, i)] for i in mb.examples])
+            desirable = torch.tensor([train[i].desirable for i in mb.examples])
+            out = kto_loss(rewards, None, desirable, cfg.beta, lam_d, lam_u, z0_pre_clamp=z0_pre)
+            (out.losses.sum() / n_global).backward()
+            r = rewards.detach()
+            stats += torch.stack([out.losses.detach().sum(), r[desirable].sum(), desirable.sum().float(),
+                                  r[~desirable].sum(), (~desirable).sum().float()])
+        if dist.world > 1:
+            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params])
+            dist.sum_(flat)
+            o = 0
+            for p in params:
+                p.grad = flat[o:o + p.numel()].view_as(p).clone()
+                o += p.numel()
+        stats = dist.sum_(stats)
+        loss = (stats[0] / n_global).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(z0_pre.item())):
+            raise TrainingDiverged(f"non-finite value at step {s + 1}/{total}: loss={loss}, grad_norm={grad_norm}, "
+                                   f"z0={z0_pre.item()}")
+        lr = cfg.lr * _lr_at(s, total, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rec = {"step": s + 1, "loss": loss, "z0": max(0.0, z0_pre.item()), "z0_pre_clamp": z0_pre.item(),
+               "reward_desirable": (stats[1] / stats[2]).item() if stats[2] > 0 else None,
+               "reward_undesirable": (stats[3] / stats[4]).item() if stats[4] > 0 else None,
+               "grad_norm": grad_norm, "lr": lr}
+        log.append(rec)
+        emit({"event": "progress", "total": total, **rec})
+    train_seconds = time.time() - t_train
+    tokens_total = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
+
+    manifest: dict[str, Any] = {}
+    if dist.main:
+        model.eval()
+        heldout_block: dict[str, Any] = {"n": len(heldout), "new": None, "served": served_metrics,
+                                         "n_desirable": sum(ex.desirable for ex in heldout),
+                                         "n_undesirable": sum(not ex.desirable for ex in heldout),
+                                         "reference": "base"}
+        if h_keys:
+            emit({"event": "phase", "phase": "heldout_new", "sequences": len(h_keys)})
+            h_new = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+            try:
+                heldout_block["new"] = _eval_heldout(h_new, h_ref, heldout, cfg.beta, lam_d, lam_u)
+            except FloatingPointError as e:
+                raise TrainingDiverged(str(e)) from e
+        hp = {k: v for k, v in asdict(cfg).items() if k not in ("snapshot", "out", "extra")}
+        hp.update(lora_rank=rank, lora_alpha=float(model.peft_config["default"].lora_alpha),
+                  target_modules=sorted(LLAMA_LINEAR), world_size=dist.world, lambda_mode=lam_mode,
+                  global_batch=cfg.batch_size * cfg.grad_accum * dist.world, steps=total)
+        z0s = [r["z0"] for r in log]
+        z0p = [r["z0_pre_clamp"] for r in log]
+        manifest = {
+            "n_desirable": n_d, "n_undesirable": n_u, "lambda_d": lam_d, "lambda_u": lam_u, "beta": cfg.beta,
+            "lambda_rule": balance.describe(n_d, n_u, lam_d, lam_u),
+            "hyperparameters": hp, "data_sha256": data.data_sha256, "snapshot": str(cfg.snapshot),
+            "n_rows": data.n_rows, "reference": cfg.reference, "resume_from": cfg.resume_from,
+            "served_adapter": cfg.served_adapter, "base_model": str(cfg.model_dir), "git_commit": _git_commit(),
+            "train_seconds": round(train_seconds, 3), "total_seconds": round(time.time() - t_start, 3),
+            "train_tokens": tokens_total, "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
+            "z0_pre_clamp_mean": sum(z0p) / len(z0p) if z0p else None,
+            "z0_mean": sum(z0s) / len(z0s) if z0s else None,
+            "final_loss": log[-1]["loss"] if log else None,
+            "dropped_examples": data.dropped,
+            "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
+            "heldout": heldout_block, "log": log,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_adapter_atomically(model, Path(cfg.out), manifest)
+        emit({"event": "done", "out": str(cfg.out)})
+    dist.barrier()
+    return manifest
