@@ -30,8 +30,8 @@ def rotation(n: int) -> list[int]:
     return [(i + 1) % n for i in range(n)]
 
 
-def kl_baseline(kl_rewards: torch.Tensor,
-                all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_baseline(kl_rewards: torch.Tensor, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """z0 = max(0, mean of the mismatched log-ratios); returns (z0, pre-clamp mean), both detached float32.
 
     Under several processes the mean is over all of them: `all_reduce_sum` sums a [sum, count] pair across

@@ -249,7 +249,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     # Held-out: base reference, and the served adapter's numbers (rank 0 only; nothing to reduce).
     h_matched, h_kl = _heldout_pairs(heldout)
     h_keys = h_matched + h_kl
-    served_metrics = new_metrics = None
+    served_metrics = None
+    h_ref: dict = {}
     if dist.main and h_keys:
         emit({"event": "phase", "phase": "heldout_served", "sequences": len(h_keys)})
         with model.disable_adapter():
