@@ -236,7 +236,8 @@ class ChatService:
         turn = sess.turns[index]
         if turn.role != "assistant" or turn.msg_id is None:
             raise RatingError("Please wait until the answer has finished, then rate it.")
-        if shown_text is not None and _text_of(shown_text) not in ("", turn.content):
+        shown = " ".join(_text_of(shown_text).split())
+        if shown and shown != " ".join(turn.content.split()):
             raise RatingError("That answer changed while you rated it; please rate it again.")
         value = {True: "up", False: "down"}.get(liked) if isinstance(liked, bool) else None
         if value == turn.rating:
