@@ -161,6 +161,7 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group
         sorted_order += sorted(order[s:s + window], key=lambda i: lengths[i])
     batches = [sorted_order[s:s + batch_size] for s in range(0, n, batch_size)]
     if len(batches[-1]) < 2:
-        batches[-2] += batches.pop()
+        last = batches.pop()
+        batches[-1] = batches[-1] + last
     rng.shuffle(batches)
     return [MicroBatch(b, [b[j] for j in rotation(len(b))]) for b in batches]

@@ -1,0 +1,98 @@
+"""Snapshot validation, tokenisation (completion + end-of-turn only), truncation, held-out split, the plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aligner.data import SnapshotError, build_dataset, is_heldout, plan_epoch, read_snapshot, tokenize_pair
+from aligner.model import load_tokenizer
+from tests.test_aligner_support import synthetic_rows, write_snapshot
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_reads_valid_snapshot(tmp_path):
+    rows = read_snapshot(write_snapshot(tmp_path / "s.parquet", synthetic_rows(3, 2)))
+    assert len(rows) == 5 and isinstance(rows[0]["messages"], list)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "absent", "bad_json"])
+def test_bad_snapshots(tmp_path, case):
+    path = tmp_path / "s.parquet"
+    if case == "missing":
+        write_snapshot(path, synthetic_rows(2, 2), drop_columns=("label",))
+    elif case == "empty":
+        write_snapshot(path, [])
+    elif case == "garbage":
+        path.write_bytes(b"not a parquet file at all")
+    elif case == "bad_json":
+        rows = synthetic_rows(2, 2)
+        rows[1]["messages"] = "{oops"
+        write_snapshot(path, rows)
+    with pytest.raises(SnapshotError) as e:
+        read_snapshot(path)
+    assert "\n" not in str(e.value)
+
+
+def test_completion_tokens_end_with_end_of_turn(tok):
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    p, c = tokenize_pair(tok, msgs, "Hello there")
+    assert tok.decode(p).endswith("<|im_start|>assistant\n")
+    assert tok.decode(c) == "Hello there<|im_end|>"
+    assert c[-1] == tok.eos_token_id
+
+
+def test_truncation_and_drop_are_reported(tmp_path, tok):
+    rows = synthetic_rows(12, 12, long_every=7)
+    long_prompt = json.loads(rows[0]["messages"])
+    long_prompt[-1]["content"] = "please " * 300
+    rows[0]["messages"] = json.dumps(long_prompt)
+    rows[0]["completion"] = "Fine."
+    ds = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, max_length=128, heldout_fraction=0.0)
+    assert {d["example_id"] for d in ds.dropped} == {r["example_id"] for r in synthetic_rows(12, 12, long_every=7)
+                                                     if r["completion"].startswith("word")}
+    assert all(d["reason"] for d in ds.dropped)
+    kept = {ex.example_id: ex for ex in ds.train}
+    first = kept[rows[0]["example_id"]]
+    assert first.prompt_truncated > 0 and len(first.prompt_ids) + len(first.completion_ids) == 128
+    assert tok.decode(first.completion_ids) == "Fine.<|im_end|>"
+    assert len(ds.train) + len(ds.dropped) == 24
+
+
+def test_heldout_split_is_deterministic_and_by_answer():
+    ids = [f"ans-{i}" for i in range(5000)]
+    held = [a for a in ids if is_heldout(a, 0.1)]
+    assert held == [a for a in ids if is_heldout(a, 0.1)]
+    assert 400 < len(held) < 600
+    assert set(held) <= {a for a in ids if is_heldout(a, 0.2)}, "growing the fraction only adds answers"
+    assert not any(is_heldout(a, 0.0) for a in ids)
+
+
+def test_heldout_answers_never_trained(tmp_path, tok):
+    rows = synthetic_rows(40, 40)
+    rows += [dict(r, example_id=r["example_id"] + "-dup", label=not r["label"]) for r in rows[:20]]  # 2nd rater
+    ds = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, heldout_fraction=0.3)
+    assert ds.heldout and ds.train
+    assert not {e.answer_id for e in ds.train} & {e.answer_id for e in ds.heldout}
+
+
+@pytest.mark.parametrize("n,bs", [(2, 8), (9, 4), (33, 8), (100, 3)])
+def test_plan_epoch_covers_each_example_once(n, bs):
+    lengths = [(i * 37) % 101 + 5 for i in range(n)]
+    plan = plan_epoch(lengths, bs, seed=1, epoch=0)
+    seen = [i for mb in plan for i in mb.examples]
+    assert sorted(seen) == list(range(n))
+    for mb in plan:
+        assert len(mb.examples) >= 2
+        assert all(i != j for i, j in zip(mb.examples, mb.partners, strict=True))
+        assert sorted(mb.partners) == sorted(mb.examples), "KL partners come from the same micro-batch"
+    again = plan_epoch(lengths, bs, seed=1, epoch=0)
+    assert [mb.examples for mb in again] == [mb.examples for mb in plan]
+    if n > bs:
+        other = plan_epoch(lengths, bs, seed=1, epoch=1)
+        assert [mb.partners for mb in other] != [mb.partners for mb in plan], "pairs rebuilt each epoch"
