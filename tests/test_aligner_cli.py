@@ -1,0 +1,120 @@
+"""The `align` entry point end to end on the tiny model: outputs, manifest, bad input, divergence, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aligner import cli
+from aligner import train as train_mod
+from tests.test_aligner_support import synthetic_rows, write_snapshot
+
+FAST = ["--max-length", "128", "--batch-size", "4", "--epochs", "1", "--holdout-fraction", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    return write_snapshot(tmp_path_factory.mktemp("snap") / "s.parquet", synthetic_rows(14, 10, seed=3))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, snapshot, tiny_model_dir):
+    out = tmp_path_factory.mktemp("runs") / "v1"
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST])
+    assert rc == 0
+    return out
+
+
+def test_writes_vllm_compatible_adapter_and_manifest(trained, snapshot):
+    cfg = json.loads((trained / "adapter_config.json").read_text())
+    assert cfg["bias"] == "none" and not cfg.get("modules_to_save") and not cfg.get("use_dora")
+    assert cfg["r"] == 16 and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"}
+    weights = load_file(trained / "adapter_model.safetensors")
+    assert weights and all("lora_A" in k or "lora_B" in k for k in weights)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k), "training moved the adapter"
+    m = json.loads((trained / "manifest.json").read_text())
+    for key in ["n_desirable", "n_undesirable", "lambda_d", "lambda_u", "beta", "hyperparameters", "data_sha256",
+                "reference", "git_commit", "train_seconds", "z0_pre_clamp_mean", "z0_mean", "dropped_examples",
+                "heldout"]:
+        assert key in m, key
+    assert m["reference"] == "base" and m["beta"] == 0.1
+    assert min(m["lambda_d"], m["lambda_u"]) == 1.0
+    assert 1.0 <= m["lambda_d"] * m["n_desirable"] / (m["lambda_u"] * m["n_undesirable"]) <= 4 / 3 + 1e-9
+    import hashlib
+    assert m["data_sha256"] == hashlib.sha256(snapshot.read_bytes()).hexdigest()
+    h = m["heldout"]
+    assert h["n"] + m["n_desirable"] + m["n_undesirable"] == 24
+    for side in ("new", "served"):
+        assert set(h[side]) >= {"margin", "frac_correct_side", "loss"}
+    assert h["served"]["margin"] == 0.0 and h["served"]["frac_correct_side"] == 0.5  # base is served
+    assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name], "no temporary directory left behind"
+
+
+def test_progress_json_and_resume_with_previous_reference(trained, snapshot, tiny_model_dir, tmp_path):
+    out = tmp_path / "v2"
+    proc = subprocess.run([sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),
+                           "--model-dir", str(tiny_model_dir), "--resume-from", str(trained), "--reference",
+                           "previous", "--served-adapter", str(trained), "--progress-json", "--max-steps", "2",
+                           *FAST], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2] and all(e["total"] == 2 for e in progress)
+    assert all({"loss", "z0", "z0_pre_clamp"} <= set(e) for e in progress)
+    assert events[-1] == {"event": "done", "out": str(out)}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["reference"] == "previous" and m["resume_from"] == str(trained)
+    # The served adapter is v1 itself: its held-out numbers equal v1's own "new" numbers.
+    v1 = json.loads((trained / "manifest.json").read_text())["heldout"]["new"]
+    assert m["heldout"]["served"]["margin"] == pytest.approx(v1["margin"], abs=1e-3)
+    # With the previous adapter as reference, the first step starts at reward 0 exactly.
+    first = m["log"][0]
+    assert first["z0_pre_clamp"] == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty", "one_class", "unreadable", "no_file"])
+def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_model_dir, capsys):
+    path = tmp_path / "s.parquet"
+    if case == "missing_column":
+        write_snapshot(path, synthetic_rows(4, 4), drop_columns=("completion",))
+    elif case == "empty":
+        write_snapshot(path, [])
+    elif case == "one_class":
+        write_snapshot(path, synthetic_rows(10, 0))
+    elif case == "unreadable":
+        path.write_text("hello")
+    out = tmp_path / "out"
+    rc = cli.main(["--snapshot", str(path), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("align: error:"), err
+    assert not out.exists()
+
+
+def test_refuses_non_empty_output(tmp_path, snapshot, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir)]) == 2
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_nan_fails_cleanly(tmp_path, snapshot, tiny_model_dir, monkeypatch, capsys):
+    real = train_mod.kto_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        return out._replace(losses=out.losses * torch.tensor(float("nan")))
+
+    monkeypatch.setattr(train_mod, "kto_loss", poisoned)
+    out = tmp_path / "out"
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 1 and "non-finite" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
