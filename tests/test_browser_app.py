@@ -30,14 +30,42 @@ RESULTS = Path(__file__).parent / "results"
 ADMIN = ("admin", "browser-test-pw")
 
 
+HOLDOUT = 0.3
+
+
+def seed_ratings(db: Path) -> tuple[int, int]:
+    """A small earlier data set (user "seed"), so a run has held-out examples of both kinds for the gate."""
+    from aligner.data import is_heldout
+    from feedback_store import FeedbackStore
+
+    store = FeedbackStore(db)
+    conv = store.new_conversation("seed")
+    split: dict[tuple[bool, bool], int] = {}
+    i = 0
+    while i < 8 or min(split.get(k, 0) for k in ((True, True), (True, False), (False, True), (False, False))) < 1:
+        up = i % 2 == 0
+        m = store.add_user_message(conv, f"seed question {i}")
+        a = store.add_answer(conv, m, [{"role": "user", "content": f"seed question {i}"}],
+                             f"A helpful answer to question {i}." if up else "no", adapter="base")
+        store.rate("seed", a, "up" if up else "down")
+        key = (up, is_heldout(a, HOLDOUT))
+        split[key] = split.get(key, 0) + 1
+        i += 1
+    c = store.counts()
+    store.close()
+    return c["up"], c["down"]
+
+
 @pytest.fixture(scope="module")
 def app_proc(tiny_model_dir, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: apt-get install -y chromium")
     data = tmp_path_factory.mktemp("app-data")
+    seeded = seed_ratings(data / "feedback.duckdb")
     port = free_port()
     env = dict(os.environ, KTO_LOOP_ADMIN_PASSWORD=ADMIN[1], KTO_LOOP_MAX_TOKENS="24",
-               KTO_LOOP_ALIGN_EXTRA_ARGS=os.environ.get("KTO_TEST_ALIGN_ARGS", "--max-steps 2 --batch-size 4"),
+               KTO_LOOP_ALIGN_EXTRA_ARGS=os.environ.get(
+                   "KTO_TEST_ALIGN_ARGS", f"--max-steps 2 --batch-size 4 --holdout-fraction {HOLDOUT}"),
                KTO_LOOP_LORA_RANK="8", KTO_LOOP_PROMOTE_MIN_GAIN="-1000", KTO_LOOP_RATINGS_PER_MINUTE="1000")
     cmd = [sys.executable, "-m", "app.cli", "run", "--model-dir", str(tiny_model_dir), "--data-dir", str(data),
            "--port", str(port), "--vllm-port", "0"]
@@ -57,7 +85,7 @@ def app_proc(tiny_model_dir, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("app did not come up:\n" + (data / "app.log").read_text()[-3000:])
-    yield proc, url, data
+    yield proc, url, data, seeded
     if proc.poll() is None:
         _stop(proc)
     log.close()
@@ -94,7 +122,7 @@ def _save(page, name: str) -> None:
 def test_chat_rate_realign_in_the_browser(app_proc, browser):
     from playwright.sync_api import expect
 
-    proc, url, data = app_proc
+    proc, url, data, (seed_up, seed_down) = app_proc
     page = browser.new_page(viewport={"width": 1200, "height": 950})
     page.goto(url)
     chat = page.locator("#kto-chat")
@@ -143,7 +171,7 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     _save(page, "chat.png")
 
     s = _stats(url)
-    assert (s["up"], s["down"]) == (1, 2), s
+    assert (s["up"], s["down"]) == (seed_up + 1, seed_down + 2), s
 
     # 5. a non-admin cannot open the console or its API
     anon = browser.new_context()
@@ -157,7 +185,7 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     console = admin.new_page()
     console.goto(url + "admin/")
     summary = console.locator("#kto-summary")
-    expect(summary).to_contain_text("n_D = 1, n_U = 2", timeout=20_000)
+    expect(summary).to_contain_text(f"n_D = {seed_up + 1}, n_U = {seed_down + 2}", timeout=20_000)
     console.click("#kto-realign")
     expect(console.locator("#kto-realign-msg")).to_contain_text("started", timeout=20_000)
     console.click("#kto-realign")  # a second trigger during the run is refused
@@ -184,8 +212,10 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     assert _stop(proc) == []
     con = duckdb.connect(str(data / "feedback.duckdb"), read_only=True)
     rows = con.execute("""SELECT r.value, r.reason, r.comment, a.adapter, a.text FROM ratings r
-                          JOIN answers a ON a.id = r.answer_id ORDER BY r.created_at""").fetchall()
-    n_answers = con.execute("SELECT count(*) FROM answers").fetchone()[0]
+                          JOIN answers a ON a.id = r.answer_id WHERE r.user_id != 'seed'
+                          ORDER BY r.created_at""").fetchall()
+    n_answers = con.execute("SELECT count(*) FROM answers a JOIN conversations c ON c.id = a.conversation_id "
+                            "WHERE c.user_id != 'seed'").fetchone()[0]
     runs = con.execute("SELECT status, adapter_version FROM runs").fetchall()
     con.close()
     assert [r[0] for r in rows] == ["down", "up", "down", "up"]
