@@ -15,47 +15,54 @@ from __future__ import annotations
 
 import torch
 
-# Persistent tensors only (stacked adapter weights, the wrapper's index buffers), keyed by storage pointer and the
-# in-place version counter, so loading an adapter into a slot (an in-place copy) invalidates the entry.
-_f32_weights: dict[tuple[int, int], torch.Tensor] = {}
-_group_cache: dict[tuple[int, int, int, int], list[tuple[int, torch.Tensor | None]]] = {}
+# Caches live as attributes on the tensors they derive from (vLLM allocates the stacked adapter weights and the
+# punica index buffers once per server), so they die with them and a reused address cannot serve a stale entry.
+# vLLM runs under torch.inference_mode, whose tensors have no version counter, so validity is tracked by two
+# generation counters bumped from the only places that write those tensors (see install()):
+_gen = {"weights": 0, "indices": 0}
+
+
+def weights_changed() -> None:
+    """An adapter was written into a slot (LoRAModelManager.activate_adapter)."""
+    _gen["weights"] += 1
+
+
+def indices_changed() -> None:
+    """The punica wrapper rewrote its token->slot buffers (update_metadata)."""
+    _gen["indices"] += 1
 
 
 def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
     """Token rows per adapter slot; `None` rows = the whole batch uses one slot (the common case, no gather).
 
-    Cached only for views of the wrapper's persistent index buffers (one `unique` per step instead of one per
-    layer and slice); fresh tensors (prefill's exploded indices) are recomputed, a reused pointer could be stale.
+    Cached for views of the wrapper's persistent index buffers (one `unique` per mapping change instead of one
+    per layer and slice); fresh tensors (prefill's exploded indices) are computed each time.
     """
-    key = None
-    if indices._base is not None:
-        key = (indices._base.data_ptr(), indices.storage_offset(), indices.numel(), indices._version)
-        hit = _group_cache.get(key)
-        if hit is not None:
-            return hit
+    base = indices._base
+    key = (indices.storage_offset(), indices.numel())
+    cache = getattr(base, "_kto_groups", None) if base is not None else None
+    if cache is not None and cache[0] == _gen["indices"] and key in cache[1]:
+        return cache[1][key]
     slots = torch.unique(indices).tolist()
     if len(slots) == 1:
         out: list[tuple[int, torch.Tensor | None]] = [(int(slots[0]), None)]
     else:
         out = [(int(s), torch.nonzero(indices == s).squeeze(1)) for s in slots]
-    if key is not None:
-        if len(_group_cache) > 256:
-            _group_cache.clear()
-        _group_cache[key] = out
+    if base is not None:
+        if cache is None or cache[0] != _gen["indices"]:
+            cache = base._kto_groups = (_gen["indices"], {})
+        cache[1][key] = out
     return out
 
 
 def _weights(w: torch.Tensor, slot: int) -> torch.Tensor:
     """fp32 copy of one slot's (out, in) matrix: oneDNN's bf16 GEMM at rank 8-16 is ~5x slower than fp32 here,
     and casting the weights on every call costs more than the GEMM itself."""
-    key = (w.data_ptr(), w._version)
-    full = _f32_weights.get(key)
-    if full is None:
-        full = (w.squeeze(1) if w.dim() == 4 else w).float().contiguous()
-        if len(_f32_weights) > 4096:
-            _f32_weights.clear()
-        _f32_weights[key] = full
-    return full[slot]
+    hit = getattr(w, "_kto_f32", None)
+    if hit is None or hit[0] != _gen["weights"]:
+        hit = (_gen["weights"], (w.squeeze(1) if w.dim() == 4 else w).float().contiguous())
+        w._kto_f32 = hit
+    return hit[1][slot]
 
 
 def bgmv_shrink(inputs: torch.Tensor, lora_a_weights: torch.Tensor, output_tensor: torch.Tensor,
@@ -139,14 +146,81 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
 _NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
 
+def _fused(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
+           output_slices: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [slots, n*r, in] stack of the A matrices and block-diagonal [slots, sum(out), n*r] B matrix, so a
+    merged projection (qkv: 3 slices, gate_up: 2) costs two GEMMs instead of 2 per slice."""
+    owner = lora_a_stacked[0]
+    hit = getattr(owner, "_kto_fused", None)
+    if hit is not None and hit[0] == _gen["weights"]:
+        return hit[1], hit[2]
+    a = torch.cat([(t.squeeze(1) if t.dim() == 4 else t).float() for t in lora_a_stacked], dim=1).contiguous()
+    bs = [(t.squeeze(1) if t.dim() == 4 else t).float() for t in lora_b_stacked]
+    slots, ranks = a.shape[0], [t.shape[-1] for t in bs]
+    b = torch.zeros(slots, sum(output_slices), sum(ranks))
+    row = col = 0
+    for t, size, r in zip(bs, output_slices, ranks, strict=True):
+        b[:, row:row + size, col:col + r] = t[:, :size, :]
+        row, col = row + size, col + r
+    owner._kto_fused = (_gen["weights"], a, b)
+    return a, b
+
+
+def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                    lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                    *, buffer=None, **kwargs) -> None:
+    """`y[:, slice_i] += scale * x @ A_i^T @ B_i^T` for every slice, per adapter slot, in place (as the stock
+    method), using the per-token slot indices for prefill and decode alike."""
+    groups = _groups(self.token_lora_indices)
+    if all(slot < 0 for slot, _ in groups):
+        return None
+    a, b = _fused(lora_a_stacked, lora_b_stacked, output_slices)
+    y2 = y.view(-1, y.shape[-1])
+    x2 = x.view(-1, x.shape[-1])
+    width = sum(output_slices)
+    for slot, rows in groups:
+        if slot < 0:
+            continue
+        xs = x2 if rows is None else x2.index_select(0, rows)
+        h = xs.float() @ a[slot].t()
+        if scale != 1.0:
+            h.mul_(scale)
+        delta = (h @ b[slot].t()).to(y2.dtype)
+        if rows is None:
+            y2[:, :width] += delta
+        else:
+            y2[rows, :width] += delta
+    return None
+
+
+def _after(fn, hook, only_if_true: bool = False):
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        if result or not only_if_true:
+            hook()
+        return result
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def install() -> bool:
     """Swap the kernels used by vLLM's CPU punica wrapper. Returns False (and changes nothing) off CPU."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return False
+    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.punica_wrapper import punica_cpu
 
     for name in _NAMES:
         setattr(punica_cpu, name, globals()[name])
+    cls = punica_cpu.PunicaWrapperCPU
+    cls.add_lora_linear = add_lora_linear
+    if not hasattr(cls.update_metadata, "__wrapped__"):
+        cls.update_metadata = _after(cls.update_metadata, indices_changed)
+    if not hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
+        # called every step for every requested adapter; returns True only when it wrote a slot
+        LoRAModelManager.activate_adapter = _after(LoRAModelManager.activate_adapter, weights_changed,
+                                                   only_if_true=True)
     return True

@@ -36,7 +36,8 @@ def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, mi
         return False, "not promoted: the new adapter has no held-out metrics"
     new_margin = _num(new, "margin")
     if new_margin is None:
-        return False, f"not promoted: the new adapter's held-out margin is missing or not finite ({new.get('margin')!r})"
+        return False, ("not promoted: the new adapter's held-out margin is missing or not finite "
+                       f"({new.get('margin')!r})")
     if not served:
         if new_margin > min_gain:
             return True, f"promoted: held-out margin {new_margin:+.4f} > {min_gain:+.4f} (nothing served yet: base)"

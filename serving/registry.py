@@ -273,8 +273,6 @@ class AdapterRegistry:
         except httpx.HTTPError as e:
             raise AdapterLoadError(f"could not reach vLLM to load {name}: {e}") from e
         if r.status_code != 200:
-            if r.status_code == 400 and "already been loaded" in r.text:
-                return
             raise AdapterLoadError(f"vLLM refused to load {name} from {path} (HTTP {r.status_code}): "
                                    f"{_error_message(r)}")
 
@@ -305,6 +303,12 @@ class AdapterRegistry:
         info = self.validate(adapter_dir)
         with self._lock:
             number = self._state["next_number"]
+            try:  # a lost state file must not make us reuse a name the running server already knows
+                taken = set(self.loaded())
+            except httpx.HTTPError as e:
+                raise AdapterLoadError(f"could not reach vLLM at {self.base_url}: {e}") from e
+            while f"{self.name_prefix}{number}" in taken or f"{self.name_prefix}{number}" in self._state["versions"]:
+                number += 1
             name = f"{self.name_prefix}{number}"
             self._state["next_number"] = number + 1
             path = info.path

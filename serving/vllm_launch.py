@@ -19,6 +19,13 @@ if os.environ.get("KTO_LOOP_STOCK_LORA", "") not in {"1", "true", "True"}:
         print(f"kto-loop: stock LoRA kernels kept ({e})", file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
-    import runpy
+    # Call the entry point in-process: `sys.modules["__main__"]` must stay this module, or spawned children
+    # would re-import vLLM's module instead of this one and run with the stock kernels.
+    try:
+        from vllm.entrypoints.launchers.api_server.entry import main
+    except ImportError:  # older layouts: same thing through runpy, still without replacing __main__
+        import runpy
 
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+        runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=False)
+    else:
+        main()

@@ -1,0 +1,133 @@
+"""The fast CPU LoRA kernels must compute what vLLM's reference torch ops compute."""
+import pytest
+import torch
+
+ref = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+from serving import cpu_lora  # noqa: E402
+
+SLOTS, R, IN, OUT, T = 3, 8, 64, 96, 12
+
+
+@pytest.fixture
+def weights():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(SLOTS, 1, R, IN, generator=g).to(torch.bfloat16)
+    b = torch.randn(SLOTS, 1, OUT, R, generator=g).to(torch.bfloat16)
+    a[-1] = 0  # the reference applies slot -1 (the last) to "no adapter" tokens; empty, it equals "no LoRA"
+    b[-1] = 0
+    x = torch.randn(T, IN, generator=g).to(torch.bfloat16)
+    return a, b, x
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 outputs: the reference rounds the product to bf16 before adding, we round once; allow ~4 ulps of the
+    largest value."""
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2 ** -5 * want.float().abs().max().item())
+
+
+INDICES = [torch.zeros(T, dtype=torch.long), torch.tensor([0, 1, -1] * 4), torch.full((T,), -1),
+           torch.tensor([1] * 6 + [0] * 6)]
+
+
+@pytest.mark.parametrize("idx", INDICES)
+def test_shrink_matches_reference(weights, idx):
+    a, _, x = weights
+    want, got = torch.zeros(T, R), torch.zeros(T, R)
+    ref.bgmv_shrink(x, a, want, idx, 0.5)
+    cpu_lora.bgmv_shrink(x, a, got, idx, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("idx", INDICES)
+@pytest.mark.parametrize("add", [True, False])
+def test_expand_slice_matches_reference(weights, idx, add):
+    _, b, _ = weights
+    h = torch.randn(T, R, generator=torch.Generator().manual_seed(1))
+    want = torch.randn(T, 2 * OUT, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    got = want.clone()
+    ref.bgmv_expand_slice(h, b, want, idx, OUT, OUT, add)
+    cpu_lora.bgmv_expand_slice(h, b, got, idx, OUT, OUT, add)
+    close(got, want)
+    torch.testing.assert_close(got[:, :OUT], want[:, :OUT])  # the other slice is untouched
+
+
+def test_prefill_sgmv_groups_sequences(weights):
+    a, b, x = weights
+    seq_lens, seq_idx = torch.tensor([5, 7]), torch.tensor([1, 0])
+    start = torch.tensor([0, 5])
+    want, got = torch.zeros(T, R), torch.zeros(T, R)
+    ref.sgmv_shrink(x, a, want, start, seq_lens, seq_idx, 2, 7, T, 1.0)
+    cpu_lora.sgmv_shrink(x, a, got, start, seq_lens, seq_idx, 2, 7, T, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    y1 = torch.zeros(T, OUT, dtype=torch.bfloat16)
+    y2 = y1.clone()
+    ref.sgmv_expand(want, b, y1, start, seq_lens, seq_idx, 2, 7, T, True)
+    cpu_lora.sgmv_expand(want, b, y2, start, seq_lens, seq_idx, 2, 7, T, True)
+    close(y2, y1)
+
+
+def test_no_adapter_rows_get_no_lora_even_if_last_slot_is_occupied(weights):
+    a, _, x = weights
+    a = a.clone()
+    a[-1] = 1.0  # a real adapter in the last slot
+    idx = torch.tensor([-1] * T)
+    out = torch.full((T, R), 7.0)
+    cpu_lora.bgmv_shrink(x, a, out, idx, 1.0)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_weight_cache_sees_in_place_adapter_loads(weights):
+    a, _, x = weights
+    a = a.clone()
+    idx = torch.zeros(T, dtype=torch.long)
+    out1, out2 = torch.zeros(T, R), torch.zeros(T, R)
+    cpu_lora.bgmv_shrink(x, a, out1, idx, 1.0)
+    a[0, 0].copy_(torch.randn(R, IN).to(torch.bfloat16))  # what vLLM does when a new adapter fills slot 0
+    cpu_lora.weights_changed()  # ...from LoRAModelManager.activate_adapter, which install() hooks
+    cpu_lora.bgmv_shrink(x, a, out2, idx, 1.0)
+    want = torch.zeros(T, R)
+    ref.bgmv_shrink(x, a, want, idx, 1.0)
+    assert not torch.allclose(out1, out2)
+    torch.testing.assert_close(out2, want, rtol=1e-2, atol=1e-2)
+
+
+def test_install_hooks_the_writers_of_weights_and_indices():
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    assert cpu_lora.install() and cpu_lora.install()  # idempotent: wraps once
+    assert not hasattr(LoRAModelManager.activate_adapter.__wrapped__, "__wrapped__")
+    assert punica_cpu.bgmv_shrink is cpu_lora.bgmv_shrink and punica_cpu.sgmv_expand is cpu_lora.sgmv_expand
+    before = cpu_lora._gen["weights"]
+    activate = cpu_lora._after(lambda wrote: wrote, cpu_lora.weights_changed, only_if_true=True)
+    assert activate(False) is False and cpu_lora._gen["weights"] == before  # already active: nothing written
+    assert activate(True) is True and cpu_lora._gen["weights"] == before + 1
+
+
+@pytest.mark.parametrize("idx", INDICES)
+def test_fused_add_lora_linear_matches_per_slice_math(idx):
+    """qkv-like layer: 3 slices of different widths; y[:, slice_i] += scale * x A_i^T B_i^T per token's slot."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    g = torch.Generator().manual_seed(3)
+    slices = (32, 16, 16)
+    a = tuple(torch.randn(SLOTS, 1, R, IN, generator=g).to(torch.bfloat16) for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, n, R, generator=g).to(torch.bfloat16) for n in slices)
+    x = torch.randn(T, IN, generator=g).to(torch.bfloat16)
+    y = torch.randn(T, sum(slices), generator=g).to(torch.bfloat16)
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    wrapper._token_lora_indices[:T].copy_(idx)
+    wrapper.indices_len[0] = T
+    cpu_lora.indices_changed()
+    cpu_lora.weights_changed()
+    got = y.clone()
+    cpu_lora.add_lora_linear(wrapper, got, x, a, b, 0.5, slices)
+    want = y.double()
+    off = 0
+    for s, n in enumerate(slices):
+        for t in range(T):
+            k = int(idx[t])
+            if k >= 0:
+                want[t, off:off + n] += 0.5 * x[t].double() @ a[s][k, 0].double().t() @ b[s][k, 0].double().t()
+        off += n
+    close(got, want.to(torch.bfloat16))
