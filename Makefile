@@ -30,9 +30,11 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/kto-loop model fetch --quiet
 
-# Debian's Chromium for the Playwright browser tests (no browser download from elsewhere).
+# Debian's Chromium for the Playwright browser tests (no browser download from elsewhere), and an emoji font so
+# the UI's thumbs render in screenshots.
 browser:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null && test -d /usr/share/fonts/truetype/noto || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
