@@ -193,8 +193,8 @@ def write_adapter_atomically(model: Any, out: Path, manifest: dict[str, Any]) ->
 def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train and write the adapter; returns the manifest. Raises SnapshotError (bad input), TrainingDiverged."""
     t_start = time.time()
-    emit = progress or (lambda _e: None)
     dist = Dist()
+    emit = progress if (progress is not None and dist.main) else (lambda _e: None)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world))
     torch.manual_seed(cfg.seed)
     if cfg.reference not in ("base", "previous"):
