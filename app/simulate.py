@@ -295,7 +295,8 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
     return {
         "run_id": outcome.run_id, "status": outcome.status, "promoted": bool(outcome.promoted),
         "reason": outcome.reason, "version": outcome.version,
-        "n_D": m.get("n_desirable"), "n_U": m.get("n_undesirable"),
+        "n_D": m.get("n_desirable"), "n_U": m.get("n_undesirable"),  # trained on (the gate's held-out share aside)
+        "n_gate_heldout": (m.get("heldout") or {}).get("n"), "n_dropped": len(m.get("dropped_examples") or []),
         "lambda_D": m.get("lambda_d"), "lambda_U": m.get("lambda_u"),
         "z0_pre_clamp": m.get("z0_pre_clamp_mean"), "z0": m.get("z0_mean"),
         "train_seconds": m.get("train_seconds"), "gate_heldout": m.get("heldout"),
@@ -367,11 +368,10 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print) -> dict[str, Any]:
         t2 = time.perf_counter()
         rec = {"cycle": c, "served_before": served_before, "collect": stats, **_cycle_record(outcome),
                "realign_seconds": round(t2 - t1, 1), "cycle_seconds": round(t2 - t0, 1)}
-        if outcome.status != "succeeded":
-            log(f"[{spec.rater_name}] cycle {c}: realignment {outcome.status}: {outcome.reason}")
+        log(f"[{spec.rater_name}] cycle {c}: run {outcome.status}: {outcome.reason}")
         served = stack.registry.current()
         rec["served_after"] = served
-        if spec.ablation and outcome.status == "succeeded":
+        if spec.ablation and outcome.status != "failed":
             out, manifest, secs = train_pinned(stack, outcome.run_id, c, log)
             name = f"ablation-pinned-c{c}-{outcome.run_id}"
             load_for_eval(stack.server, out, name)
