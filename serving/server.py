@@ -101,6 +101,20 @@ class VLLMServer:
         """`fn()` runs after every automatic or manual restart, once the server is ready again."""
         self._hooks.append(fn)
 
+    def remove_restart_hook(self, fn: Callable[[], None]) -> None:
+        if fn in self._hooks:
+            self._hooks.remove(fn)
+
+    def family(self) -> list[int]:
+        """Pids of the server and everything it spawned (for diagnostics and orphan checks)."""
+        if self._proc is None:
+            return []
+        try:
+            p = psutil.Process(self._proc.pid)
+            return [p.pid, *(c.pid for c in p.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
     def command(self) -> list[str]:
         s = self.spec
         module = "serving.vllm_launch" if s.fast_cpu_lora else "vllm.entrypoints.openai.api_server"
