@@ -1,0 +1,50 @@
+"""The supervisor itself: start-up failure reporting, the command line, clean stop with no orphans."""
+import sys
+import time
+
+import psutil
+import pytest
+
+from serving.server import ServerStartError, VLLMServer, VLLMServerSpec
+
+
+def test_command_line_carries_the_spec(tmp_path):
+    spec = VLLMServerSpec(model_dir=tmp_path, port=1234, max_lora_rank=8, max_loras=3, tensor_parallel=2,
+                          extra_args=("--enforce-eager",))
+    cmd = VLLMServer(spec).command()
+    assert cmd[:3] == [sys.executable, "-m", "serving.vllm_launch"]
+    joined = " ".join(cmd)
+    for flag in ("--served-model-name base", "--port 1234", "--enable-lora", "--max-lora-rank 8", "--max-loras 3",
+                 "--tensor-parallel-size 2", "--dtype bfloat16", "--max-model-len 2048"):
+        assert flag in joined
+    assert cmd[-1] == "--enforce-eager"
+    stock = VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=0, fast_cpu_lora=False)).command()
+    assert stock[2] == "vllm.entrypoints.openai.api_server" and "--enable-lora" not in stock
+    assert VLLMServer(VLLMServerSpec(model_dir=tmp_path)).port > 0  # port 0 = a free port, picked once
+
+
+@pytest.mark.slow
+def test_start_failure_raises_with_the_log_tail(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # not a model
+    server = VLLMServer(VLLMServerSpec(model_dir=tmp_path, log_path=tmp_path / "vllm.log", start_timeout=240))
+    with pytest.raises(ServerStartError) as e:
+        server.start()
+    msg = str(e.value)
+    assert "exited with code" in msg and "last log lines" in msg and str(tmp_path / "vllm.log") in msg
+    assert len(msg.splitlines()) > 5  # the log lines themselves, so the operator sees vLLM's reason
+    assert server.pid is None and not server.is_healthy()
+
+
+@pytest.mark.slow
+def test_stop_leaves_no_orphans(tiny_model_dir, tmp_path):
+    server = VLLMServer(VLLMServerSpec(model_dir=tiny_model_dir, log_path=tmp_path / "vllm.log", max_loras=1,
+                                       max_model_len=512, kvcache_gb=1))
+    with server:
+        assert server.is_healthy()
+        family = server.family()
+        assert len(family) >= 2  # API server + engine core (+ worker, resource tracker)
+    assert not server.is_healthy() and server.pid is None
+    time.sleep(0.5)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"orphans: {alive}"
+    server.stop()  # idempotent
