@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -159,6 +160,7 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+@functools.cache
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                             "cores": os.cpu_count()}
@@ -329,8 +331,10 @@ def load_for_eval(server: Any, adapter_dir: Path, name: str) -> None:
         raise SimulationError(f"ablation: vLLM refused adapter {adapter_dir}: {r.status_code} {r.text[:300]}")
 
 
-def simulate_one(stack: Any, spec: SimSpec, log: Log = print) -> dict[str, Any]:
-    """Measure, then `cycles` × (collect ratings → realign → measure) on one stack; returns the JSON record."""
+def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure, then `cycles` × (collect ratings → realign → measure) on one stack; returns the JSON record.
+    `checkpoint(partial record)` is called after every measurement, so a long run leaves results as it goes."""
     from app.main import sampling_for
     from app.ui import ChatService
 
@@ -351,6 +355,8 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print) -> dict[str, Any]:
     log(f"[{spec.rater_name}] measuring the base model on {len(spec.holdout)} held-out prompts "
         f"× {spec.samples_per_prompt} and {len(spec.capability)} capability questions")
     base = evaluate(stack.registry.current())
+    if checkpoint:
+        checkpoint(_run_record(spec, base, []))
     log(f"[{spec.rater_name}] base: desirable {pct(base['desirable_rate'])} "
         f"[{pct(base['ci95'][0])}, {pct(base['ci95'][1])}], capability {pct(base['capability_accuracy'])} "
         f"({base['seconds']} s)")
@@ -390,8 +396,14 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print) -> dict[str, Any]:
             log(f"[{spec.rater_name}] cycle {c}: ablation λ=1: desirable {pct(a['desirable_rate'])}, "
                 f"capability {pct(a['capability_accuracy'])}")
         cycles.append(rec)
+        if checkpoint:
+            checkpoint(_run_record(spec, base, cycles))
+    return _run_record(spec, base, cycles)
+
+
+def _run_record(spec: SimSpec, base: dict[str, Any], cycles: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rater": spec.rater_name, "rater_doc": (getattr(spec.rater, "__doc__", None) or "").strip(),
-            "base": base, "cycles": cycles, "summary": summarize(base, cycles)}
+            "base": base, "cycles": list(cycles), "summary": summarize(base, cycles)}
 
 
 def _phase_logger(log: Log, prefix: str) -> Callable[[dict[str, Any]], None]:
@@ -441,8 +453,10 @@ def fresh_config(cfg: Any, data_dir: Path) -> Any:
 
 
 def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = print,
-             build_stack: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Run every spec on its own fresh stack under `work_dir/<rater>`; returns the whole JSON document."""
+             build_stack: Callable[[Any], Any] | None = None,
+             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every spec on its own fresh stack under `work_dir/<rater>`; returns the whole JSON document.
+    `on_update(document so far)` is called after every measurement (the command rewrites JSON + plot)."""
     if build_stack is None:
         from app.main import build_stack
     t0 = time.time()
@@ -452,14 +466,25 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
         if d.exists() and any(d.iterdir()):
             raise SimulationError(f"{d} is not empty: a simulation needs a fresh store; pick another --work-dir")
         d.mkdir(parents=True, exist_ok=True)
+        def partial(rec: dict[str, Any], d: Path = d) -> None:
+            if on_update:
+                on_update(document(cfg, specs, t0, runs + [dict(rec, data_dir=str(d), complete=False)]))
+
         with build_stack(fresh_config(cfg, d)) as stack:
-            rec = simulate_one(stack, spec, log)
+            rec = simulate_one(stack, spec, log, checkpoint=partial)
             rec["evidence"] = evidence(stack)
-        rec["data_dir"] = str(d)
+        rec["data_dir"], rec["complete"] = str(d), True
         runs.append(rec)
+        if on_update:
+            on_update(document(cfg, specs, t0, runs))
+    return document(cfg, specs, t0, runs)
+
+
+def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "kind": "kto-loop simulate", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
         "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(),
+        "raters": [s.rater_name for s in specs],
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
                      "promote_min_gain": cfg.promote_min_gain, "align_extra_args": cfg.align_extra_args,

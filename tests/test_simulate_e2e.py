@@ -40,7 +40,11 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
                        holdout=["Say something nice.", "What is a tree?"],
                        capability=sim.load_capability()[:3], samples_per_prompt=2, ablation=True, workers=4)
     logs: list[str] = []
-    doc = sim.simulate(cfg, [spec], tmp_path / "work", log=logs.append)
+    updates: list[dict] = []
+    doc = sim.simulate(cfg, [spec], tmp_path / "work", log=logs.append, on_update=updates.append)
+    # partial documents after the base measurement and after the cycle, then the complete one
+    assert [len(u["runs"][0]["cycles"]) for u in updates] == [0, 1, 1]
+    assert [u["runs"][0]["complete"] for u in updates] == [False, False, True]
     sim.write_json(doc, tmp_path / "r.json")
     sim.plot(doc, tmp_path / "r.png")
     doc = json.loads((tmp_path / "r.json").read_text())  # what is checked is what was written

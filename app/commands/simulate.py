@@ -71,14 +71,18 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                          holdout=holdout, capability=capability, samples_per_prompt=args.samples_per_prompt,
                          ablation=args.ablation, seed=args.seed, workers=args.workers) for name, fn in raters]
     work_dir = args.work_dir or Path(cfg.data_dir) / "simulations" / time.strftime("%Y%m%d-%H%M%S")
+    png = args.plot or args.json.with_suffix(".png")
+
+    def save(doc: dict) -> None:  # after every measurement: an interrupted run still leaves its numbers
+        sim.write_json(doc, args.json)
+        sim.plot(doc, png)
+
     try:
-        doc = sim.simulate(cfg, specs, work_dir, log=sim.stderr_log)
+        doc = sim.simulate(cfg, specs, work_dir, log=sim.stderr_log, on_update=save)
     except sim.SimulationError as e:
         print(f"kto-loop simulate: {e}", file=sys.stderr)
         return 1
-    sim.write_json(doc, args.json)
-    png = args.plot or args.json.with_suffix(".png")
-    sim.plot(doc, png)
+    save(doc)
     for r in doc["runs"]:
         s = r["summary"]
         print(f"{r['rater']}: desirable {sim.pct(s['base_desirable_rate'])} → "
