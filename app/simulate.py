@@ -485,6 +485,7 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
         "kind": "kto-loop simulate", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
         "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(),
         "raters": [s.rater_name for s in specs],
+        "load_average_now": list(os.getloadavg()),  # other work on the machine slows every timing here
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
                      "promote_min_gain": cfg.promote_min_gain, "align_extra_args": cfg.align_extra_args,
