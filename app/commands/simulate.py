@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training prompts (.jsonl with 'prompt', or one per line)")
     parser.add_argument("--holdout", type=Path, default=sim.DEFAULT_HOLDOUT,
                         help="held-out prompts, never sent during collection")
-    parser.add_argument("--holdout-limit", type=int, default=0, help="use only the first N held-out prompts (0 = all)")
+    parser.add_argument("--holdout-limit", type=int, default=0, help="use N evenly spaced held-out prompts (0 = all)")
     parser.add_argument("--capability", type=Path, default=sim.DEFAULT_CAPABILITY,
                         help="capability probe (.jsonl with 'question' and accepted 'answers')")
     parser.add_argument("--samples-per-prompt", type=int, default=2,
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             raise sim.SimulationError(f"rater names must be distinct, got {names}")
         prompts = sim.load_prompts(args.prompts)
         holdout = sim.load_prompts(args.holdout)
-        if args.holdout_limit > 0:
-            holdout = holdout[:args.holdout_limit]
+        if 0 < args.holdout_limit < len(holdout):  # evenly spaced, so every category stays represented
+            holdout = [holdout[i * len(holdout) // args.holdout_limit] for i in range(args.holdout_limit)]
         overlap = set(prompts) & set(holdout)
         if overlap:
             raise sim.SimulationError(f"{len(overlap)} held-out prompt(s) also in the training prompts, "
