@@ -1,0 +1,168 @@
+"""Our KTO trainer vs TRL's KTOTrainer + PEFT: same model, same data, same hyper-parameters, one run each.
+
+Each trainer runs in its own subprocess so peak RSS (ru_maxrss from wait4) is its own. Throughput is the same
+token count for both (prompt + completion tokens of every example, times epochs) divided by the wall time of the
+whole job after imports: tokenisation, model load, reference log-probs, training and saving the adapter.
+
+    .venv/bin/python benchmarks/aligner_bench.py [--model-dir DIR] [--examples 16] [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "aligner_bench.json"
+HP = dict(batch_size=8, lr=1e-3, lora_rank=16, lora_alpha=32, max_length=512, beta=0.1, threads=2)
+
+
+def make_snapshot(path: Path, n: int, seed: int = 0) -> Path:
+    """Chat-like rated answers with a realistic spread of lengths (short refusals to long explanations)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    words = ("the of and to in is that it for as with was on be by this are from at or an which have not "
+             "light water energy system people history simple example because small large first").split()
+    rows = []
+    for k in range(n):
+        good = k % 5 < 3
+        msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            msgs += [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(5, 40)))},
+                     {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(10, 80)))}]
+        msgs.append({"role": "user", "content": "Explain " + " ".join(rng.choices(words, k=rng.randint(3, 30)))})
+        length = rng.randint(60, 300) if good else rng.randint(5, 120)
+        rows.append({"example_id": f"e{k}", "answer_id": f"a{k}", "messages": json.dumps(msgs),
+                     "completion": " ".join(rng.choices(words, k=length)), "label": good, "user_id": "u",
+                     "adapter": "base", "rated_at": datetime(2025, 1, 1, tzinfo=UTC)})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def count_tokens(snapshot: Path, model_dir: str) -> int:
+    sys.path.insert(0, str(ROOT))
+    from aligner.data import read_snapshot, tokenize_pair
+    from aligner.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return sum(len(p) + len(c) for p, c in (tokenize_pair(tok, r["messages"], r["completion"])
+                                            for r in read_snapshot(snapshot)))
+
+
+def worker_ours(snapshot: str, model_dir: str, epochs: int, out: str) -> float:
+    sys.path.insert(0, str(ROOT))
+    from aligner.train import TrainConfig, run
+
+    t = time.time()
+    run(TrainConfig(snapshot=snapshot, out=out, model_dir=model_dir, epochs=epochs, heldout_fraction=0.0,
+                    batch_size=HP["batch_size"], lr=HP["lr"], lora_rank=HP["lora_rank"], lora_alpha=HP["lora_alpha"],
+                    max_length=HP["max_length"], beta=HP["beta"], threads=HP["threads"]))
+    return time.time() - t
+
+
+def worker_trl(snapshot: str, model_dir: str, epochs: int, out: str) -> float:
+    import pyarrow.parquet as pq
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import KTOConfig, KTOTrainer
+
+    torch.set_num_threads(HP["threads"])
+    t = time.time()
+    rows = pq.read_table(snapshot).to_pylist()
+    data = Dataset.from_list([{"prompt": json.loads(r["messages"]),
+                               "completion": [{"role": "assistant", "content": r["completion"]}],
+                               "label": r["label"]} for r in rows])
+    args = KTOConfig(output_dir=out, per_device_train_batch_size=HP["batch_size"], learning_rate=HP["lr"],
+                     num_train_epochs=epochs, max_length=HP["max_length"], beta=HP["beta"], bf16=True,
+                     use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, warmup_steps=0.1,
+                     lr_scheduler_type="linear", dataloader_num_workers=0)
+    peft = LoraConfig(r=HP["lora_rank"], lora_alpha=HP["lora_alpha"], lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    trainer = KTOTrainer(model=model_dir, args=args, train_dataset=data, peft_config=peft)
+    trainer.train()
+    trainer.save_model(out)
+    return time.time() - t
+
+
+def run_worker(name: str, snapshot: Path, model_dir: str, epochs: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        res = Path(tmp) / "res.json"
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", name, "--snapshot", str(snapshot),
+                                 "--model-dir", model_dir, "--epochs", str(epochs), "--out", str(Path(tmp) / "out"),
+                                 "--result", str(res)], cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{name} worker failed")
+        seconds = json.loads(res.read_text())["seconds"]
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def machine() -> dict:
+    import psutil
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "load_avg_at_start": os.getloadavg()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", default=str(Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser()))
+    p.add_argument("--examples", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--worker"), p.add_argument("--snapshot"), p.add_argument("--out"), p.add_argument("--result")
+    a = p.parse_args()
+    if a.worker:
+        fn = worker_ours if a.worker == "ours" else worker_trl
+        Path(a.result).write_text(json.dumps({"seconds": fn(a.snapshot, a.model_dir, a.epochs, a.out)}))
+        return
+    info = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        snap = make_snapshot(Path(tmp) / "bench.parquet", a.examples)
+        tokens = count_tokens(snap, a.model_dir) * a.epochs
+        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        for _ in range(a.repeats):
+            for name in a.only or ("ours", "trl"):
+                r = run_worker(name, snap, a.model_dir, a.epochs)
+                r["tokens_per_s"] = tokens / r["seconds"]
+                runs[name].append(r)
+                print(f"{name:5s} {r['seconds']:7.1f} s  {r['tokens_per_s']:7.1f} tok/s  "
+                      f"peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "tokens_per_s", "peak_rss_mib")}
+           for n, rs in runs.items()}
+    ratio_speed = med["ours"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
+    ratio_mem = med["ours"]["peak_rss_mib"] / med["trl"]["peak_rss_mib"]
+    print(f"ours/TRL tokens/s: {ratio_speed:.2f}x (goal >= 2.0)   peak RSS: {ratio_mem:.2f}x (goal <= 0.8)")
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps({
+        "benchmark": "aligner_bench", "machine": info, "model": a.model_dir, "examples": a.examples,
+        "epochs": a.epochs, "tokens": tokens, "hyperparameters": HP, "runs": runs, "median": med,
+        "ratio_tokens_per_s": ratio_speed, "ratio_peak_rss": ratio_mem,
+        "goal": {"tokens_per_s": ">= 2.0x TRL", "peak_rss": "<= 0.8x TRL"},
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
