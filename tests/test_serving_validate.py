@@ -90,3 +90,15 @@ def test_invalid_promote_changes_nothing(registry, good_adapter, tmp_path):
         registry.promote(bad)
     assert registry.current() == "base" and registry.versions() == []
     assert not registry.state_path.exists()
+
+
+def test_registry_accepts_a_server_and_an_adapter_directory(default_model_dir, tmp_path):
+    """The app's form: AdapterRegistry(server, adapter_dir): state in DIR/registry.json, versions copied to DIR,
+    base model taken from the server's spec."""
+    from types import SimpleNamespace
+
+    server = SimpleNamespace(base_url="http://127.0.0.1:9/", spec=SimpleNamespace(model_dir=default_model_dir))
+    reg = AdapterRegistry(server, tmp_path / "adapters", max_lora_rank=16)
+    assert reg.state_path == tmp_path / "adapters" / "registry.json"
+    assert reg.store_dir == tmp_path / "adapters" and reg.base_model_dir == default_model_dir
+    assert reg.base_url == "http://127.0.0.1:9" and reg.current() == "base" and reg.previous() is None
