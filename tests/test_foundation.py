@@ -158,3 +158,12 @@ def test_tiny_model_loads_and_shares_the_tokenizer(tiny_model_dir, default_model
     with torch.no_grad():
         logits = tiny(torch.tensor([a.encode("hello world")])).logits
     assert logits.shape[-1] == len(a) and torch.isfinite(logits).all()
+
+
+def test_readme_documents_every_setting_and_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    for name in Config.__dataclass_fields__:
+        assert f"`KTO_LOOP_{name.upper()}`" in readme and "`--" + name.replace("_", "-") + "`" in readme
+    blocks = readme.split("```bash\n")[1:3]
+    assert [b.split("```")[0].strip() for b in blocks] == ["make run", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
