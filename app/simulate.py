@@ -204,6 +204,16 @@ def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
         {"role": "user", "content": user}]
 
 
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """Concurrent chats, in order. On Ctrl-C or an error the queued ones are cancelled instead of waited for
+    (a plain `with ThreadPoolExecutor` would finish every queued generation before letting go)."""
+    ex = cf.ThreadPoolExecutor(workers)
+    try:
+        return list(ex.map(fn, items))
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
 def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, capability: Sequence[Question],
             sampling: Any, system_prompt: str | None, samples: int, workers: int = 16) -> dict[str, Any]:
     """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now."""
@@ -211,8 +221,7 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
     greedy = with_sampling(sampling, temperature=0.0, top_p=1.0, max_tokens=CAPABILITY_MAX_TOKENS)
     jobs: list[tuple[str, Any]] = [(p, sampling) for p in holdout for _ in range(samples)]
     jobs += [(q.question, greedy) for q in capability]
-    with cf.ThreadPoolExecutor(workers) as ex:
-        texts = list(ex.map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1]), jobs))
+    texts = parallel_map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1]), jobs, workers)
     answers, cap_texts = texts[:len(holdout) * samples], texts[len(holdout) * samples:]
     verdicts = [call_rater(rater, p, a) for (p, _), a in zip(jobs, answers, strict=False)]
     rated = [v for v in verdicts if v is not None]
@@ -252,8 +261,7 @@ def collect(service: Any, prompts: Sequence[str], rater: Rater, n_ratings: int, 
         need = min(max(n_ratings - ups - downs, 1), max_answers - answers)
         batch = [(cursor + j, prompts[(cursor + j) % len(prompts)]) for j in range(need)]
         cursor += need
-        with cf.ThreadPoolExecutor(workers) as ex:
-            done = list(ex.map(lambda b: one(*b), batch))
+        done = parallel_map(lambda b: one(*b), batch, workers)
         answers += len(done)
         for (_, prompt), (sess, text) in zip(batch, done, strict=True):
             if ups + downs >= n_ratings:

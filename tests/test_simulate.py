@@ -261,3 +261,25 @@ def test_command_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert cmd.run(parse(["--holdout", str(overlap), "--json", str(out)]), cfg) == 2
     assert "also in the training prompts" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_parallel_map_keeps_order_and_does_not_run_the_queue_after_an_error():
+    import threading
+    import time
+
+    assert sim.parallel_map(lambda x: x * x, list(range(20)), 4) == [x * x for x in range(20)]
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            started.append(i)
+        if i == 0:
+            raise KeyboardInterrupt  # what Ctrl-C looks like to the simulator
+        time.sleep(0.05)
+        return i
+
+    with pytest.raises(KeyboardInterrupt):
+        sim.parallel_map(job, list(range(200)), 2)
+    time.sleep(0.3)
+    assert len(started) < 50  # the queued chats were cancelled, not all 200 run
