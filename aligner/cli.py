@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size per process (≥ 2)")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-tokens", type=int, default=2048, help="padded tokens per forward with gradient: "
+                                                                 "bounds training memory; same result")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -61,6 +63,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise SnapshotError(f"--{flag.replace('_', '-')} {d} is not an adapter directory")
     checks = [(args.epochs >= 1, "--epochs must be ≥ 1"), (args.batch_size >= 2, "--batch-size must be ≥ 2"),
               (args.grad_accum >= 1, "--grad-accum must be ≥ 1"), (args.lr > 0, "--lr must be > 0"),
+              (args.grad_tokens >= 1, "--grad-tokens must be ≥ 1"),
               (args.beta > 0, "--beta must be > 0"), (args.max_length >= 32, "--max-length must be ≥ 32"),
               (0 <= args.heldout_fraction < 1, "--holdout-fraction must be in [0, 1)"),
               (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),

@@ -14,6 +14,8 @@ process accumulating the same micro-batches.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import shutil
@@ -54,6 +56,7 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 8                # per process, per micro-batch
     grad_accum: int = 1
+    grad_tokens: int = 2048            # padded tokens per forward with gradient; a longer micro-batch is chunked
     lr: float = 1e-3
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -142,6 +145,40 @@ def _logps_for(model: Any, keys: list[tuple[int, int]], prompts: list[Example], 
                 out[k] = v
             s = e
     return out
+
+
+def _grad_chunks(indices: list[int], train: list[Example], budget: int) -> list[list[int]]:
+    """Split a micro-batch into length-sorted chunks of at most `budget` padded tokens (at least one example each).
+
+    Activations kept for backward grow with the padded token count (~0.7 MiB per token for SmolLM2-135M), so a
+    micro-batch of 8 long examples would hold ~3 GiB. The KTO loss is per-example once z0 is fixed for the step,
+    so running the chunks' forward/backward one after another gives the same gradient with a bounded peak.
+    """
+    order = sorted(indices, key=lambda i: len(train[i].prompt_ids) + len(train[i].completion_ids))
+    chunks: list[list[int]] = []
+    for i in order:
+        n = len(train[i].prompt_ids) + len(train[i].completion_ids)  # the longest so far: sets the padded width
+        if chunks and (len(chunks[-1]) + 1) * n <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+_LIBC: Any = None
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them): a step's activations must not stack on the next's."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 def _heldout_pairs(heldout: list[Example]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -245,6 +282,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     else:
         ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens)
     ref = dist.gather_dict(ref)
+    _trim_heap()
 
     # Held-out: base reference, and the served adapter's numbers (rank 0 only; nothing to reduce).
     h_matched, h_kl = _heldout_pairs(heldout)
@@ -291,16 +329,18 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         # Matched pairs with gradient; the loss is the mean over the global step batch.
         model.train()
         stats = torch.zeros(5)  # loss sum, reward sum D, count D, reward sum U, count U
-        for mb in mine:
-            seqs = [(train[i].prompt_ids, train[i].completion_ids) for i in mb.examples]
+        for chunk in (c for mb in mine for c in _grad_chunks(mb.examples, train, cfg.grad_tokens)):
+            seqs = [(train[i].prompt_ids, train[i].completion_ids) for i in chunk]
             n_tokens += sum(len(p) + len(c) for p, c in seqs)
             lp = completion_logps(model, seqs, pad_id)
-            rewards = lp - torch.tensor([ref[(i, i)] for i in mb.examples])
-            desirable = torch.tensor([train[i].desirable for i in mb.examples])
+            rewards = lp - torch.tensor([ref[(i, i)] for i in chunk])
+            desirable = torch.tensor([train[i].desirable for i in chunk])
             out = kto_loss(rewards, None, desirable, cfg.beta, lam_d, lam_u, z0_pre_clamp=z0_pre)
             (out.losses.sum() / n_global).backward()
+            loss_sum = out.losses.detach().sum()
+            del lp, out  # free this chunk's graph before the next chunk's forward
             r = rewards.detach()
-            stats += torch.stack([out.losses.detach().sum(), r[desirable].sum(), desirable.sum().float(),
+            stats += torch.stack([loss_sum, r[desirable].sum(), desirable.sum().float(),
                                   r[~desirable].sum(), (~desirable).sum().float()])
         if dist.world > 1:
             flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params])
@@ -320,6 +360,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             g["lr"] = lr
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _trim_heap()
         rec = {"step": s + 1, "loss": loss, "z0": max(0.0, z0_pre.item()), "z0_pre_clamp": z0_pre.item(),
                "reward_desirable": (stats[1] / stats[2]).item() if stats[2] > 0 else None,
                "reward_undesirable": (stats[3] / stats[4]).item() if stats[4] > 0 else None,
