@@ -91,12 +91,14 @@ class Operator:
                 "last_tick": self.scheduler.last_tick}
 
     def by_time(self, bucket: str = "hour") -> pd.DataFrame:
+        """Up and down per bucket, as bar labels: a bar stays visible when all ratings share one bucket."""
         rows = records(self.store.counts_by_time(bucket=bucket))
+        fmt = "%m-%d %H:00" if bucket == "hour" else "%Y-%m-%d"
         out = []
         for r in rows:
-            t = _get(r, "bucket", "time", "ts", "t", default=None)
-            out.append({"time": pd.Timestamp(t), "rating": "👍 up", "n": int(_get(r, "up"))})
-            out.append({"time": pd.Timestamp(t), "rating": "👎 down", "n": int(_get(r, "down"))})
+            t = pd.Timestamp(_get(r, "bucket", "time", "ts", "t", default=None)).strftime(fmt)
+            out.append({"time": t, "rating": "👍 up", "n": int(_get(r, "up"))})
+            out.append({"time": t, "rating": "👎 down", "n": int(_get(r, "down"))})
         return pd.DataFrame(out, columns=["time", "rating", "n"])
 
     def by_adapter(self) -> pd.DataFrame:
@@ -254,7 +256,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
             realign_msg = gr.Markdown(elem_id="kto-realign-msg")
         with gr.Tab("Dashboard"):
             with gr.Row():
-                over_time = gr.LinePlot(x="time", y="n", color="rating", title="Thumbs over time (per hour)",
+                over_time = gr.BarPlot(x="time", y="n", color="rating", title="Thumbs over time (per hour)",
                                         color_map={"👍 up": "#2e9e44", "👎 down": "#d9413b"},
                                         height=260, elem_id="kto-plot-time")
                 per_adapter = gr.BarPlot(x="adapter", y="like rate %", title="Like rate per adapter version",
