@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -122,6 +123,8 @@ class _Pending:
 class FeedbackStore:
     """One DuckDB file; `deployment` scopes every row, so one file can serve several deployments."""
 
+    gather_s = 0.002   # the longest a group-commit leader waits for more ratings (0: never wait)
+
     def __init__(self, path: str | Path, deployment: str = "default", *, read_only: bool = False,
                  clock: Callable[[], datetime] = utcnow, answer_cache_size: int = 50_000):
         _check_str("deployment", deployment)
@@ -143,8 +146,11 @@ class FeedbackStore:
             raise StoreError(f"cannot open {self.path}: {e}") from None
         self._lock = threading.Lock()          # guards self._conn: every write, and cursor creation
         self._queue: list[_Pending] = []       # ratings waiting for the next group commit
-        self._queue_cv = threading.Condition()   # guards _queue and _leading; followers sleep on it
+        mutex = threading.Lock()               # guards _queue, _leading, _last_released
+        self._queue_cv = threading.Condition(mutex)     # followers sleep on it until their batch committed
+        self._arrival_cv = threading.Condition(mutex)   # a gathering leader sleeps on it
         self._leading = False                  # a thread is committing a batch right now
+        self._last_released = 0                # callers the last commit released (they often rate again)
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()   # id -> (deployment, adapter)
@@ -377,11 +383,22 @@ class FeedbackStore:
         pending = _Pending(items)
         with self._queue_cv:
             self._queue.append(pending)
+            self._arrival_cv.notify()
             while self._leading and not pending.done:
                 self._queue_cv.wait()
             if not pending.done:
                 self._leading = True
+                # gather: the callers the last commit released are likely rating again right now; waiting a
+                # moment for them doubles the batch (commit cost is per batch). A lone caller never waits.
+                if self.gather_s > 0 and len(self._queue) < self._last_released:
+                    deadline = time.monotonic() + self.gather_s
+                    while len(self._queue) < self._last_released:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._arrival_cv.wait(left)
                 batch, self._queue = self._queue, []
+                self._last_released = len(batch)
         if not pending.done:
             try:
                 with self._lock:
@@ -411,11 +428,14 @@ class FeedbackStore:
         infos = {a: self._answers[a] for a in answer_ids if a in self._answers}
         misses = [a for a in answer_ids if a not in infos]
         state: dict[tuple[str, str], list] = {}
-        for kind, a, u, rid, rowid, v, r, cm in self._conn.execute("""
-                SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL FROM answers
-                    WHERE id IN (SELECT unnest(?::VARCHAR[]))
-                UNION ALL SELECT 1, answer_id, user_id, id, rowid, value, reason, comment FROM ratings
-                    WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))""", [misses, answer_ids]).fetchall():
+        sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment FROM ratings
+            WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
+        params: list = [answer_ids]
+        if misses:     # answers added by this process are cached (add_answer), so usually skipped
+            sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL FROM answers
+                WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
+            params.insert(0, misses)
+        for kind, a, u, rid, rowid, v, r, cm in self._conn.execute(sql, params).fetchall():
             if kind == 0:                        # a: answer id, u: deployment, rid: adapter
                 infos[a] = (u, rid)
                 self._remember_answer(a, u, rid)
