@@ -188,7 +188,7 @@ class Realigner:
         log_path = out.parent / "aligner.log"
         tail: deque[str] = deque(maxlen=20)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "w") as log:
+        with open(log_path, "w", buffering=1) as log:  # line-buffered: progress can be followed live
             proc = self._proc = subprocess.Popen(
                 self.command(snapshot, out, served_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, bufsize=1, env=env, start_new_session=True)
