@@ -4,7 +4,7 @@ and prints, side by side per rater, the held-out desirable rate and capability b
 The measured figures live in the JSON the command writes (benchmarks/results/simulate_default.json, with the
 machine description and load average) and its plot (.png beside it).
 
-    python benchmarks/simulate_bench.py                      # the full run (long: see docs/simulator.md)
+    python benchmarks/simulate_bench.py                      # the full run (long: see the README simulator section)
     python benchmarks/simulate_bench.py --report-only        # print the table of an existing results file
     python benchmarks/simulate_bench.py -- --ratings-per-cycle 200 --max-tokens 128   # extra simulate flags
 """
