@@ -383,3 +383,22 @@ def test_rate_many_bulk_path_is_exact(store):
     assert store.get_rating("dave", answers[1])["reason"] == "wrong"
     assert [h["value"] for h in store.rating_history(first[0].rating_id)] == ["up", None]
     assert [h["value"] for h in store.rating_history(first[1].rating_id)] == ["up", "down"]
+
+
+def test_ratings_are_indexed_by_answer_and_changes_update_in_place(store):
+    """The batch read filters on ratings.answer_id: its index must exist (else every rating scans the table),
+    and a change rewrites the row (same id, same created_at), never adds one."""
+    con = store._cursor()
+    assert con.execute("SELECT count(*) FROM duckdb_indexes() WHERE table_name = 'ratings' "
+                       "AND expressions ILIKE '%answer_id%'").fetchone()[0] >= 1
+    answers = [chat(store, answer=f"x{i}")[2] for i in range(3)]
+    first = store.rate_many([("erin", a, "up") for a in answers])
+    created = {r["id"]: r["created_at"] for r in (store.get_rating("erin", a) for a in answers)}
+    again = store.rate_many([("erin", a, "down", "bad") for a in answers] + [("erin", answers[1], None)])
+    assert [r.rating_id for r in again[:3]] == [r.rating_id for r in first]
+    rows = con.execute("SELECT id, value, reason, created_at, updated_at FROM ratings WHERE user_id = 'erin' "
+                       "ORDER BY id").fetchall()
+    assert len(rows) == 3
+    for rid, value, reason, created_at, updated_at in rows:
+        assert created_at == created[rid] and updated_at > created_at
+        assert (value, reason) == ((None, None) if rid == first[1].rating_id else ("down", "bad"))

@@ -120,3 +120,50 @@ def test_50_concurrent_raters_lose_and_duplicate_nothing(tmp_path):
     assert sum(changes) == n_users * len(answers) + sum(1 for (u, a), v in expected.items()
                                                          if v != ("up" if (int(u.split("-")[1]) +
                                                                           answers.index(a)) % 2 else "down"))
+
+
+def test_group_commit_batches_concurrent_raters_and_a_bad_rating_fails_alone(tmp_path):
+    """16 threads: far fewer transactions than ratings (that is what makes 16 threads fast), every rating and
+    audit row stored once, and a rating of an unknown answer inside a shared batch fails only its own caller."""
+    store = FeedbackStore(tmp_path / "group.duckdb")
+    conv = store.new_conversation("host")
+    msg = store.add_user_message(conv, "q")
+    answers = [store.add_answer(conv, msg, [{"role": "user", "content": "q"}], f"a{i}") for i in range(20)]
+    batches: list[int] = []
+    commit = store._commit_ratings
+
+    def counting(batch):
+        batches.append(sum(len(p.items) for p in batch))
+        commit(batch)
+    store._commit_ratings = counting
+    bad_errors: list[BaseException] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16)
+
+    def rater(k: int) -> None:
+        barrier.wait()
+        for i, a in enumerate(answers):
+            try:
+                store.rate(f"u{k}", a, "up" if (i + k) % 2 else "down")
+            except BaseException as e:
+                errors.append(e)
+            if k == 0 and i % 5 == 0:
+                try:
+                    store.rate("u0", "no-such-answer", "up")
+                except BaseException as e:
+                    bad_errors.append(e)
+
+    threads = [threading.Thread(target=rater, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[:3]
+    assert len(bad_errors) == 4 and all(type(e).__name__ == "UnknownAnswer" for e in bad_errors)
+    assert sum(batches) == 16 * len(answers) + 4
+    assert len(batches) < 16 * len(answers) / 2, f"{len(batches)} commits: group commit is not batching"
+    con = store._cursor()
+    assert con.execute("SELECT count(*), count(DISTINCT id) FROM ratings").fetchone() == (320, 320)
+    assert con.execute("SELECT count(*) FROM rating_events").fetchone()[0] == 320
+    assert con.execute("SELECT count(*) FROM ratings WHERE answer_id = 'no-such-answer'").fetchone()[0] == 0
+    store.close()
