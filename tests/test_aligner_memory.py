@@ -30,10 +30,40 @@ def test_chunked_gradient_equals_whole_batch(tmp_path, tiny_model_dir):
                             max_length=128, heldout_fraction=0.0, max_steps=2, threads=1, grad_tokens=budget))
         outs[budget] = (m, load_file(out / "adapter_model.safetensors"))
     (m1, w1), (m2, w2) = outs[10**6], outs[64]
+    # bf16 autocast: the batch shape moves the last bits, so compare to bf16-noise tolerances. (Adapter weights are
+    # not compared: Adam's first steps are ≈ ±lr per element, so noise-level gradients flip whole lr-sized steps.)
     for a, b in zip(m1["log"], m2["log"], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+        assert a["reward_desirable"] == pytest.approx(b["reward_desirable"], abs=2e-3)
     assert max(w1[k].abs().max().item() for k in w1 if "lora_B" in k) > 1e-3
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    assert w1.keys() == w2.keys()
     assert m1["train_tokens"] == m2["train_tokens"]
-    assert torch.isfinite(torch.tensor(m1["final_loss"]))
+
+
+def test_chunked_backward_gives_the_same_gradient(tiny_model_dir):
+    """In float32 the chunked gradient is the whole-batch gradient: the per-example loss makes chunking exact."""
+    from aligner.model import completion_logps, load_policy
+
+    torch.manual_seed(0)
+    model = load_policy(tiny_model_dir, dtype=torch.float32)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a non-zero adapter so every LoRA weight gets a gradient
+    g = torch.Generator().manual_seed(1)
+    seqs = [(torch.randint(3, 1000, (int(p),), generator=g).tolist(), torch.randint(3, 1000, (int(c),), generator=g)
+             .tolist()) for p, c in [(5, 9), (20, 3), (11, 30), (7, 7)]]
+    weights = torch.tensor([0.3, -1.0, 0.7, 2.0])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(chunks: list[list[int]]) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        for c in chunks:
+            (completion_logps(model, [seqs[i] for i in c], 0, autocast=False) * weights[c]).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    whole, chunked = grads([[0, 1, 2, 3]]), grads([[1, 3], [0], [2]])
+    assert max(w.abs().max().item() for w in whole) > 1e-4
+    for w, c in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(c, w, rtol=1e-4, atol=1e-6)
