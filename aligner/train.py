@@ -181,6 +181,19 @@ def _trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
+def _kl_sum(model: Any, mbs: list[MicroBatch], train: list[Example], ref: dict[tuple[int, int], float],
+            pad_id: int) -> torch.Tensor:
+    """(Σ policy−reference log-ratio, count) over the mismatched pairs of these micro-batches, without gradient."""
+    kl_sum = torch.zeros(2)
+    with torch.no_grad():
+        for mb in mbs:
+            pairs = list(zip(mb.examples, mb.partners, strict=True))
+            lp = completion_logps(model, [(train[i].prompt_ids, train[j].completion_ids) for i, j in pairs], pad_id)
+            kl = lp - torch.tensor([ref[k] for k in pairs])
+            kl_sum += torch.stack([kl.sum(), torch.tensor(float(kl.numel()))])
+    return kl_sum
+
+
 def _heldout_pairs(heldout: list[Example]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Matched and mismatched (rotation over the whole held-out set) index pairs; empty below 2 examples."""
     if len(heldout) < 2:
@@ -270,8 +283,14 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     total = len(steps)
 
     # Reference log-probs, once: matched pairs and every KL pair of the plan, sharded over processes.
+    # Before the first update the policy *is* the reference (a fresh adapter has lora_B = 0; with `--reference
+    # previous` the reference is the resumed adapter): the first step's KL log-ratios are exactly 0, so neither
+    # its KL pass nor those pairs' reference log-probs are computed.
+    policy_is_reference = cfg.resume_from is None or cfg.reference == "previous"
+    kl_steps = steps[1:] if policy_is_reference else steps
     train_keys = sorted({(i, i) for i in range(len(train))}
-                        | {(i, j) for st in steps for mb in st for i, j in zip(mb.examples, mb.partners, strict=True)})
+                        | {(i, j) for st in kl_steps for mb in st for i, j in zip(mb.examples, mb.partners,
+                                                                                  strict=True)})
     batch_tokens = cfg.batch_size * cfg.max_length  # no-grad passes: bigger batches are fine
     emit({"event": "phase", "phase": "reference", "sequences": len(train_keys)})
     model.eval()
@@ -316,15 +335,9 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         n_global = sum(len(mb.examples) for mb in step)
         # z0: policy log-ratios of this step's mismatched pairs, without gradient, reduced over processes.
         model.eval()
-        kl_sum = torch.zeros(2)
-        with torch.no_grad():
-            for mb in mine:
-                seqs = [(train[i].prompt_ids, train[j].completion_ids) for i, j in zip(mb.examples, mb.partners,
-                                                                                       strict=True)]
-                lp = completion_logps(model, seqs, pad_id)
-                kl = lp - torch.tensor([ref[(i, j)] for i, j in zip(mb.examples, mb.partners, strict=True)])
-                kl_sum += torch.stack([kl.sum(), torch.tensor(float(kl.numel()))])
-        kl_sum = dist.sum_(kl_sum)
+        kl_sum = torch.tensor([0.0, 1.0])
+        if s > 0 or not policy_is_reference:
+            kl_sum = dist.sum_(_kl_sum(model, mine, train, ref, pad_id))
         z0_pre = kl_sum[0] / kl_sum[1]
         # Matched pairs with gradient; the loss is the mean over the global step batch.
         model.train()

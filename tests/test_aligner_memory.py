@@ -35,7 +35,7 @@ def test_chunked_gradient_equals_whole_batch(tmp_path, tiny_model_dir):
     for a, b in zip(m1["log"], m2["log"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-4)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-        assert a["reward_desirable"] == pytest.approx(b["reward_desirable"], abs=2e-3)
+        assert a["reward_desirable"] == pytest.approx(b["reward_desirable"], abs=1e-2)
     assert max(w1[k].abs().max().item() for k in w1 if "lora_B" in k) > 1e-3
     assert w1.keys() == w2.keys()
     assert m1["train_tokens"] == m2["train_tokens"]
