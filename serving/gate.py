@@ -11,7 +11,9 @@ The rule (all must hold):
 2. margin gain: new.margin - served.margin > min_gain;
 3. no regression on the sign test: new.frac_correct_side >= served.frac_correct_side - frac_tolerance.
 When nothing is served yet (`served` is None or empty) the base model is the comparison: its margin against
-itself is 0 and rule 3 is skipped.
+itself is 0 and rule 3 is skipped. When the held-out set holds one class only (a heavily imbalanced snapshot can
+leave no held-out thumbs-up), the margin is undefined; the gate then compares that class's mean reward instead
+(lower on undesirable answers, higher on desirable ones), with the same threshold and sign test.
 """
 
 from __future__ import annotations
@@ -29,29 +31,43 @@ def _num(d: dict[str, Any], key: str) -> float | None:
     return float(v)
 
 
+def _score(d: dict[str, Any]) -> tuple[float | None, str]:
+    """The number to compare and its name: the margin, or, when the held-out set holds one class only (heavy
+    imbalance leaves no held-out thumbs-up, say), that class's mean reward oriented so that higher is better."""
+    margin = _num(d, "margin")
+    if margin is not None or d.get("margin") is not None:
+        return margin, "margin"
+    r_d, r_u = _num(d, "reward_desirable"), _num(d, "reward_undesirable")
+    if d.get("reward_desirable") is None and r_u is not None:
+        return -r_u, "−reward on held-out undesirable (no held-out desirable)"
+    if d.get("reward_undesirable") is None and r_d is not None:
+        return r_d, "reward on held-out desirable (no held-out undesirable)"
+    return None, "margin"
+
+
 def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, min_gain: float,
                    frac_tolerance: float = FRAC_TOLERANCE) -> tuple[bool, str]:
     """(promote?, human-readable reason); the reason is recorded with the run either way."""
     if not new:
         return False, "not promoted: the new adapter has no held-out metrics"
-    new_margin = _num(new, "margin")
-    if new_margin is None:
+    new_score, what = _score(new)
+    if new_score is None:
         return False, ("not promoted: the new adapter's held-out margin is missing or not finite "
                        f"({new.get('margin')!r})")
     if not served:
-        if new_margin > min_gain:
-            return True, f"promoted: held-out margin {new_margin:+.4f} > {min_gain:+.4f} (nothing served yet: base)"
-        return False, f"not promoted: held-out margin {new_margin:+.4f} does not exceed {min_gain:+.4f} (vs base)"
-    served_margin = _num(served, "margin")
-    if served_margin is None:
-        return False, f"not promoted: the served adapter's held-out margin is missing ({served.get('margin')!r})"
-    gain = new_margin - served_margin
+        if new_score > min_gain:
+            return True, f"promoted: held-out {what} {new_score:+.4f} > {min_gain:+.4f} (nothing served yet: base)"
+        return False, f"not promoted: held-out {what} {new_score:+.4f} does not exceed {min_gain:+.4f} (vs base)"
+    served_score, served_what = _score(served)
+    if served_score is None or served_what != what:
+        return False, f"not promoted: the served adapter's held-out {what} is missing ({served.get('margin')!r})"
+    gain = new_score - served_score
     if not gain > min_gain:
-        return False, (f"not promoted: margin gain {gain:+.4f} (new {new_margin:+.4f}, served {served_margin:+.4f}) "
+        return False, (f"not promoted: {what} gain {gain:+.4f} (new {new_score:+.4f}, served {served_score:+.4f}) "
                        f"does not exceed {min_gain:+.4f}")
     new_frac, served_frac = _num(new, "frac_correct_side"), _num(served, "frac_correct_side")
     if new_frac is not None and served_frac is not None and new_frac < served_frac - frac_tolerance:
         return False, (f"not promoted: share on the correct side fell from {served_frac:.3f} to {new_frac:.3f} "
-                       f"(tolerance {frac_tolerance:.2f}) despite margin gain {gain:+.4f}")
-    return True, (f"promoted: margin gain {gain:+.4f} (new {new_margin:+.4f}, served {served_margin:+.4f}) "
+                       f"(tolerance {frac_tolerance:.2f}) despite {what} gain {gain:+.4f}")
+    return True, (f"promoted: {what} gain {gain:+.4f} (new {new_score:+.4f}, served {served_score:+.4f}) "
                   f"> {min_gain:+.4f}")

@@ -43,3 +43,30 @@ def test_missing_or_non_finite_new_metrics_never_promote(bad):
 def test_missing_served_margin_refuses():
     ok, reason = should_promote(m(1.0), {"loss": 0.3}, 0.0)
     assert not ok and "served" in reason
+
+
+def one_class(r_u=None, r_d=None, frac=0.5):
+    return {"margin": None, "frac_correct_side": frac, "loss": 0.5, "reward_undesirable": r_u, "reward_desirable": r_d}
+
+
+def test_one_class_heldout_compares_that_class_reward():
+    # only undesirable examples held out: pushing their reward down is the improvement
+    ok, reason = should_promote(one_class(r_u=-3.0, frac=0.9), None, min_gain=0.0)
+    assert ok and "no held-out desirable" in reason
+    ok, reason = should_promote(one_class(r_u=+1.0, frac=0.2), None, min_gain=0.0)
+    assert not ok and "does not exceed" in reason
+    ok, _ = should_promote(one_class(r_u=-3.0, frac=0.9), one_class(r_u=-1.0, frac=0.8), min_gain=0.5)
+    assert ok
+    ok, _ = should_promote(one_class(r_u=-3.0, frac=0.6), one_class(r_u=-1.0, frac=0.8), min_gain=0.5)
+    assert not ok  # sign test still guards
+    # only desirable held out: higher reward is better
+    ok, _ = should_promote(one_class(r_d=2.0), one_class(r_d=1.0), min_gain=0.5)
+    assert ok
+    # a served score of another kind is not comparable
+    ok, reason = should_promote(one_class(r_d=2.0), m(0.1), min_gain=0.0)
+    assert not ok and "missing" in reason
+
+
+def test_nan_rewards_never_promote_in_the_one_class_fallback():
+    ok, _ = should_promote(one_class(r_u=float("nan")), None, min_gain=0.0)
+    assert not ok
