@@ -16,7 +16,6 @@ names); the shape check decides.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from serving.model_fetch import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ class AdapterInfo:
     weights_file: str
     sha256: str
     size_bytes: int
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -218,7 +211,7 @@ class AdapterRegistry:
         self._check_base(d, base_name, weights)
         return AdapterInfo(path=str(d.resolve()), rank=rank, alpha=float(cfg.get("lora_alpha", rank)),
                            target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
-                           base_model=base_name, weights_file=weights.name, sha256=_sha256(weights),
+                           base_model=base_name, weights_file=weights.name, sha256=sha256_file(weights),
                            size_bytes=weights.stat().st_size)
 
     def _check_base(self, d: Path, base_name: str | None, weights: Path) -> None:
@@ -381,7 +374,7 @@ class AdapterRegistry:
         weights = next((Path(v["path"]) / n for n in _WEIGHT_FILES if (Path(v["path"]) / n).is_file()), None)
         if weights is None:
             raise InvalidAdapter(f"the files of {name} are gone from {v['path']}")
-        if v.get("sha256") and _sha256(weights) != v["sha256"]:
+        if v.get("sha256") and sha256_file(weights) != v["sha256"]:
             raise InvalidAdapter(f"the weights of {name} in {v['path']} changed since it was registered "
                                  "(sha256 mismatch)")
         if name not in self.loaded():
