@@ -61,6 +61,9 @@ class Config:
     schedule_interval_minutes: int = _opt(0, "realign every N minutes (0 = no interval schedule)")
     schedule_cron: str = _opt("", "crontab expression for realignment, e.g. '0 3 * * *' (empty = none)")
     min_new_ratings: int = _opt(50, "a scheduled run starts only after this many new ratings")
+    align_mode: str = _opt("continue", "continue: train the served adapter further on the ratings it has not "
+                                       "seen (reference = base); fresh: a new adapter on all ratings",
+                           choices=("continue", "fresh"))
     max_examples: int = _opt(2000, "most examples used by one run (newest first)")
     lora_rank: int = _opt(16, "LoRA rank of trained adapters")
     beta: float = _opt(0.1, "KTO beta")

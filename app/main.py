@@ -85,7 +85,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,
-            extra_args=shlex.split(cfg.align_extra_args))
+            extra_args=shlex.split(cfg.align_extra_args), mode=cfg.align_mode)
         stack.callback(realigner.close)
         yield Stack(server, store, registry, client, realigner, SettingsStore(cfg.data_dir, default_settings(cfg)),
                     cfg)

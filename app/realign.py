@@ -3,6 +3,11 @@
 Training runs in a child process (niced, its own process group) on a Parquet snapshot, so the app process keeps
 owning the DuckDB file and chat stays responsive. Runs never overlap: a second trigger raises RunInProgress.
 Every run, failed ones included, is recorded in the store with its error text.
+
+Two modes. "continue" (default) trains the served adapter further on the ratings it has not seen yet, with the base
+model as the reference: each cycle costs the same however long the deployment has run, and the KL anchor stays
+at the base model so drift is measured against it, not against the previous version. "fresh" trains a new adapter
+on all final ratings (newest `max_examples`). With the base model served, both train a new adapter on everything.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 Progress = Callable[[dict[str, Any]], None]
+MODES = ("continue", "fresh")
 
 
 class RunInProgress(RuntimeError):
@@ -65,8 +71,12 @@ class Realigner:
 
     def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
-                 extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None):
+                 extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
+                 mode: str = "continue"):
+        if mode not in MODES:
+            raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         self.store, self.registry = store, registry
+        self.mode = mode
         self.model_dir, self.work_dir = Path(model_dir), Path(work_dir)
         self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
         self.max_examples = max_examples
@@ -113,8 +123,14 @@ class Realigner:
 
     def _run(self, trigger: str, progress: Progress | None, max_examples: int, since: Any) -> RunOutcome:
         current = self.registry.current()
+        served_dir = self._adapter_dir_of(current)
+        resume_dir = served_dir if self.mode == "continue" else None
+        if resume_dir is not None and since is None:
+            since = current  # only the ratings the served version has not been trained on
         params = {"max_examples": max_examples, "lora_rank": self.lora_rank, "beta": self.beta,
-                  "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir)}
+                  "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir),
+                  "mode": self.mode, "resume_from": current if resume_dir is not None else None,
+                  "reference": "base", "since": str(since) if since is not None else None}
         run_id = str(self.store.start_run(trigger, params))
         self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
                                 started_at=time.time())
@@ -131,7 +147,7 @@ class Realigner:
                 raise RunFailed(f"need at least one thumbs-up and one thumbs-down to train "
                                 f"(have {snap.n_desirable} up, {snap.n_undesirable} down)")
             out = run_dir / "adapter"
-            self._train(snap.path, out, self._adapter_dir_of(current), progress)
+            self._train(snap.path, out, served_dir, progress, resume_dir)
             manifest = json.loads((out / "manifest.json").read_text())
             heldout = manifest.get("heldout") or {}
             self._emit(progress, event="phase", phase="gate")
@@ -141,7 +157,7 @@ class Realigner:
             version = None
             if ok:
                 self._emit(progress, event="phase", phase="promote")
-                version = self._promote(out, current, run_id)
+                version = self._promote(out, current if resume_dir is not None else None, run_id)
             status = "promoted" if ok else "rejected"
             self._finish(run_id, status, manifest=manifest, promoted=ok, reason=reason, version=version,
                          snap=snap)
@@ -168,19 +184,23 @@ class Realigner:
         path = path_of(version) if path_of else None
         return Path(path) if path else None
 
-    def command(self, snapshot: Path, out: Path, served_dir: Path | None) -> list[str]:
+    def command(self, snapshot: Path, out: Path, served_dir: Path | None,
+                resume_dir: Path | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),
                "--model-dir", str(self.model_dir), "--lora-rank", str(self.lora_rank),
                "--beta", str(self.beta), "--progress-json"]
         if served_dir is not None:
             cmd += ["--served-adapter", str(served_dir)]
+        if resume_dir is not None:
+            cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
         cmd += self.extra_args
         nice = shutil.which("nice")
         if self.niceness and nice:
             cmd = [nice, "-n", str(self.niceness)] + cmd
         return cmd
 
-    def _train(self, snapshot: Path, out: Path, served_dir: Path | None, progress: Progress | None) -> None:
+    def _train(self, snapshot: Path, out: Path, served_dir: Path | None, progress: Progress | None,
+               resume_dir: Path | None = None) -> None:
         """Run the aligner child, relay its JSON progress lines, fail with its last stderr lines."""
         if self._closing:
             raise RunFailed("the app is shutting down")
@@ -190,7 +210,7 @@ class Realigner:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_path, "w", buffering=1) as log:  # line-buffered: progress can be followed live
             proc = self._proc = subprocess.Popen(
-                self.command(snapshot, out, served_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                self.command(snapshot, out, served_dir, resume_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, bufsize=1, env=env, start_new_session=True)
             err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, tail), daemon=True)
             err_thread.start()

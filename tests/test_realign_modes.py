@@ -1,0 +1,120 @@
+"""Realignment modes on the real store and the real aligner subprocess (tiny model): "continue" resumes the served
+adapter on the ratings it has not seen, with the base model as reference; "fresh" retrains on everything.
+
+The adapter registry is a stand-in that records promotions (vLLM is not under test here; tests/test_simulate_e2e.py
+and tests/test_serving_live.py cover the real swap)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.realign import Realigner
+from feedback_store import FeedbackStore
+
+TRAIN_ARGS = ["--max-steps", "1", "--batch-size", "4", "--holdout-fraction", "0.25"]
+
+
+class Registry:
+    """Promotes by copying nothing: remembers version → adapter directory, like the real registry's pointer."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}
+        self.pointer = "base"
+
+    def current(self) -> str:
+        return self.pointer
+
+    def promote(self, adapter_dir: Path) -> str:
+        version = f"kto-v{len(self.paths) + 1}"
+        self.paths[version] = Path(adapter_dir)
+        self.pointer = version
+        return version
+
+    def path_of(self, version: str) -> Path | None:
+        return self.paths.get(version)
+
+
+def _rate(store: FeedbackStore, tag: str, n: int, adapter: str) -> list[str]:
+    """n answers by `adapter`, alternately thumbs-up and thumbs-down; returns the answer ids."""
+    conv = store.new_conversation(f"user-{tag}")
+    ids = []
+    for i in range(n):
+        q = f"Question {tag}-{i}: name a colour."
+        m = store.add_user_message(conv, q)
+        a = store.add_answer(conv, m, [{"role": "user", "content": q}], f"Blue, answer {tag}-{i}.", adapter=adapter)
+        store.rate(f"user-{tag}", a, "up" if i % 2 == 0 else "down")
+        ids.append(a)
+    return ids
+
+
+@pytest.fixture(autouse=True)
+def _gate_always_promotes(monkeypatch):
+    """A random tiny model has nothing to learn, so the real gate may say no; the gate has its own tests."""
+    import serving.gate
+
+    monkeypatch.setattr(serving.gate, "should_promote", lambda new, served, min_gain: (True, "promoted: test"))
+
+
+def _realigner(store, registry, tiny_model_dir: Path, tmp_path: Path, mode: str) -> Realigner:
+    return Realigner(store, registry, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
+                     extra_args=TRAIN_ARGS, mode=mode, lora_rank=8)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_continue_mode_resumes_the_served_adapter_on_unseen_ratings(tiny_model_dir: Path, tmp_path: Path):
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = _realigner(store, reg, tiny_model_dir, tmp_path, "continue")
+    _rate(store, "a", 12, "base")
+    first = rl.run("operator")
+    assert first.promoted and first.version == "kto-v1", first.reason
+    assert first.manifest["resume_from"] is None  # base served: a new adapter on everything
+    run1 = store.get_run(first.run_id)
+    assert run1["n_desirable"] + run1["n_undesirable"] <= 12
+
+    later = _rate(store, "b", 8, "kto-v1")
+    second = rl.run("operator")
+    assert second.promoted and second.version == "kto-v2", second.reason
+    m = second.manifest
+    assert m["resume_from"] == str(reg.paths["kto-v1"]) and m["reference"] == "base"
+    # only the 8 ratings kto-v1 has not seen reached the aligner
+    used = set(store.run_examples(second.run_id, include_dropped=True))
+    assert len(used) <= 8 and used.isdisjoint(store.run_examples(first.run_id, include_dropped=True))
+    params = store.get_run(second.run_id)["params"]
+    params = json.loads(params) if isinstance(params, str) else params
+    assert params["mode"] == "continue" and params["resume_from"] == "kto-v1" and params["reference"] == "base"
+    # lineage: an answer served by kto-v2 was shaped by the ratings of both runs (parent chain)
+    v2 = next(a for a in store.adapters() if a["version"] == "kto-v2")
+    assert v2["parent"] == "kto-v1"
+    conv = store.new_conversation("reader")
+    q = store.add_user_message(conv, "hi")
+    answer = store.add_answer(conv, q, [{"role": "user", "content": "hi"}], "hello", adapter="kto-v2")
+    both = set(store.lineage(answer, include_ancestors=True))
+    assert set(store.run_examples(first.run_id)) | set(store.run_examples(second.run_id)) == both
+    assert set(store.lineage(answer)) == set(store.run_examples(second.run_id))
+    assert later  # the new answers exist and were rated
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fresh_mode_retrains_from_base_on_all_ratings(tiny_model_dir: Path, tmp_path: Path):
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = _realigner(store, reg, tiny_model_dir, tmp_path, "fresh")
+    _rate(store, "a", 8, "base")
+    assert rl.run("operator").promoted
+    _rate(store, "b", 8, "kto-v1")
+    second = rl.run("operator")
+    assert second.promoted and second.manifest["resume_from"] is None
+    assert len(store.run_examples(second.run_id, include_dropped=True)) == 16
+    v2 = next(a for a in store.adapters() if a["version"] == "kto-v2")
+    assert v2["parent"] is None  # trained from the base model, not from kto-v1
+    store.close()
+
+
+def test_unknown_mode_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="continue"):
+        Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, mode="sideways")
