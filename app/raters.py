@@ -3,13 +3,17 @@
 True is a thumbs-up (desirable), False a thumbs-down, None means this user would not rate the answer at all. Each
 rater encodes one preference that the base SmolLM2-135M-Instruct mostly does *not* satisfy, so the simulator can
 show the loop moving the served model towards it. They differ in kind, difficulty and imbalance; the base rates
-below were measured on the held-out prompts (2 samples each, temperature 0.7, top-p 0.95, 256 tokens):
+below were measured on the base model's answers to all 58 held-out prompts and every third training prompt (2
+samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens as `kto-loop simulate` serves them):
 
-| rater      | preference | base desirable | why it is harder or easier |
-|------------|------------|----------------|----------------------------|
-| `concise`  | length: at most 60 words               | ~19% | length is one global, easy-to-learn trait |
-| `bullets`  | format: a list of at least 3 items     | ~17% | structure, prompt-dependent; poems are not rated |
-| `examples` | content: gives a concrete example      | ~6%  | rare (< 10%): λ_D must be large, few positives |
+| rater      | preference                                  | base desirable (all / held-out) | difficulty |
+|------------|---------------------------------------------|---------------------------------|------------|
+| `concise`  | length: at most 60 words                    | 15% / 15%  | one global trait; the base model rambles until the token limit |
+| `bullets`  | format: a list of at least 3 items          | 11% / 7.7% | the imbalanced one (< 10% held-out): λ_D ≈ 8; prompt-dependent, creative prompts not rated |
+| `examples` | content: names concrete examples            | 14% / 16%  | the model must change what it says, not only its shape |
+
+The stricter phrase-only variant of `examples` ("for example", "for instance", "e.g."; 4% base) was tried: with 3 to
+10 thumbs-up in 200 ratings no adapter passed the promotion gate (benchmarks/results/simulate_examples_cycle1*.json).
 
 Write your own: any importable `module:function` or `path/to/file.py:function` with the same signature.
 """
@@ -22,7 +26,7 @@ CONCISE_MAX_WORDS = 60
 BULLETS_MIN_ITEMS = 3
 
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•+]|\d{1,2}[.)])\s+\S")
-_EXAMPLE = re.compile(r"\b(?:for example|for instance|e\.g\.)", re.IGNORECASE)
+_EXAMPLE = re.compile(r"\b(?:for example|for instance|e\.g\.|such as)", re.IGNORECASE)
 _CREATIVE = re.compile(r"^(?:write a (?:short poem|haiku|two-sentence story)|describe .* travel guide)",
                        re.IGNORECASE)
 
@@ -52,8 +56,8 @@ def bullets(prompt: str, answer: str) -> bool | None:
 
 
 def examples(prompt: str, answer: str) -> bool | None:
-    """Content preference: likes answers that illustrate with a concrete example ("for example", "for instance",
-    "e.g."). The base model rarely does: the imbalanced case, well under 10% desirable."""
+    """Content preference: likes answers that name concrete examples ("for example", "for instance", "e.g.",
+    "such as ..."). The base model mostly explains in the abstract: about one answer in seven does this."""
     return bool(_EXAMPLE.search(answer))
 
 

@@ -38,6 +38,7 @@ def test_bullets_skips_creative_requests(prompt):
     ("Tides rise twice a day. For example, in Brest the range is 7 m.", True),
     ("Use a sieve (e.g. a fine mesh one).", True),
     ("for instance, a cat.", True),
+    ("Citrus fruits such as lemons and limes are sour.", True),
     ("This is an exemplary answer with no illustration.", False),
     ("Tides rise and fall twice a day.", False),
 ])
