@@ -6,11 +6,11 @@ show the loop moving the served model towards it. They differ in kind, difficult
 below were measured on the base model's answers to all 58 held-out prompts and every third training prompt (2
 samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens as `kto-loop simulate` serves them):
 
-| rater      | preference                                  | base desirable (all / held-out) | difficulty |
-|------------|---------------------------------------------|---------------------------------|------------|
-| `concise`  | length: at most 60 words                    | 15% / 15%  | one global trait; the base model rambles until the token limit |
-| `bullets`  | format: a list of at least 3 items          | 11% / 7.7% | the imbalanced one (< 10% held-out): λ_D ≈ 8; prompt-dependent, creative prompts not rated |
-| `examples` | content: names concrete examples            | 14% / 16%  | the model must change what it says, not only its shape |
+| rater      | preference                         | base up: all / held-out | difficulty                           |
+|------------|------------------------------------|-------------------------|--------------------------------------|
+| `concise`  | length: at most 60 words           | 15% / 15%               | one global trait                     |
+| `bullets`  | format: a list of at least 3 items | 11% / 7.7%              | imbalanced (< 10%), prompt-dependent |
+| `examples` | content: names concrete examples   | 14% / 16%               | must change what is said             |
 
 The stricter phrase-only variant of `examples` ("for example", "for instance", "e.g."; 4% base) was tried: with 3 to
 10 thumbs-up in 200 ratings no adapter passed the promotion gate (benchmarks/results/simulate_examples_cycle1*.json).

@@ -313,14 +313,17 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
     }
 
 
-def train_pinned(stack: Any, run_id: str, cycle: int, log: Log) -> tuple[Path, dict[str, Any], float]:
-    """Ablation: train again on the very snapshot of run `run_id`, with λ_D = λ_U = 1 pinned."""
+def train_pinned(stack: Any, run_id: str, cycle: int, log: Log,
+                 resume_from: str | None = None) -> tuple[Path, dict[str, Any], float]:
+    """Ablation: train again on the very snapshot of run `run_id`, from the same starting adapter, with
+    λ_D = λ_U = 1 pinned."""
     rl = stack.realigner
     snapshot = Path(rl.work_dir) / f"run-{run_id}" / "snapshot.parquet"
     if not snapshot.is_file():
         raise SimulationError(f"ablation: snapshot of run {run_id} not found at {snapshot}")
     out = Path(rl.work_dir) / f"run-{run_id}" / "adapter-pinned-lambda"
-    cmd = rl.command(snapshot, out, None) + ["--lambda-d", "1", "--lambda-u", "1"]
+    cmd = rl.command(snapshot, out, None, Path(resume_from) if resume_from else None) + [
+        "--lambda-d", "1", "--lambda-u", "1"]
     log(f"cycle {cycle}: ablation run (λ_D = λ_U = 1) on the same snapshot")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -381,12 +384,14 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
         outcome = stack.realigner.run("simulator", progress=_phase_logger(log, f"[{spec.rater_name}] cycle {c}"))
         t2 = time.perf_counter()
         rec = {"cycle": c, "served_before": served_before, "collect": stats, **_cycle_record(outcome),
-               "realign_seconds": round(t2 - t1, 1), "cycle_seconds": round(t2 - t0, 1)}
+               "realign_seconds": round(t2 - t1, 1), "cycle_seconds": round(t2 - t0, 1),
+               "load_average": [round(x, 2) for x in os.getloadavg()]}
         log(f"[{spec.rater_name}] cycle {c}: run {outcome.status}: {outcome.reason}")
         served = stack.registry.current()
         rec["served_after"] = served
         if spec.ablation and outcome.status != "failed":
-            out, manifest, secs = train_pinned(stack, outcome.run_id, c, log)
+            out, manifest, secs = train_pinned(stack, outcome.run_id, c, log,
+                                               (outcome.manifest or {}).get("resume_from"))
             name = f"ablation-pinned-c{c}-{outcome.run_id}"
             load_for_eval(stack.server, out, name)
             rec["ablation_pinned"] = {
@@ -497,6 +502,7 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
                      "promote_min_gain": cfg.promote_min_gain, "align_extra_args": cfg.align_extra_args,
+                     "align_mode": cfg.align_mode,
                      "cycles": specs[0].cycles if specs else 0,
                      "ratings_per_cycle": specs[0].ratings_per_cycle if specs else 0,
                      "samples_per_prompt": specs[0].samples_per_prompt if specs else 0,
