@@ -60,12 +60,30 @@ def fresh_answers(store: FeedbackStore, n: int) -> list[str]:
     return ids
 
 
+def as_if_added(store: FeedbackStore, answers: list[str]) -> None:
+    """What add_answer leaves in the app: the answer and its (empty) rating set cached, so no batch reads."""
+    with store._lock:
+        for a in answers:
+            store._remember_answer(a, store.deployment, "base")
+            store._remember_ratings(a, {})
+
+
+def run_async(store: FeedbackStore, n: int, tag: str) -> float:
+    """ratings/s of one thread calling rate_async() n times, timed until the last future resolved (= durable)."""
+    ans = fresh_answers(store, n)
+    as_if_added(store, ans)
+    t = time.perf_counter()
+    futures = [store.rate_async(tag, a, "up" if i % 3 else "down") for i, a in enumerate(ans)]
+    for f in futures:
+        f.result()
+    return n / (time.perf_counter() - t)
+
+
 def run_threads(store: FeedbackStore, n_threads: int, per_thread: int, tag: str, cached: bool = False) -> float:
     """ratings/s of n_threads threads each calling rate() in a loop through one store (one writer connection)."""
     ans = fresh_answers(store, per_thread)
-    if cached:   # what add_answer does in the app: the rating path then skips the answer lookup
-        for a in ans:
-            store._remember_answer(a, store.deployment, "base")
+    if cached:
+        as_if_added(store, ans)
 
     def worker(k: int) -> None:
         for i, a in enumerate(ans):
@@ -84,10 +102,12 @@ def throughput(store: FeedbackStore, repeats: int) -> dict:
     single_thread_rate         one thread calling rate() in a loop: one commit (fdatasync) per rating
     threads16_rate             one writer process, 16 threads calling rate(): group commit (the app's shape)
     threads16_rate_no_gather   the same with the group-commit gather wait off (FeedbackStore.gather_s = 0)
-    threads16_rate_cached      16 threads, answers in the store's cache (as after add_answer in the app)
-    single_thread_rate_many100 one thread, rate_many batches of 100 (one transaction each)"""
+    threads16_rate_cached      16 threads, answers cached as add_answer leaves them (the app's case): no read
+    single_thread_rate_many100 one thread, rate_many batches of 100 (one transaction each)
+    single_thread_rate_async   one thread, rate_async() 3,000 times, until every future resolved (committed)
+    threads16_rate and _no_gather rate answers bulk-inserted behind the store's back: every batch reads them."""
     keys = ("single_thread_rate", "threads16_rate", "threads16_rate_no_gather", "threads16_rate_cached",
-            "single_thread_rate_many100")
+            "single_thread_rate_many100", "single_thread_rate_async")
     out: dict[str, list[float]] = {k: [] for k in keys}
     gather = store.gather_s
     loads = []
@@ -107,6 +127,7 @@ def throughput(store: FeedbackStore, repeats: int) -> dict:
         for j in range(0, len(ans), 100):
             store.rate_many([(f"b{rep}", a, "up" if i % 3 else "down") for i, a in enumerate(ans[j:j + 100])])
         out["single_thread_rate_many100"].append(len(ans) / (time.perf_counter() - t))
+        out["single_thread_rate_async"].append(run_async(store, 3000, f"a{rep}"))
     return {**{k: {"median": statistics.median(v), "runs": v} for k, v in out.items()}, "loadavg_1min": loads}
 
 
@@ -245,7 +266,9 @@ def main() -> None:
     for k, v in tp.items():
         print(f"{k:30s} {v:9.0f} ratings/s   ({v / goal:.2f}x the 2,000/s goal)")
     print(f"16 threads vs one thread: {tp['threads16_rate'] / tp['single_thread_rate']:.1f}x; gather on vs off: "
-          f"{tp['threads16_rate'] / tp['threads16_rate_no_gather']:.2f}x; rate_many(100) vs rate(): "
+          f"{tp['threads16_rate'] / tp['threads16_rate_no_gather']:.2f}x; cached vs read: "
+          f"{tp['threads16_rate_cached'] / tp['threads16_rate']:.2f}x; rate_async vs rate(): "
+          f"{tp['single_thread_rate_async'] / tp['single_thread_rate']:.1f}x; rate_many(100) vs rate(): "
           f"{tp['single_thread_rate_many100'] / tp['single_thread_rate']:.1f}x; one thread vs the commit ceiling "
           f"(1 / fdatasync): {tp['single_thread_rate'] * result['commit_ceiling']['fsync_ms'] / 1000:.2f}x")
     rw = result["read_under_write_load"]

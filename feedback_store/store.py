@@ -5,6 +5,13 @@ rating, one leader commits everything queued in one transaction of a fixed numbe
 sleep), because a DuckDB commit fdatasyncs the WAL (1-4 ms here) and would otherwise cap a process at a few
 hundred ratings/s. Reads use one cursor per thread,
 so a dashboard query never waits for a writer (DuckDB MVCC). A call returns only after its transaction commits.
+
+"Single writer" means the one process DuckDB lets write the file (the app). Inside it, ratings arrive either from
+many threads calling rate() (each blocks until durable; group commit batches them) or from one thread using
+rate_async(), which queues the rating and returns a Future that a background committer resolves only after the
+COMMIT that made it durable, so one thread can keep many ratings in flight. Because no other process writes, the
+store also keeps the ratings of recently used answers in memory (an answer's ratings are complete once read or
+once the answer was created here), so a batch of new ratings needs no read: BEGIN, two INSERTs, COMMIT.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,6 +55,11 @@ ROLES = ("system", "user", "assistant")
 TRIGGERS = ("schedule", "operator", "simulator", "cli")
 RUN_STATUSES = ("running", "succeeded", "promoted", "rejected", "failed", "cancelled")
 BASE = "base"
+
+# writable stores open per file in this process: DuckDB shares one database between them, so the rows another
+# store writes are invisible to this one's rating cache; with two or more open, nobody trusts the cache
+_WRITERS: dict[str, int] = {}
+_WRITERS_LOCK = threading.Lock()
 MAX_ID, MAX_REASON, MAX_COMMENT = 256, 200, 4000
 
 _RATING_COLUMNS = tuple((n, "VARCHAR") for n in ("answer_id", "user_id", "id", "deployment", "adapter", "value",
@@ -118,12 +131,18 @@ class _Pending:
     done: bool = False
     results: list[RateResult] = field(default_factory=list)
     error: BaseException | None = None
+    future: Future | None = None   # rate_async: resolved after the commit (or the failure) of this request
+
+
+class _StaleCache(Exception):
+    """A cached row id no longer matched its row; the batch is rolled back and redone with a fresh read."""
 
 
 class FeedbackStore:
     """One DuckDB file; `deployment` scopes every row, so one file can serve several deployments."""
 
     gather_s = 0.002   # the longest a group-commit leader waits for more ratings (0: never wait)
+    max_pending = 10_000   # rate_async blocks while this many ratings wait for a commit
 
     def __init__(self, path: str | Path, deployment: str = "default", *, read_only: bool = False,
                  clock: Callable[[], datetime] = utcnow, answer_cache_size: int = 50_000):
@@ -155,6 +174,13 @@ class FeedbackStore:
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()   # id -> (deployment, adapter)
         self._answer_cache_size = answer_cache_size
+        # answer id -> {user_id: [rating id, value, reason, comment, rowid or None]}: every rating of that answer
+        # (exact because this process is the only writer; changed only under self._lock, after a COMMIT)
+        self._rated: OrderedDict[str, dict[str, list]] = OrderedDict()
+        self._queued_items = 0                 # ratings in self._queue (rate_async blocks above max_pending)
+        self._committer: threading.Thread | None = None
+        self._inflight: list[_Pending] = []    # the batch being committed now
+        self._stopping = False
         self._closed = False
         try:
             if read_only:
@@ -171,6 +197,10 @@ class FeedbackStore:
         except BaseException:
             self._conn.close()
             raise
+        self._key = str(self.path.resolve())
+        if not read_only:
+            with _WRITERS_LOCK:
+                _WRITERS[self._key] = _WRITERS.get(self._key, 0) + 1
 
     # ---------------------------------------------------------------- plumbing
     def _now(self) -> datetime:
@@ -217,10 +247,24 @@ class FeedbackStore:
                 raise
 
     def close(self) -> None:
+        """Commits the ratings rate_async still has queued, then closes the file."""
+        self.flush()
+        with self._queue_cv:
+            self._stopping = True
+            self._arrival_cv.notify_all()
+        if self._committer is not None:
+            self._committer.join()
+        with self._queue_cv:            # raced in after the flush: refused, never silently dropped
+            for p in self._queue:
+                if p.future is not None and not p.future.done():
+                    p.future.set_exception(StoreError("the feedback store is closed"))
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if not self.read_only:
+                with _WRITERS_LOCK:
+                    _WRITERS[self._key] -= 1
             for cur in self._cursors:
                 cur.close()
             self._conn.close()
@@ -314,13 +358,23 @@ class FeedbackStore:
                       [ans_id, self.deployment, conv_id, parent_id, json.dumps(clean, ensure_ascii=False), text,
                        adapter, json.dumps(sampling or {}), prompt_tokens, completion_tokens,
                        None if latency_ms is None else float(latency_ms), self._now()])
-        self._remember_answer(ans_id, self.deployment, adapter)
+        with self._lock:     # after the COMMIT: the caches describe committed rows only
+            self._remember_answer(ans_id, self.deployment, adapter)
+            self._remember_ratings(ans_id, {})       # a new answer has no ratings yet
         return ans_id
 
     def _remember_answer(self, ans_id: str, deployment: str, adapter: str) -> None:
-        self._answers[ans_id] = (deployment, adapter)   # answers never change, so the cache is never stale
+        """Under self._lock. Answers never change, so the cache is never stale."""
+        self._answers[ans_id] = (deployment, adapter)
         if len(self._answers) > self._answer_cache_size:
             self._answers.popitem(last=False)
+
+    def _remember_ratings(self, ans_id: str, rows: dict[str, list]) -> None:
+        """Under self._lock, after a COMMIT: `rows` is now every rating of the answer."""
+        self._rated[ans_id] = rows
+        self._rated.move_to_end(ans_id)
+        if len(self._rated) > self._answer_cache_size:
+            self._rated.popitem(last=False)
 
     def get_answer(self, answer_id: str) -> dict:
         rows = self._read_dicts("SELECT * FROM answers WHERE id = ?", [answer_id])
@@ -373,6 +427,92 @@ class FeedbackStore:
             raise InvalidRating(f"comment must be a string of at most {MAX_COMMENT} characters")
         return _Item(user_id, answer_id, value, reason, comment)
 
+    def rate_async(self, user_id: str, answer_id: str, value: str | None, reason: str | None = None,
+                   comment: str | None = None) -> Future:
+        """rate() without waiting: returns a Future of the RateResult, resolved by a background committer only
+        after the COMMIT that made the rating durable (or failed with the typed error rate() would raise). A
+        malformed value raises here, at once. Ratings of one caller are applied in the order submitted. Blocks
+        while more than max_pending ratings are queued, so a runaway producer cannot grow memory without bound."""
+        item = self._item(user_id, answer_id, value, reason, comment)
+        if self.read_only:
+            raise ReadOnlyStore(f"{self.path} is open read-only")
+        pending = _Pending([item], future=Future())
+        with self._queue_cv:
+            if self._stopping or self._closed:
+                raise StoreError("the feedback store is closed")
+            while self._queued_items >= self.max_pending:
+                self._queue_cv.wait()
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name="feedback-store-committer",
+                                                   daemon=True)
+                self._committer.start()
+            self._queue.append(pending)
+            self._queued_items += 1
+            self._arrival_cv.notify_all()
+        return pending.future
+
+    def flush(self) -> None:
+        """Wait until every rating queued so far (rate_async included) is committed or has failed."""
+        with self._queue_cv:
+            waiting = self._inflight + self._queue
+        for p in waiting:
+            if p.future is not None:
+                try:
+                    p.future.result()
+                except BaseException:   # the caller sees the error on its own future
+                    pass
+            else:
+                with self._queue_cv:
+                    while not p.done:
+                        self._queue_cv.wait()
+
+    def _commit_loop(self) -> None:
+        """The background leader for rate_async: whenever ratings wait and nobody is committing, commit them.
+        No gather wait: while one batch commits, the producer keeps queueing, so the next batch is already big."""
+        while True:
+            with self._queue_cv:
+                while (not self._queue or self._leading) and not self._stopping:
+                    self._arrival_cv.wait()
+                if not self._queue or self._leading:
+                    if self._stopping:
+                        return
+                    continue
+                self._leading = True
+                batch = self._take_batch()
+            self._lead(batch)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Under self._queue_cv, as the leader."""
+        batch, self._queue = self._queue, []
+        self._inflight = batch
+        self._queued_items = 0
+        self._last_released = len(batch)
+        return batch
+
+    def _lead(self, batch: list[_Pending]) -> None:
+        """Commit a batch as the leader, then wake everyone: followers to return, a next leader to start."""
+        try:
+            with self._lock:
+                if self._closed:
+                    raise StoreError("the feedback store is closed")
+                self._commit_ratings(batch)
+        except BaseException as e:
+            for p in batch:
+                if not p.done:
+                    p.error, p.results, p.done = e, [], True
+        finally:
+            with self._queue_cv:
+                self._leading = False
+                self._inflight = []
+                self._queue_cv.notify_all()
+                self._arrival_cv.notify_all()
+        for p in batch:
+            if p.future is not None:
+                if p.error is not None:
+                    p.future.set_exception(p.error)
+                else:
+                    p.future.set_result(p.results[0])
+
     def _submit(self, items: list[_Item]) -> list[RateResult]:
         """Group commit, leader/follower: a caller queues its ratings; if no batch is being committed it becomes
         the leader and commits everything queued, else it sleeps until a leader has committed its ratings (or it
@@ -383,7 +523,8 @@ class FeedbackStore:
         pending = _Pending(items)
         with self._queue_cv:
             self._queue.append(pending)
-            self._arrival_cv.notify()
+            self._queued_items += len(items)
+            self._arrival_cv.notify_all()     # a gathering leader, or the rate_async committer
             while self._leading and not pending.done:
                 self._queue_cv.wait()
             if not pending.done:
@@ -397,61 +538,70 @@ class FeedbackStore:
                         if left <= 0:
                             break
                         self._arrival_cv.wait(left)
-                batch, self._queue = self._queue, []
-                self._last_released = len(batch)
+                batch = self._take_batch()
         if not pending.done:
-            try:
-                with self._lock:
-                    if self._closed:
-                        raise StoreError("the feedback store is closed")
-                    self._commit_ratings(batch)
-            except BaseException as e:
-                for p in batch:
-                    if not p.done:
-                        p.error, p.results, p.done = e, [], True
-            finally:
-                with self._queue_cv:
-                    self._leading = False
-                    self._queue_cv.notify_all()
+            self._lead(batch)
         if pending.error is not None:
             raise pending.error
         return pending.results
 
-    def _read_batch(self, batch: list[_Pending]) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], list]]:
-        """One statement for what a batch needs to know: (deployment, adapter) of the answers not in the cache,
-        and the current rows of every (answer, user) it rates, as {key: [id, value, reason, comment, rowid]}.
-        Both filter on a one-column index (answers.id, ratings.answer_id), so both are lookups at any size;
-        `answer_id = ? AND user_id = ?` would scan the table. Runs inside the batch's transaction, so the rowids
-        read are the rows the UPDATE will change."""
+    def _read_batch(self, batch: list[_Pending], use_cache: bool
+                    ) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], list], dict[str, dict[str, list]]]:
+        """What a batch needs to know: (deployment, adapter) of its answers, and the current rows of every
+        (answer, user) it rates, as {key: [id, value, reason, comment, rowid]}; plus, per answer, every rating
+        row it has (the batch's answers' rating cache after the commit). Answers whose ratings are all in memory
+        need no read; the others take one statement that filters on one-column indexes (answers.id,
+        ratings.answer_id), a lookup at any size (`answer_id = ? AND user_id = ?` would scan). A cached row
+        written by this process has no rowid yet; an item on such a row makes its answer read again, inside the
+        batch's transaction, so the rowids are the rows the UPDATE will change."""
         keys = {(it.answer_id, it.user_id) for p in batch for it in p.items}
         answer_ids = sorted({a for a, _ in keys})
         infos = {a: self._answers[a] for a in answer_ids if a in self._answers}
         misses = [a for a in answer_ids if a not in infos]
-        state: dict[tuple[str, str], list] = {}
-        sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment FROM ratings
-            WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
-        params: list = [answer_ids]
-        if misses:     # answers added by this process are cached (add_answer), so usually skipped
-            sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL FROM answers
-                WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
-            params.insert(0, misses)
-        for kind, a, u, rid, rowid, v, r, cm in self._conn.execute(sql, params).fetchall():
-            if kind == 0:                        # a: answer id, u: deployment, rid: adapter
-                infos[a] = (u, rid)
-                self._remember_answer(a, u, rid)
-            elif (a, u) in keys:
-                state[(a, u)] = [rid, v, r, cm, rowid, None]    # last field: set when the row changes
-        return infos, state
+        use_cache = use_cache and _WRITERS.get(self._key, 0) == 1
+        known = {a: self._rated[a] for a in answer_ids if use_cache and a in self._rated}
+        for a, u in keys:
+            row = known.get(a, {}).get(u)
+            if row is not None and row[4] is None:
+                known.pop(a)
+        to_read = [a for a in answer_ids if a not in known]
+        full: dict[str, dict[str, list]] = {a: {u: list(r) for u, r in rows.items()} for a, rows in known.items()}
+        if to_read or misses:
+            sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment FROM ratings
+                WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
+            params: list = [to_read]
+            if misses:     # answers added by this process are cached (add_answer), so usually skipped
+                sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL FROM answers
+                    WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
+                params.insert(0, misses)
+            for a in to_read:
+                full[a] = {}
+            for kind, a, u, rid, rowid, v, r, cm in self._conn.execute(sql, params).fetchall():
+                if kind == 0:                        # a: answer id, u: deployment, rid: adapter
+                    infos[a] = (u, rid)
+                    self._remember_answer(a, u, rid)
+                else:
+                    full[a][u] = [rid, v, r, cm, rowid]
+        state = {(a, u): [*full[a][u], None] for a, u in keys if u in full.get(a, {})}  # last: set on change
+        return infos, state, full
 
     def _commit_ratings(self, batch: list[_Pending]) -> None:
-        """Runs under self._lock. A bad request fails alone; the rest commit in one transaction. A batch costs a
-        fixed number of statements whatever its size (one read, then insert new rows, update changed rows, append
-        the audit, commit): the items are applied in order in Python to the rows read, as sequential calls
-        would apply them, and only the final row of each key is written."""
+        """Runs under self._lock. A bad request fails alone; the rest commit in one transaction."""
+        try:
+            self._commit_once(batch, use_cache=True)
+        except _StaleCache:
+            self._rated.clear()
+            self._commit_once(batch, use_cache=False)
+
+    def _commit_once(self, batch: list[_Pending], use_cache: bool) -> None:
+        """A batch costs a fixed number of statements whatever its size (a read unless the cache knows every
+        row, then insert new rows, update changed rows, append the audit, commit): the items are applied in
+        order in Python to the rows read, as sequential calls would apply them, and only the final row of each
+        key is written."""
         c = self._conn
         c.execute("BEGIN TRANSACTION")
         try:
-            infos, state = self._read_batch(batch)
+            infos, state, full = self._read_batch(batch, use_cache)
         except BaseException:
             c.execute("ROLLBACK")
             raise
@@ -469,6 +619,7 @@ class FeedbackStore:
                 good.append(p)
             except StoreError as e:
                 p.error, p.done = e, True
+        retry = False
         try:
             adapters = {(it.answer_id, it.user_id): it.adapter for p in good for it in p.items}
             created: dict[tuple[str, str], datetime] = {}      # rows new in this batch (rowid None)
@@ -499,18 +650,24 @@ class FeedbackStore:
                     events.append((_new_id(), cur[0], self.deployment, it.answer_id, it.user_id, *cur[1:4], now))
             inserts, updates = [], []
             for (a, u), (rid, v, r, cm, rowid, updated) in state.items():
-                if rowid is None:
+                if (a, u) in created:
                     inserts.append((a, u, rid, self.deployment, adapters[(a, u)], v, r, cm, created[(a, u)], updated))
                 elif updated is not None:
-                    updates.append((rowid, v, r, cm, updated))
+                    updates.append((rowid, a, u, v, r, cm, updated))
             if inserts:
                 self._insert_rows(c, "ratings", _RATING_COLUMNS, inserts)
-            if updates:
-                c.execute("""UPDATE ratings SET value = v.value, reason = v.reason, comment = v.comment,
-                    updated_at = v.updated_at FROM (SELECT unnest(?) AS rid, unnest(?::VARCHAR[]) AS value,
-                    unnest(?::VARCHAR[]) AS reason, unnest(?::VARCHAR[]) AS comment,
-                    unnest(?::TIMESTAMP[]) AS updated_at) v WHERE ratings.rowid = v.rid""",
-                          [list(col) for col in zip(*updates, strict=True)])
+            if updates:     # rowid finds the row; the key check catches a cached rowid that went stale
+                n = c.execute("""UPDATE ratings SET value = v.value, reason = v.reason, comment = v.comment,
+                    updated_at = v.updated_at FROM (SELECT unnest(?) AS rid, unnest(?::VARCHAR[]) AS a,
+                    unnest(?::VARCHAR[]) AS u, unnest(?::VARCHAR[]) AS value, unnest(?::VARCHAR[]) AS reason,
+                    unnest(?::VARCHAR[]) AS comment, unnest(?::TIMESTAMP[]) AS updated_at) v
+                    WHERE ratings.rowid = v.rid AND ratings.answer_id = v.a AND ratings.user_id = v.u""",
+                              [list(col) for col in zip(*updates, strict=True)]).fetchone()[0]
+                if n != len(updates):
+                    if not use_cache:
+                        raise StoreError(f"rating update matched {n} of {len(updates)} rows")
+                    retry = True
+                    raise _StaleCache()
             if events:
                 self._insert_rows(c, "rating_events", _EVENT_COLUMNS, events)
             c.execute("COMMIT")       # nothing written (all no-ops, or all bad): no WAL write, no fsync
@@ -519,12 +676,24 @@ class FeedbackStore:
                 c.execute("ROLLBACK")
             except duckdb.Error:
                 pass
+            self._rated.clear()       # whatever happened, memory must not claim rows the file may not have
+            if retry:
+                for p in good:
+                    p.results = []
+                raise
             err = e if isinstance(e, StoreError) else StoreError(f"rating not stored: {e}")
             for p in good:
                 p.error, p.results = err, []
+        else:
+            for (a, u), row in state.items():     # the committed rows; new ones have no rowid yet
+                full.setdefault(a, {})[u] = row[:5]
+            for a in {a for a, _ in state} | set(full):
+                if a in infos:
+                    self._remember_ratings(a, full.get(a, {}))
         finally:
-            for p in good:
-                p.done = True
+            if not retry:
+                for p in good:
+                    p.done = True
 
     @staticmethod
     def _insert_rows(c: duckdb.DuckDBPyConnection, table: str, columns: tuple[tuple[str, str], ...],

@@ -402,3 +402,104 @@ def test_ratings_are_indexed_by_answer_and_changes_update_in_place(store):
     for rid, value, reason, created_at, updated_at in rows:
         assert created_at == created[rid] and updated_at > created_at
         assert (value, reason) == ((None, None) if rid == first[1].rating_id else ("down", "bad"))
+
+
+class _Spy:
+    """Stands in for the store's writer connection and records every statement, to count the statements a batch
+    costs (the DuckDB connection object itself cannot be patched)."""
+
+    def __init__(self, conn):
+        self.conn, self.sql = conn, []
+
+    def execute(self, sql, *args):
+        self.sql.append(" ".join(sql.split()[:2]))
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_rating_a_new_answer_needs_no_read_and_the_cache_stays_exact(store):
+    """An answer made by this process has no ratings, so its first batch is BEGIN, two INSERTs, COMMIT; later
+    changes of rows this process wrote (their row ids are unknown) read again and stay exact."""
+    a = chat(store)[2]
+    spy = store._conn = _Spy(store._conn)
+    try:
+        first = store.rate("fred", a, "up")
+        assert spy.sql == ["BEGIN TRANSACTION", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        spy.sql.clear()
+        assert store.rate("gina", a, "down").changed                   # other user, same answer: still no read
+        assert not any(s.startswith("SELECT") for s in spy.sql)
+        assert not store.rate("fred", a, "up").changed                 # double click
+        changed = store.rate("fred", a, "down", "meh")
+        assert changed.changed and changed.rating_id == first.rating_id
+        spy.sql.clear()
+        assert store.rate("fred", a, None).changed                     # row id now known: update without a read
+        assert not any(s.startswith("SELECT") for s in spy.sql) and "UPDATE ratings" in spy.sql
+    finally:
+        store._conn = spy.conn
+    assert store.get_rating("fred", a)["value"] is None and store.get_rating("gina", a)["value"] == "down"
+    assert [h["value"] for h in store.rating_history(first.rating_id)] == ["up", "down", None]
+    assert store.counts() == {"up": 0, "down": 1, "withdrawn": 1, "total": 2}
+
+
+def test_a_stale_cached_row_id_is_caught_and_the_batch_redone(store):
+    """If a cached row id ever pointed at another row, the UPDATE's key check sees it: the batch is rolled back
+    and redone from a fresh read, so the wrong row is never touched."""
+    a, b = chat(store, answer="A")[2], chat(store, answer="B")[2]
+    store.rate_many([("hal", a, "up"), ("hal", b, "up")])
+    store.rate_many([("hal", a, "down"), ("hal", b, "down")])          # a read: both row ids now cached
+    ra, rb = store._rated[a]["hal"], store._rated[b]["hal"]
+    assert ra[4] is not None and rb[4] is not None
+    ra[4], rb[4] = rb[4], ra[4]                                          # corrupt the cache on purpose
+    assert store.rate("hal", a, "up").changed
+    assert store.get_rating("hal", a)["value"] == "up" and store.get_rating("hal", b)["value"] == "down"
+    assert store._cursor().execute("SELECT count(*) FROM rating_events").fetchone()[0] == 5
+
+
+def test_rate_async_resolves_after_commit_in_order_with_typed_errors(tmp_path):
+    path = tmp_path / "async.duckdb"
+    store = FeedbackStore(path)
+    answers = [chat(store, answer=f"a{i}")[2] for i in range(300)]
+    with pytest.raises(InvalidRating):
+        store.rate_async("ivy", answers[0], "sideways")                # malformed: raised at once
+    futures = [store.rate_async("ivy", a, "up") for a in answers]
+    futures += [store.rate_async("ivy", answers[0], "down"), store.rate_async("ivy", answers[0], "down"),
+                store.rate_async("ivy", answers[1], None), store.rate_async("ivy", "no-such-answer", "up")]
+    results = [f.result(timeout=60) for f in futures[:-1]]
+    with pytest.raises(UnknownAnswer):
+        futures[-1].result(timeout=60)
+    assert all(r.changed and r.value == "up" for r in results[:300])
+    assert [(r.value, r.changed) for r in results[300:]] == [("down", True), ("down", False), (None, True)]
+    assert results[300].rating_id == results[0].rating_id
+    # resolved = committed: another process-level view of the file (the same rows through a fresh cursor)
+    assert store.counts() == {"up": 298, "down": 1, "withdrawn": 1, "total": 300}
+    assert [h["value"] for h in store.rating_history(results[0].rating_id)] == ["up", "down"]
+    late = [store.rate_async("jo", a, "down") for a in answers]        # close() commits what is still queued
+    store.close()
+    with pytest.raises(StoreError):
+        store.rate_async("jo", answers[0], "up")
+    assert all(f.done() and f.result().changed for f in late)
+    con = duckdb.connect(str(path), read_only=True)
+    assert con.execute("SELECT count(*) FROM ratings WHERE user_id = 'jo' AND value = 'down'").fetchone()[0] == 300
+    con.close()
+
+
+def test_two_writable_stores_on_one_file_in_one_process_stay_exact(tmp_path):
+    """DuckDB shares the database between them, so each sees the other's ratings only by reading: the rating
+    cache is off while both are open."""
+    one = FeedbackStore(tmp_path / "shared.duckdb")
+    a = chat(one)[2]
+    two = FeedbackStore(tmp_path / "shared.duckdb")
+    try:
+        r1 = one.rate("kim", a, "up")
+        assert one.rate("kim", a, "down").changed                      # one now knows the row (and its row id)
+        r2 = two.rate("kim", a, "up")
+        assert r2.changed and r2.rating_id == r1.rating_id
+        assert one.rate("kim", a, "down").changed                      # one's memory said "down": it must read
+        assert not two.rate("kim", a, "down").changed
+    finally:
+        two.close()
+    assert one.rate("kim", a, None).changed
+    assert [h["value"] for h in one.rating_history(r1.rating_id)] == ["up", "down", "up", "down", None]
+    one.close()

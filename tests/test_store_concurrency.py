@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from feedback_store import FeedbackStore
 
@@ -35,15 +36,37 @@ CHILD = textwrap.dedent("""
                 print(res.rating_id, flush=True)
             i += 1
 
-    for t in range(4):
-        threading.Thread(target=loop, args=(t,), daemon=True).start()
+    def async_loop():                    # one producer keeping many ratings in flight with rate_async
+        import queue
+        inflight = queue.Queue(maxsize=2000)
+
+        def report():
+            while True:
+                fut = inflight.get()
+                res = fut.result()       # resolved only after the COMMIT that holds it
+                with out:
+                    print(res.rating_id, flush=True)
+        threading.Thread(target=report, daemon=True).start()
+        i = 0
+        while True:
+            inflight.put(store.rate_async(f"async-{i}", answers[i % len(answers)], "up" if i % 3 else "down"))
+            i += 1
+
+    if sys.argv[2] == "async":
+        threading.Thread(target=async_loop, daemon=True).start()
+    else:
+        for t in range(4):
+            threading.Thread(target=loop, args=(t,), daemon=True).start()
     threading.Event().wait()
 """)
 
 
-def test_kill_9_keeps_every_committed_rating(tmp_path):
+@pytest.mark.parametrize("mode", ["threads", "async"])
+def test_kill_9_keeps_every_committed_rating(tmp_path, mode):
+    """4 threads calling rate(), or one thread with rate_async() futures: whatever was reported committed
+    before SIGKILL is in the file after reopening."""
     db = tmp_path / "crash.duckdb"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], stdout=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(db), mode], stdout=subprocess.PIPE, text=True,
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     reported: list[str] = []
     try:
@@ -56,8 +79,10 @@ def test_kill_9_keeps_every_committed_rating(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)          # mid-loop: other threads are inside rate() right now
     finally:
         proc.kill()
-        rest, _ = proc.communicate(timeout=30)
-    reported += [x for x in rest.split() if x]
+        rest = proc.stdout.read()      # through the same buffered reader: communicate() would skip its buffer
+        proc.wait(timeout=30)
+    # a line cut short by the kill was never fully reported: count complete lines only
+    reported += [x.strip() for x in rest.splitlines(keepends=True) if x.endswith("\n") and x.strip()]
     assert proc.returncode == -signal.SIGKILL
     assert len(reported) >= 150, "child did not get going"
 
