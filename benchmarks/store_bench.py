@@ -151,7 +151,7 @@ def commit_ceiling(tmp: Path, n: int = 200) -> dict:
 
 
 def bulk_load(path: Path, n: int, deployment: str = "default") -> None:
-    """n answers and n ratings (+ audit rows): 1,000 users, 5 adapter versions, 60 days of timestamps."""
+    """n answers and n never-changed ratings: 1,000 users, 5 adapter versions, 60 days of timestamps."""
     FeedbackStore(path, deployment).close()
     con = duckdb.connect(str(path))
     con.execute("BEGIN")
@@ -163,9 +163,8 @@ def bulk_load(path: Path, n: int, deployment: str = "default") -> None:
                 [deployment, n, n])
     con.execute("""INSERT INTO ratings SELECT id, 'user-' || (hash(id) % 1000)::VARCHAR, md5('r' || id), deployment,
         adapter, CASE WHEN hash(id) % 10 < 6 THEN 'up' WHEN hash(id) % 10 < 9 THEN 'down' ELSE NULL END,
-        NULL, NULL, created_at + INTERVAL 1 MINUTE, created_at + INTERVAL 1 MINUTE FROM answers""")
-    con.execute("""INSERT INTO rating_events SELECT md5('e' || id), id, deployment, answer_id, user_id, value,
-        NULL, NULL, updated_at FROM ratings""")
+        NULL, NULL, created_at + INTERVAL 1 MINUTE, created_at + INTERVAL 1 MINUTE, false FROM answers""")
+    # never-changed ratings: their creation events are implied by the rows (schema v4), so no rating_events rows
     con.execute("""INSERT INTO runs (id, deployment, trigger, status, started_at, finished_at, snapshot_at)
         VALUES ('run-0', ?, 'schedule', 'succeeded', TIMESTAMP '2025-02-25', TIMESTAMP '2025-02-25 00:13:00',
                 TIMESTAMP '2025-02-25')""", [deployment])

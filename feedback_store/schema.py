@@ -76,6 +76,17 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "index ratings by answer, for batched rating lookups", (
         "CREATE INDEX ratings_answer_id ON ratings (answer_id)",
     )),
+    # one write per new rating: a rating that never changed has its creation event implied by its own row
+    # (audited = false); its first change writes the creation event (id = the rating id, at created_at) and the
+    # change into rating_events and sets audited. A group commit of new ratings is then one INSERT, not two in a
+    # transaction. Rows of older files already have their events, hence DEFAULT true. rating_audit is the audit.
+    Migration(4, "ratings write their creation event lazily; rating_audit view", (
+        "ALTER TABLE ratings ADD COLUMN audited BOOLEAN DEFAULT true",
+        """CREATE VIEW rating_audit AS
+            SELECT id, rating_id, deployment, answer_id, user_id, value, reason, comment, event_at FROM rating_events
+            UNION ALL SELECT id, id, deployment, answer_id, user_id, value, reason, comment, created_at
+            FROM ratings WHERE NOT audited""",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

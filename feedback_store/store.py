@@ -11,7 +11,8 @@ many threads calling rate() (each blocks until durable; group commit batches the
 rate_async(), which queues the rating and returns a Future that a background committer resolves only after the
 COMMIT that made it durable, so one thread can keep many ratings in flight. Because no other process writes, the
 store also keeps the ratings of recently used answers in memory (an answer's ratings are complete once read or
-once the answer was created here), so a batch of new ratings needs no read: BEGIN, two INSERTs, COMMIT.
+once the answer was created here), so a batch of new ratings needs no read; and since a new rating's creation
+event is implied by its row until its first change (schema v4), that batch is one autocommit INSERT.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ MAX_ID, MAX_REASON, MAX_COMMENT = 256, 200, 4000
 
 _RATING_COLUMNS = tuple((n, "VARCHAR") for n in ("answer_id", "user_id", "id", "deployment", "adapter", "value",
                                                 "reason", "comment")) + (("created_at", "TIMESTAMP"),
-                                                                         ("updated_at", "TIMESTAMP"))
+                                                                         ("updated_at", "TIMESTAMP"),
+                                                                         ("audited", "BOOLEAN"))
 _EVENT_COLUMNS = tuple((n, "VARCHAR") for n in ("id", "rating_id", "deployment", "answer_id", "user_id", "value",
                                                "reason", "comment")) + (("event_at", "TIMESTAMP"),)
 
@@ -545,15 +547,18 @@ class FeedbackStore:
             raise pending.error
         return pending.results
 
-    def _read_batch(self, batch: list[_Pending], use_cache: bool
-                    ) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], list], dict[str, dict[str, list]]]:
+    def _read_batch(self, batch: list[_Pending], use_cache: bool) -> tuple[
+            dict[str, tuple[str, str]], dict[tuple[str, str], list], dict[str, dict[str, list]], bool]:
         """What a batch needs to know: (deployment, adapter) of its answers, and the current rows of every
-        (answer, user) it rates, as {key: [id, value, reason, comment, rowid]}; plus, per answer, every rating
-        row it has (the batch's answers' rating cache after the commit). Answers whose ratings are all in memory
-        need no read; the others take one statement that filters on one-column indexes (answers.id,
-        ratings.answer_id), a lookup at any size (`answer_id = ? AND user_id = ?` would scan). A cached row
-        written by this process has no rowid yet; an item on such a row makes its answer read again, inside the
-        batch's transaction, so the rowids are the rows the UPDATE will change."""
+        (answer, user) it rates, as {key: [id, value, reason, comment, rowid, created_at, audited, None]} (the
+        last field is set when the row changes); plus, per answer, every rating row it has (the batch's answers'
+        rating cache after the commit). Answers whose ratings are all in memory need no read; the others take
+        one statement that filters on one-column indexes (answers.id, ratings.answer_id), a lookup at any size
+        (`answer_id = ? AND user_id = ?` would scan). A cached row written by this process has no rowid yet; an
+        item on such a row makes its answer read again. As the file's only writer (under self._lock) the read
+        needs no transaction: nothing can change the rows before this batch writes, and the UPDATE checks each
+        rowid's key anyway. Without the cache (another writable store shares the file, or a retry) the read opens
+        the batch's transaction first (returned True), so the rowids read are the rows the UPDATE will change."""
         keys = {(it.answer_id, it.user_id) for p in batch for it in p.items}
         answer_ids = sorted({a for a, _ in keys})
         infos = {a: self._answers[a] for a in answer_ids if a in self._answers}
@@ -566,24 +571,33 @@ class FeedbackStore:
                 known.pop(a)
         to_read = [a for a in answer_ids if a not in known]
         full: dict[str, dict[str, list]] = {a: {u: list(r) for u, r in rows.items()} for a, rows in known.items()}
+        in_tx = bool(to_read or misses) and not use_cache
         if to_read or misses:
-            sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment FROM ratings
-                WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
+            sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment, created_at, audited
+                FROM ratings WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
             params: list = [to_read]
             if misses:     # answers added by this process are cached (add_answer), so usually skipped
-                sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL FROM answers
-                    WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
+                sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL, NULL::TIMESTAMP,
+                    NULL::BOOLEAN FROM answers WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
                 params.insert(0, misses)
             for a in to_read:
                 full[a] = {}
-            for kind, a, u, rid, rowid, v, r, cm in self._conn.execute(sql, params).fetchall():
+            if in_tx:
+                self._conn.execute("BEGIN TRANSACTION")
+            try:
+                rows = self._conn.execute(sql, params).fetchall()
+            except BaseException:
+                if in_tx:
+                    self._conn.execute("ROLLBACK")
+                raise
+            for kind, a, u, rid, rowid, v, r, cm, created_at, audited in rows:
                 if kind == 0:                        # a: answer id, u: deployment, rid: adapter
                     infos[a] = (u, rid)
                     self._remember_answer(a, u, rid)
                 else:
-                    full[a][u] = [rid, v, r, cm, rowid]
-        state = {(a, u): [*full[a][u], None] for a, u in keys if u in full.get(a, {})}  # last: set on change
-        return infos, state, full
+                    full[a][u] = [rid, v, r, cm, rowid, created_at, audited]
+        state = {(a, u): [*full[a][u], None] for a, u in keys if u in full.get(a, {})}
+        return infos, state, full, in_tx
 
     def _commit_ratings(self, batch: list[_Pending]) -> None:
         """Runs under self._lock. A bad request fails alone; the rest commit in one transaction."""
@@ -594,17 +608,14 @@ class FeedbackStore:
             self._commit_once(batch, use_cache=False)
 
     def _commit_once(self, batch: list[_Pending], use_cache: bool) -> None:
-        """A batch costs a fixed number of statements whatever its size (a read unless the cache knows every
-        row, then insert new rows, update changed rows, append the audit, commit): the items are applied in
-        order in Python to the rows read, as sequential calls would apply them, and only the final row of each
-        key is written."""
+        """A batch costs a fixed number of statements whatever its size. The items are applied in order in
+        Python to the rows read (or cached), as sequential calls would apply them, and only the final row of
+        each key is written. A batch of new ratings of cached answers is one INSERT (its own transaction: one
+        WAL fsync); otherwise: read, insert new rows, update changed rows, append the audit, commit. A new
+        rating writes no audit row: its creation event is implied by the row until its first change writes it
+        (see schema migration 4)."""
         c = self._conn
-        c.execute("BEGIN TRANSACTION")
-        try:
-            infos, state, full = self._read_batch(batch, use_cache)
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+        infos, state, full, in_tx = self._read_batch(batch, use_cache)
         good: list[_Pending] = []
         for p in batch:
             try:
@@ -622,45 +633,57 @@ class FeedbackStore:
         retry = False
         try:
             adapters = {(it.answer_id, it.user_id): it.adapter for p in good for it in p.items}
-            created: dict[tuple[str, str], datetime] = {}      # rows new in this batch (rowid None)
+            created: set[tuple[str, str]] = set()       # rows new in this batch
             events: list[tuple] = []
             for p in good:
                 p.results = []
                 for it in p.items:
-                    cur = state.get((it.answer_id, it.user_id))
+                    key = (it.answer_id, it.user_id)
+                    cur = state.get(key)
                     if cur is None:
                         if it.value is None:               # withdrawing a rating that never existed
                             p.results.append(RateResult(None, None, False))
                             continue
-                        now = created[(it.answer_id, it.user_id)] = self._now()
-                        cur = state[(it.answer_id, it.user_id)] = [_new_id(), it.value, it.reason, it.comment,
-                                                                   None, now]
-                    elif cur[1] == it.value:               # same thumb (or withdrawn again): only new text counts
+                        now = self._now()
+                        state[key] = [_new_id(), it.value, it.reason, it.comment, None, now, False, now]
+                        created.add(key)
+                        p.results.append(RateResult(state[key][0], it.value, True))
+                        continue                           # its creation event is implied by the row
+                    before = tuple(cur[1:4])
+                    if cur[1] == it.value:                 # same thumb (or withdrawn again): only new text counts
                         new = (cur[2] if it.reason is None else it.reason,
                                cur[3] if it.comment is None else it.comment)
                         if it.value is None or new == (cur[2], cur[3]):
                             p.results.append(RateResult(cur[0], cur[1], False))
                             continue
                         now = self._now()
-                        cur[2:4], cur[5] = new, now
+                        cur[2:4], cur[7] = new, now
                     else:
                         now = self._now()
-                        cur[1:4], cur[5] = (it.value, it.reason, it.comment), now
+                        cur[1:4], cur[7] = (it.value, it.reason, it.comment), now
+                    if not cur[6]:                         # first change: write the implied creation event
+                        events.append((cur[0], cur[0], self.deployment, it.answer_id, it.user_id, *before, cur[5]))
+                        cur[6] = True
                     p.results.append(RateResult(cur[0], cur[1], True))
                     events.append((_new_id(), cur[0], self.deployment, it.answer_id, it.user_id, *cur[1:4], now))
             inserts, updates = [], []
-            for (a, u), (rid, v, r, cm, rowid, updated) in state.items():
+            for (a, u), (rid, v, r, cm, rowid, created_at, audited, updated) in state.items():
                 if (a, u) in created:
-                    inserts.append((a, u, rid, self.deployment, adapters[(a, u)], v, r, cm, created[(a, u)], updated))
+                    inserts.append((a, u, rid, self.deployment, adapters[(a, u)], v, r, cm, created_at, updated,
+                                    audited))
                 elif updated is not None:
-                    updates.append((rowid, a, u, v, r, cm, updated))
-            if inserts:
+                    updates.append((rowid, a, u, v, r, cm, updated, audited))
+            if (updates or events) and not in_tx:
+                c.execute("BEGIN TRANSACTION")
+                in_tx = True
+            if inserts:               # alone (no read, no change): an autocommit statement, its own transaction
                 self._insert_rows(c, "ratings", _RATING_COLUMNS, inserts)
             if updates:     # rowid finds the row; the key check catches a cached rowid that went stale
                 n = c.execute("""UPDATE ratings SET value = v.value, reason = v.reason, comment = v.comment,
-                    updated_at = v.updated_at FROM (SELECT unnest(?) AS rid, unnest(?::VARCHAR[]) AS a,
-                    unnest(?::VARCHAR[]) AS u, unnest(?::VARCHAR[]) AS value, unnest(?::VARCHAR[]) AS reason,
-                    unnest(?::VARCHAR[]) AS comment, unnest(?::TIMESTAMP[]) AS updated_at) v
+                    updated_at = v.updated_at, audited = v.audited FROM (SELECT unnest(?) AS rid,
+                    unnest(?::VARCHAR[]) AS a, unnest(?::VARCHAR[]) AS u, unnest(?::VARCHAR[]) AS value,
+                    unnest(?::VARCHAR[]) AS reason, unnest(?::VARCHAR[]) AS comment,
+                    unnest(?::TIMESTAMP[]) AS updated_at, unnest(?::BOOLEAN[]) AS audited) v
                     WHERE ratings.rowid = v.rid AND ratings.answer_id = v.a AND ratings.user_id = v.u""",
                               [list(col) for col in zip(*updates, strict=True)]).fetchone()[0]
                 if n != len(updates):
@@ -670,12 +693,14 @@ class FeedbackStore:
                     raise _StaleCache()
             if events:
                 self._insert_rows(c, "rating_events", _EVENT_COLUMNS, events)
-            c.execute("COMMIT")       # nothing written (all no-ops, or all bad): no WAL write, no fsync
+            if in_tx:
+                c.execute("COMMIT")   # nothing written (all no-ops, or all bad): no WAL write, no fsync
         except BaseException as e:
-            try:
-                c.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
+            if in_tx:
+                try:
+                    c.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass
             self._rated.clear()       # whatever happened, memory must not claim rows the file may not have
             if retry:
                 for p in good:
@@ -686,7 +711,7 @@ class FeedbackStore:
                 p.error, p.results = err, []
         else:
             for (a, u), row in state.items():     # the committed rows; new ones have no rowid yet
-                full.setdefault(a, {})[u] = row[:5]
+                full.setdefault(a, {})[u] = row[:7]
             for a in {a for a, _ in state} | set(full):
                 if a in infos:
                     self._remember_ratings(a, full.get(a, {}))
@@ -709,8 +734,8 @@ class FeedbackStore:
         return rows[0] if rows else None
 
     def rating_history(self, rating_id: str) -> list[dict]:
-        """The audit trail of one rating, oldest first."""
-        return self._read_dicts("SELECT * FROM rating_events WHERE rating_id = ? ORDER BY event_at", [rating_id])
+        """The audit trail of one rating, oldest first (its creation event included, written or implied)."""
+        return self._read_dicts("SELECT * FROM rating_audit WHERE rating_id = ? ORDER BY event_at", [rating_id])
 
     # ---------------------------------------------------------------- dashboard queries
     _COUNTS = ("count(*) FILTER (WHERE value = 'up') AS up, count(*) FILTER (WHERE value = 'down') AS down, "

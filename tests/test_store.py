@@ -109,6 +109,32 @@ def test_migrates_a_v1_file_and_keeps_its_data(tmp_path):
         assert s.counts()["total"] == 2
 
 
+def test_migrates_a_v3_file_whose_ratings_all_have_their_events(tmp_path):
+    """v4 writes a new rating's creation event lazily; a v3 file's ratings already have theirs (audited = true),
+    so the audit neither loses nor doubles an event, before or after a change."""
+    from feedback_store.schema import migrate
+    path = tmp_path / "v3.duckdb"
+    con = duckdb.connect(str(path))
+    assert migrate(con, lambda: datetime(2025, 1, 1), target=3) == (0, 3)
+    t = datetime(2025, 1, 1, 12)
+    con.execute("INSERT INTO answers VALUES ('a1', 'default', 'c1', 'm1', ?, 'hello', 'base', '{}', 1, 1, 1.0, ?)",
+                [json.dumps([{"role": "user", "content": "hi"}]), t])
+    con.execute("INSERT INTO ratings VALUES ('a1', 'bob', 'r1', 'default', 'base', 'up', NULL, NULL, ?, ?)", [t, t])
+    con.execute("INSERT INTO rating_events VALUES ('e1', 'r1', 'default', 'a1', 'bob', 'up', NULL, NULL, ?)", [t])
+    con.close()
+    with FeedbackStore(path) as s:
+        assert s.migrated_from == 3 and s.schema_version() == SCHEMA_VERSION == 4
+        assert s.get_rating("bob", "a1")["audited"] is True
+        assert [(h["id"], h["value"]) for h in s.rating_history("r1")] == [("e1", "up")]
+        assert s.rate("bob", "a1", "down").changed
+        assert [(h["id"], h["value"]) for h in s.rating_history("r1")][0] == ("e1", "up")
+        assert [h["value"] for h in s.rating_history("r1")] == ["up", "down"]
+        new = s.rate("carol", "a1", "up")
+        assert s.get_rating("carol", "a1")["audited"] is False
+        assert [h["value"] for h in s.rating_history(new.rating_id)] == ["up"]
+        assert s._cursor().execute("SELECT count(*) FROM rating_audit").fetchone()[0] == 3
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "future.duckdb"
     FeedbackStore(path).close()
@@ -420,13 +446,14 @@ class _Spy:
 
 
 def test_rating_a_new_answer_needs_no_read_and_the_cache_stays_exact(store):
-    """An answer made by this process has no ratings, so its first batch is BEGIN, two INSERTs, COMMIT; later
-    changes of rows this process wrote (their row ids are unknown) read again and stay exact."""
+    """An answer made by this process has no ratings, so rating it is one autocommit INSERT (no read, no audit row:
+    the creation event is implied until the first change); later changes of rows this process wrote (their row
+    ids are unknown) read again and stay exact, and write the creation event with the change."""
     a = chat(store)[2]
     spy = store._conn = _Spy(store._conn)
     try:
         first = store.rate("fred", a, "up")
-        assert spy.sql == ["BEGIN TRANSACTION", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        assert spy.sql == ["INSERT INTO"]
         spy.sql.clear()
         assert store.rate("gina", a, "down").changed                   # other user, same answer: still no read
         assert not any(s.startswith("SELECT") for s in spy.sql)
@@ -441,6 +468,11 @@ def test_rating_a_new_answer_needs_no_read_and_the_cache_stays_exact(store):
     assert store.get_rating("fred", a)["value"] is None and store.get_rating("gina", a)["value"] == "down"
     assert [h["value"] for h in store.rating_history(first.rating_id)] == ["up", "down", None]
     assert store.counts() == {"up": 0, "down": 1, "withdrawn": 1, "total": 2}
+    con = store._cursor()
+    assert con.execute("SELECT id, value FROM rating_events WHERE rating_id = ? ORDER BY event_at",
+                       [first.rating_id]).fetchall()[0] == (first.rating_id, "up")   # the creation, written late
+    assert con.execute("SELECT count(*) FROM rating_events WHERE user_id = 'gina'").fetchone()[0] == 0
+    assert [h["value"] for h in store.rating_history(store.get_rating("gina", a)["id"])] == ["down"]
 
 
 def test_a_stale_cached_row_id_is_caught_and_the_batch_redone(store):
@@ -454,7 +486,7 @@ def test_a_stale_cached_row_id_is_caught_and_the_batch_redone(store):
     ra[4], rb[4] = rb[4], ra[4]                                          # corrupt the cache on purpose
     assert store.rate("hal", a, "up").changed
     assert store.get_rating("hal", a)["value"] == "up" and store.get_rating("hal", b)["value"] == "down"
-    assert store._cursor().execute("SELECT count(*) FROM rating_events").fetchone()[0] == 5
+    assert store._cursor().execute("SELECT count(*) FROM rating_audit").fetchone()[0] == 5
 
 
 def test_rate_async_resolves_after_commit_in_order_with_typed_errors(tmp_path):

@@ -92,7 +92,7 @@ def test_kill_9_keeps_every_committed_rating(tmp_path, mode):
         missing = set(reported) - stored
         assert not missing, f"{len(missing)} committed ratings lost"
         # no half-written rating: every rating row has its audit event and vice versa
-        orphans = con.execute("""SELECT count(*) FROM ratings r FULL JOIN rating_events e ON e.rating_id = r.id
+        orphans = con.execute("""SELECT count(*) FROM ratings r FULL JOIN rating_audit e ON e.rating_id = r.id
             WHERE r.id IS NULL OR e.rating_id IS NULL""").fetchone()[0]
         assert orphans == 0
         assert len(stored) >= len(reported)       # at most a few committed but not yet printed
@@ -136,7 +136,7 @@ def test_50_concurrent_raters_lose_and_duplicate_nothing(tmp_path):
 
     con = duckdb.connect(str(tmp_path / "busy.duckdb"), read_only=True)
     rows = con.execute("SELECT user_id, answer_id, value, id FROM ratings").fetchall()
-    n_events = con.execute("SELECT count(*) FROM rating_events").fetchone()[0]
+    n_events = con.execute("SELECT count(*) FROM rating_audit").fetchone()[0]
     con.close()
     assert len(rows) == n_users * len(answers)                         # none lost, none duplicated
     assert len({r[3] for r in rows}) == len(rows)
@@ -189,6 +189,6 @@ def test_group_commit_batches_concurrent_raters_and_a_bad_rating_fails_alone(tmp
     assert len(batches) < 16 * len(answers) / 2, f"{len(batches)} commits: group commit is not batching"
     con = store._cursor()
     assert con.execute("SELECT count(*), count(DISTINCT id) FROM ratings").fetchone() == (320, 320)
-    assert con.execute("SELECT count(*) FROM rating_events").fetchone()[0] == 320
+    assert con.execute("SELECT count(*) FROM rating_audit").fetchone()[0] == 320
     assert con.execute("SELECT count(*) FROM ratings WHERE answer_id = 'no-such-answer'").fetchone()[0] == 0
     store.close()
