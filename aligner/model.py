@@ -52,12 +52,37 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    _use_fast_lora_forward(model)
     for n, p in model.named_parameters():
         if p.requires_grad:
             p.data = p.data.float()
             if "lora_" not in n:
                 raise RuntimeError(f"unexpected trainable parameter {n}: the adapter must hold LoRA weights only")
     return model
+
+
+def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """base(x) + (x Aᵀ)(s·B)ᵀ: the LoRA scale multiplies the [out, r] weight, not the [tokens, out] output.
+
+    Same math as PEFT's Linear.forward with one fewer full-size element-wise op per adapted layer and none of its
+    per-call bookkeeping (about 210 calls per forward on SmolLM2). With s a power of two (alpha = 2 × rank, our
+    default) it is bit-identical in bf16. Anything unusual (adapter disabled or switched, merged, dropout,
+    variants, extra arguments) takes PEFT's own path.
+    """
+    if (args or kwargs or self.disable_adapters or self.merged or self.active_adapters != ["default"]
+            or "default" in self.lora_variant or not isinstance(self.lora_dropout["default"], torch.nn.Identity)):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
+    return F.linear(x, base.weight, base.bias) + F.linear(F.linear(x, a), b * self.scaling["default"])
+
+
+def _use_fast_lora_forward(model: Any) -> None:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    for module in model.modules():
+        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
+            module.forward = _fast_lora_forward.__get__(module)
 
 
 def adapter_rank(model: Any, name: str = "default") -> int:

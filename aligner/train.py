@@ -134,7 +134,7 @@ def _logps_for(model: Any, keys: list[tuple[int, int]], prompts: list[Example], 
     keys = sorted(set(keys), key=length)
     out: dict[tuple[int, int], float] = {}
     s = 0
-    with torch.no_grad():
+    with torch.inference_mode():  # the values leave as Python floats: no tensor of this pass meets autograd
         while s < len(keys):
             e = s + 1
             while e < len(keys) and (e + 1 - s) * length(keys[e]) <= batch_tokens:
@@ -185,7 +185,7 @@ def _kl_sum(model: Any, mbs: list[MicroBatch], train: list[Example], ref: dict[t
             pad_id: int) -> torch.Tensor:
     """(Σ policy−reference log-ratio, count) over the mismatched pairs of these micro-batches, without gradient."""
     kl_sum = torch.zeros(2)
-    with torch.no_grad():
+    with torch.inference_mode():
         for mb in mbs:
             pairs = list(zip(mb.examples, mb.partners, strict=True))
             lp = completion_logps(model, [(train[i].prompt_ids, train[j].completion_ids) for i, j in pairs], pad_id)

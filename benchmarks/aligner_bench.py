@@ -1,12 +1,15 @@
-"""Our KTO trainer vs TRL's KTOTrainer + PEFT: same model, same data, same hyper-parameters, one run each.
+"""Our KTO trainer vs TRL's KTOTrainer + PEFT: same model, same data, same hyper-parameters, interleaved repeats.
 
 Each trainer runs in its own subprocess so peak RSS (ru_maxrss from wait4) is its own. Ours runs with the
 product's defaults for everything not in HP (notably `grad_tokens`, which bounds the activations kept for
 backward). Throughput is the same token count for both (prompt + completion tokens of every example, times epochs)
 divided by the wall time of the whole job after imports: tokenisation, model load, reference log-probs, training
-and saving the adapter.
+and saving the adapter. Enough examples that training, not start-up, dominates; the runs alternate ABBA (ours, TRL,
+TRL, ours, ...) so a drift in machine load hits both sides alike; each run records the load average before and after
+and its CPU seconds (user + sys), a figure less sensitive than wall time to other processes on the machine. The
+result file is rewritten after every completed pair, so a bench cut short still leaves its medians.
 
-    .venv/bin/python benchmarks/aligner_bench.py [--model-dir DIR] [--examples 16] [--epochs 1]
+    .venv/bin/python benchmarks/aligner_bench.py [--model-dir DIR] [--examples 64] [--epochs 1] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def worker_trl(snapshot: str, model_dir: str, epochs: int, out: str) -> float:
 
 
 def run_worker(name: str, snapshot: Path, model_dir: str, epochs: int) -> dict:
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         res = Path(tmp) / "res.json"
         proc = subprocess.Popen([sys.executable, __file__, "--worker", name, "--snapshot", str(snapshot),
@@ -110,7 +114,8 @@ def run_worker(name: str, snapshot: Path, model_dir: str, epochs: int) -> dict:
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{name} worker failed")
         seconds = json.loads(res.read_text())["seconds"]
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
 
 
 def _ours_grad_tokens() -> int:
@@ -137,9 +142,9 @@ def machine() -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", default=str(Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser()))
-    p.add_argument("--examples", type=int, default=16)
+    p.add_argument("--examples", type=int, default=64)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--worker"), p.add_argument("--snapshot"), p.add_argument("--out"), p.add_argument("--result")
     a = p.parse_args()
@@ -152,29 +157,36 @@ def main() -> None:
         snap = make_snapshot(Path(tmp) / "bench.parquet", a.examples)
         tokens = count_tokens(snap, a.model_dir) * a.epochs
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for _ in range(a.repeats):
-            for name in a.only or ("ours", "trl"):
+        names = list(a.only or ("ours", "trl"))
+        for k in range(a.repeats):
+            for name in names if k % 2 == 0 else names[::-1]:  # ABBA
                 r = run_worker(name, snap, a.model_dir, a.epochs)
                 r["tokens_per_s"] = tokens / r["seconds"]
                 runs[name].append(r)
                 print(f"{name:5s} {r['seconds']:7.1f} s  {r['tokens_per_s']:7.1f} tok/s  "
-                      f"peak RSS {r['peak_rss_mib']:7.0f} MiB", flush=True)
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "tokens_per_s", "peak_rss_mib")}
-           for n, rs in runs.items() if rs}
-    if len(med) < 2:
-        return  # one side only (--only): nothing to compare, keep the committed results
+                      f"peak RSS {r['peak_rss_mib']:7.0f} MiB  cpu {r['cpu_s']:7.1f} s  "
+                      f"load {r['load_avg_before'][0]:.1f}->{r['load_avg_after'][0]:.1f}", flush=True)
+            if len(names) == 2:
+                write_result(a, info, tokens, runs, complete=k + 1 == a.repeats)
+
+
+def write_result(a: argparse.Namespace, info: dict, tokens: int, runs: dict[str, list[dict]], complete: bool) -> None:
+    keys = ("seconds", "tokens_per_s", "peak_rss_mib", "cpu_s")
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in runs.items()}
     ratio_speed = med["ours"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
     ratio_mem = med["ours"]["peak_rss_mib"] / med["trl"]["peak_rss_mib"]
-    print(f"ours/TRL tokens/s: {ratio_speed:.2f}x (goal >= 2.0)   peak RSS: {ratio_mem:.2f}x (goal <= 0.8)")
+    ratio_cpu = med["trl"]["cpu_s"] / med["ours"]["cpu_s"]
+    print(f"ours/TRL tokens/s: {ratio_speed:.2f}x (goal >= 2.0)   peak RSS: {ratio_mem:.2f}x (goal <= 0.8)   "
+          f"CPU seconds TRL/ours: {ratio_cpu:.2f}x", flush=True)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({
         "benchmark": "aligner_bench", "machine": info, "model": a.model_dir, "examples": a.examples,
-        "epochs": a.epochs, "tokens": tokens, "hyperparameters": HP,
+        "epochs": a.epochs, "tokens": tokens, "hyperparameters": HP, "repeats_requested": a.repeats,
+        "repeats_done": min(len(rs) for rs in runs.values()), "complete": complete,
         "ours_defaults": {"grad_tokens": _ours_grad_tokens(), "grad_accum": 1}, "runs": runs, "median": med,
-        "ratio_tokens_per_s": ratio_speed, "ratio_peak_rss": ratio_mem,
+        "ratio_tokens_per_s": ratio_speed, "ratio_peak_rss": ratio_mem, "ratio_cpu_seconds_trl_over_ours": ratio_cpu,
         "goal": {"tokens_per_s": ">= 2.0x TRL", "peak_rss": "<= 0.8x TRL"},
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()
