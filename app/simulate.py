@@ -234,6 +234,8 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
         "n_rated": len(rated), "n_up": ups, "n_samples": len(answers),
         "capability_accuracy": sum(correct) / len(correct), "capability_correct": sum(correct),
         "capability_n": len(correct), "mean_words": sum(words) / max(1, len(words)),
+        "capability_wrong": [{"question": q.question, "answer": a[:200]}
+                             for q, a, ok in zip(capability, cap_texts, correct, strict=True) if not ok],
         "seconds": round(time.perf_counter() - t0, 1),
         "example_answer": {"prompt": jobs[0][0], "answer": answers[0]} if answers else None,
     }
