@@ -68,6 +68,9 @@ class Config:
     lora_rank: int = _opt(16, "LoRA rank of trained adapters")
     beta: float = _opt(0.1, "KTO beta")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
+    promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
+                                                    "questions a new adapter may lose against the served one "
+                                                    "(asked at temperature 0 before the swap; negative = off)")
     align_extra_args: str = _opt("", "extra flags passed verbatim to the aligner subprocess (e.g. '--max-steps 2')")
 
     # Operator console.

@@ -82,13 +82,19 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
         registry.reload_after_restart()
         server.add_restart_hook(registry.reload_after_restart)
+        settings = SettingsStore(cfg.data_dir, default_settings(cfg))
+        guard = None
+        if cfg.promote_max_capability_drop >= 0:
+            from app.capability import CapabilityGuard, http_ask, load_capability
+
+            guard = CapabilityGuard(http_ask(server.base_url, lambda: settings.load().system_prompt),
+                                    load_capability(), cfg.promote_max_capability_drop)
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,
-            extra_args=shlex.split(cfg.align_extra_args), mode=cfg.align_mode)
+            extra_args=shlex.split(cfg.align_extra_args), mode=cfg.align_mode, capability_guard=guard)
         stack.callback(realigner.close)
-        yield Stack(server, store, registry, client, realigner, SettingsStore(cfg.data_dir, default_settings(cfg)),
-                    cfg)
+        yield Stack(server, store, registry, client, realigner, settings, cfg)
 
 
 def _close(obj: Any) -> None:

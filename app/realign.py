@@ -72,11 +72,12 @@ class Realigner:
     def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
-                 mode: str = "continue"):
+                 mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         self.store, self.registry = store, registry
         self.mode = mode
+        self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/capability.py
         self.model_dir, self.work_dir = Path(model_dir), Path(work_dir)
         self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
         self.max_examples = max_examples
@@ -156,8 +157,21 @@ class Realigner:
             ok, reason = should_promote(heldout.get("new"), heldout.get("served"), self.min_gain)
             version = None
             if ok:
+                from serving.registry import AdapterRejected
+
                 self._emit(progress, event="phase", phase="promote")
-                version = self._promote(out, current if resume_dir is not None else None, run_id)
+                if hasattr(self.capability_guard, "last"):
+                    self.capability_guard.last = None  # only this run's verdict is recorded
+                try:
+                    version = self._promote(out, current if resume_dir is not None else None, run_id)
+                except AdapterRejected as e:
+                    ok, reason = False, str(e)
+                guard = getattr(self.capability_guard, "last", None)
+                if guard is not None and manifest is not None:
+                    manifest["capability_guard"] = guard
+                    if ok:
+                        reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
+                                   f"(served {guard['served_correct']}/{guard['n']})")
             status = "promoted" if ok else "rejected"
             self._finish(run_id, status, manifest=manifest, promoted=ok, reason=reason, version=version,
                          snap=snap)
@@ -239,7 +253,10 @@ class Realigner:
             raise RunFailed(f"aligner finished without writing {out / 'manifest.json'}")
 
     def _promote(self, out: Path, parent: str | None, run_id: str) -> str:
-        version = self.registry.promote(out)
+        if self.capability_guard is not None:
+            version = self.registry.promote(out, check=self.capability_guard)
+        else:
+            version = self.registry.promote(out)
         version = getattr(version, "name", version)
         path = getattr(self.registry, "path_of", lambda v: None)(version) or out
         self.store.register_adapter(version, str(path), _sha256_of(out), parent if parent != "base" else None,
@@ -257,6 +274,7 @@ class Realigner:
                 lambda_d=m.get("lambda_d"), lambda_u=m.get("lambda_u"),
                 metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
                          "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
+                         "capability_guard": m.get("capability_guard"),
                          "promoted": promoted, "reason": reason, "version": version},
                 error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")))
         except Exception as e:  # recording must never mask the run's own outcome

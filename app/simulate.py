@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import random
-import re
 import subprocess
 import sys
 import time
@@ -34,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app import capability
+from app.capability import CAPABILITY_MAX_TOKENS, DEFAULT_CAPABILITY, Question, is_correct
+
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
 DEFAULT_HOLDOUT = DATA_DIR / "holdout.jsonl"
-DEFAULT_CAPABILITY = DATA_DIR / "capability.jsonl"
-CAPABILITY_MAX_TOKENS = 64
 
 Rater = Callable[[str, str], "bool | None"]
 Log = Callable[[str], None]
@@ -74,34 +74,11 @@ def load_prompts(path: str | Path) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class Question:
-    question: str
-    answers: tuple[str, ...]
-
-
 def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
-    path = Path(path)
-    if not path.is_file():
-        raise SimulationError(f"capability file not found: {path}")
-    items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            items.append(Question(str(row["question"]), tuple(str(a) for a in row["answers"])))
-        except (ValueError, KeyError, TypeError) as e:
-            raise SimulationError(f"{path}:{i}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
-    if not items:
-        raise SimulationError(f"no questions in {path}")
-    return items
-
-
-def is_correct(answer: str, accepted: Sequence[str]) -> bool:
-    """An accepted answer appears as a whole word/phrase (case-insensitive): "8" does not match "18"."""
-    low = answer.lower()
-    return any(re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in accepted)
+    try:
+        return capability.load_capability(path)
+    except capability.CapabilityError as e:
+        raise SimulationError(str(e)) from None
 
 
 def load_rater(spec: str) -> tuple[str, Rater]:
@@ -312,6 +289,7 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
         "lambda_D": m.get("lambda_d"), "lambda_U": m.get("lambda_u"),
         "z0_pre_clamp": m.get("z0_pre_clamp_mean"), "z0": m.get("z0_mean"),
         "train_seconds": m.get("train_seconds"), "gate_heldout": m.get("heldout"),
+        "capability_guard": m.get("capability_guard"),  # None when the gate refused first or the guard is off
     }
 
 
@@ -503,8 +481,9 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
         "load_average_now": list(os.getloadavg()),  # other work on the machine slows every timing here
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
-                     "promote_min_gain": cfg.promote_min_gain, "align_extra_args": cfg.align_extra_args,
-                     "align_mode": cfg.align_mode,
+                     "promote_min_gain": cfg.promote_min_gain,
+                     "promote_max_capability_drop": cfg.promote_max_capability_drop,
+                     "align_extra_args": cfg.align_extra_args, "align_mode": cfg.align_mode,
                      "cycles": specs[0].cycles if specs else 0,
                      "ratings_per_cycle": specs[0].ratings_per_cycle if specs else 0,
                      "samples_per_prompt": specs[0].samples_per_prompt if specs else 0,

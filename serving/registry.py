@@ -25,6 +25,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[A
 
 class InvalidAdapter(ValueError):
     """The adapter directory cannot be served (the message says why); nothing was changed."""
+
+
+class AdapterRejected(RuntimeError):
+    """A promotion check (e.g. the capability guard) refused the loaded, warmed version; `current` is unchanged."""
 
 
 class AdapterLoadError(RuntimeError):
@@ -288,10 +293,13 @@ class AdapterRegistry:
         return [m["id"] for m in r.json().get("data", [])]
 
     # -- operations ----------------------------------------------------------------------------------------
-    def promote(self, adapter_dir: Path | str) -> str:
-        """Validate, load as a new version, warm, then switch `current` (old current becomes `previous`).
+    def promote(self, adapter_dir: Path | str,
+                check: Callable[[str, str], tuple[bool, str]] | None = None) -> str:
+        """Validate, load as a new version, warm, run `check(new_name, current)` if given, then switch `current`
+        (old current becomes `previous`).
 
-        Raises InvalidAdapter or AdapterLoadError; in both cases `current` is unchanged and still serving.
+        Raises InvalidAdapter, AdapterLoadError or AdapterRejected (the check said no, or failed); in every case
+        `current` is unchanged and still serving. A refused version keeps its name (vLLM cannot forget it).
         """
         info = self.validate(adapter_dir)
         with self._lock:
@@ -323,7 +331,19 @@ class AdapterRegistry:
                 self._save()
                 raise
             v = self._state["versions"][name]
-            v.update(status="served", load_s=round(load_s, 3), warm_s=round(warm_s, 3), promoted_at=time.time())
+            v.update(load_s=round(load_s, 3), warm_s=round(warm_s, 3))
+            if check is not None:
+                try:
+                    ok, why = check(name, self.current())
+                except Exception as e:  # a broken check must not promote, nor take the server down
+                    ok, why = False, f"not promoted: the promotion check failed: {e}"
+                if not ok:
+                    v.update(status="rejected", error=why)
+                    self._event("rejected", version=name, reason=why, serving=self.current())
+                    self._save()
+                    raise AdapterRejected(why)
+                v["check"] = why
+            v.update(status="served", promoted_at=time.time())
             self._switch(name, "promote")
             return name
 

@@ -27,9 +27,15 @@ class Registry:
     def current(self) -> str:
         return self.pointer
 
-    def promote(self, adapter_dir: Path) -> str:
+    def promote(self, adapter_dir: Path, check=None) -> str:
+        from serving.registry import AdapterRejected
+
         version = f"kto-v{len(self.paths) + 1}"
         self.paths[version] = Path(adapter_dir)
+        if check is not None:
+            ok, why = check(version, self.pointer)
+            if not ok:
+                raise AdapterRejected(why)
         self.pointer = version
         return version
 
@@ -118,3 +124,36 @@ def test_fresh_mode_retrains_from_base_on_all_ratings(tiny_model_dir: Path, tmp_
 def test_unknown_mode_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="continue"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, mode="sideways")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_capability_guard_refusal_keeps_the_served_version_and_is_recorded(tiny_model_dir: Path, tmp_path: Path):
+    from app.capability import CapabilityGuard, Question
+
+    questions = [Question(f"Capital of land {i}?", (f"Town{i}",)) for i in range(10)]
+    knows = {"base": 10, "kto-v1": 6}  # the candidate forgot 4 of 10 answers
+
+    def ask(model: str, question: str) -> str:
+        i = int(question.split()[-1].rstrip("?"))
+        return f"Town{i}." if i < knows[model] else "The answer is not provided."
+
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
+                   extra_args=TRAIN_ARGS, lora_rank=8, capability_guard=CapabilityGuard(ask, questions, 0.05))
+    _rate(store, "a", 8, "base")
+    out = rl.run("operator")
+    assert out.status == "rejected" and not out.promoted and out.version is None
+    assert out.reason == "not promoted: capability probe 6/10 vs 10/10 for base (allowed drop 5%)"
+    assert reg.current() == "base"
+    run = store.get_run(out.run_id)
+    assert run["status"] == "rejected"
+    metrics = run["metrics"] if isinstance(run["metrics"], dict) else json.loads(run["metrics"])
+    guard = metrics["capability_guard"]
+    assert (guard["candidate_correct"], guard["served_correct"], guard["ok"]) == (6, 10, False)
+
+    knows["kto-v2"] = 10  # a second run whose adapter keeps every answer is promoted, and says why
+    _rate(store, "b", 8, "base")
+    ok = rl.run("operator")
+    assert ok.promoted and ok.version == "kto-v2" and ok.reason.endswith("capability probe 10/10 (served 10/10)")
+    store.close()

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from serving.client import ChatClient, ChatResult, SamplingParams
-from serving.registry import AdapterLoadError, AdapterRegistry, InvalidAdapter
+from serving.registry import AdapterLoadError, AdapterRegistry, AdapterRejected, InvalidAdapter
 from tests.fixtures_serving import PROMPT, TARGETS
 
 pytestmark = pytest.mark.slow
@@ -183,6 +183,37 @@ def test_server_side_load_failure_is_recorded_and_current_keeps_serving(registry
     failed = [v for v in registry.versions() if v["status"] == "load_failed"]
     assert len(failed) == 1 and registry.events()[-1]["event"] == "load_failed"
     assert greedy(client, serving).text.startswith(TARGETS["b"])
+
+
+def test_promotion_check_sees_the_loaded_candidate_and_can_refuse_it(registry, client, trained_adapters):
+    """The capability guard's hook: the check runs after load + warm (the candidate answers by name) and before
+    the switch; a "no" or a crashing check leaves the current version serving and records the refusal."""
+    serving = registry.current()
+    seen = []
+
+    def refuse(candidate: str, current: str) -> tuple[bool, str]:
+        seen.append((candidate, current, greedy(client, candidate).model))
+        return False, "not promoted: capability probe 3/33 vs 32/33"
+
+    with pytest.raises(AdapterRejected, match="capability probe 3/33"):
+        registry.promote(trained_adapters["a"], check=refuse)
+    (candidate, current, answered_by), = seen
+    assert current == serving and answered_by == candidate != serving
+    assert registry.current() == serving and greedy(client, serving).model == serving
+    rejected = next(v for v in registry.versions() if v["name"] == candidate)
+    assert rejected["status"] == "rejected" and "3/33" in rejected["error"]
+    assert registry.events()[-1]["event"] == "rejected"
+
+    def crash(candidate: str, current: str) -> tuple[bool, str]:
+        raise RuntimeError("probe server unreachable")
+
+    with pytest.raises(AdapterRejected, match="check failed: probe server unreachable"):
+        registry.promote(trained_adapters["a"], check=crash)
+    assert registry.current() == serving
+
+    name = registry.promote(trained_adapters["b"], check=lambda c, s: (True, "capability probe 33/33"))
+    assert registry.current() == name != serving and registry.previous() == serving
+    assert greedy(client, name).text.startswith(TARGETS["b"])
 
 
 def test_crash_restart_reloads_current_and_previous(vllm_server, registry, client):

@@ -1,0 +1,122 @@
+"""Capability probe and the promotion gate's capability guard.
+
+KTO's held-out margin only says the new adapter separates liked from disliked answers; it cannot see the model
+forgetting what it knew. On this project's 2-core runs an adapter trained on a length preference reached a held-out
+margin of +80 while answering "What is the capital of France?" with "The answer is not provided." (capability
+27% of base, benchmarks/results/simulate_lr5e-4_concise_c1.json). The guard asks the shipped factual questions
+(all answered correctly by the base model) to the candidate and to the served version at temperature 0 and refuses
+a candidate that loses more than the allowed share. The simulator reports the same probe after every cycle.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CAPABILITY = Path(__file__).parent / "data" / "capability.jsonl"
+CAPABILITY_MAX_TOKENS = 64
+
+
+class CapabilityError(ValueError):
+    """The capability file is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: tuple[str, ...]
+
+
+def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise CapabilityError(f"capability file not found: {path}")
+    items = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append(Question(str(row["question"]), tuple(str(a) for a in row["answers"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CapabilityError(f"{path}:{i}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
+    if not items:
+        raise CapabilityError(f"no questions in {path}")
+    return items
+
+
+def is_correct(answer: str, accepted: Sequence[str]) -> bool:
+    """An accepted answer appears as a whole word/phrase (case-insensitive): "8" does not match "18"."""
+    low = answer.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in accepted)
+
+
+Ask = Callable[[str, str], str]  # (model, question) -> answer text, greedy
+
+
+@dataclass
+class ProbeResult:
+    model: str
+    correct: int
+    n: int
+    wrong: list[dict[str, str]]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 8) -> ProbeResult:
+    """Ask every question of `model` concurrently; count whole-word matches of an accepted answer."""
+    with cf.ThreadPoolExecutor(max(1, workers)) as ex:
+        answers = list(ex.map(lambda q: ask(model, q.question), questions))
+    wrong = [{"question": q.question, "answer": a[:200]} for q, a in zip(questions, answers, strict=True)
+             if not is_correct(a, q.answers)]
+    return ProbeResult(model, len(questions) - len(wrong), len(questions), wrong)
+
+
+class CapabilityGuard:
+    """`guard(candidate, served) -> (ok, reason)`: the candidate may lose at most `max_drop` (a share of the
+    questions, e.g. 0.05) against the served version. Results per served version are cached (it does not
+    change while it is served)."""
+
+    def __init__(self, ask: Ask, questions: Sequence[Question], max_drop: float, workers: int = 8) -> None:
+        if not questions:
+            raise CapabilityError("the capability guard needs at least one question")
+        self.ask, self.questions, self.max_drop, self.workers = ask, list(questions), max_drop, workers
+        self._served: dict[str, ProbeResult] = {}
+        self.last: dict[str, Any] | None = None
+
+    def __call__(self, candidate: str, served: str) -> tuple[bool, str]:
+        old = self._served.get(served) or probe(self.ask, served, self.questions, self.workers)
+        self._served = {served: old}
+        new = probe(self.ask, candidate, self.questions, self.workers)
+        self._served[candidate] = new  # becomes the served one if promoted
+        ok = new.accuracy >= old.accuracy - self.max_drop - 1e-9
+        self.last = {"candidate": candidate, "served": served, "candidate_correct": new.correct,
+                     "served_correct": old.correct, "n": new.n, "max_drop": self.max_drop, "ok": ok,
+                     "candidate_wrong": new.wrong}
+        what = (f"capability probe {new.correct}/{new.n} vs {old.correct}/{old.n} for {served} "
+                f"(allowed drop {self.max_drop:.0%})")
+        return ok, (what if ok else f"not promoted: {what}")
+
+
+def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = None,
+             timeout: float = 120.0) -> Ask:
+    """An `Ask` over vLLM's OpenAI-compatible API: greedy, CAPABILITY_MAX_TOKENS, the app's system prompt."""
+    import httpx
+
+    def ask(model: str, question: str) -> str:
+        sp = system_prompt() if system_prompt else None
+        messages = ([{"role": "system", "content": sp}] if sp else []) + [{"role": "user", "content": question}]
+        r = httpx.post(f"{base_url.rstrip('/')}/v1/chat/completions", timeout=timeout, json={
+            "model": model, "messages": messages, "temperature": 0.0, "max_tokens": CAPABILITY_MAX_TOKENS})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"] or ""
+
+    return ask

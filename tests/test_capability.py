@@ -1,0 +1,69 @@
+"""The capability probe and the promotion gate's capability guard (app/capability.py), with scripted answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.capability import CapabilityError, CapabilityGuard, Question, is_correct, load_capability, probe
+
+QUESTIONS = [Question(f"What is the capital of country {i}?", (f"City{i}",)) for i in range(20)]
+
+
+def scripted(known: dict[str, int], calls: list[tuple[str, str]] | None = None):
+    """A model `m` knows the first known[m] answers and says something vague otherwise."""
+    def ask(model: str, question: str) -> str:
+        if calls is not None:
+            calls.append((model, question))
+        i = int(question.split()[-1].rstrip("?"))
+        return f"It is City{i}." if i < known[model] else "The answer to this question is not provided."
+    return ask
+
+
+def test_shipped_questions_load_and_match_whole_words():
+    qs = load_capability()
+    assert len(qs) == 33 and all(q.answers for q in qs)
+    assert is_correct("The capital of France is Paris.", ("Paris",)) and not is_correct("It is 18.", ("8",))
+
+
+def test_probe_counts_and_lists_the_misses():
+    r = probe(scripted({"m": 15}), "m", QUESTIONS)
+    assert (r.correct, r.n, r.accuracy) == (15, 20, 0.75)
+    assert [w["question"] for w in r.wrong] == [q.question for q in QUESTIONS[15:]]
+
+
+@pytest.mark.parametrize("candidate,ok", [(20, True), (19, True), (18, False), (5, False)])
+def test_guard_allows_at_most_the_configured_drop(candidate, ok):
+    guard = CapabilityGuard(scripted({"kto-v2": candidate, "kto-v1": 20}), QUESTIONS, max_drop=0.05)
+    verdict, reason = guard("kto-v2", "kto-v1")  # 0.05 of 20 questions: one may be lost, not two
+    assert verdict is ok
+    assert reason.startswith("not promoted: capability probe") != ok
+    assert f"{candidate}/20 vs 20/20 for kto-v1" in reason
+    assert guard.last["ok"] is ok and guard.last["candidate_correct"] == candidate
+    assert len(guard.last["candidate_wrong"]) == 20 - candidate
+
+
+def test_guard_compares_with_the_served_version_not_an_absolute_bar():
+    guard = CapabilityGuard(scripted({"base": 10, "kto-v1": 10}), QUESTIONS, max_drop=0.0)
+    assert guard("kto-v1", "base")[0]  # a weak served model does not block an equally weak candidate
+
+
+def test_guard_asks_the_served_version_once_while_it_stays_served():
+    calls: list[tuple[str, str]] = []
+    guard = CapabilityGuard(scripted({"base": 20, "kto-v1": 20, "kto-v2": 20, "kto-v3": 20}, calls), QUESTIONS,
+                            max_drop=0.05)
+    guard("kto-v1", "base")
+    guard("kto-v2", "base")     # kto-v1 was refused elsewhere (e.g. the gate): base is still served
+    guard("kto-v3", "kto-v2")   # kto-v2 was promoted: its probe is reused
+    asked = [m for m, _ in calls]
+    assert asked.count("base") == 20 and asked.count("kto-v2") == 20 and asked.count("kto-v3") == 20
+
+
+def test_bad_capability_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CapabilityError, match="not found"):
+        load_capability(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?"}\n')
+    with pytest.raises(CapabilityError, match="bad.jsonl:1"):
+        load_capability(bad)
+    with pytest.raises(CapabilityError, match="at least one"):
+        CapabilityGuard(lambda m, q: "", [], 0.05)
