@@ -141,13 +141,18 @@ class MicroBatch:
     partners: list[int]  # KL partner of each: the next example of this micro-batch (rotation)
 
 
-def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 16) -> list[MicroBatch]:
-    """One epoch of micro-batches: fresh shuffle, then length grouping inside windows of `group` batches.
+def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 16,
+               labels: list[bool] | None = None) -> list[MicroBatch]:
+    """One epoch of micro-batches: fresh shuffle, then (approximate) length grouping; with `labels`, every
+    micro-batch also gets its proportional share of thumbs-up and thumbs-down.
 
-    Sorting within a window keeps padding low while the shuffle still mixes the data; the batch order is
-    shuffled again so long batches are not all at one end. The KL pairs are rotated inside each micro-batch, so
-    they are rebuilt whenever the shuffle changes. A trailing single example joins the previous batch (a batch of
-    one has no mismatched partner).
+    Length grouping keeps padding low. Alone it is harmful when the preference correlates with length (a
+    length-preferring rater: short answers are the desirable ones): sorted batches then hold one class only, and a
+    batch of undesirable answers alone has a single way to lower its loss — push every log-probability down, with
+    z0 clamped at 0 offering no brake. Measured on SmolLM2 with the `concise` rater, that destroyed capability
+    (25/33 factual answers vs 32/33). Stratifying by label keeps both forces in every step. The sort key is
+    jittered (±15%) so each epoch's batches, and therefore its rotated KL pairs, differ. The batch order is
+    shuffled so long batches are not all at one end. The KL pairs are rotated inside each micro-batch.
     """
     n = len(lengths)
     if n < 2:
@@ -155,10 +160,28 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(n))
     rng.shuffle(order)
+    jitter = {i: lengths[i] * rng.uniform(0.85, 1.15) for i in order}
+    if labels is not None:
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} examples")
+        n_batches = max(1, n // batch_size)  # every batch keeps at least batch_size (≥ 2) examples
+        batches = [[] for _ in range(n_batches)]
+        for cls in (True, False):
+            members = sorted((i for i in order if bool(labels[i]) is cls), key=jitter.__getitem__)
+            # contiguous, near-equal slices of the length-sorted class: batch k gets slice k of each class
+            bounds = [round(k * len(members) / n_batches) for k in range(n_batches + 1)]
+            for k in range(n_batches):
+                batches[k] += members[bounds[k]:bounds[k + 1]]
+        small = [b for b in batches if len(b) < 2]  # rounding can starve a batch when batch_size is 2
+        batches = [b for b in batches if len(b) >= 2]
+        for b in small:
+            batches[-1] += b
+        rng.shuffle(batches)
+        return [MicroBatch(b, [b[j] for j in rotation(len(b))]) for b in batches]
     window = batch_size * group
     sorted_order: list[int] = []
     for s in range(0, n, window):
-        sorted_order += sorted(order[s:s + window], key=lambda i: lengths[i])
+        sorted_order += sorted(order[s:s + window], key=jitter.__getitem__)
     batches = [sorted_order[s:s + batch_size] for s in range(0, n, batch_size)]
     if len(batches[-1]) < 2:
         last = batches.pop()

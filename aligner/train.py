@@ -276,7 +276,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     per_step = cfg.grad_accum * dist.world
     steps: list[list[MicroBatch]] = []
     for epoch in range(cfg.epochs):
-        mbs = plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch)
+        mbs = plan_epoch(lengths, cfg.batch_size, cfg.seed, epoch, labels=[ex.desirable for ex in train])
         steps += [mbs[s:s + per_step] for s in range(0, len(mbs), per_step)]
     if cfg.max_steps is not None:
         steps = steps[:cfg.max_steps]

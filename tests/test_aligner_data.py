@@ -96,3 +96,31 @@ def test_plan_epoch_covers_each_example_once(n, bs):
     if n > bs:
         other = plan_epoch(lengths, bs, seed=1, epoch=1)
         assert [mb.partners for mb in other] != [mb.partners for mb in plan], "pairs rebuilt each epoch"
+
+
+@pytest.mark.parametrize("n,bs,n_d", [(183, 8, 21), (40, 8, 3), (9, 4, 2), (6, 2, 1), (50, 2, 25), (17, 8, 17)])
+def test_stratified_plan_spreads_each_class_over_the_batches(n, bs, n_d):
+    """A length-preferring rater makes the short answers the desirable ones: length grouping alone would put
+    them all in the same few batches. With labels every batch gets its share of each class."""
+    lengths = [20 + i for i in range(n)]
+    labels = [i < n_d for i in range(n)]  # desirable = the shortest, as with the `concise` rater
+    plan = plan_epoch(lengths, bs, seed=3, epoch=0, labels=labels)
+    assert sorted(i for mb in plan for i in mb.examples) == list(range(n))
+    n_batches = len(plan)
+    assert n_batches == max(1, n // bs) or n_batches == max(1, n // bs) - 1
+    per_batch = [sum(labels[i] for i in mb.examples) for mb in plan]
+    assert max(per_batch) - min(per_batch) <= 1 + (n_batches < max(1, n // bs))  # proportional shares
+    for mb in plan:
+        assert len(mb.examples) >= 2 and sorted(mb.partners) == sorted(mb.examples)
+        assert all(i != j for i, j in zip(mb.examples, mb.partners, strict=True))
+    # the unstratified plan on the same data segregates the classes (what the labels fix)
+    if bs <= n_d < n and n > 2 * bs:
+        plain = plan_epoch(lengths, bs, seed=3, epoch=0)
+        assert max(sum(labels[i] for i in mb.examples) for mb in plain) >= bs
+    assert [mb.partners for mb in plan_epoch(lengths, bs, seed=3, epoch=1, labels=labels)] != [
+        mb.partners for mb in plan] or n <= 2
+
+
+def test_stratified_plan_rejects_mismatched_labels():
+    with pytest.raises(ValueError, match="labels"):
+        plan_epoch([5, 6, 7], 2, seed=0, epoch=0, labels=[True])
