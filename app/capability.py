@@ -3,7 +3,7 @@
 KTO's held-out margin only says the new adapter separates liked from disliked answers; it cannot see the model
 forgetting what it knew. On this project's 2-core runs an adapter trained on a length preference reached a held-out
 margin of +80 while answering "What is the capital of France?" with "The answer is not provided." (capability
-27% of base, benchmarks/results/simulate_lr5e-4_concise_c1.json). The guard asks the shipped factual questions
+27% of base, benchmarks/results/simulate_concise_unstratified_lr5e-4.json). The guard asks the shipped factual questions
 (all answered correctly by the base model) to the candidate and to the served version at temperature 0 and refuses
 a candidate that loses more than the allowed share. The simulator reports the same probe after every cycle.
 """
