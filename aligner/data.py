@@ -164,18 +164,27 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group
     if labels is not None:
         if len(labels) != n:
             raise ValueError(f"{len(labels)} labels for {n} examples")
-        n_batches = max(1, n // batch_size)  # every batch keeps at least batch_size (≥ 2) examples
-        batches = [[] for _ in range(n_batches)]
-        for cls in (True, False):
-            members = sorted((i for i in order if bool(labels[i]) is cls), key=jitter.__getitem__)
-            # contiguous, near-equal slices of the length-sorted class: batch k gets slice k of each class
-            bounds = [round(k * len(members) / n_batches) for k in range(n_batches + 1)]
-            for k in range(n_batches):
-                batches[k] += members[bounds[k]:bounds[k + 1]]
-        small = [b for b in batches if len(b) < 2]  # rounding can starve a batch when batch_size is 2
-        batches = [b for b in batches if len(b) >= 2]
-        for b in small:
-            batches[-1] += b
+        # Same batch sizes as the plain plan (full batches, a remainder of one joins the last batch): equal
+        # sizes keep the per-micro-batch mean loss equivalent to one big batch under gradient accumulation and
+        # across processes. Batch k takes the next slice of each length-sorted class, the desirable share
+        # rounded so that the shares add up.
+        sizes = [batch_size] * (n // batch_size)
+        rest = n - sum(sizes)
+        if rest >= 2 or not sizes:
+            sizes.append(rest)
+        else:
+            sizes[-1] += rest
+        pos = sorted((i for i in order if labels[i]), key=jitter.__getitem__)
+        neg = sorted((i for i in order if not labels[i]), key=jitter.__getitem__)
+        batches, done, p_at, n_at = [], 0, 0, 0
+        for size in sizes:
+            done += size
+            p_end = round(done * len(pos) / n)
+            take_p = min(p_end - p_at, size)
+            batch = pos[p_at:p_at + take_p] + neg[n_at:n_at + size - take_p]
+            p_at, n_at = p_at + take_p, n_at + size - take_p
+            batches.append(batch)
+        batches[-1] += pos[p_at:] + neg[n_at:]  # nothing is left unless rounding met a tiny class; never drop it
         rng.shuffle(batches)
         return [MicroBatch(b, [b[j] for j in rotation(len(b))]) for b in batches]
     window = batch_size * group

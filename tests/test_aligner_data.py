@@ -106,10 +106,11 @@ def test_stratified_plan_spreads_each_class_over_the_batches(n, bs, n_d):
     labels = [i < n_d for i in range(n)]  # desirable = the shortest, as with the `concise` rater
     plan = plan_epoch(lengths, bs, seed=3, epoch=0, labels=labels)
     assert sorted(i for mb in plan for i in mb.examples) == list(range(n))
-    n_batches = len(plan)
-    assert n_batches == max(1, n // bs) or n_batches == max(1, n // bs) - 1
+    # the plain plan's batch sizes (equal sizes keep accumulation and multi-process runs exact)
+    plain_sizes = sorted(len(mb.examples) for mb in plan_epoch(lengths, bs, seed=3, epoch=0))
+    assert sorted(len(mb.examples) for mb in plan) == plain_sizes
     per_batch = [sum(labels[i] for i in mb.examples) for mb in plan]
-    assert max(per_batch) - min(per_batch) <= 1 + (n_batches < max(1, n // bs))  # proportional shares
+    assert max(per_batch) - min(per_batch) <= 2  # proportional shares
     for mb in plan:
         assert len(mb.examples) >= 2 and sorted(mb.partners) == sorted(mb.examples)
         assert all(i != j for i, j in zip(mb.examples, mb.partners, strict=True))
