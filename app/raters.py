@@ -4,7 +4,8 @@ True is a thumbs-up (desirable), False a thumbs-down, None means this user would
 rater encodes one preference that the base SmolLM2-135M-Instruct mostly does *not* satisfy, so the simulator can
 show the loop moving the served model towards it. They differ in kind, difficulty and imbalance; the base rates
 below were measured on the base model's answers to all 58 held-out prompts and every third training prompt (2
-samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens as `kto-loop simulate` serves them):
+samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens; benchmarks/rater_base_rates.py →
+benchmarks/results/rater_base_rates.json):
 
 | rater      | preference                         | base up: all / held-out | difficulty                           |
 |------------|------------------------------------|-------------------------|--------------------------------------|

@@ -253,10 +253,7 @@ class Realigner:
             raise RunFailed(f"aligner finished without writing {out / 'manifest.json'}")
 
     def _promote(self, out: Path, parent: str | None, run_id: str) -> str:
-        if self.capability_guard is not None:
-            version = self.registry.promote(out, check=self.capability_guard)
-        else:
-            version = self.registry.promote(out)
+        version = self.registry.promote(out, check=self.capability_guard)
         version = getattr(version, "name", version)
         path = getattr(self.registry, "path_of", lambda v: None)(version) or out
         self.store.register_adapter(version, str(path), _sha256_of(out), parent if parent != "base" else None,
