@@ -380,6 +380,14 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
                 "train_seconds": manifest.get("train_seconds"), "wall_seconds": round(secs, 1),
                 "gate_heldout": manifest.get("heldout"), "eval": evaluate(name)}
         rec["eval"] = evaluate(served)
+        refused = refused_candidate(rec)
+        if refused:
+            # The guard loaded and refused it; vLLM still holds it under its name. Measuring it shows what the
+            # preference bought and what it cost, which the served model alone cannot tell.
+            rec["refused_candidate_eval"] = evaluate(refused)
+            r = rec["refused_candidate_eval"]
+            log(f"[{spec.rater_name}] cycle {c}: refused candidate {refused}: desirable {pct(r['desirable_rate'])}, "
+                f"capability {pct(r['capability_accuracy'])}")
         e = rec["eval"]
         log(f"[{spec.rater_name}] cycle {c}: served {served} (promoted={rec['promoted']}): desirable "
             f"{pct(e['desirable_rate'])} [{pct(e['ci95'][0])}, {pct(e['ci95'][1])}], capability "
@@ -392,6 +400,13 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
         if checkpoint:
             checkpoint(_run_record(spec, base, cycles))
     return _run_record(spec, base, cycles)
+
+
+def refused_candidate(rec: dict[str, Any]) -> str | None:
+    """The version the capability guard loaded and refused in this cycle, if any (None when the gate refused
+    before loading, or the run promoted or failed)."""
+    guard = rec.get("capability_guard") or {}
+    return guard.get("candidate") if not rec.get("promoted") and guard.get("ok") is False else None
 
 
 def _run_record(spec: SimSpec, base: dict[str, Any], cycles: list[dict[str, Any]]) -> dict[str, Any]:
@@ -555,6 +570,13 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             ax.plot(range(len(py)), py, linestyle="--", marker="x", color=color, alpha=0.7,
                     label=f"{run['rater']} (λ_D = λ_U = 1)")
         ax2.plot(xs, [100 * e["capability_accuracy"] for e in evals], marker="o", color=color, label=run["rater"])
+        refused = [(c["cycle"], c["refused_candidate_eval"]) for c in run["cycles"] if "refused_candidate_eval" in c]
+        if refused:  # hollow markers: what the guard kept from users, and what it would have cost
+            rx = [x for x, _ in refused]
+            ax.plot(rx, [100 * (e["desirable_rate"] or 0) for _, e in refused], linestyle="none", marker="o",
+                    markerfacecolor="none", color=color, label=f"{run['rater']}: refused by the capability guard")
+            ax2.plot(rx, [100 * e["capability_accuracy"] for _, e in refused], linestyle="none", marker="o",
+                     markerfacecolor="none", color=color)
     ax.set_xlabel("cycle (0 = base model)")
     ax.set_ylabel("held-out desirable rate (%)")
     ax.set_ylim(0, 100)

@@ -197,7 +197,9 @@ def fake_doc(ablation: bool = True) -> dict:
 
     runs = []
     for name, rates in [("concise", [0.2, 0.45, 0.6]), ("examples", [0.05, 0.1, 0.4])]:
-        cycles = [{"eval": ev(r, 0.97), "cycle_seconds": 500.0, "promoted": True} for r in rates[1:]]
+        cycles = [{"cycle": i, "eval": ev(r, 0.97), "cycle_seconds": 500.0, "promoted": True}
+                  for i, r in enumerate(rates[1:], 1)]
+        cycles[0].update(promoted=False, refused_candidate_eval=ev(0.5, 0.8))
         if ablation:
             for c in cycles:
                 c["ablation_pinned"] = {"eval": ev(0.1, 0.9)}
@@ -283,3 +285,11 @@ def test_parallel_map_keeps_order_and_does_not_run_the_queue_after_an_error():
         sim.parallel_map(job, list(range(200)), 2)
     time.sleep(0.3)
     assert len(started) < 50  # the queued chats were cancelled, not all 200 run
+
+
+def test_refused_candidate_is_only_a_guard_refusal():
+    guard = {"candidate": "kto-v3", "served": "kto-v2", "ok": False}
+    assert sim.refused_candidate({"promoted": False, "capability_guard": guard}) == "kto-v3"
+    assert sim.refused_candidate({"promoted": True, "capability_guard": dict(guard, ok=True)}) is None
+    assert sim.refused_candidate({"promoted": False, "capability_guard": None}) is None  # the gate said no first
+    assert sim.refused_candidate({"promoted": False}) is None
