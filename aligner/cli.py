@@ -27,12 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 × rank")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the vLLM server's --max-lora-rank")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size per process (≥ 2)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--grad-tokens", type=int, default=2048, help="padded tokens per forward with gradient: "
                                                                  "bounds training memory; same result")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2.5e-4,
+                   help="higher rates moved the rater faster but lost facts (benchmarks/results/lr_sweep.json)")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=512, help="prompt+completion tokens; prompts cut on the left")
