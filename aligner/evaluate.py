@@ -35,6 +35,8 @@ def heldout_metrics(rewards: torch.Tensor, kl_rewards: torch.Tensor, desirable: 
         "reward_undesirable": mean_u,
         "z0": z0.item(),
         "z0_pre_clamp": out.z0_pre_clamp.item(),
+        # per example, in held-out order (the same for the new and the served adapter): the gate's paired test
+        "correct_side": [float(x) for x in right.tolist()],
     }
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

@@ -9,7 +9,12 @@ are comparable.
 The rule (all must hold):
 1. the new metrics exist and are finite;
 2. margin gain: new.margin - served.margin > min_gain;
-3. no regression on the sign test: new.frac_correct_side >= served.frac_correct_side - frac_tolerance.
+3. no significant regression on the side test. With per-example `correct_side` lists (same held-out examples,
+   same order), an exact sign test on the examples that changed side (McNemar's test for paired data, exact
+   form): refuse when the new adapter moved significantly more examples to the wrong side than to the right one
+   (one-sided p <= alpha, 0.05). A fixed tolerance on the share cannot work for small held-out sets: with 21
+   examples, 0.05 is less than one example, so any two flips refused a candidate with a large margin gain.
+   Without the lists (older manifests): new.frac_correct_side >= served.frac_correct_side - frac_tolerance.
 When nothing is served yet (`served` is None or empty) the base model is the comparison: its margin against
 itself is 0 and rule 3 is skipped. When the held-out set holds one class only (a heavily imbalanced snapshot can
 leave no held-out thumbs-up), the margin is undefined; the gate then compares that class's mean reward instead
@@ -22,6 +27,24 @@ import math
 from typing import Any
 
 FRAC_TOLERANCE = 0.05
+SIGN_TEST_ALPHA = 0.05
+
+
+def sign_test_p(worse: int, better: int) -> float:
+    """One-sided exact sign test: P(at least `worse` of the `worse + better` changed examples went the wrong way)
+    if each change were a fair coin."""
+    n = worse + better
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n if n else 1.0
+
+
+def _paired_sides(new: dict[str, Any], served: dict[str, Any]) -> tuple[int, int] | None:
+    """(examples that moved to the wrong side, examples that moved to the right side), or None without lists."""
+    a, b = new.get("correct_side"), served.get("correct_side")
+    if not (isinstance(a, list) and isinstance(b, list) and a and len(a) == len(b)):
+        return None
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in a + b):
+        return None
+    return sum(n < s for n, s in zip(a, b, strict=True)), sum(n > s for n, s in zip(a, b, strict=True))
 
 
 def _num(d: dict[str, Any], key: str) -> float | None:
@@ -46,7 +69,7 @@ def _score(d: dict[str, Any]) -> tuple[float | None, str]:
 
 
 def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, min_gain: float,
-                   frac_tolerance: float = FRAC_TOLERANCE) -> tuple[bool, str]:
+                   frac_tolerance: float = FRAC_TOLERANCE, alpha: float = SIGN_TEST_ALPHA) -> tuple[bool, str]:
     """(promote?, human-readable reason); the reason is recorded with the run either way."""
     if not new:
         return False, "not promoted: the new adapter has no held-out metrics"
@@ -65,6 +88,15 @@ def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, mi
     if not gain > min_gain:
         return False, (f"not promoted: {what} gain {gain:+.4f} (new {new_score:+.4f}, served {served_score:+.4f}) "
                        f"does not exceed {min_gain:+.4f}")
+    paired = _paired_sides(new, served)
+    if paired is not None:
+        worse, better = paired
+        p = sign_test_p(worse, better)
+        if worse > better and p <= alpha:
+            return False, (f"not promoted: {worse} held-out examples moved to the wrong side and {better} to the "
+                           f"right one (sign test p = {p:.3f} <= {alpha}) despite {what} gain {gain:+.4f}")
+        return True, (f"promoted: {what} gain {gain:+.4f} (new {new_score:+.4f}, served {served_score:+.4f}) "
+                      f"> {min_gain:+.4f}; sides: {worse} worse, {better} better (p = {p:.2f})")
     new_frac, served_frac = _num(new, "frac_correct_side"), _num(served, "frac_correct_side")
     if new_frac is not None and served_frac is not None and new_frac < served_frac - frac_tolerance:
         return False, (f"not promoted: share on the correct side fell from {served_frac:.3f} to {new_frac:.3f} "

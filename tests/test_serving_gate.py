@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from serving.gate import should_promote
+from serving.gate import should_promote, sign_test_p
 
 
 def m(margin, frac=0.7, loss=0.4):
@@ -70,3 +70,42 @@ def test_one_class_heldout_compares_that_class_reward():
 def test_nan_rewards_never_promote_in_the_one_class_fallback():
     ok, _ = should_promote(one_class(r_u=float("nan")), None, min_gain=0.0)
     assert not ok
+
+
+def sides(margin, flags):
+    return {"margin": margin, "frac_correct_side": sum(flags) / len(flags), "loss": 0.4, "correct_side": flags}
+
+
+def test_sign_test_p_values():
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(2, 0) == pytest.approx(0.25)
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
+    assert sign_test_p(6, 2) == pytest.approx((28 + 8 + 1) / 256)
+    assert sign_test_p(1, 3) == pytest.approx(15 / 16)
+
+
+def test_paired_side_test_allows_noise_the_fixed_tolerance_refused():
+    # the simulator's case: 21 held-out examples, served 18 right, the candidate 16 (2 flips), big margin gain
+    served = [1.0] * 18 + [0.0] * 3
+    new = [0.0, 0.0] + [1.0] * 16 + [0.0] * 3
+    assert not should_promote({k: v for k, v in sides(21.4, new).items() if k != "correct_side"},
+                              {k: v for k, v in sides(0.0, served).items() if k != "correct_side"}, 0.0)[0]
+    ok, reason = should_promote(sides(21.4, new), sides(0.0, served), 0.0)
+    assert ok and "2 worse, 0 better" in reason
+
+
+def test_paired_side_test_refuses_a_significant_regression():
+    served = [1.0] * 18 + [0.0] * 3
+    new = [0.0] * 6 + [1.0] * 12 + [1.0] + [0.0] * 2  # 6 moved to the wrong side, 1 to the right one: p = 8/128
+    assert should_promote(sides(5.0, new), sides(0.0, served), 0.0)[0]
+    new[18] = 0.0  # 6 wrong, 0 right: p = 1/64
+    ok, reason = should_promote(sides(5.0, new), sides(0.0, served), 0.0)
+    assert not ok and "6 held-out examples moved to the wrong side and 0" in reason
+    # ties with z0 count half: 1 → 0.5 is a move to the wrong side
+    ok, _ = should_promote(sides(5.0, [0.5] * 6 + [1.0] * 15), sides(0.0, [1.0] * 21), 0.0)
+    assert not ok
+
+
+def test_paired_lists_of_different_length_fall_back_to_the_share_rule():
+    ok, reason = should_promote(sides(5.0, [1.0] * 10), sides(0.0, [1.0] * 20), 0.0)
+    assert ok and "sides" not in reason
