@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tests.test_aligner_support import synthetic_rows, write_snapshot
 
-ARGS = ["--batch-size", "4", "--epochs", "1", "--max-steps", "3", "--threads", "1", "--max-length", "128"]
+ARGS = ["--batch-size", "4", "--epochs", "1", "--max-steps", "3", "--threads", "1", "--max-length", "128",
+        "--lr", "1e-3"]  # the default rate suits the real model; 3 steps on the tiny one must visibly move weights
 
 
 def _manifest(out: Path) -> dict:

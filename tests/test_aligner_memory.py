@@ -27,7 +27,8 @@ def test_chunked_gradient_equals_whole_batch(tmp_path, tiny_model_dir):
     for budget in (10**6, 64):  # one forward per micro-batch vs (nearly) one example per forward
         out = tmp_path / f"b{budget}"
         m = run(TrainConfig(snapshot=str(snap), out=str(out), model_dir=str(tiny_model_dir), epochs=1, batch_size=8,
-                            max_length=128, heldout_fraction=0.0, max_steps=2, threads=1, grad_tokens=budget))
+                            max_length=128, heldout_fraction=0.0, max_steps=2, threads=1, grad_tokens=budget,
+                            lr=1e-3))  # not the default: 2 steps must move the weights past the check below
         outs[budget] = (m, load_file(out / "adapter_model.safetensors"))
     (m1, w1), (m2, w2) = outs[10**6], outs[64]
     # bf16 autocast: the batch shape moves the last bits, so compare to bf16-noise tolerances. (Adapter weights are

@@ -225,14 +225,14 @@ def test_crash_restart_reloads_current_and_previous(vllm_server, registry, clien
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if vllm_server.restarts > restarts and vllm_server.is_healthy():
-            try:
-                if current in client.models():
+            try:  # the registry reloads current, then previous: wait for both
+                if {current, previous} <= set(client.models()):
                     break
             except Exception:
                 pass
         time.sleep(1)
     else:
-        pytest.fail(f"server did not come back with {current}:\n{vllm_server.log_tail()}")
+        pytest.fail(f"server did not come back with {current} and {previous}:\n{vllm_server.log_tail()}")
     survivors = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert survivors == [], "processes of the crashed server outlived it"
     loaded = client.models()
