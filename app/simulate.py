@@ -74,6 +74,11 @@ def load_prompts(path: str | Path) -> list[str]:
     return out
 
 
+def evenly_spaced(items: Sequence[str], n: int) -> list[str]:
+    """`n` items spread over the list (all when n <= 0 or n >= len), so every category of the file stays in."""
+    return [items[i * len(items) // n] for i in range(n)] if 0 < n < len(items) else list(items)
+
+
 def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
     try:
         return capability.load_capability(path)
@@ -319,7 +324,7 @@ def load_for_eval(server: Any, adapter_dir: Path, name: str) -> None:
     r = httpx.post(_root_url(server) + "/v1/load_lora_adapter",
                    json={"lora_name": name, "lora_path": str(adapter_dir)}, timeout=300)
     if r.status_code != 200:
-        raise SimulationError(f"ablation: vLLM refused adapter {adapter_dir}: {r.status_code} {r.text[:300]}")
+        raise SimulationError(f"vLLM refused adapter {adapter_dir} (as {name}): {r.status_code} {r.text[:300]}")
 
 
 def simulate_one(stack: Any, spec: SimSpec, log: Log = print,

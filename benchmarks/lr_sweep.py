@@ -58,10 +58,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lr_sweep.json")
     args = ap.parse_args()
 
-    holdout = sim.load_prompts(sim.DEFAULT_HOLDOUT)
-    n = args.holdout_limit
-    if 0 < n < len(holdout):  # evenly spaced, as `kto-loop simulate --holdout-limit` picks them
-        holdout = [holdout[i * len(holdout) // n] for i in range(n)]
+    holdout = sim.evenly_spaced(sim.load_prompts(sim.DEFAULT_HOLDOUT), args.holdout_limit)  # as simulate picks
     capability = sim.load_capability()
     runs: list[dict] = []
     load0 = os.getloadavg()[0]
@@ -89,7 +86,6 @@ def main() -> None:
     spec = VLLMServerSpec(model_dir=args.model_dir, log_path=args.work_dir / "vllm.log")
     base: dict[str, dict] = {}
     with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
-        root = str(server.base_url).rstrip("/").removesuffix("/v1")
         for i, r in enumerate(runs):
             rater_fn = EXAMPLE_RATERS[r["rater"]]
 
@@ -103,17 +99,13 @@ def main() -> None:
                 print(f"base/{r['rater']}: desirable {sim.pct(base[r['rater']]['desirable_rate'])}, capability "
                       f"{base[r['rater']]['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
             name = f"sweep-{i}"
-            import httpx
-
-            resp = httpx.post(root + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": r["adapter"]},
-                              timeout=300)
-            resp.raise_for_status()
+            sim.load_for_eval(server, Path(r["adapter"]), name)
             r["eval"] = evaluate(name)
             print(f"{r['rater']} lr={r['lr']:g}: desirable {sim.pct(r['eval']['desirable_rate'])}, capability "
                   f"{r['eval']['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
     doc = {"benchmark": "lr_sweep", "machine": {**sim.machine_info(), "load_avg_at_start": load0,
                                                  "load_avg_at_end": os.getloadavg()[0]},
-           "settings": {"holdout_limit": n, "samples_per_prompt": args.samples_per_prompt,
+           "settings": {"holdout_limit": args.holdout_limit, "samples_per_prompt": args.samples_per_prompt,
                         "max_tokens": args.max_tokens, "temperature": 0.7, "top_p": 0.95, "epochs": args.epochs},
            "wall_seconds": round(time.perf_counter() - t_start, 1), "base": base, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)

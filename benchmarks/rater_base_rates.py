@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import raters  # noqa: E402
-from app.simulate import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts  # noqa: E402
+from app.simulate import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts, machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,8 +55,7 @@ def main() -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     heldout = set(load_prompts(DEFAULT_HOLDOUT))
     out: dict = {"benchmark": "rater_base_rates", "answers": len(rows),
-                 "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                             "python": platform.python_version(), "loadavg": os.getloadavg()},
+                 "machine": {**machine_info(), "loadavg": os.getloadavg()},
                  "settings": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 128, "samples_per_prompt": 2},
                  "answers_file": str(args.answers) if args.answers else "generated in this run",
                  "raters": {}}

@@ -293,3 +293,10 @@ def test_refused_candidate_is_only_a_guard_refusal():
     assert sim.refused_candidate({"promoted": True, "capability_guard": dict(guard, ok=True)}) is None
     assert sim.refused_candidate({"promoted": False, "capability_guard": None}) is None  # the gate said no first
     assert sim.refused_candidate({"promoted": False}) is None
+
+
+def test_evenly_spaced_keeps_every_part_of_the_list():
+    items = [f"p{i}" for i in range(58)]
+    picked = sim.evenly_spaced(items, 40)
+    assert len(picked) == 40 == len(set(picked)) and picked[0] == "p0" and picked[-1] in items[-3:]
+    assert sim.evenly_spaced(items, 0) == items and sim.evenly_spaced(items, 100) == items

@@ -57,8 +57,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             raise sim.SimulationError(f"rater names must be distinct, got {names}")
         prompts = sim.load_prompts(args.prompts)
         holdout = sim.load_prompts(args.holdout)
-        if 0 < args.holdout_limit < len(holdout):  # evenly spaced, so every category stays represented
-            holdout = [holdout[i * len(holdout) // args.holdout_limit] for i in range(args.holdout_limit)]
+        holdout = sim.evenly_spaced(holdout, args.holdout_limit)
         overlap = set(prompts) & set(holdout)
         if overlap:
             raise sim.SimulationError(f"{len(overlap)} held-out prompt(s) also in the training prompts, "
