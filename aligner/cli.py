@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=512, help="prompt+completion tokens; prompts cut on the left")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--checkpoints", type=int, default=3,
+                   help="earlier adapters kept (evenly spaced) for the promotion gate to fall back to; 0 = none")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lambda-d", type=float, default=None, help="pin λ_D (disables the automatic rule)")
@@ -68,7 +70,8 @@ def _validate(args: argparse.Namespace) -> None:
               (args.beta > 0, "--beta must be > 0"), (args.max_length >= 32, "--max-length must be ≥ 32"),
               (0 <= args.heldout_fraction < 1, "--holdout-fraction must be in [0, 1)"),
               (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),
-              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1")]
+              (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1"),
+              (0 <= args.checkpoints <= 20, "--checkpoints must be in [0, 20]")]
     for ok, msg in checks:
         if not ok:
             raise SnapshotError(msg)

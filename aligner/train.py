@@ -62,6 +62,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512
     max_steps: int | None = None
+    checkpoints: int = 3               # earlier adapters kept for the gate to fall back to (see checkpoint_steps)
     beta: float = 0.1
     lambda_d: float | None = None      # pin the weights (the other defaults to 1 when only one is given)
     lambda_u: float | None = None
@@ -210,6 +211,25 @@ def _eval_heldout(policy: dict, ref: dict, heldout: list[Example], beta: float, 
     return heldout_metrics(rewards, kl_rewards, desirable, beta, lam_d, lam_u)
 
 
+def _keep_checkpoint(model: Any, d: Path, step: int, total: int, heldout: list[Example], h_keys: list,
+                     h_ref: dict, served_metrics: dict | None, cfg: TrainConfig, lam_d: float, lam_u: float,
+                     pad_id: int, batch_tokens: int) -> dict[str, Any]:
+    """Save the adapter as it is after `step` with its own held-out metrics (same pairs, same base reference as
+    the final adapter's, so the gate compares like with like). Returns its entry for the run manifest."""
+    model.eval()
+    metrics = None
+    if h_keys:
+        metrics = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens), h_ref, heldout,
+                                cfg.beta, lam_d, lam_u)
+    entry = {"step": step, "steps": total, "path": f"checkpoints/step-{step}", "heldout_new": metrics}
+    d.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, d, {
+        "checkpoint": entry, "base_model": str(cfg.model_dir), "reference": cfg.reference,
+        "resume_from": cfg.resume_from, "lambda_d": lam_d, "lambda_u": lam_u, "beta": cfg.beta,
+        "heldout": {"n": len(heldout), "new": metrics, "served": served_metrics, "reference": "base"}})
+    return entry
+
+
 def _lr_at(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then linear decay to zero: a multiplier on the base learning rate."""
     if step < warmup:
@@ -217,20 +237,39 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def write_adapter_atomically(model: Any, out: Path, manifest: dict[str, Any]) -> None:
-    """Save into a temporary sibling directory, check it, then rename: readers see all of it or nothing."""
+def checkpoint_steps(total: int, n: int) -> list[int]:
+    """Steps after which an earlier adapter is kept: n evenly spaced points strictly inside the run.
+
+    Why: the promotion gate judges the final adapter; when it moved too far (the capability guard refuses it, or
+    the held-out side test does), an earlier point of the same run is often the strongest adapter that is still
+    safe. Keeping a few costs one held-out pass and a ~10 MB save each, far less than a new training run.
+    """
+    return sorted({round(total * k / (n + 1)) for k in range(1, n + 1)} & set(range(1, total)))
+
+
+def save_adapter(model: Any, d: Path, manifest: dict[str, Any]) -> None:
+    """save_pretrained plus our manifest, refusing what vLLM would refuse (see serving/registry.validate)."""
     import json
 
+    model.save_pretrained(str(d), save_embedding_layers=False)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    if cfg.get("modules_to_save") or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
+        raise RuntimeError(f"adapter config is not vLLM-compatible: {cfg}")
+    if not (d / "adapter_model.safetensors").is_file():
+        raise RuntimeError("adapter_model.safetensors was not written")
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_adapter_atomically(model: Any, out: Path, manifest: dict[str, Any],
+                             checkpoints_dir: Path | None = None) -> None:
+    """Save into a temporary sibling directory, check it, then rename: readers see all of it or nothing.
+    `checkpoints_dir` (earlier adapters of the run) moves in as `out/checkpoints` before the rename."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), save_embedding_layers=False)
-        cfg = json.loads((tmp / "adapter_config.json").read_text())
-        if cfg.get("modules_to_save") or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
-            raise RuntimeError(f"adapter config is not vLLM-compatible: {cfg}")
-        if not (tmp / "adapter_model.safetensors").is_file():
-            raise RuntimeError("adapter_model.safetensors was not written")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        save_adapter(model, tmp, manifest)
+        if checkpoints_dir is not None and checkpoints_dir.is_dir():
+            os.rename(checkpoints_dir, tmp / "checkpoints")
         if out.exists():
             out.rmdir()  # only an empty directory may be replaced (the CLI refuses a non-empty one up front)
         os.rename(tmp, out)
@@ -324,6 +363,12 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     for n, p in model.named_parameters():  # set_adapter/delete_adapter may touch requires_grad
         p.requires_grad_("lora_" in n and ".default." in n)
 
+    # Earlier adapters for the gate to fall back to; staged beside `out`, removed with this object on any failure.
+    keep_at = set(checkpoint_steps(total, cfg.checkpoints)) if dist.main else set()
+    staging = tempfile.TemporaryDirectory(prefix=f".{Path(cfg.out).name}.ckpt-", dir=Path(cfg.out).parent) \
+        if keep_at else None
+    kept: list[dict[str, Any]] = []
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     warmup = int(cfg.warmup_ratio * total)
@@ -380,6 +425,13 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                "grad_norm": grad_norm, "lr": lr}
         log.append(rec)
         emit({"event": "progress", "total": total, **rec})
+        if s + 1 in keep_at:
+            assert staging is not None
+            emit({"event": "phase", "phase": "checkpoint", "step": s + 1, "sequences": len(h_keys)})
+            kept.append(_keep_checkpoint(model, Path(staging.name) / "checkpoints" / f"step-{s + 1}", s + 1,
+                                         total, heldout, h_keys, h_ref, served_metrics, cfg, lam_d, lam_u,
+                                         pad_id, batch_tokens))
+            model.train()
     train_seconds = time.time() - t_train
     tokens_total = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
 
@@ -417,9 +469,13 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "dropped_examples": data.dropped,
             "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
             "heldout": heldout_block, "log": log,
+            "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        write_adapter_atomically(model, Path(cfg.out), manifest)
+        write_adapter_atomically(model, Path(cfg.out), manifest,
+                                 Path(staging.name) / "checkpoints" if staging is not None else None)
+        if staging is not None:
+            staging.cleanup()
         emit({"event": "done", "out": str(cfg.out)})
     dist.barrier()
     return manifest

@@ -150,28 +150,8 @@ class Realigner:
             out = run_dir / "adapter"
             self._train(snap.path, out, served_dir, progress, resume_dir)
             manifest = json.loads((out / "manifest.json").read_text())
-            heldout = manifest.get("heldout") or {}
             self._emit(progress, event="phase", phase="gate")
-            from serving.gate import should_promote
-
-            ok, reason = should_promote(heldout.get("new"), heldout.get("served"), self.min_gain)
-            version = None
-            if ok:
-                from serving.registry import AdapterRejected
-
-                self._emit(progress, event="phase", phase="promote")
-                if hasattr(self.capability_guard, "last"):
-                    self.capability_guard.last = None  # only this run's verdict is recorded
-                try:
-                    version = self._promote(out, current if resume_dir is not None else None, run_id)
-                except AdapterRejected as e:
-                    ok, reason = False, str(e)
-                guard = getattr(self.capability_guard, "last", None)
-                if guard is not None and manifest is not None:
-                    manifest["capability_guard"] = guard
-                    if ok:
-                        reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
-                                   f"(served {guard['served_correct']}/{guard['n']})")
+            ok, reason, version = self._gate(out, manifest, current, resume_dir is not None, run_id, progress)
             status = "promoted" if ok else "rejected"
             self._finish(run_id, status, manifest=manifest, promoted=ok, reason=reason, version=version,
                          snap=snap)
@@ -187,6 +167,62 @@ class Realigner:
                             "reason": outcome.reason, "version": outcome.version}
         self._emit(progress, event="finished", phase=self.status.phase, **self.status.last)
         return outcome
+
+    def _gate(self, out: Path, manifest: dict[str, Any], current: str | None, continued: bool, run_id: str,
+              progress: Progress | None) -> tuple[bool, str, str | None]:
+        """Offer the final adapter, then the run's earlier checkpoints (newest first), to the held-out gate and the
+        capability guard; promote the first that passes both. Returns (promoted?, reason, version).
+
+        Why fall back: a run that moved too far (the guard saw it forget facts) has usually passed through a
+        safe point on the way; serving that point now beats serving nothing new until the next run. Every
+        candidate faces the same two tests against the served version, and every verdict lands in the manifest
+        (`candidates`), so the record shows what was refused and why.
+        """
+        from serving.gate import should_promote
+        from serving.registry import AdapterRejected
+
+        final = {"name": "final", "step": None, "dir": out, "heldout_new": (manifest.get("heldout") or {}).get("new")}
+        earlier = [{"name": f"step {c['step']}/{c['steps']}", "step": c["step"], "dir": out / c["path"],
+                    "heldout_new": c.get("heldout_new")}
+                   for c in reversed(manifest.get("checkpoints") or []) if (out / c["path"]).is_dir()]
+        served_metrics = (manifest.get("heldout") or {}).get("served")
+        verdicts: list[dict[str, Any]] = []
+        for cand in [final, *earlier]:
+            ok, reason = should_promote(cand["heldout_new"], served_metrics, self.min_gain)
+            verdict: dict[str, Any] = {"candidate": cand["name"], "step": cand["step"], "promoted": False}
+            verdicts.append(verdict)
+            version, guard = None, None
+            if ok:
+                self._emit(progress, event="phase", phase="promote")
+                if hasattr(self.capability_guard, "last"):
+                    self.capability_guard.last = None  # only this candidate's verdict is recorded
+                try:
+                    version = self._promote(cand["dir"], current if continued else None, run_id)
+                except AdapterRejected as e:
+                    ok, reason = False, str(e)
+                guard = getattr(self.capability_guard, "last", None)
+                if guard is not None:
+                    verdict["capability_guard"] = manifest["capability_guard"] = guard
+                    if ok:
+                        reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
+                                   f"(served {guard['served_correct']}/{guard['n']})")
+            # a refused candidate keeps the name it was loaded under (vLLM cannot forget it): record that too
+            verdict.update(reason=reason, promoted=ok, version=version or (guard or {}).get("candidate"))
+            if ok:
+                if cand is not final:
+                    manifest["promoted_checkpoint"] = {"step": cand["step"], "heldout_new": cand["heldout_new"]}
+                    reason = (f"{reason} [checkpoint {cand['name']} of the run; the final adapter was refused: "
+                              f"{verdicts[0]['reason']}]")
+                    verdict["reason"] = reason
+                break
+        manifest["candidates"] = verdicts
+        last = verdicts[-1]
+        if last["promoted"]:
+            return True, last["reason"], last["version"]
+        reason = verdicts[0]["reason"]
+        if len(verdicts) > 1:
+            reason += f" (so were the run's {len(verdicts) - 1} earlier checkpoint{'s' * (len(verdicts) > 2)})"
+        return False, reason, None
 
     def _adapter_dir_of(self, version: str | None) -> Path | None:
         if not version or version == "base":
@@ -252,11 +288,11 @@ class Realigner:
         if not (out / "manifest.json").exists():
             raise RunFailed(f"aligner finished without writing {out / 'manifest.json'}")
 
-    def _promote(self, out: Path, parent: str | None, run_id: str) -> str:
-        version = self.registry.promote(out, check=self.capability_guard)
+    def _promote(self, adapter_dir: Path, parent: str | None, run_id: str) -> str:
+        version = self.registry.promote(adapter_dir, check=self.capability_guard)
         version = getattr(version, "name", version)
-        path = getattr(self.registry, "path_of", lambda v: None)(version) or out
-        self.store.register_adapter(version, str(path), _sha256_of(out), parent if parent != "base" else None,
+        path = getattr(self.registry, "path_of", lambda v: None)(version) or adapter_dir
+        self.store.register_adapter(version, str(path), _sha256_of(adapter_dir), parent if parent != "base" else None,
                                     run_id)
         self.store.mark_promoted(version, reason="passed the held-out gate")
         return str(version)
@@ -271,7 +307,8 @@ class Realigner:
                 lambda_d=m.get("lambda_d"), lambda_u=m.get("lambda_u"),
                 metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
                          "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
-                         "capability_guard": m.get("capability_guard"),
+                         "capability_guard": m.get("capability_guard"), "candidates": m.get("candidates"),
+                         "promoted_checkpoint": m.get("promoted_checkpoint"),
                          "promoted": promoted, "reason": reason, "version": version},
                 error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")))
         except Exception as e:  # recording must never mask the run's own outcome

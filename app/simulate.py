@@ -295,7 +295,15 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
         "z0_pre_clamp": m.get("z0_pre_clamp_mean"), "z0": m.get("z0_mean"),
         "train_seconds": m.get("train_seconds"), "gate_heldout": m.get("heldout"),
         "capability_guard": m.get("capability_guard"),  # None when the gate refused first or the guard is off
+        # every adapter of the run offered to the gate (final first, then earlier checkpoints), with its verdict
+        "candidates": [{k: c.get(k) for k in ("candidate", "step", "version", "promoted", "reason")}
+                       | _guard_counts(c.get("capability_guard")) for c in m.get("candidates") or []],
+        "promoted_step": (m.get("promoted_checkpoint") or {}).get("step"),  # None: the final adapter (or nothing)
     }
+
+
+def _guard_counts(guard: dict[str, Any] | None) -> dict[str, Any]:
+    return {"capability_correct": guard.get("candidate_correct"), "capability_ok": guard.get("ok")} if guard else {}
 
 
 def train_pinned(stack: Any, run_id: str, cycle: int, log: Log,
@@ -408,9 +416,13 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
 
 
 def refused_candidate(rec: dict[str, Any]) -> str | None:
-    """The version the capability guard loaded and refused in this cycle, if any (None when the gate refused
-    before loading, or the run promoted or failed)."""
-    guard = rec.get("capability_guard") or {}
+    """The run's final adapter if the capability guard loaded and refused it, even when an earlier checkpoint of
+    the run was promoted instead (None when the gate refused before loading, or the final adapter was promoted)."""
+    cands = rec.get("candidates")
+    if cands:
+        first = cands[0]
+        return first.get("version") if first.get("capability_ok") is False else None
+    guard = rec.get("capability_guard") or {}  # records from before checkpoints existed
     return guard.get("candidate") if not rec.get("promoted") and guard.get("ok") is False else None
 
 

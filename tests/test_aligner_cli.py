@@ -56,6 +56,44 @@ def test_writes_vllm_compatible_adapter_and_manifest(trained, snapshot):
     assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name], "no temporary directory left behind"
 
 
+def test_checkpoint_steps_are_evenly_spaced_inside_the_run():
+    assert train_mod.checkpoint_steps(22, 3) == [6, 11, 16]
+    assert train_mod.checkpoint_steps(3, 3) == [1, 2]  # duplicates collapse
+    assert train_mod.checkpoint_steps(1, 3) == [] and train_mod.checkpoint_steps(22, 0) == []
+
+
+def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_metrics(trained, tiny_model_dir,
+                                                                                     tmp_path):
+    from serving.registry import AdapterRegistry
+
+    m = json.loads((trained / "manifest.json").read_text())
+    total = m["hyperparameters"]["steps"]
+    assert total >= 4  # enough steps for the default 3 checkpoints to be distinct
+    assert [c["step"] for c in m["checkpoints"]] == train_mod.checkpoint_steps(total, 3)
+    registry = AdapterRegistry("http://127.0.0.1:9", tmp_path / "state.json", max_lora_rank=16,
+                               base_model_dir=tiny_model_dir)
+    final = load_file(trained / "adapter_model.safetensors")
+    for c in m["checkpoints"]:
+        d = trained / c["path"]
+        registry.validate(d)  # the gate may promote it: it must be servable on its own
+        assert set(c["heldout_new"]) >= {"margin", "frac_correct_side", "correct_side"}
+        assert len(c["heldout_new"]["correct_side"]) == m["heldout"]["n"]
+        own = json.loads((d / "manifest.json").read_text())
+        assert own["checkpoint"] == c and own["heldout"]["served"] == m["heldout"]["served"]
+        w = load_file(d / "adapter_model.safetensors")
+        assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k), f"step {c['step']} moved the adapter"
+        assert any(not torch.equal(w[k], final[k]) for k in final), f"step {c['step']} differs from the final"
+    assert not [p for p in trained.parent.iterdir() if ".ckpt-" in p.name], "no staging directory left behind"
+
+
+def test_no_checkpoints_when_asked_for_none(snapshot, tiny_model_dir, tmp_path):
+    out = tmp_path / "v0"
+    assert cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
+                     "--max-steps", "2", "--checkpoints", "0"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["checkpoints"] == []
+    assert not (out / "checkpoints").exists()
+
+
 def test_progress_json_and_resume_with_previous_reference(trained, snapshot, tiny_model_dir, tmp_path):
     out = tmp_path / "v2"
     proc = subprocess.run([sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),

@@ -157,3 +157,49 @@ def test_capability_guard_refusal_keeps_the_served_version_and_is_recorded(tiny_
     ok = rl.run("operator")
     assert ok.promoted and ok.version == "kto-v2" and ok.reason.endswith("capability probe 10/10 (served 10/10)")
     store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_model_dir: Path, tmp_path: Path):
+    """The final adapter forgot facts; the run's earlier checkpoints are offered newest first, each loaded under a
+    new name and probed; the first that keeps the facts is served and the record says which and why."""
+    from app.capability import CapabilityGuard, Question
+
+    questions = [Question(f"Capital of land {i}?", (f"Town{i}",)) for i in range(10)]
+    # run 1 loads kto-v1 (final), kto-v2 (step 2/3), kto-v3 (step 1/3); run 2 loads kto-v4, kto-v5, kto-v6
+    knows = {"base": 10, "kto-v1": 6, "kto-v2": 7, "kto-v3": 5, "kto-v4": 6, "kto-v5": 8, "kto-v6": 10}
+
+    def ask(model: str, question: str) -> str:
+        i = int(question.split()[-1].rstrip("?"))
+        return f"Town{i}." if i < knows[model] else "The answer is not provided."
+
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9, lora_rank=8,
+                   extra_args=["--max-steps", "3", "--batch-size", "2", "--holdout-fraction", "0.25"],
+                   capability_guard=CapabilityGuard(ask, questions, 0.05))
+    _rate(store, "a", 12, "base")
+    refused = rl.run("operator")
+    assert refused.status == "rejected" and reg.current() == "base"
+    assert refused.reason == ("not promoted: capability probe 6/10 vs 10/10 for base (allowed drop 5%) "
+                              "(so were the run's 2 earlier checkpoints)")
+    cands = refused.manifest["candidates"]
+    assert [(c["candidate"], c["version"], c["promoted"]) for c in cands] == [
+        ("final", "kto-v1", False), ("step 2/3", "kto-v2", False), ("step 1/3", "kto-v3", False)]
+
+    _rate(store, "b", 12, "base")
+    out = rl.run("operator")
+    assert out.promoted and out.version == "kto-v6" and reg.current() == "kto-v6"
+    adapter = tmp_path / "runs" / f"run-{out.run_id}" / "adapter"
+    assert reg.paths["kto-v4"] == adapter and reg.paths["kto-v6"] == adapter / "checkpoints" / "step-1"
+    assert "[checkpoint step 1/3 of the run; the final adapter was refused: not promoted: capability probe 6/10" \
+        in out.reason and "capability probe 10/10 (served 10/10)" in out.reason
+    run = store.get_run(out.run_id)
+    metrics = run["metrics"] if isinstance(run["metrics"], dict) else json.loads(run["metrics"])
+    assert metrics["promoted_checkpoint"]["step"] == 1 and metrics["capability_guard"]["candidate"] == "kto-v6"
+    assert [c["capability_guard"]["candidate_correct"] for c in metrics["candidates"]] == [6, 8, 10]
+    served = next(a for a in store.adapters() if a["version"] == "kto-v6")
+    import hashlib
+    weights = (adapter / "checkpoints" / "step-1" / "adapter_model.safetensors").read_bytes()
+    assert served["sha256"] == hashlib.sha256(weights).hexdigest()  # the checkpoint's own weights are recorded
+    store.close()

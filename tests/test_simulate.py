@@ -295,6 +295,26 @@ def test_refused_candidate_is_only_a_guard_refusal():
     assert sim.refused_candidate({"promoted": False}) is None
 
 
+def test_refused_candidate_is_the_final_adapter_even_when_a_checkpoint_was_promoted():
+    from types import SimpleNamespace
+
+    guard = {"candidate": "kto-v4", "served": "kto-v1", "ok": False, "candidate_correct": 19}
+    manifest = {"candidates": [
+        {"candidate": "final", "step": None, "version": "kto-v4", "promoted": False, "reason": "no",
+         "capability_guard": guard},
+        {"candidate": "step 11/22", "step": 11, "version": "kto-v5", "promoted": True, "reason": "yes",
+         "capability_guard": dict(guard, candidate="kto-v5", ok=True, candidate_correct=32)}],
+        "promoted_checkpoint": {"step": 11}}
+    rec = sim._cycle_record(SimpleNamespace(run_id="r", status="promoted", promoted=True, reason="yes",
+                                            version="kto-v5", manifest=manifest))
+    assert rec["promoted_step"] == 11
+    assert [(c["version"], c["capability_correct"], c["capability_ok"]) for c in rec["candidates"]] == [
+        ("kto-v4", 19, False), ("kto-v5", 32, True)]
+    assert sim.refused_candidate(rec) == "kto-v4"
+    gate_said_no = dict(rec, candidates=[{"candidate": "final", "version": None, "promoted": False}])
+    assert sim.refused_candidate(gate_said_no) is None  # never loaded: nothing to measure
+
+
 def test_evenly_spaced_keeps_every_part_of_the_list():
     items = [f"p{i}" for i in range(58)]
     picked = sim.evenly_spaced(items, 40)
