@@ -237,14 +237,25 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def checkpoint_steps(total: int, n: int) -> list[int]:
-    """Steps after which an earlier adapter is kept: n evenly spaced points strictly inside the run.
+def checkpoint_steps(lr_multipliers: list[float], n: int) -> list[int]:
+    """Steps after which an earlier adapter is kept: n points strictly inside the run, evenly spaced in cumulative
+    learning rate (how far the weights have been pushed), not in steps; under warm-up and linear decay, half the
+    steps already carry three quarters of the push.
 
-    Why: the promotion gate judges the final adapter; when it moved too far (the capability guard refuses it, or
-    the held-out side test does), an earlier point of the same run is often the strongest adapter that is still
-    safe. Keeping a few costs one held-out pass and a ~10 MB save each, far less than a new training run.
+    Why keep them: the promotion gate judges the final adapter; when it moved too far (the capability guard
+    refuses it, or the held-out side test does), an earlier point of the same run is often the strongest adapter
+    that is still safe. Each costs one held-out pass and a ~10 MB save, far less than a new training run.
     """
-    return sorted({round(total * k / (n + 1)) for k in range(1, n + 1)} & set(range(1, total)))
+    total = sum(lr_multipliers)
+    if n < 1 or len(lr_multipliers) < 2 or total <= 0:
+        return []
+    steps, cum, k = set(), 0.0, 1
+    for s, m in enumerate(lr_multipliers[:-1], 1):
+        cum += m
+        while k <= n and cum >= total * k / (n + 1) - 1e-12:
+            steps.add(s)
+            k += 1
+    return sorted(steps)
 
 
 def save_adapter(model: Any, d: Path, manifest: dict[str, Any]) -> None:
@@ -364,14 +375,15 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         p.requires_grad_("lora_" in n and ".default." in n)
 
     # Earlier adapters for the gate to fall back to; staged beside `out`, removed with this object on any failure.
-    keep_at = set(checkpoint_steps(total, cfg.checkpoints)) if dist.main else set()
+    warmup = int(cfg.warmup_ratio * total)
+    keep_at = set(checkpoint_steps([_lr_at(s, total, warmup) for s in range(total)], cfg.checkpoints)) \
+        if dist.main else set()
     staging = tempfile.TemporaryDirectory(prefix=f".{Path(cfg.out).name}.ckpt-", dir=Path(cfg.out).parent) \
         if keep_at else None
     kept: list[dict[str, Any]] = []
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = int(cfg.warmup_ratio * total)
     log: list[dict[str, Any]] = []
     n_tokens = 0
     t_train = time.time()

@@ -56,10 +56,15 @@ def test_writes_vllm_compatible_adapter_and_manifest(trained, snapshot):
     assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name], "no temporary directory left behind"
 
 
-def test_checkpoint_steps_are_evenly_spaced_inside_the_run():
-    assert train_mod.checkpoint_steps(22, 3) == [6, 11, 16]
-    assert train_mod.checkpoint_steps(3, 3) == [1, 2]  # duplicates collapse
-    assert train_mod.checkpoint_steps(1, 3) == [] and train_mod.checkpoint_steps(22, 0) == []
+def test_checkpoint_steps_are_evenly_spaced_in_cumulative_learning_rate():
+    assert train_mod.checkpoint_steps([1.0] * 8, 3) == [2, 4, 6]  # constant rate: evenly spaced in steps
+    decay = [train_mod._lr_at(s, 22, 2) for s in range(22)]  # warm-up 2, then linear decay (the default shape)
+    steps = train_mod.checkpoint_steps(decay, 3)
+    assert steps == [4, 8, 12]
+    for k, s in enumerate(steps, 1):  # the first step at or past k/4 of the total push
+        assert sum(decay[:s]) >= k / 4 * sum(decay) > sum(decay[:s - 1])
+    assert train_mod.checkpoint_steps([1.0, 0.67, 0.33], 3) == [1, 2]  # never the last step; duplicates collapse
+    assert train_mod.checkpoint_steps([1.0], 3) == [] and train_mod.checkpoint_steps(decay, 0) == []
 
 
 def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_metrics(trained, tiny_model_dir,
@@ -69,7 +74,10 @@ def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_met
     m = json.loads((trained / "manifest.json").read_text())
     total = m["hyperparameters"]["steps"]
     assert total >= 4  # enough steps for the default 3 checkpoints to be distinct
-    assert [c["step"] for c in m["checkpoints"]] == train_mod.checkpoint_steps(total, 3)
+    warmup = int(0.1 * total)
+    assert [c["step"] for c in m["checkpoints"]] == train_mod.checkpoint_steps(
+        [train_mod._lr_at(s, total, warmup) for s in range(total)], 3)
+    assert len(m["checkpoints"]) == 3
     registry = AdapterRegistry("http://127.0.0.1:9", tmp_path / "state.json", max_lora_rank=16,
                                base_model_dir=tiny_model_dir)
     final = load_file(trained / "adapter_model.safetensors")
