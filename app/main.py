@@ -55,7 +55,8 @@ def server_spec(cfg: Config):
 
     return VLLMServerSpec(
         model_dir=Path(cfg.model_dir), host=cfg.vllm_host, port=cfg.vllm_port or _free_port(cfg.vllm_host),
-        max_lora_rank=cfg.vllm_max_lora_rank, max_loras=cfg.vllm_max_loras, max_model_len=cfg.vllm_max_model_len,
+        max_lora_rank=cfg.vllm_max_lora_rank, max_loras=cfg.vllm_max_loras,
+        max_cpu_loras=cfg.vllm_max_cpu_loras, max_model_len=cfg.vllm_max_model_len,
         dtype=cfg.vllm_dtype, kvcache_gb=cfg.vllm_kvcache_gb, tensor_parallel=cfg.vllm_tensor_parallel,
         extra_args=tuple(shlex.split(cfg.vllm_extra_args)), start_timeout=cfg.vllm_start_timeout,
         log_path=Path(cfg.data_dir) / "vllm.log")

@@ -44,6 +44,11 @@ class VLLMServerSpec:
     port: int = 0                       # 0 = pick a free port once; restarts keep it
     max_lora_rank: int = 16
     max_loras: int = 2                  # current + previous version; 0 disables LoRA
+    # Adapters vLLM keeps in CPU memory (--max-cpu-loras, default = max_loras). Its LRU cache evicts on every new
+    # load, and a realignment run may load several candidates (final adapter, then checkpoints) that the gate
+    # refuses: with the default, those loads would push the current or previous version out, and the next request
+    # or rollback would reload it from disk in the engine loop. A rank-16 adapter of the default model is ~10 MB.
+    max_cpu_loras: int = 8
     max_model_len: int = 2048
     dtype: str = "bfloat16"
     kvcache_gb: int = 2                 # VLLM_CPU_KVCACHE_SPACE (ignored by GPU builds)
@@ -124,7 +129,8 @@ class VLLMServer:
         if s.tensor_parallel != 1:
             cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
         if s.max_loras > 0:
-            cmd += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras)]
+            cmd += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras),
+                    "--max-cpu-loras", str(max(s.max_cpu_loras, s.max_loras))]
         return cmd + list(s.extra_args)
 
     def start(self) -> VLLMServer:

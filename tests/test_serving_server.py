@@ -15,11 +15,13 @@ def test_command_line_carries_the_spec(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "serving.vllm_launch"]
     joined = " ".join(cmd)
     for flag in ("--served-model-name base", "--port 1234", "--enable-lora", "--max-lora-rank 8", "--max-loras 3",
-                 "--tensor-parallel-size 2", "--dtype bfloat16", "--max-model-len 2048"):
+                 "--max-cpu-loras 8", "--tensor-parallel-size 2", "--dtype bfloat16", "--max-model-len 2048"):
         assert flag in joined
     assert cmd[-1] == "--enforce-eager"
     stock = VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=0, fast_cpu_lora=False)).command()
     assert stock[2] == "vllm.entrypoints.openai.api_server" and "--enable-lora" not in stock
+    many = " ".join(VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=12)).command())
+    assert "--max-cpu-loras 12" in many  # vLLM requires max_cpu_loras >= max_loras
     assert VLLMServer(VLLMServerSpec(model_dir=tmp_path)).port > 0  # port 0 = a free port, picked once
 
 
