@@ -381,6 +381,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     staging = tempfile.TemporaryDirectory(prefix=f".{Path(cfg.out).name}.ckpt-", dir=Path(cfg.out).parent) \
         if keep_at else None
     kept: list[dict[str, Any]] = []
+    checkpoint_seconds = 0.0
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -439,12 +440,14 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         emit({"event": "progress", "total": total, **rec})
         if s + 1 in keep_at:
             assert staging is not None
+            t_ckpt = time.time()
             emit({"event": "phase", "phase": "checkpoint", "step": s + 1, "sequences": len(h_keys)})
             kept.append(_keep_checkpoint(model, Path(staging.name) / "checkpoints" / f"step-{s + 1}", s + 1,
                                          total, heldout, h_keys, h_ref, served_metrics, cfg, lam_d, lam_u,
                                          pad_id, batch_tokens))
             model.train()
-    train_seconds = time.time() - t_train
+            checkpoint_seconds += time.time() - t_ckpt
+    train_seconds = time.time() - t_train - checkpoint_seconds
     tokens_total = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
 
     manifest: dict[str, Any] = {}
@@ -473,7 +476,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "hyperparameters": hp, "data_sha256": data.data_sha256, "snapshot": str(cfg.snapshot),
             "n_rows": data.n_rows, "reference": cfg.reference, "resume_from": cfg.resume_from,
             "served_adapter": cfg.served_adapter, "base_model": str(cfg.model_dir), "git_commit": _git_commit(),
-            "train_seconds": round(train_seconds, 3), "total_seconds": round(time.time() - t_start, 3),
+            "train_seconds": round(train_seconds, 3), "checkpoint_seconds": round(checkpoint_seconds, 3),
+            "total_seconds": round(time.time() - t_start, 3),
             "train_tokens": tokens_total, "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
             "z0_pre_clamp_mean": sum(z0p) / len(z0p) if z0p else None,
             "z0_mean": sum(z0s) / len(z0s) if z0s else None,

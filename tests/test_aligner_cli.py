@@ -77,7 +77,7 @@ def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_met
     warmup = int(0.1 * total)
     assert [c["step"] for c in m["checkpoints"]] == train_mod.checkpoint_steps(
         [train_mod._lr_at(s, total, warmup) for s in range(total)], 3)
-    assert len(m["checkpoints"]) == 3
+    assert len(m["checkpoints"]) == 3 and m["checkpoint_seconds"] > 0  # timed apart from training
     registry = AdapterRegistry("http://127.0.0.1:9", tmp_path / "state.json", max_lora_rank=16,
                                base_model_dir=tiny_model_dir)
     final = load_file(trained / "adapter_model.safetensors")
@@ -98,7 +98,8 @@ def test_no_checkpoints_when_asked_for_none(snapshot, tiny_model_dir, tmp_path):
     out = tmp_path / "v0"
     assert cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
                      "--max-steps", "2", "--checkpoints", "0"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["checkpoints"] == []
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["checkpoints"] == [] and m["checkpoint_seconds"] == 0
     assert not (out / "checkpoints").exists()
 
 
