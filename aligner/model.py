@@ -21,6 +21,27 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LM_HEAD_TILE = 1024  # completion positions projected through the LM head at once
 
 
+def native_bf16() -> bool:
+    """Whether this machine multiplies bf16 at full speed: a GPU, or a CPU with AVX512-BF16 or AMX tiles.
+
+    Without them oneDNN emulates bf16 GEMMs. Measured on a 2-core AVX2-only EPYC: 1.3 GFLOP/s in bf16 against 69.5
+    in float32, and one training step (8 sequences, SmolLM2) 310 s under bf16 autocast against 12.6 s in float32.
+    """
+    if torch.cuda.is_available():
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # what vLLM's CPU platform asks too
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` (bf16 where `native_bf16()`, else float32), `bfloat16` or `float32`."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if name in ("bfloat16", "float32"):
+        return getattr(torch, name)
+    raise ValueError(f"dtype must be auto, bfloat16 or float32, got {name!r}")
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -31,12 +52,15 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
-                resume_from: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> Any:
-    """The base model (frozen, in `dtype`) wrapped as a PEFT LoRA model whose adapter weights train in float32.
+                resume_from: str | Path | None = None, dtype: torch.dtype | None = None) -> Any:
+    """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
+    adapter weights train in float32.
 
-    bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32 master weights and no
-    per-step weight casts; only the ~5M adapter parameters need full precision for the optimiser.
+    Where bf16 is native, bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32
+    master weights and no per-step weight casts; only the ~5M adapter parameters need full precision for the
+    optimiser. Elsewhere everything runs in float32 (see native_bf16).
     """
+    dtype = resolve_dtype("auto") if dtype is None else dtype
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -117,9 +141,14 @@ def _tile_logps(head: Any, h: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                     autocast: bool = True) -> torch.Tensor:
-    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair."""
+                     autocast: bool | None = None) -> torch.Tensor:
+    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair.
+
+    `autocast` (bf16) defaults to on when the base weights are bf16, which the float32 adapters need, else off.
+    """
     backbone, head = _backbone_and_head(model)
+    if autocast is None:
+        autocast = head.weight.dtype == torch.bfloat16
     ids, rows, cols, targets = pad_batch(seqs, pad_id)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:

@@ -33,7 +33,7 @@ from aligner import balance
 from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
 from aligner.loss import kto_loss, rotation
-from aligner.model import LLAMA_LINEAR, adapter_rank, completion_logps, load_policy, load_tokenizer
+from aligner.model import LLAMA_LINEAR, adapter_rank, completion_logps, load_policy, load_tokenizer, resolve_dtype
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -72,6 +72,7 @@ class TrainConfig:
     max_examples: int | None = None
     seed: int = 0
     threads: int | None = None
+    dtype: str = "auto"                # base weights: model.resolve_dtype (bf16 only where the hardware has it)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -315,8 +316,9 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     except ValueError as e:
         raise SnapshotError(f"{e} (after holding out {len(heldout)} and dropping {len(data.dropped)})") from e
 
+    dtype = resolve_dtype(cfg.dtype)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                        resume_from=cfg.resume_from)
+                        resume_from=cfg.resume_from, dtype=dtype)
     rank = adapter_rank(model)
     if rank > cfg.max_lora_rank:
         raise SnapshotError(f"adapter rank {rank} exceeds the server's max LoRA rank {cfg.max_lora_rank}")
@@ -467,7 +469,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         hp = {k: v for k, v in asdict(cfg).items() if k not in ("snapshot", "out", "extra")}
         hp.update(lora_rank=rank, lora_alpha=float(model.peft_config["default"].lora_alpha),
                   target_modules=sorted(LLAMA_LINEAR), world_size=dist.world, lambda_mode=lam_mode,
-                  global_batch=cfg.batch_size * cfg.grad_accum * dist.world, steps=total)
+                  global_batch=cfg.batch_size * cfg.grad_accum * dist.world, steps=total,
+                  dtype=str(dtype).removeprefix("torch."))
         z0s = [r["z0"] for r in log]
         z0p = [r["z0_pre_clamp"] for r in log]
         manifest = {

@@ -45,7 +45,8 @@ class Config:
     vllm_max_cpu_loras: int = _opt(8, "vLLM --max-cpu-loras: adapters kept in memory, so candidates a run loads "
                                       "and the gate refuses do not evict the current or previous version")
     vllm_max_model_len: int = _opt(2048, "vLLM --max-model-len")
-    vllm_dtype: str = _opt("bfloat16", "vLLM --dtype")
+    vllm_dtype: str = _opt("auto", "vLLM --dtype; auto = bfloat16 where the CPU has native bf16 "
+                                    "(AVX512-BF16, AMX), else float32; on GPU builds vLLM's own auto")
     vllm_kvcache_gb: int = _opt(2, "VLLM_CPU_KVCACHE_SPACE in GiB (CPU builds)")
     vllm_tensor_parallel: int = _opt(1, "vLLM --tensor-parallel-size (GPU builds)")
     vllm_extra_args: str = _opt("", "extra flags passed verbatim to the vLLM server")

