@@ -41,7 +41,7 @@ class Config:
 
     # vLLM server flags.
     vllm_max_lora_rank: int = _opt(16, "vLLM --max-lora-rank; adapters above it are refused")
-    vllm_max_loras: int = _opt(2, "vLLM --max-loras (current + previous version stay loaded)")
+    vllm_max_loras: int = _opt(3, "vLLM --max-loras: adapters in one batch (current, previous, incoming)")
     vllm_max_cpu_loras: int = _opt(8, "vLLM --max-cpu-loras: adapters kept in memory, so candidates a run loads "
                                       "and the gate refuses do not evict the current or previous version")
     vllm_max_model_len: int = _opt(2048, "vLLM --max-model-len")

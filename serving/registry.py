@@ -275,12 +275,15 @@ class AdapterRegistry:
                                    f"{_error_message(r)}")
 
     def _warm(self, name: str) -> float:
-        """One tiny request so the first user of the version does not pay for the adapter's first use."""
+        """One tiny request so the first user of the version does not pay for the adapter's first use.
+
+        A raw one-word completion, not a chat: the chat template would add ~30 prompt tokens to prefill, which
+        under load costs a scheduler step's worth of time on CPU before the pointer can switch.
+        """
         t0 = time.monotonic()
-        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
-                "temperature": 0.0}
+        body = {"model": name, "prompt": "Hi", "max_tokens": 1, "temperature": 0.0}
         try:
-            r = httpx.post(f"{self.base_url}/v1/chat/completions", json=body, timeout=self.http_timeout)
+            r = httpx.post(f"{self.base_url}/v1/completions", json=body, timeout=self.http_timeout)
         except httpx.HTTPError as e:
             raise AdapterLoadError(f"warm-up request on {name} failed: {e}") from e
         if r.status_code != 200:

@@ -76,7 +76,11 @@ class VLLMServerSpec:
     host: str = "127.0.0.1"
     port: int = 0                       # 0 = pick a free port once; restarts keep it
     max_lora_rank: int = 16
-    max_loras: int = 2                  # current + previous version; 0 disables LoRA
+    # Adapters in one batch (--max-loras; 0 disables LoRA): the current version, the previous one (rollback, and
+    # answers still streaming from before the last swap) and the one being swapped in. With 2, a new version's
+    # warm-up request waits until every answer on the version before the previous one has finished: measured
+    # 11.7 s under 24 streams instead of 0.9 s.
+    max_loras: int = 3
     # Adapters vLLM keeps in CPU memory (--max-cpu-loras, default = max_loras). Its LRU cache evicts on every new
     # load, and a realignment run may load several candidates (final adapter, then checkpoints) that the gate
     # refuses: with the default, those loads would push the current or previous version out, and the next request

@@ -73,7 +73,7 @@ def vllm_server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     from serving.server import VLLMServer, VLLMServerSpec
 
     log_dir = tmp_path_factory.mktemp("vllm-log")
-    spec = VLLMServerSpec(model_dir=default_model_dir, port=0, max_lora_rank=16, max_loras=2,
+    spec = VLLMServerSpec(model_dir=default_model_dir, port=0, max_lora_rank=16, max_loras=3,
                           log_path=log_dir / "vllm.log", restart_backoff=(1.0, 10.0))
     server = VLLMServer(spec)
     server.start()
