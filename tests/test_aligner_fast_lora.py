@@ -53,7 +53,7 @@ def test_dtype_follows_the_hardware_and_autocast_follows_the_weights(tiny_model_
     from aligner import model as model_mod
 
     monkeypatch.setattr(model_mod, "native_bf16", lambda: False)
-    assert model_mod.resolve_dtype("auto") == torch.float32  # emulated bf16 is ~25x slower to train (docstring)
+    assert model_mod.resolve_dtype("auto") == torch.float32  # emulated bf16 is ~20x slower to train (docstring)
     monkeypatch.setattr(model_mod, "native_bf16", lambda: True)
     assert model_mod.resolve_dtype("auto") == torch.bfloat16
     assert model_mod.resolve_dtype("float32") == torch.float32
