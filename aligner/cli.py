@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--holdout-fraction", "--heldout-fraction", dest="heldout_fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="base-model weights; auto = bfloat16 where the hardware has native bf16 (GPU, AVX512-BF16, "
-                        "AMX), else float32")
+                   help="base-model weights; auto = bfloat16 where the CPU has native bf16 (AVX512-BF16, AMX), "
+                        "else float32")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
     p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
     return p

@@ -22,14 +22,12 @@ LM_HEAD_TILE = 1024  # completion positions projected through the LM head at onc
 
 
 def native_bf16() -> bool:
-    """Whether this machine multiplies bf16 at full speed: a GPU, or a CPU with AVX512-BF16 or AMX tiles.
+    """Whether this CPU multiplies bf16 at full speed (AVX512-BF16 or AMX tiles); the aligner computes on the CPU.
 
     Without them oneDNN emulates bf16 GEMMs. Measured on a 2-core AVX2-only EPYC (benchmarks/dtype_bench.py): 1.3
     GFLOP/s in bf16 against 90.1 in float32, and a training forward + backward on 4 sequences of SmolLM2 155.5 s
     under bf16 autocast against 7.5 s in float32.
     """
-    if torch.cuda.is_available():
-        return True
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # what vLLM's CPU platform asks too
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 

@@ -72,7 +72,7 @@ class TrainConfig:
     max_examples: int | None = None
     seed: int = 0
     threads: int | None = None
-    dtype: str = "auto"                # base weights: model.resolve_dtype (bf16 only where the hardware has it)
+    dtype: str = "auto"                # base weights: model.resolve_dtype (bf16 only where the CPU has it)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
