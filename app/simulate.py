@@ -164,6 +164,9 @@ def machine_info() -> dict[str, Any]:
             info[mod] = importlib.import_module(mod).__version__
         except Exception:
             pass
+    from serving.server import cpu_has_native_bf16, vllm_dtype
+
+    info["native_bf16"], info["served_dtype"] = cpu_has_native_bf16(), vllm_dtype("auto")  # speed hinges on it
     return info
 
 
