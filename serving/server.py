@@ -78,8 +78,8 @@ class VLLMServerSpec:
     max_lora_rank: int = 16
     # Adapters in one batch (--max-loras; 0 disables LoRA): the current version, the previous one (rollback, and
     # answers still streaming from before the last swap) and the one being swapped in. With 2, a new version's
-    # warm-up request waits until every answer on the version before the previous one has finished: measured
-    # 11.7 s under 24 streams instead of 0.9 s.
+    # warm-up request waits for a free slot, i.e. until every answer on the version before the previous one has
+    # finished (seconds under load, in a profiling run; serving_bench now times three swaps in a row).
     max_loras: int = 3
     # Adapters vLLM keeps in CPU memory (--max-cpu-loras, default = max_loras). Its LRU cache evicts on every new
     # load, and a realignment run may load several candidates (final adapter, then checkpoints) that the gate
