@@ -48,6 +48,12 @@ class Config:
     vllm_dtype: str = _opt("auto", "vLLM --dtype; auto = bfloat16 where the CPU has native bf16 "
                                     "(AVX512-BF16, AMX), else float32; on GPU builds vLLM's own auto")
     vllm_kvcache_gb: int = _opt(2, "VLLM_CPU_KVCACHE_SPACE in GiB (CPU builds)")
+    vllm_reserved_cpus: int = _opt(-1, "VLLM_CPU_NUM_OF_RESERVED_CPU: cores kept out of the model's thread pool "
+                                       "(CPU builds); -1 = 0 on machines with 2 cores or fewer, else vLLM's default")
+    vllm_max_num_batched_tokens: int = _opt(0, "vLLM --max-num-batched-tokens: tokens per engine step; 0 = 64 per "
+                                               "core (at least 128) on CPU builds, vLLM's default on GPU builds")
+    vllm_scheduling_policy: str = _opt("priority", "vLLM --scheduling-policy; priority lets an adapter's warm-up "
+                                                   "request go ahead of queued chats", choices=("priority", "fcfs"))
     vllm_tensor_parallel: int = _opt(1, "vLLM --tensor-parallel-size (GPU builds)")
     vllm_extra_args: str = _opt("", "extra flags passed verbatim to the vLLM server")
     vllm_start_timeout: float = _opt(300.0, "seconds to wait for the vLLM server to become ready")

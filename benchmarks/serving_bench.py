@@ -176,7 +176,7 @@ def measure_server(model_dir: Path, adapter: Path, stock: bool, reps: int, log_d
     t0 = time.perf_counter()
     with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
         out["start_s"] = time.perf_counter() - t0
-        registry = AdapterRegistry(server.base_url, log_dir / f"registry-{stock}.json", base_model_dir=model_dir)
+        registry = AdapterRegistry(server, log_dir / f"registry-{stock}.json", base_model_dir=model_dir)
         name = registry.promote(adapter)
         models = ["base", name]
         for conc, n in ((1, reps), (16, reps)):
@@ -226,6 +226,7 @@ def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterReg
     records: list[dict] = []
     failures: list[str] = []
     served: dict[str, int] = {}
+    ttfts: list[float] = []
 
     def one(i: int) -> None:
         with lock:
@@ -242,6 +243,8 @@ def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterReg
                 failures.append(f"request {i}: {r.finish_reason} {r.completion_tokens} {r.model}")
             with lock:
                 served[r.model] = served.get(r.model, 0) + 1
+                if r.time_to_first_token_s is not None:
+                    ttfts.append(r.time_to_first_token_s)
         except Exception as e:  # counted, not raised: the point is to count them
             failures.append(f"request {i}: {type(e).__name__}: {e}")
 
@@ -276,7 +279,9 @@ def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterReg
             "served_by_version": served, "swaps": records, "quoted": f"medians of {swaps} swaps",
             "promote_s": med("promote_s"), "load_s": med("load_s"), "warm_s": med("warm_s"),
             "load_call_to_first_new_token_s": med("load_call_to_first_new_token_s"),
-            "probes_on_new_version": sum(r["probe_model"] == r["version"] for r in records), "wall_s": total}
+            "probes_on_new_version": sum(r["probe_model"] == r["version"] for r in records), "wall_s": total,
+            "tok_s": n * 16 / total, "ttft_median_s": statistics.median(ttfts),
+            "ttft_p90_s": sorted(ttfts)[int(0.9 * (len(ttfts) - 1))]}
 
 
 def main() -> None:

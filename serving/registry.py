@@ -119,7 +119,8 @@ class AdapterRegistry:
 
     def __init__(self, base_url: Any, state_path: Path | str, max_lora_rank: int = 16,
                  base_model_dir: Path | str | None = None, name_prefix: str = "kto-v",
-                 store_dir: Path | str | None = None, http_timeout: float = 300.0):
+                 store_dir: Path | str | None = None, http_timeout: float = 300.0,
+                 warm_priority: int | None = None):
         self._server = None if isinstance(base_url, str) else base_url
         self._base_url = base_url.rstrip("/") if isinstance(base_url, str) else None
         state_path = Path(state_path)
@@ -132,6 +133,10 @@ class AdapterRegistry:
         if base_model_dir is None and self._server is not None:
             base_model_dir = getattr(getattr(self._server, "spec", None), "model_dir", None)
         self.base_model_dir = Path(base_model_dir) if base_model_dir else None
+        policy = getattr(getattr(self._server, "spec", None), "scheduling_policy", "")
+        if warm_priority is None and policy == "priority":
+            warm_priority = -1  # ahead of the chats (priority 0) queued on a busy server
+        self.warm_priority = warm_priority
         self.name_prefix = name_prefix
         self.http_timeout = http_timeout
         self._lock = threading.RLock()
@@ -278,10 +283,13 @@ class AdapterRegistry:
         """One tiny request so the first user of the version does not pay for the adapter's first use.
 
         A raw one-word completion, not a chat: the chat template would add ~30 prompt tokens to prefill, which
-        under load costs a scheduler step's worth of time on CPU before the pointer can switch.
+        under load costs a scheduler step's worth of time on CPU before the pointer can switch. On a server with
+        priority scheduling it asks for `warm_priority` (-1), so it does not wait behind a burst of new chats.
         """
         t0 = time.monotonic()
-        body = {"model": name, "prompt": "Hi", "max_tokens": 1, "temperature": 0.0}
+        body: dict[str, Any] = {"model": name, "prompt": "Hi", "max_tokens": 1, "temperature": 0.0}
+        if self.warm_priority is not None:
+            body["priority"] = self.warm_priority
         try:
             r = httpx.post(f"{self.base_url}/v1/completions", json=body, timeout=self.http_timeout)
         except httpx.HTTPError as e:

