@@ -139,7 +139,11 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At k = 0 and k = n the bounds are exactly 0 and 1; in floating point they come out a hair inside, and an
+    # interval that misses its own estimate (1.0 not in [.., 0.9999999999999999]) breaks the plot's error bars.
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
 
 
 @functools.cache
@@ -280,7 +284,7 @@ class SimSpec:
     samples_per_prompt: int = 2
     ablation: bool = False
     seed: int = 0
-    workers: int = 16
+    workers: int = 32  # concurrent simulated chats: more tokens per second on a small CPU (scheduling_bench.json)
 
 
 def _root_url(server: Any) -> str:
@@ -583,8 +587,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         evals = [run["base"]] + [c["eval"] for c in run["cycles"]]
         xs = list(range(len(evals)))
         ys = [100 * (e["desirable_rate"] or 0) for e in evals]
-        err = [[y - 100 * e["ci95"][0] for y, e in zip(ys, evals, strict=True)],
-               [100 * e["ci95"][1] - y for y, e in zip(ys, evals, strict=True)]]
+        err = [[max(0.0, y - 100 * e["ci95"][0]) for y, e in zip(ys, evals, strict=True)],
+               [max(0.0, 100 * e["ci95"][1] - y) for y, e in zip(ys, evals, strict=True)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"{run['rater']} (auto λ)")
         pinned = [c["ablation_pinned"]["eval"] for c in run["cycles"] if "ablation_pinned" in c]
         if pinned:

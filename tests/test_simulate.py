@@ -23,13 +23,14 @@ def test_wilson_known_values():
     lo, hi = sim.wilson(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
     assert sim.wilson(0, 0) == (0.0, 1.0)
+    assert sim.wilson(4, 4)[1] == 1.0 and sim.wilson(0, 4)[0] == 0.0  # not 0.9999999999999999: the e2e run had 4/4
 
 
 @given(st.integers(1, 5000), st.data())
 def test_wilson_contains_estimate_and_shrinks_with_n(n, data):
     k = data.draw(st.integers(0, n))
     lo, hi = sim.wilson(k, n)
-    assert 0.0 <= lo <= k / n + 1e-12 and k / n - 1e-12 <= hi <= 1.0
+    assert 0.0 <= lo <= k / n <= hi <= 1.0  # exactly: the plot's error bars are estimate minus/plus bound
     lo4, hi4 = sim.wilson(4 * k, 4 * n)
     assert hi4 - lo4 < hi - lo
 
@@ -225,6 +226,10 @@ def test_plot_and_json_are_written(tmp_path):
     sim.plot(fake_doc(), png)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    edges = fake_doc()  # a rater at 0% and 100%: the error bars must still be drawable
+    edges["runs"][0]["base"]["desirable_rate"], edges["runs"][0]["base"]["ci95"] = 0.0, list(sim.wilson(0, 3))
+    edges["runs"][0]["cycles"][1]["eval"].update(desirable_rate=1.0, ci95=list(sim.wilson(4, 4)))
+    sim.plot(edges, png)
     sim.write_json({"x": 1.5, "p": sim.DATA_DIR, "t": (1, 2)}, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5, "p": str(sim.DATA_DIR), "t": [1, 2]}
 
