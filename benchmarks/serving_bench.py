@@ -15,8 +15,8 @@
    after the switch (median quoted).
 
 Every request decodes exactly MAX_TOKENS tokens (ignore_eos) at temperature 0, so tokens/s compare like for like.
-Run: `.venv/bin/python benchmarks/serving_bench.py` (about 5-8 minutes on 2 cores). Writes
-benchmarks/results/serving_bench.json.
+Run: `.venv/bin/python benchmarks/serving_bench.py` (13 minutes on the AVX2 EPYC with --skip-stock --skip-no-lora).
+Writes benchmarks/results/serving_bench.json.
 """
 
 from __future__ import annotations
