@@ -90,8 +90,9 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         if cfg.promote_max_capability_drop >= 0:
             from app.capability import CapabilityGuard, http_ask, load_capability
 
-            guard = CapabilityGuard(http_ask(server.base_url, lambda: settings.load().system_prompt),
-                                    load_capability(), cfg.promote_max_capability_drop)
+            ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
+                           priority=server.spec.priority("background"))
+            guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop)
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,

@@ -203,10 +203,31 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -
         ex.shutdown(wait=False, cancel_futures=True)
 
 
+def with_priority(sampling: Any, priority: int | None) -> Any:
+    """The sampling parameters plus a vLLM request priority (None: unchanged). Scheduling only: the answers are
+    sampled exactly as a user's would be."""
+    if priority is None:
+        return sampling
+    if dataclasses.is_dataclass(sampling):
+        return dataclasses.replace(sampling, extra={**sampling.extra, "priority": priority})
+    return {**dict(sampling), "priority": priority}
+
+
+def background_priority(server: Any) -> int | None:
+    """serving.server.PRIORITY_BACKGROUND when `server` schedules by priority, else None."""
+    priority_of = getattr(getattr(server, "spec", None), "priority", None)
+    return priority_of("background") if callable(priority_of) else None
+
+
 def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, capability: Sequence[Question],
-            sampling: Any, system_prompt: str | None, samples: int, workers: int = 16) -> dict[str, Any]:
-    """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now."""
+            sampling: Any, system_prompt: str | None, samples: int, workers: int = 16,
+            priority: int | None = None) -> dict[str, Any]:
+    """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now.
+
+    `priority`: the measurement is the product's own traffic; on a shared server it can yield to users.
+    """
     t0 = time.perf_counter()
+    sampling = with_priority(sampling, priority)
     greedy = with_sampling(sampling, temperature=0.0, top_p=1.0, max_tokens=CAPABILITY_MAX_TOKENS)
     jobs: list[tuple[str, Any]] = [(p, sampling) for p in holdout for _ in range(samples)]
     jobs += [(q.question, greedy) for q in capability]
@@ -362,7 +383,7 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
     def evaluate(model: str) -> dict[str, Any]:
         return measure(stack.client, model, holdout=spec.holdout, rater=spec.rater, capability=spec.capability,
                        sampling=sampling, system_prompt=system_prompt, samples=spec.samples_per_prompt,
-                       workers=spec.workers)
+                       workers=spec.workers, priority=background_priority(stack.server))
 
     log(f"[{spec.rater_name}] measuring the base model on {len(spec.holdout)} held-out prompts "
         f"× {spec.samples_per_prompt} and {len(spec.capability)} capability questions")

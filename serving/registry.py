@@ -133,9 +133,9 @@ class AdapterRegistry:
         if base_model_dir is None and self._server is not None:
             base_model_dir = getattr(getattr(self._server, "spec", None), "model_dir", None)
         self.base_model_dir = Path(base_model_dir) if base_model_dir else None
-        policy = getattr(getattr(self._server, "spec", None), "scheduling_policy", "")
-        if warm_priority is None and policy == "priority":
-            warm_priority = -1  # ahead of the chats (priority 0) queued on a busy server
+        priority_of = getattr(getattr(self._server, "spec", None), "priority", None)
+        if warm_priority is None and callable(priority_of):
+            warm_priority = priority_of("warm_up")  # ahead of the chats (priority 0) queued on a busy server
         self.warm_priority = warm_priority
         self.name_prefix = name_prefix
         self.http_timeout = http_timeout

@@ -113,6 +113,16 @@ def vllm_token_budget(requested: int, cpu_build: bool | None = None, cores: int 
     return min(2048, max(128, 64 * cores))
 
 
+# Request priorities under `--scheduling-policy priority` (lower is scheduled first). Users' chats keep vLLM's
+# default 0. A new version's one-token warm-up goes ahead of them, so a swap does not queue behind a burst of
+# chats; the product's own traffic (capability probes, the simulator's held-out measurement) goes behind them, so
+# checking a candidate while people chat does not slow their answers.
+PRIORITY_WARM_UP = -1
+PRIORITY_USER = 0
+PRIORITY_BACKGROUND = 1
+PRIORITIES = {"warm_up": PRIORITY_WARM_UP, "user": PRIORITY_USER, "background": PRIORITY_BACKGROUND}
+
+
 class ServerStartError(RuntimeError):
     """The server did not become ready; the message ends with the last lines of its log."""
 
@@ -152,6 +162,13 @@ class VLLMServerSpec:
     hang_timeout: float = 120.0         # /health failing this long while the process lives = hung: restart
     stop_grace: float = 15.0            # SIGTERM, then SIGKILL after this many seconds
     env: dict[str, str] = field(default_factory=dict)
+
+    def priority(self, kind: str) -> int | None:
+        """The `priority` field for a request of this kind ("warm_up", "user", "background"), or None: vLLM
+        refuses a non-zero priority unless the server schedules by priority."""
+        if kind not in PRIORITIES:
+            raise ValueError(f"request kind must be one of {sorted(PRIORITIES)}, got {kind!r}")
+        return PRIORITIES[kind] if self.scheduling_policy == "priority" else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+
+import httpx
 import pytest
 
-from app.capability import CapabilityError, CapabilityGuard, Question, is_correct, load_capability, probe
+from app.capability import (
+    CapabilityError,
+    CapabilityGuard,
+    Question,
+    http_ask,
+    is_correct,
+    load_capability,
+    probe,
+)
 
 QUESTIONS = [Question(f"What is the capital of country {i}?", (f"City{i}",)) for i in range(20)]
 
@@ -29,6 +40,36 @@ def test_probe_counts_and_lists_the_misses():
     r = probe(scripted({"m": 15}), "m", QUESTIONS)
     assert (r.correct, r.n, r.accuracy) == (15, 20, 0.75)
     assert [w["question"] for w in r.wrong] == [q.question for q in QUESTIONS[15:]]
+
+
+def test_probe_sends_every_question_at_once():
+    """All questions in flight together (vLLM batches them): with fewer workers the barrier would time out."""
+    barrier = threading.Barrier(len(QUESTIONS), timeout=10)
+    base = scripted({"m": 20})
+
+    def ask(model: str, question: str) -> str:
+        barrier.wait()
+        return base(model, question)
+
+    assert probe(ask, "m", QUESTIONS).correct == 20
+
+
+@pytest.mark.parametrize("priority", [1, None])
+def test_http_ask_is_greedy_and_sends_the_priority_it_is_given(monkeypatch, priority):
+    sent = []
+
+    def post(url, timeout, json):
+        sent.append((url, json))
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Paris."}}]},
+                              request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(httpx, "post", post)
+    ask = http_ask("http://127.0.0.1:9/", lambda: "Be brief.", priority=priority)
+    assert ask("kto-v2", "What is the capital of France?") == "Paris."
+    url, body = sent[0]
+    assert url == "http://127.0.0.1:9/v1/chat/completions" and body["model"] == "kto-v2"
+    assert body["temperature"] == 0.0 and body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert body.get("priority") == priority and (priority is not None or "priority" not in body)
 
 
 @pytest.mark.parametrize("candidate,ok", [(20, True), (19, True), (18, False), (5, False)])

@@ -80,6 +80,17 @@ def test_this_machine_gets_the_auto_rules(tmp_path):
     assert fcfs.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
 
 
+def test_request_priorities_follow_the_scheduling_policy(tmp_path):
+    """Warm-up ahead of users, the product's own probes behind them; nothing at all on an FCFS server, which
+    refuses any non-zero priority."""
+    prio = VLLMServerSpec(model_dir=tmp_path)
+    assert [prio.priority(k) for k in ("warm_up", "user", "background")] == [-1, 0, 1]
+    fcfs = VLLMServerSpec(model_dir=tmp_path, scheduling_policy="fcfs")
+    assert [fcfs.priority(k) for k in ("warm_up", "user", "background")] == [None, None, None]
+    with pytest.raises(ValueError, match="request kind"):
+        prio.priority("urgent")
+
+
 @pytest.mark.slow
 def test_start_failure_raises_with_the_log_tail(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # not a model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from app import simulate as sim
 from app.commands import simulate as cmd
 from app.config import config_from
+from serving.client import SamplingParams
+from serving.server import VLLMServerSpec
 
 # ---------------------------------------------------------------- statistics
 
@@ -186,6 +189,27 @@ def test_measure_rates_and_capability():
     greedy = [s for q, _, s in client.calls if q.endswith("?")]
     assert all(s["temperature"] == 0.0 and s["max_tokens"] == sim.CAPABILITY_MAX_TOKENS for s in greedy)
     assert all(m == "kto-v1" for _, m, _ in client.calls)
+
+
+def test_measure_sends_its_priority_without_changing_the_sampling():
+    client = CannedClient()
+    caps = [sim.Question("2+2?", ("4",))]
+    sim.measure(client, "kto-v1", holdout=["a list"], rater=lambda p, a: True, capability=caps,
+                sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 256}, system_prompt=None, samples=2,
+                workers=2, priority=1)
+    sent = [s for _, _, s in client.calls]
+    assert len(sent) == 3 and all(s["priority"] == 1 for s in sent)
+    assert sorted(s["temperature"] for s in sent) == [0.0, 0.7, 0.7]
+    params = sim.with_priority(SamplingParams(temperature=0.7, extra={"ignore_eos": True}), 1)
+    assert params.to_request()["priority"] == 1 and params.to_request()["ignore_eos"] is True
+    assert sim.with_priority(params, None) is params
+
+
+def test_background_priority_comes_from_the_server_spec(tmp_path):
+    assert sim.background_priority(SimpleNamespace(spec=VLLMServerSpec(model_dir=tmp_path))) == 1
+    assert sim.background_priority(SimpleNamespace(spec=VLLMServerSpec(model_dir=tmp_path,
+                                                                       scheduling_policy="fcfs"))) is None
+    assert sim.background_priority(object()) is None  # a stand-in without a spec: no priority field
 
 
 # ---------------------------------------------------------------- outputs
