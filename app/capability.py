@@ -74,8 +74,8 @@ class ProbeResult:
 def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 0) -> ProbeResult:
     """Ask every question of `model` concurrently; count whole-word matches of an accepted answer.
 
-    `workers` = 0 sends all questions at once: vLLM batches them into the same engine steps, which on a small CPU
-    costs little more than one question (serving_bench: 16 chats give ~8× the tokens/s of one).
+    `workers` = 0 sends all questions at once: vLLM batches them into the same engine steps. On the 2-core EPYC
+    the 33 questions took 19.6 s this way against 37.3 s eight at a time (probe_priority_bench.json, idle server).
     """
     with cf.ThreadPoolExecutor(max(1, workers or len(questions))) as ex:
         answers = list(ex.map(lambda q: ask(model, q.question), questions))
@@ -114,8 +114,8 @@ def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = Non
              timeout: float = 120.0, priority: int | None = None) -> Ask:
     """An `Ask` over vLLM's OpenAI-compatible API: greedy, CAPABILITY_MAX_TOKENS, the app's system prompt.
 
-    `priority`: vLLM request priority (serving.server.PRIORITY_BACKGROUND on a priority-scheduled server, so a
-    probe run while people chat waits for their answers instead of slowing them); None sends none.
+    `priority`: vLLM request priority (serving.server.PRIORITY_BACKGROUND on a priority-scheduled server: behind
+    users' chats in the waiting queue, though not once running, see serving.server); None sends none.
     """
     import httpx
 

@@ -224,7 +224,7 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
             priority: int | None = None) -> dict[str, Any]:
     """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now.
 
-    `priority`: the measurement is the product's own traffic; on a shared server it can yield to users.
+    `priority`: the measurement is the product's own traffic; on a shared server it queues behind users.
     """
     t0 = time.perf_counter()
     sampling = with_priority(sampling, priority)

@@ -7,7 +7,7 @@ scheduling) while simulated users chat, in four ways:
 2. `all_at_once_p0`: every question at once, priority 0;
 3. `all_at_once_p1`: every question at once, priority +1 (serving.server.PRIORITY_BACKGROUND), the guard now;
 4. `no_probe`: users alone, the baseline.
-Users: 8 threads, each sending one streamed chat after another (64 tokens, ignore_eos, temperature 0) on the served
+Users: 8 threads, each sending one streamed chat after another (32 tokens, ignore_eos, temperature 0) on the served
 adapter. For each window (the probe's duration; 20 s for the baseline): the users' time to first token (median and
 p90 of the chats started in it) and their streamed tokens per second. Then the probe alone on the idle server (8 at
 a time vs all at once), which is what a realignment cycle waits for. Each probe condition runs twice, interleaved;
@@ -39,7 +39,7 @@ from serving.registry import AdapterRegistry  # noqa: E402
 from serving.server import PRIORITY_BACKGROUND, VLLMServer, VLLMServerSpec  # noqa: E402
 
 USERS = 8
-TOKENS = 64
+TOKENS = 32
 BASELINE_WINDOW_S = 20.0
 CONDITIONS = {"old": (8, 0), "all_at_once_p0": (0, 0), "all_at_once_p1": (0, PRIORITY_BACKGROUND)}
 
@@ -95,6 +95,21 @@ class Users:
                 "user_tok_s": chunks / (t1 - t0)}
 
 
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _fmt(w: dict) -> str:
+    ttft = (f"first token {w['user_ttft_median_s']:.2f}s (p90 {w['user_ttft_p90_s']:.2f}s, "
+            f"{w['user_chats_started']} chats)" if w["user_ttft_median_s"] is not None else "no chat started")
+    return f"{ttft}, {w['user_tok_s']:.1f} tok/s"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def timed_probe(ask, model: str, questions, workers: int) -> tuple[float, int]:
     t0 = time.perf_counter()
     r = probe(ask, model, questions, workers)
@@ -136,20 +151,17 @@ def main() -> None:
                         secs, correct = timed_probe(asks[prio], "candidate", questions, workers)
                         w = users.window(t0, time.perf_counter())
                         runs[name].append({**w, "probe_s": secs, "probe_correct": correct})
-                        print(f"  rep {rep} {name:15s}: probe {secs:5.1f}s; users: first token "
-                              f"{w['user_ttft_median_s']:.2f}s (p90 {w['user_ttft_p90_s']:.2f}s), "
-                              f"{w['user_tok_s']:.1f} tok/s", flush=True)
+                        print(f"  rep {rep} {name:15s}: probe {secs:5.1f}s; users: {_fmt(w)}", flush=True)
                         time.sleep(3)
                     t0 = time.perf_counter()
                     time.sleep(BASELINE_WINDOW_S)
                     w = users.window(t0, time.perf_counter())
                     runs["no_probe"].append(w)
-                    print(f"  rep {rep} no_probe       : users: first token {w['user_ttft_median_s']:.2f}s "
-                          f"(p90 {w['user_ttft_p90_s']:.2f}s), {w['user_tok_s']:.1f} tok/s", flush=True)
+                    print(f"  rep {rep} no_probe       : users: {_fmt(w)}", flush=True)
             result["user_errors"] = len(users.errors)
             for name, rs in runs.items():
-                result["under_load"][name] = {"runs": rs, **{k: statistics.median(r[k] for r in rs)
-                                                             for k in rs[0] if isinstance(rs[0][k], float)}}
+                keys = [k for k in rs[0] if k != "user_chats_started"]
+                result["under_load"][name] = {"runs": rs, **{k: _median([r[k] for r in rs]) for k in keys}}
             idle: dict[str, list[float]] = {"old": [], "all_at_once": []}
             for _ in range(2):
                 idle["old"].append(timed_probe(asks[0], "candidate", questions, 8)[0])
@@ -159,12 +171,18 @@ def main() -> None:
                   f"{result['idle']['all_at_once']['probe_s']:.1f}s", flush=True)
     u = result["under_load"]
     result["ratios"] = {
-        "idle_probe_old_over_all_at_once": result["idle"]["old"]["probe_s"] / result["idle"]["all_at_once"]["probe_s"],
-        "user_ttft_p0_over_p1": u["all_at_once_p0"]["user_ttft_median_s"] / u["all_at_once_p1"]["user_ttft_median_s"],
-        "user_ttft_old_over_p1": u["old"]["user_ttft_median_s"] / u["all_at_once_p1"]["user_ttft_median_s"],
-        "user_ttft_p1_over_no_probe": u["all_at_once_p1"]["user_ttft_median_s"] / u["no_probe"]["user_ttft_median_s"],
-        "user_tok_s_p1_over_p0": u["all_at_once_p1"]["user_tok_s"] / u["all_at_once_p0"]["user_tok_s"],
-        "probe_s_p1_over_p0": u["all_at_once_p1"]["probe_s"] / u["all_at_once_p0"]["probe_s"],
+        "idle_probe_old_over_all_at_once": _ratio(result["idle"]["old"]["probe_s"],
+                                                  result["idle"]["all_at_once"]["probe_s"]),
+        "user_ttft_p0_over_p1": _ratio(u["all_at_once_p0"]["user_ttft_median_s"],
+                                       u["all_at_once_p1"]["user_ttft_median_s"]),
+        "user_ttft_old_over_p1": _ratio(u["old"]["user_ttft_median_s"], u["all_at_once_p1"]["user_ttft_median_s"]),
+        "user_ttft_p1_over_no_probe": _ratio(u["all_at_once_p1"]["user_ttft_median_s"],
+                                             u["no_probe"]["user_ttft_median_s"]),
+        "user_tok_s_p1_over_p0": _ratio(u["all_at_once_p1"]["user_tok_s"], u["all_at_once_p0"]["user_tok_s"]),
+        "user_tok_s_p1_over_old": _ratio(u["all_at_once_p1"]["user_tok_s"], u["old"]["user_tok_s"]),
+        "user_tok_s_p1_over_no_probe": _ratio(u["all_at_once_p1"]["user_tok_s"], u["no_probe"]["user_tok_s"]),
+        "probe_s_p1_over_p0": _ratio(u["all_at_once_p1"]["probe_s"], u["all_at_once_p0"]["probe_s"]),
+        "probe_s_old_over_p1": _ratio(u["old"]["probe_s"], u["all_at_once_p1"]["probe_s"]),
     }
     result["total_s"] = time.perf_counter() - t_all
     args.out.parent.mkdir(parents=True, exist_ok=True)

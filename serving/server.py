@@ -115,8 +115,10 @@ def vllm_token_budget(requested: int, cpu_build: bool | None = None, cores: int 
 
 # Request priorities under `--scheduling-policy priority` (lower is scheduled first). Users' chats keep vLLM's
 # default 0. A new version's one-token warm-up goes ahead of them, so a swap does not queue behind a burst of
-# chats; the product's own traffic (capability probes, the simulator's held-out measurement) goes behind them, so
-# checking a candidate while people chat does not slow their answers.
+# chats. The product's own traffic (capability probes, the simulator's held-out measurement) goes behind them in
+# vLLM's waiting queue. That queue is all a priority orders: requests already running share every step, so a probe
+# still slows the chats running beside it (benchmarks/results/probe_priority_bench.json: 8 users' tokens/s fell
+# from 38.3 to 21.4 during a probe at +1 and to 20.9 at 0).
 PRIORITY_WARM_UP = -1
 PRIORITY_USER = 0
 PRIORITY_BACKGROUND = 1
