@@ -20,7 +20,6 @@ benchmarks/results/probe_priority_bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving_bench import PROMPTS, machine, make_adapter  # noqa: E402
+from serving_bench import PROMPTS, machine, make_adapter, write_result  # noqa: E402
 
 from app.capability import http_ask, load_capability, probe  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
@@ -184,11 +183,7 @@ def main() -> None:
         "probe_s_p1_over_p0": _ratio(u["all_at_once_p1"]["probe_s"], u["all_at_once_p0"]["probe_s"]),
         "probe_s_old_over_p1": _ratio(u["old"]["probe_s"], u["all_at_once_p1"]["probe_s"]),
     }
-    result["total_s"] = time.perf_counter() - t_all
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["ratios"], indent=2))
-    print(f"wrote {args.out} in {result['total_s']:.0f}s")
+    write_result(result, args.out, t_all)
 
 
 if __name__ == "__main__":

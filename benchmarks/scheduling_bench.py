@@ -18,7 +18,6 @@ benchmarks/results/scheduling_bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving_bench import PROMPTS, machine, make_adapter, swap_under_load  # noqa: E402
+from serving_bench import PROMPTS, machine, make_adapter, swap_under_load, write_result  # noqa: E402
 
 from serving.client import ChatClient, SamplingParams  # noqa: E402
 from serving.registry import AdapterRegistry  # noqa: E402
@@ -107,11 +106,7 @@ def main() -> None:
         "default_over_kto_first_new_token_s": (d["swap"]["load_call_to_first_new_token_s"]
                                                / k["swap"]["load_call_to_first_new_token_s"]),
     }
-    result["total_s"] = time.perf_counter() - t_all
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["ratios"], indent=2))
-    print(f"wrote {args.out} in {result['total_s']:.0f}s")
+    write_result(result, args.out, t_all)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def machine() -> dict:
             "served_dtype": vllm_dtype("auto")}
 
 
+def write_result(result: dict, out: Path, t_all: float) -> None:
+    """Stamp the total time, write the JSON, print the ratios: the common end of the serving benchmarks."""
+    result["total_s"] = time.perf_counter() - t_all
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result.get("ratios"), indent=2))
+    print(f"wrote {out} in {result['total_s']:.0f}s")
+
+
 def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 16) -> Path:
     """A rank-16 all-linear PEFT adapter with random (non-zero) weights: cost does not depend on the values."""
     import torch
