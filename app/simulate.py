@@ -213,12 +213,6 @@ def with_priority(sampling: Any, priority: int | None) -> Any:
     return {**dict(sampling), "priority": priority}
 
 
-def background_priority(server: Any) -> int | None:
-    """serving.server.PRIORITY_BACKGROUND when `server` schedules by priority, else None."""
-    priority_of = getattr(getattr(server, "spec", None), "priority", None)
-    return priority_of("background") if callable(priority_of) else None
-
-
 def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, capability: Sequence[Question],
             sampling: Any, system_prompt: str | None, samples: int, workers: int = 16,
             priority: int | None = None) -> dict[str, Any]:
@@ -370,6 +364,7 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
     `checkpoint(partial record)` is called after every measurement, so a long run leaves results as it goes."""
     from app.main import sampling_for
     from app.ui import ChatService
+    from serving.server import request_priority
 
     cfg = stack.cfg
     system_prompt = stack.settings.load().system_prompt
@@ -383,7 +378,7 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
     def evaluate(model: str) -> dict[str, Any]:
         return measure(stack.client, model, holdout=spec.holdout, rater=spec.rater, capability=spec.capability,
                        sampling=sampling, system_prompt=system_prompt, samples=spec.samples_per_prompt,
-                       workers=spec.workers, priority=background_priority(stack.server))
+                       workers=spec.workers, priority=request_priority(stack.server, "background"))
 
     log(f"[{spec.rater_name}] measuring the base model on {len(spec.holdout)} held-out prompts "
         f"× {spec.samples_per_prompt} and {len(spec.capability)} capability questions")

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from serving.model_fetch import sha256_file
+from serving.server import request_priority
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,8 @@ class AdapterRegistry:
         if base_model_dir is None and self._server is not None:
             base_model_dir = getattr(getattr(self._server, "spec", None), "model_dir", None)
         self.base_model_dir = Path(base_model_dir) if base_model_dir else None
-        priority_of = getattr(getattr(self._server, "spec", None), "priority", None)
-        if warm_priority is None and callable(priority_of):
-            warm_priority = priority_of("warm_up")  # ahead of the chats (priority 0) queued on a busy server
+        if warm_priority is None:  # ahead of the chats (priority 0) queued on a busy server
+            warm_priority = request_priority(self._server, "warm_up")
         self.warm_priority = warm_priority
         self.name_prefix = name_prefix
         self.http_timeout = http_timeout

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -123,6 +124,12 @@ PRIORITY_WARM_UP = -1
 PRIORITY_USER = 0
 PRIORITY_BACKGROUND = 1
 PRIORITIES = {"warm_up": PRIORITY_WARM_UP, "user": PRIORITY_USER, "background": PRIORITY_BACKGROUND}
+
+
+def request_priority(server: Any, kind: str) -> int | None:
+    """`server.spec.priority(kind)` for a VLLMServer; None for anything without one (a URL, a test stand-in)."""
+    priority_of = getattr(getattr(server, "spec", None), "priority", None)
+    return priority_of(kind) if callable(priority_of) else None
 
 
 class ServerStartError(RuntimeError):

@@ -15,7 +15,7 @@ from app import simulate as sim
 from app.commands import simulate as cmd
 from app.config import config_from
 from serving.client import SamplingParams
-from serving.server import VLLMServerSpec
+from serving.server import VLLMServerSpec, request_priority
 
 # ---------------------------------------------------------------- statistics
 
@@ -206,10 +206,10 @@ def test_measure_sends_its_priority_without_changing_the_sampling():
 
 
 def test_background_priority_comes_from_the_server_spec(tmp_path):
-    assert sim.background_priority(SimpleNamespace(spec=VLLMServerSpec(model_dir=tmp_path))) == 1
-    assert sim.background_priority(SimpleNamespace(spec=VLLMServerSpec(model_dir=tmp_path,
-                                                                       scheduling_policy="fcfs"))) is None
-    assert sim.background_priority(object()) is None  # a stand-in without a spec: no priority field
+    assert request_priority(SimpleNamespace(spec=VLLMServerSpec(model_dir=tmp_path)), "background") == 1
+    assert request_priority(SimpleNamespace(spec=VLLMServerSpec(model_dir=tmp_path, scheduling_policy="fcfs")),
+                            "background") is None
+    assert request_priority(object(), "background") is None  # a stand-in without a spec: no priority field
 
 
 # ---------------------------------------------------------------- outputs
