@@ -16,7 +16,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.admission import Admission
 
 DEFAULT_CAPABILITY = Path(__file__).parent / "data" / "capability.jsonl"
 CAPABILITY_MAX_TOKENS = 64
@@ -111,13 +114,17 @@ class CapabilityGuard:
 
 
 def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = None,
-             timeout: float = 120.0, priority: int | None = None) -> Ask:
+             timeout: float = 120.0, priority: int | None = None, admission: Admission | None = None) -> Ask:
     """An `Ask` over vLLM's OpenAI-compatible API: greedy, CAPABILITY_MAX_TOKENS, the app's system prompt.
 
     `priority`: vLLM request priority (serving.server.PRIORITY_BACKGROUND on a priority-scheduled server: behind
     users' chats in the waiting queue, though not once running, see serving.server); None sends none.
+    `admission`: the app's serving.admission.Admission; each question is a "background" request, sent a few at a
+    time while people chat.
     """
     import httpx
+
+    from serving.admission import slot
 
     def ask(model: str, question: str) -> str:
         sp = system_prompt() if system_prompt else None
@@ -125,7 +132,8 @@ def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = Non
         body = {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": CAPABILITY_MAX_TOKENS}
         if priority is not None:
             body["priority"] = priority
-        r = httpx.post(f"{base_url.rstrip('/')}/v1/chat/completions", timeout=timeout, json=body)
+        with slot(admission, "background"):
+            r = httpx.post(f"{base_url.rstrip('/')}/v1/chat/completions", timeout=timeout, json=body)
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"] or ""
 

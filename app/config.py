@@ -54,6 +54,9 @@ class Config:
                                                "core (at least 128) on CPU builds, vLLM's default on GPU builds")
     vllm_scheduling_policy: str = _opt("priority", "vLLM --scheduling-policy; priority lets an adapter's warm-up "
                                                    "request go ahead of queued chats", choices=("priority", "fcfs"))
+    background_while_chatting: int = _opt(2, "the product's own requests (capability probes) in flight at once "
+                                             "while people chat; vLLM's priority cannot hold back running ones "
+                                             "(0 = no limit)")
     vllm_tensor_parallel: int = _opt(1, "vLLM --tensor-parallel-size (GPU builds)")
     vllm_extra_args: str = _opt("", "extra flags passed verbatim to the vLLM server")
     vllm_start_timeout: float = _opt(300.0, "seconds to wait for the vLLM server to become ready")

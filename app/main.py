@@ -68,6 +68,7 @@ def server_spec(cfg: Config):
 def build_stack(cfg: Config) -> Iterator[Stack]:
     """Open the store, start vLLM (LoRA on), restore the served adapter; stop everything on exit."""
     from feedback_store import FeedbackStore
+    from serving.admission import Admission
     from serving.client import ChatClient
     from serving.registry import AdapterRegistry
     from serving.server import VLLMServer
@@ -81,7 +82,8 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         server = VLLMServer(server_spec(cfg))
         stack.callback(server.stop)  # registered first: a Ctrl-C during start-up still stops the child
         server.start()
-        client = ChatClient(server.base_url)
+        admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
+        client = ChatClient(server.base_url, admission=admission)
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
         registry.reload_after_restart()
         server.add_restart_hook(registry.reload_after_restart)
@@ -91,7 +93,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             from app.capability import CapabilityGuard, http_ask, load_capability
 
             ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
-                           priority=server.spec.priority("background"))
+                           priority=server.spec.priority("background"), admission=admission)
             guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop)
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",

@@ -183,9 +183,10 @@ def with_sampling(sampling: Any, **changes: Any) -> Any:
     return {**dict(sampling), **changes}
 
 
-def complete(client: Any, messages: list[dict[str, str]], model: str, sampling: Any) -> str:
+def complete(client: Any, messages: list[dict[str, str]], model: str, sampling: Any, kind: str = "user") -> str:
     """The whole answer text from `ChatClient.stream_chat` (chunks are str; the final ChatResult is skipped)."""
-    return "".join(part for part in client.stream_chat(messages, model, sampling) if isinstance(part, str))
+    return "".join(part for part in client.stream_chat(messages, model, sampling, kind=kind)
+                   if isinstance(part, str))
 
 
 def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
@@ -218,14 +219,16 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
             priority: int | None = None) -> dict[str, Any]:
     """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now.
 
-    `priority`: the measurement is the product's own traffic; on a shared server it queues behind users.
+    `priority`: the measurement is the product's own traffic; on a shared server it queues behind users. Its
+    requests are also of kind "background": a client with an Admission sends them a few at a time while people chat.
     """
     t0 = time.perf_counter()
     sampling = with_priority(sampling, priority)
     greedy = with_sampling(sampling, temperature=0.0, top_p=1.0, max_tokens=CAPABILITY_MAX_TOKENS)
     jobs: list[tuple[str, Any]] = [(p, sampling) for p in holdout for _ in range(samples)]
     jobs += [(q.question, greedy) for q in capability]
-    texts = parallel_map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1]), jobs, workers)
+    texts = parallel_map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1], "background"),
+                         jobs, workers)
     answers, cap_texts = texts[:len(holdout) * samples], texts[len(holdout) * samples:]
     verdicts = [call_rater(rater, p, a) for (p, _), a in zip(jobs, answers, strict=False)]
     rated = [v for v in verdicts if v is not None]

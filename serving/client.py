@@ -3,7 +3,8 @@
 The app picks the adapter by name per request (`model="kto-v7"`), so an answer that started on one version ends on
 it even if the registry switches `current` meanwhile; the result records the name the server echoed back.
 Closing the stream closes the HTTP response, which makes vLLM abort the request (no wasted decode steps when the
-user leaves).
+user leaves). With an `Admission`, each stream holds a place of its kind ("user" or "background") from its first
+read to its end, so the product's own requests give way to people chatting (serving/admission.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+
+from serving.admission import KINDS, Admission, slot
 
 
 class ChatError(RuntimeError):
@@ -68,9 +71,10 @@ class ChatResult:
 class ChatStream:
     """Iterate for text chunks; `.result` is set once the stream ends (also after close())."""
 
-    def __init__(self, client: ChatClient, body: dict[str, Any], deadline_s: float):
+    def __init__(self, client: ChatClient, body: dict[str, Any], deadline_s: float, kind: str = "user"):
         self._client = client
         self._body = body
+        self._kind = kind
         self._deadline_s = deadline_s
         self._cm = None
         self._response: httpx.Response | None = None
@@ -100,6 +104,10 @@ class ChatStream:
         return "".join(self)
 
     def _run(self) -> Iterator[str]:
+        with slot(self._client.admission, self._kind):
+            yield from self._stream()
+
+    def _stream(self) -> Iterator[str]:
         t0 = time.monotonic()
         ttft = None
         parts: list[str] = []
@@ -163,22 +171,27 @@ class ChatClient:
     """Thread-safe (one pooled httpx.Client). `read_timeout` = longest silence between two chunks."""
 
     def __init__(self, base_url: str, connect_timeout: float = 5.0, read_timeout: float = 120.0,
-                 total_timeout: float = 600.0, max_connections: int = 256):
+                 total_timeout: float = 600.0, max_connections: int = 256, admission: Admission | None = None):
         self.base_url = base_url.rstrip("/")
+        self.admission = admission
         self.total_timeout = total_timeout
         self._http = httpx.Client(
             timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=read_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32))
 
-    def stream_chat(self, messages: list[dict[str, str]], model: str,
-                    sampling: SamplingParams | None = None) -> ChatStream:
-        """Start a streamed answer; nothing is sent until the first iteration."""
+    def stream_chat(self, messages: list[dict[str, str]], model: str, sampling: SamplingParams | None = None,
+                    kind: str = "user") -> ChatStream:
+        """Start a streamed answer; nothing is sent until the first iteration. `kind`: "user", or "background"
+        for the product's own requests (held back while people chat when the client has an Admission)."""
+        if kind not in KINDS:
+            raise ValueError(f"request kind must be one of {KINDS}, got {kind!r}")
         body = {"model": model, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True}, **(sampling or SamplingParams()).to_request()}
-        return ChatStream(self, body, self.total_timeout)
+        return ChatStream(self, body, self.total_timeout, kind)
 
-    def chat(self, messages: list[dict[str, str]], model: str, sampling: SamplingParams | None = None) -> ChatResult:
-        stream = self.stream_chat(messages, model, sampling)
+    def chat(self, messages: list[dict[str, str]], model: str, sampling: SamplingParams | None = None,
+             kind: str = "user") -> ChatResult:
+        stream = self.stream_chat(messages, model, sampling, kind)
         for _ in stream:
             pass
         assert stream.result is not None

@@ -131,9 +131,11 @@ class CannedClient:
 
     def __init__(self):
         self.calls: list[tuple[str, str, object]] = []
+        self.kinds: list[str] = []
 
-    def stream_chat(self, messages, model, sampling):
+    def stream_chat(self, messages, model, sampling, kind="user"):
         self.calls.append((messages[-1]["content"], model, sampling))
+        self.kinds.append(kind)
         q = messages[-1]["content"]
         if q in {"What is the capital of France?"}:
             text = "The capital of France is Paris."
@@ -173,6 +175,7 @@ def test_collect_stores_answers_and_ratings_like_the_ui(store, tmp_path):
     by_adapter = store.counts_by_adapter()
     assert [r["adapter"] for r in by_adapter] == ["kto-v3"]
     assert all(model == "kto-v3" for _, model, _ in client.calls)
+    assert set(client.kinds) == {"user"}  # simulated users chat as users
     snap = store.export_snapshot(tmp_path / "snap.parquet")  # what the aligner would train on
     assert snap.n_desirable == stats["up"] and snap.n_undesirable == stats["down"]
 
@@ -189,6 +192,7 @@ def test_measure_rates_and_capability():
     greedy = [s for q, _, s in client.calls if q.endswith("?")]
     assert all(s["temperature"] == 0.0 and s["max_tokens"] == sim.CAPABILITY_MAX_TOKENS for s in greedy)
     assert all(m == "kto-v1" for _, m, _ in client.calls)
+    assert client.kinds == ["background"] * 8  # the product's own traffic: gives way to people chatting
 
 
 def test_measure_sends_its_priority_without_changing_the_sampling():
