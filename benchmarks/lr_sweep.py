@@ -31,9 +31,10 @@ from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
 DEFAULT_MODEL = Path.home() / ".cache" / "kto-loop" / "models" / "SmolLM2-135M-Instruct"
 
 
-def train(snapshot: Path, out: Path, model_dir: Path, lr: float, epochs: int) -> dict:
+def train(snapshot: Path, out: Path, model_dir: Path, lr: float, epochs: int, extra: list[str] = ()) -> dict:
+    """`extra`: further aligner flags; a repeated flag (e.g. --lr) overrides the one before it."""
     cmd = [sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out), "--model-dir",
-           str(model_dir), "--epochs", str(epochs), "--lr", str(lr), "--progress-json"]
+           str(model_dir), "--epochs", str(epochs), "--lr", str(lr), "--progress-json", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
