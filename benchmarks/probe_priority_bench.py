@@ -20,11 +20,13 @@ benchmarks/results/probe_priority_bench.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,6 +86,12 @@ class Users:
         for t in self._threads:
             t.join(timeout=120)
 
+    def baseline(self) -> dict:
+        """The users alone for BASELINE_WINDOW_S."""
+        t0 = time.perf_counter()
+        time.sleep(BASELINE_WINDOW_S)
+        return self.window(t0, time.perf_counter())
+
     def window(self, t0: float, t1: float) -> dict:
         with self._lock:
             ttfts = sorted(f for s, f in self.firsts if t0 <= s < t1)
@@ -99,6 +107,13 @@ def _median(xs: list) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per condition: its runs and the median of each measured field."""
+    return {name: {"runs": rs, **{k: _median([r[k] for r in rs]) for k in rs[0]
+                                  if k not in ("user_chats_started", "admission")}}
+            for name, rs in runs.items()}
+
+
 def _fmt(w: dict) -> str:
     ttft = (f"first token {w['user_ttft_median_s']:.2f}s (p90 {w['user_ttft_p90_s']:.2f}s, "
             f"{w['user_chats_started']} chats)" if w["user_ttft_median_s"] is not None else "no chat started")
@@ -107,6 +122,24 @@ def _fmt(w: dict) -> str:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+@contextlib.contextmanager
+def served_and_candidate(model_dir: Path, tmp: Path) -> Iterator[tuple[VLLMServer, ChatClient, str]]:
+    """A vLLM server with kto-loop's spec, a served adapter (promoted through the registry, as the app does) and a
+    candidate loaded under the name "candidate" for the probe; yields (server, client, served version)."""
+    import httpx
+
+    make_adapter(model_dir, tmp / "served", seed=1)
+    make_adapter(model_dir, tmp / "candidate", seed=2)
+    spec = VLLMServerSpec(model_dir=model_dir, log_path=tmp / "vllm.log", auto_restart=False)
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+        registry = AdapterRegistry(server, tmp / "registry.json", base_model_dir=model_dir)
+        served = registry.promote(tmp / "served")
+        r = httpx.post(f"{server.base_url.removesuffix('/v1')}/v1/load_lora_adapter",
+                       json={"lora_name": "candidate", "lora_path": str(tmp / "candidate")}, timeout=300)
+        r.raise_for_status()
+        yield server, client, served
 
 
 def timed_probe(ask, model: str, questions, workers: int) -> tuple[float, int]:
@@ -128,17 +161,7 @@ def main() -> None:
                     "idle": {}}
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
         tmp = Path(tmp)
-        make_adapter(args.model_dir, tmp / "served", seed=1)
-        make_adapter(args.model_dir, tmp / "candidate", seed=2)
-        spec = VLLMServerSpec(model_dir=args.model_dir, log_path=tmp / "vllm.log", auto_restart=False)
-        with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
-            registry = AdapterRegistry(server, tmp / "registry.json", base_model_dir=args.model_dir)
-            served = registry.promote(tmp / "served")
-            import httpx
-
-            r = httpx.post(f"{server.base_url.removesuffix('/v1')}/v1/load_lora_adapter",
-                           json={"lora_name": "candidate", "lora_path": str(tmp / "candidate")}, timeout=300)
-            r.raise_for_status()
+        with served_and_candidate(args.model_dir, tmp) as (server, client, served):
             asks = {p: http_ask(server.base_url, priority=p or None) for p in {p for _, p in CONDITIONS.values()}}
             timed_probe(asks[0], "candidate", questions, 0)  # first use of the candidate, not timed
             runs: dict[str, list[dict]] = {k: [] for k in [*CONDITIONS, "no_probe"]}
@@ -152,15 +175,10 @@ def main() -> None:
                         runs[name].append({**w, "probe_s": secs, "probe_correct": correct})
                         print(f"  rep {rep} {name:15s}: probe {secs:5.1f}s; users: {_fmt(w)}", flush=True)
                         time.sleep(3)
-                    t0 = time.perf_counter()
-                    time.sleep(BASELINE_WINDOW_S)
-                    w = users.window(t0, time.perf_counter())
-                    runs["no_probe"].append(w)
+                    runs["no_probe"].append(w := users.baseline())
                     print(f"  rep {rep} no_probe       : users: {_fmt(w)}", flush=True)
             result["user_errors"] = len(users.errors)
-            for name, rs in runs.items():
-                keys = [k for k in rs[0] if k != "user_chats_started"]
-                result["under_load"][name] = {"runs": rs, **{k: _median([r[k] for r in rs]) for k in keys}}
+            result["under_load"] = medians(runs)
             idle: dict[str, list[float]] = {"old": [], "all_at_once": []}
             for _ in range(2):
                 idle["old"].append(timed_probe(asks[0], "candidate", questions, 8)[0])

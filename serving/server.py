@@ -119,7 +119,8 @@ def vllm_token_budget(requested: int, cpu_build: bool | None = None, cores: int 
 # chats. The product's own traffic (capability probes, the simulator's held-out measurement) goes behind them in
 # vLLM's waiting queue. That queue is all a priority orders: requests already running share every step, so a probe
 # still slows the chats running beside it (benchmarks/results/probe_priority_bench.json: 8 users' tokens/s fell
-# from 38.3 to 21.4 during a probe at +1 and to 20.9 at 0).
+# from 38.3 to 21.4 during a probe at +1 and to 20.9 at 0). What holds that traffic back is the app's client-side
+# admission control (serving/admission.py).
 PRIORITY_WARM_UP = -1
 PRIORITY_USER = 0
 PRIORITY_BACKGROUND = 1
