@@ -71,7 +71,8 @@ def test_while_a_user_chats_at_most_while_users_background_requests_run():
     tu.start()
     user_in.wait(5)
     threads = _background_burst(adm, 6, 0.05, peak)
-    time.sleep(0.5)  # long enough for ~20 rounds of two: all six would be done without the limit
+    _wait_for(lambda: peak.peak >= 2)  # the threads have started (slow on a loaded machine)
+    time.sleep(0.5)  # all six pass two at a time; without the limit they would have overlapped
     assert peak.peak == 2
     release_user.set()
     tu.join(5)
