@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 KINDS = ("user", "background")
@@ -28,13 +28,12 @@ KINDS = ("user", "background")
 class Admission:
     """Thread-safe counter of requests in flight by kind; `slot(kind)` holds one place for one request."""
 
-    def __init__(self, while_users: int = 2, quiet_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, while_users: int = 2, quiet_s: float = 5.0) -> None:
         if while_users < 1:
             raise ValueError(f"while_users must be at least 1 (background work must progress), got {while_users}")
         if quiet_s < 0:
             raise ValueError(f"quiet_s must be >= 0, got {quiet_s}")
-        self.while_users, self.quiet_s, self._clock = while_users, quiet_s, clock
+        self.while_users, self.quiet_s = while_users, quiet_s
         self._cv = threading.Condition()
         self._in_flight = {k: 0 for k in KINDS}
         self._last_user_end = float("-inf")
@@ -45,7 +44,7 @@ class Admission:
         """Seconds until users count as gone: 0 when none is in flight and the quiet time has passed."""
         if self._in_flight["user"]:
             return float("inf")
-        return max(0.0, self._last_user_end + self.quiet_s - self._clock())
+        return max(0.0, self._last_user_end + self.quiet_s - time.monotonic())
 
     def users_active(self) -> bool:
         with self._cv:
@@ -72,7 +71,7 @@ class Admission:
             with self._cv:
                 self._in_flight[kind] -= 1
                 if kind == "user":
-                    self._last_user_end = self._clock()
+                    self._last_user_end = time.monotonic()
                 self._cv.notify_all()
 
     def stats(self) -> dict[str, Any]:
