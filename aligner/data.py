@@ -41,6 +41,7 @@ class Dataset:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     data_sha256: str = ""
     n_rows: int = 0
+    unheld: list[str] = field(default_factory=list)  # answer ids the split held out but training needed
 
 
 def read_snapshot(path: str | Path) -> list[dict[str, Any]]:
@@ -132,7 +133,23 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldo
         cut = max(0, n_total - max_length)
         ex = Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut)
         (heldout if is_heldout(row["answer_id"], heldout_fraction) else train).append(ex)
-    return Dataset(train, heldout, dropped, file_sha256(path), len(rows))
+    train, heldout, unheld = _keep_both_kinds_in_training(train, heldout)
+    return Dataset(train, heldout, dropped, file_sha256(path), len(rows), unheld)
+
+
+def _keep_both_kinds_in_training(train: list[Example], heldout: list[Example]
+                                 ) -> tuple[list[Example], list[Example], list[str]]:
+    """When every thumb of one kind hashed into the held-out slice (a small run: 2 thumbs-up among 60 ratings are
+    both held out 1% of the time), train on those answers instead of refusing a run the data allows: KTO needs
+    both kinds, the gate can still judge on the rest. Whole answers move, so no answer is on both sides."""
+    unheld: set[str] = set()
+    for kind in (True, False):
+        if not any(ex.desirable == kind for ex in train):
+            unheld |= {ex.answer_id for ex in heldout if ex.desirable == kind}
+    if not unheld:
+        return train, heldout, []
+    return (train + [ex for ex in heldout if ex.answer_id in unheld],
+            [ex for ex in heldout if ex.answer_id not in unheld], sorted(unheld))
 
 
 @dataclass

@@ -486,6 +486,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "z0_mean": sum(z0s) / len(z0s) if z0s else None,
             "final_loss": log[-1]["loss"] if log else None,
             "dropped_examples": data.dropped,
+            "heldout_returned_to_training": data.unheld,
             "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
             "heldout": heldout_block, "log": log,
             "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first

@@ -81,6 +81,25 @@ def test_heldout_answers_never_trained(tmp_path, tok):
     assert not {e.answer_id for e in ds.train} & {e.answer_id for e in ds.heldout}
 
 
+def test_a_kind_held_out_entirely_is_trained_on_instead(tmp_path, tok):
+    """Both thumbs-up hashed into the held-out slice: the run trains on them (whole answers, a second rater's
+    thumbs-down on the same answer included) instead of failing for want of a kind the data has."""
+    held = [a for a in (f"ans-{i}" for i in range(400)) if is_heldout(a, 0.25)]
+    kept = [a for a in (f"ans-{i}" for i in range(400)) if not is_heldout(a, 0.25)]
+    rows = sorted(synthetic_rows(2, 10), key=lambda r: not r["label"])  # the 2 thumbs-up first
+    rows = [dict(r, answer_id=a) for r, a in zip(rows, held[:2] + kept[:6] + held[2:6], strict=True)]
+    rows.append(dict(rows[0], example_id="second-rater", label=False))
+    ds = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, heldout_fraction=0.25)
+    assert ds.unheld == sorted(held[:2])
+    assert sum(e.desirable for e in ds.train) == 2 and "second-rater" in {e.example_id for e in ds.train}
+    assert {e.answer_id for e in ds.heldout} == set(held[2:6])
+    assert not {e.answer_id for e in ds.train} & {e.answer_id for e in ds.heldout}
+
+    rows[1]["answer_id"] = kept[6]  # one thumbs-up outside the slice: the plain hash split stands
+    ds = build_dataset(write_snapshot(tmp_path / "t.parquet", rows), tok, heldout_fraction=0.25)
+    assert ds.unheld == [] and {e.answer_id for e in ds.heldout} == {held[0], *held[2:6]}
+
+
 @pytest.mark.parametrize("n,bs", [(2, 8), (9, 4), (33, 8), (100, 3)])
 def test_plan_epoch_covers_each_example_once(n, bs):
     lengths = [(i * 37) % 101 + 5 for i in range(n)]

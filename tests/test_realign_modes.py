@@ -111,10 +111,11 @@ def test_fresh_mode_retrains_from_base_on_all_ratings(tiny_model_dir: Path, tmp_
     store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
     rl = _realigner(store, reg, tiny_model_dir, tmp_path, "fresh")
     _rate(store, "a", 8, "base")
-    assert rl.run("operator").promoted
+    first = rl.run("operator")
+    assert first.promoted, first.reason
     _rate(store, "b", 8, "kto-v1")
     second = rl.run("operator")
-    assert second.promoted and second.manifest["resume_from"] is None
+    assert second.promoted and second.manifest["resume_from"] is None, second.reason
     assert len(store.run_examples(second.run_id, include_dropped=True)) == 16
     v2 = next(a for a in store.adapters() if a["version"] == "kto-v2")
     assert v2["parent"] is None  # trained from the base model, not from kto-v1
@@ -143,7 +144,7 @@ def test_capability_guard_refusal_keeps_the_served_version_and_is_recorded(tiny_
                    extra_args=TRAIN_ARGS, lora_rank=8, capability_guard=CapabilityGuard(ask, questions, 0.05))
     _rate(store, "a", 8, "base")
     out = rl.run("operator")
-    assert out.status == "rejected" and not out.promoted and out.version is None
+    assert out.status == "rejected" and not out.promoted and out.version is None, out.reason
     assert out.reason == "not promoted: capability probe 6/10 vs 10/10 for base (allowed drop 5%)"
     assert reg.current() == "base"
     run = store.get_run(out.run_id)
@@ -155,7 +156,8 @@ def test_capability_guard_refusal_keeps_the_served_version_and_is_recorded(tiny_
     knows["kto-v2"] = 10  # a second run whose adapter keeps every answer is promoted, and says why
     _rate(store, "b", 8, "base")
     ok = rl.run("operator")
-    assert ok.promoted and ok.version == "kto-v2" and ok.reason.endswith("capability probe 10/10 (served 10/10)")
+    assert ok.promoted and ok.version == "kto-v2" and ok.reason.endswith("capability probe 10/10 (served 10/10)"), \
+        ok.reason
     store.close()
 
 
@@ -180,7 +182,7 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
                    capability_guard=CapabilityGuard(ask, questions, 0.05))
     _rate(store, "a", 12, "base")
     refused = rl.run("operator")
-    assert refused.status == "rejected" and reg.current() == "base"
+    assert refused.status == "rejected" and reg.current() == "base", refused.reason
     assert refused.reason == ("not promoted: capability probe 6/10 vs 10/10 for base (allowed drop 5%) "
                               "(so were the run's 2 earlier checkpoints)")
     cands = refused.manifest["candidates"]
@@ -189,7 +191,7 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
 
     _rate(store, "b", 12, "base")
     out = rl.run("operator")
-    assert out.promoted and out.version == "kto-v6" and reg.current() == "kto-v6"
+    assert out.promoted and out.version == "kto-v6" and reg.current() == "kto-v6", out.reason
     adapter = tmp_path / "runs" / f"run-{out.run_id}" / "adapter"
     assert reg.paths["kto-v4"] == adapter and reg.paths["kto-v6"] == adapter / "checkpoints" / "step-1"
     assert "[checkpoint step 1/3 of the run; the final adapter was refused: not promoted: capability probe 6/10" \
