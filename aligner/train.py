@@ -319,6 +319,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         resume_from=cfg.resume_from, dtype=dtype)
+    seconds: dict[str, float] = {"load": time.time() - t_start}  # where a run's time goes, phase by phase
     rank = adapter_rank(model)
     if rank > cfg.max_lora_rank:
         raise SnapshotError(f"adapter rank {rank} exceeds the server's max LoRA rank {cfg.max_lora_rank}")
@@ -345,6 +346,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                                                                                   strict=True)})
     batch_tokens = cfg.batch_size * cfg.max_length  # no-grad passes: bigger batches are fine
     emit({"event": "phase", "phase": "reference", "sequences": len(train_keys)})
+    t_phase = time.time()
     model.eval()
     my_keys = train_keys[dist.rank::dist.world]
     if cfg.reference == "base":
@@ -354,6 +356,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens)
     ref = dist.gather_dict(ref)
     _trim_heap()
+    seconds["reference"] = time.time() - t_phase
+    t_phase = time.time()
 
     # Held-out: base reference, and the served adapter's numbers (rank 0 only; nothing to reduce).
     h_matched, h_kl = _heldout_pairs(heldout)
@@ -373,6 +377,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         else:
             h_served = h_ref  # the base model is served: rewards are exactly 0
         served_metrics = _eval_heldout(h_served, h_ref, heldout, cfg.beta, lam_d, lam_u)
+    seconds["heldout_served"] = time.time() - t_phase
     for n, p in model.named_parameters():  # set_adapter/delete_adapter may touch requires_grad
         p.requires_grad_("lora_" in n and ".default." in n)
 
@@ -450,6 +455,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             model.train()
             checkpoint_seconds += time.time() - t_ckpt
     train_seconds = time.time() - t_train - checkpoint_seconds
+    seconds.update(train=train_seconds, checkpoints=checkpoint_seconds)
+    t_phase = time.time()
     tokens_total = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
 
     manifest: dict[str, Any] = {}
@@ -466,6 +473,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                 heldout_block["new"] = _eval_heldout(h_new, h_ref, heldout, cfg.beta, lam_d, lam_u)
             except FloatingPointError as e:
                 raise TrainingDiverged(str(e)) from e
+        seconds["heldout_new"] = time.time() - t_phase
         hp = {k: v for k, v in asdict(cfg).items() if k not in ("snapshot", "out", "extra")}
         hp.update(lora_rank=rank, lora_alpha=float(model.peft_config["default"].lora_alpha),
                   target_modules=sorted(LLAMA_LINEAR), world_size=dist.world, lambda_mode=lam_mode,
@@ -481,6 +489,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "served_adapter": cfg.served_adapter, "base_model": str(cfg.model_dir), "git_commit": _git_commit(),
             "train_seconds": round(train_seconds, 3), "checkpoint_seconds": round(checkpoint_seconds, 3),
             "total_seconds": round(time.time() - t_start, 3),
+            "phase_seconds": {k: round(v, 3) for k, v in seconds.items()},
             "train_tokens": tokens_total, "tokens_per_second": tokens_total / max(train_seconds, 1e-9),
             "z0_pre_clamp_mean": sum(z0p) / len(z0p) if z0p else None,
             "z0_mean": sum(z0s) / len(z0s) if z0s else None,

@@ -55,6 +55,11 @@ def test_writes_vllm_compatible_adapter_and_manifest(trained, snapshot):
         assert set(h[side]) >= {"margin", "frac_correct_side", "loss"}
     assert h["served"]["margin"] == 0.0 and h["served"]["frac_correct_side"] == 0.5  # base is served
     assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name], "no temporary directory left behind"
+    phases = m["phase_seconds"]  # where the run's time went
+    assert set(phases) == {"load", "reference", "heldout_served", "train", "checkpoints", "heldout_new"}
+    assert all(v >= 0 for v in phases.values()) and phases["train"] > 0 and phases["reference"] > 0
+    assert phases["train"] == pytest.approx(m["train_seconds"], abs=1e-2)
+    assert sum(phases.values()) <= m["total_seconds"] + 1e-2
 
 
 def test_checkpoint_steps_are_evenly_spaced_in_cumulative_learning_rate():

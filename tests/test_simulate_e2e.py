@@ -67,7 +67,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     ratio = cycle["lambda_D"] * cycle["n_D"] / (cycle["lambda_U"] * cycle["n_U"])
     assert 1 - 1e-6 <= ratio <= 4 / 3 + 1e-6 and min(cycle["lambda_D"], cycle["lambda_U"]) == 1
     assert cycle["z0"] >= 0 and cycle["z0"] >= cycle["z0_pre_clamp"] - 1e-6  # the clamp only ever raises z0
-    assert cycle["train_seconds"] > 0
+    assert cycle["train_seconds"] > 0 and cycle["aligner_phase_seconds"]["train"] > 0
     pinned = cycle["ablation_pinned"]
     assert pinned["lambda_D"] == 1 and pinned["lambda_U"] == 1 and EVAL_KEYS <= set(pinned["eval"])
     assert pinned["eval"]["model"].startswith("ablation-")
