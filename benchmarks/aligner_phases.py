@@ -1,0 +1,58 @@
+"""Where one aligner run's time goes, phase by phase, on a real snapshot and the default model.
+
+Runs the aligner (the same subprocess command the app runs) on a saved simulator snapshot for a few steps and
+writes the manifest's `phase_seconds` with seconds per sequence for each forward-only pass, so the cost of a full
+run's reference pass (matched + KL pairs) can be read off without a 25-minute run:
+
+    python benchmarks/aligner_phases.py --snapshot RUN_DIR/snapshot.parquet [--max-steps 3]
+
+Writes benchmarks/results/aligner_phases.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serving_bench import machine, write_result  # noqa: E402
+
+from app.config import config_from  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--snapshot", type=Path, required=True)
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aligner_phases.json")
+    args = ap.parse_args()
+    t_all = time.perf_counter()
+    model_dir = args.model_dir or config_from().resolved().model_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "adapter"
+        cmd = [sys.executable, "-m", "aligner", "--snapshot", str(args.snapshot), "--out", str(out),
+               "--model-dir", str(model_dir), "--max-steps", str(args.max_steps), "--checkpoints", "0",
+               "--progress-json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        m = json.loads((out / "manifest.json").read_text())
+    sequences = {e["phase"]: e["sequences"] for e in events if e.get("event") == "phase"}
+    phases = m["phase_seconds"]
+    per_seq = {k: phases[k] / sequences[k] for k in ("reference", "heldout_served", "heldout_new") if sequences.get(k)}
+    result = {"benchmark": "aligner_phases", "machine": machine(), "snapshot": str(args.snapshot),
+              "max_steps": args.max_steps, "n_train": m["n_desirable"] + m["n_undesirable"],
+              "phase_seconds": phases, "total_seconds": m["total_seconds"], "sequences": sequences,
+              "ratios": {"seconds_per_sequence": per_seq}}
+    write_result(result, args.out, t_all)
+
+
+if __name__ == "__main__":
+    main()
