@@ -12,8 +12,6 @@ Writes benchmarks/results/aligner_phases.json.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from lr_sweep import train  # noqa: E402
 from serving_bench import machine, write_result  # noqa: E402
 
 from app.config import config_from  # noqa: E402
@@ -36,20 +35,14 @@ def main() -> None:
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "adapter"
-        cmd = [sys.executable, "-m", "aligner", "--snapshot", str(args.snapshot), "--out", str(out),
-               "--model-dir", str(model_dir), "--max-steps", str(args.max_steps), "--checkpoints", "0",
-               "--progress-json"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        m = json.loads((out / "manifest.json").read_text())
-    sequences = {e["phase"]: e["sequences"] for e in events if e.get("event") == "phase"}
-    phases = m["phase_seconds"]
+    with tempfile.TemporaryDirectory() as tmp:  # the product's defaults (lr 2.5e-4, 1 epoch), cut to a few steps
+        run = train(args.snapshot, Path(tmp) / "adapter", model_dir, 2.5e-4, 1,
+                    ["--max-steps", str(args.max_steps), "--checkpoints", "0"])
+    phases, sequences = run["phase_seconds"], run["phase_sequences"]
     per_seq = {k: phases[k] / sequences[k] for k in ("reference", "heldout_served", "heldout_new") if sequences.get(k)}
     result = {"benchmark": "aligner_phases", "machine": machine(), "snapshot": str(args.snapshot),
-              "max_steps": args.max_steps, "n_train": m["n_desirable"] + m["n_undesirable"],
-              "phase_seconds": phases, "total_seconds": m["total_seconds"], "sequences": sequences,
+              "max_steps": args.max_steps, "n_train": run["n_D"] + run["n_U"],
+              "phase_seconds": phases, "total_seconds": run["total_seconds"], "sequences": sequences,
               "ratios": {"seconds_per_sequence": per_seq}}
     write_result(result, args.out, t_all)
 

@@ -40,7 +40,10 @@ def train(snapshot: Path, out: Path, model_dir: Path, lr: float, epochs: int, ex
     if proc.returncode != 0:
         raise SystemExit(f"aligner failed ({proc.returncode}): {proc.stderr[-800:]}")
     m = json.loads((out / "manifest.json").read_text())
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {"wall_seconds": round(time.perf_counter() - t0, 1), "train_seconds": m.get("train_seconds"),
+            "total_seconds": m.get("total_seconds"), "phase_seconds": m.get("phase_seconds"),
+            "phase_sequences": {e["phase"]: e["sequences"] for e in events if e.get("event") == "phase"},
             "n_D": m.get("n_desirable"), "n_U": m.get("n_undesirable"), "lambda_D": m.get("lambda_d"),
             "lambda_U": m.get("lambda_u"), "gate_heldout": m.get("heldout")}
 
