@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 × rank")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the vLLM server's --max-lora-rank")
+    p.add_argument("--target-modules", nargs="+", default=None, metavar="MODULE",
+                   help="linear layers to adapt, e.g. q_proj k_proj v_proj o_proj (default: every linear layer of "
+                        "the block); with --resume-from it must name the resumed adapter's own")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size per process (≥ 2)")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -57,7 +60,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _adapted_modules(adapter_dir: str | None) -> set[str]:
+    """The layers an adapter directory adapts (empty without one)."""
+    if not adapter_dir:
+        return set()
+    try:
+        return set(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_modules") or [])
+    except (OSError, ValueError, AttributeError) as e:
+        raise SnapshotError(f"{adapter_dir}/adapter_config.json is unreadable: {e}") from None
+
+
 def _validate(args: argparse.Namespace) -> None:
+    from aligner.model import LLAMA_LINEAR
+
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SnapshotError(f"output {out} already exists and is not an empty directory")
@@ -67,6 +82,7 @@ def _validate(args: argparse.Namespace) -> None:
         d = getattr(args, flag)
         if d and not (Path(d) / "adapter_config.json").is_file():
             raise SnapshotError(f"--{flag.replace('_', '-')} {d} is not an adapter directory")
+    resumed = _adapted_modules(args.resume_from) if args.target_modules else set()
     checks = [(args.epochs >= 1, "--epochs must be ≥ 1"), (args.batch_size >= 2, "--batch-size must be ≥ 2"),
               (args.grad_accum >= 1, "--grad-accum must be ≥ 1"), (args.lr > 0, "--lr must be > 0"),
               (args.grad_tokens >= 1, "--grad-tokens must be ≥ 1"),
@@ -74,7 +90,13 @@ def _validate(args: argparse.Namespace) -> None:
               (0 <= args.heldout_fraction < 1, "--holdout-fraction must be in [0, 1)"),
               (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),
               (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1"),
-              (0 <= args.checkpoints <= 20, "--checkpoints must be in [0, 20]")]
+              (0 <= args.checkpoints <= 20, "--checkpoints must be in [0, 20]"),
+              (args.target_modules is None or set(args.target_modules) <= set(LLAMA_LINEAR),
+               f"--target-modules must be among {' '.join(LLAMA_LINEAR)}"),
+              (args.target_modules is None or not args.resume_from
+               or set(args.target_modules) == resumed,
+               f"--target-modules {' '.join(args.target_modules or [])} differs from the layers the --resume-from "
+               f"adapter adapts ({' '.join(sorted(resumed))}): a resumed adapter keeps its own")]
     for ok, msg in checks:
         if not ok:
             raise SnapshotError(msg)

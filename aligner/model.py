@@ -51,9 +51,10 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
-                resume_from: str | Path | None = None, dtype: torch.dtype | None = None) -> Any:
+                resume_from: str | Path | None = None, dtype: torch.dtype | None = None,
+                target_modules: Sequence[str] | None = None) -> Any:
     """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
-    adapter weights train in float32.
+    adapter weights train in float32. `target_modules` (a fresh adapter's linear layers) defaults to LLAMA_LINEAR.
 
     Where bf16 is native, bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32
     master weights and no per-step weight casts; only the ~5M adapter parameters need full precision for the
@@ -69,7 +70,8 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
         model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     else:
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
-                         lora_dropout=0.0, bias="none", target_modules=list(LLAMA_LINEAR), task_type="CAUSAL_LM")
+                         lora_dropout=0.0, bias="none", target_modules=list(target_modules or LLAMA_LINEAR),
+                         task_type="CAUSAL_LM")
         model = get_peft_model(base, cfg)
     if dtype != torch.float32:  # under bf16 autocast: skip PEFT's bf16→fp32 copy of every adapter input
         for module in model.modules():

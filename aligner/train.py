@@ -33,7 +33,7 @@ from aligner import balance
 from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
 from aligner.loss import kto_loss, rotation
-from aligner.model import LLAMA_LINEAR, adapter_rank, completion_logps, load_policy, load_tokenizer, resolve_dtype
+from aligner.model import adapter_rank, completion_logps, load_policy, load_tokenizer, resolve_dtype
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -53,6 +53,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None    # default 2 × rank
     max_lora_rank: int = 16            # vLLM's --max-lora-rank: a larger adapter would be refused at load time
+    target_modules: list[str] | None = None  # fresh adapter's layers; None = model.LLAMA_LINEAR (all of them)
     epochs: int = 1                    # 1 epoch at 2.5e-4: see the next line
     batch_size: int = 8                # per process, per micro-batch
     grad_accum: int = 1
@@ -318,7 +319,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
 
     dtype = resolve_dtype(cfg.dtype)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                        resume_from=cfg.resume_from, dtype=dtype)
+                        resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules)
     seconds: dict[str, float] = {"load": time.time() - t_start}  # where a run's time goes, phase by phase
     rank = adapter_rank(model)
     if rank > cfg.max_lora_rank:
@@ -476,7 +477,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         seconds["heldout_new"] = time.time() - t_phase
         hp = {k: v for k, v in asdict(cfg).items() if k not in ("snapshot", "out", "extra")}
         hp.update(lora_rank=rank, lora_alpha=float(model.peft_config["default"].lora_alpha),
-                  target_modules=sorted(LLAMA_LINEAR), world_size=dist.world, lambda_mode=lam_mode,
+                  target_modules=sorted(model.peft_config["default"].target_modules), world_size=dist.world,
+                  lambda_mode=lam_mode,
                   global_batch=cfg.batch_size * cfg.grad_accum * dist.world, steps=total,
                   dtype=str(dtype).removeprefix("torch."))
         z0s = [r["z0"] for r in log]

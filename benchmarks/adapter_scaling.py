@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rater", required=True, choices=sorted(EXAMPLE_RATERS))
     ap.add_argument("--adapter", type=Path, action="append", required=True)
-    ap.add_argument("--alpha", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    ap.add_argument("--alpha", type=float, nargs="*", default=[0.8, 0.6, 0.4], help="none: the adapters as they are")
     ap.add_argument("--extra", type=Path, action="append", default=[])
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/adapter-scaling"))

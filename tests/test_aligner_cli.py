@@ -111,6 +111,36 @@ def test_no_checkpoints_when_asked_for_none(snapshot, tiny_model_dir, tmp_path):
     assert m["hyperparameters"]["dtype"] == "float32"  # the resolved dtype, not the flag
 
 
+def test_target_modules_adapt_only_those_layers(snapshot, tiny_model_dir, tmp_path):
+    out = tmp_path / "attn"
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
+                     "--max-steps", "2", "--checkpoints", "0", "--target-modules", *attn]) == 0
+    assert set(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == set(attn)
+    weights = load_file(out / "adapter_model.safetensors")
+    layers = {k.split(".lora_")[0].rsplit(".", 1)[1] for k in weights}
+    assert layers == set(attn), layers
+    assert json.loads((out / "manifest.json").read_text())["hyperparameters"]["target_modules"] == sorted(attn)
+    # Continuing it with the same flag (what `--align-extra-args` repeats every cycle) is accepted.
+    again = tmp_path / "attn2"
+    assert cli.main(["--snapshot", str(snapshot), "--out", str(again), "--model-dir", str(tiny_model_dir), *FAST,
+                     "--max-steps", "1", "--checkpoints", "0", "--resume-from", str(out),
+                     "--target-modules", *reversed(attn)]) == 0
+    assert set(json.loads((again / "adapter_config.json").read_text())["target_modules"]) == set(attn)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target-modules", "q_proj", "lm_head"], "--target-modules must be among"),
+    (["--target-modules", "q_proj", "--resume-from", "RESUME"], "differs from the layers the --resume-from")])
+def test_bad_target_modules_exit_2(flags, message, trained, snapshot, tiny_model_dir, tmp_path, capsys):
+    flags = [str(trained) if f == "RESUME" else f for f in flags]
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir),
+                   *FAST, *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_progress_json_and_resume_with_previous_reference(trained, snapshot, tiny_model_dir, tmp_path):
     out = tmp_path / "v2"
     proc = subprocess.run([sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),
