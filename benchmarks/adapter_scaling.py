@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lr_sweep import DEFAULT_MODEL, measure_adapters  # noqa: E402
+
 from app import simulate as sim  # noqa: E402
 from app.raters import EXAMPLE_RATERS  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
-
-DEFAULT_MODEL = Path.home() / ".cache" / "kto-loop" / "models" / "SmolLM2-135M-Instruct"
 
 
 def scaled_copy(src: Path, alpha: float, out: Path) -> Path:
@@ -79,31 +79,15 @@ def main() -> None:
             models.append({"adapter": str(a), "alpha": alpha, "path": scaled_copy(a, alpha, work / f"a{i}-{alpha}")})
     models += [{"adapter": str(e), "alpha": 1.0, "path": e, "extra": True} for e in args.extra]
 
-    holdout = sim.evenly_spaced(sim.load_prompts(sim.DEFAULT_HOLDOUT), args.holdout_limit)
-    capability = sim.load_capability()
-    sampling = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=args.max_tokens)
     load0, t_start = os.getloadavg()[0], time.perf_counter()
-    spec = VLLMServerSpec(model_dir=args.model_dir, log_path=work / "vllm.log")
-    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
-        def evaluate(model: str) -> dict:
-            return sim.measure(client, model, holdout=holdout, rater=EXAMPLE_RATERS[args.rater],
-                               capability=capability, sampling=sampling, system_prompt="You are a helpful assistant.",
-                               samples=args.samples_per_prompt)
-
-        base = evaluate("base")
-        print(f"base: desirable {sim.pct(base['desirable_rate'])}, capability "
-              f"{base['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
-        for i, m in enumerate(models):
-            name = f"m{i}"
-            sim.load_for_eval(server, Path(m["path"]), name)
-            m["eval"] = evaluate(name)
-            m["path"] = str(m["path"])
-            print(f"{m['adapter']} × {m['alpha']}: desirable {sim.pct(m['eval']['desirable_rate'])} "
-                  f"{m['eval']['ci95']}, capability {m['eval']['capability_correct']}/{len(capability)}",
-                  file=sys.stderr, flush=True)
+    base, evals = measure_adapters(args.model_dir, work / "vllm.log", args.rater, [Path(m["path"]) for m in models],
+                                   holdout_limit=args.holdout_limit, samples=args.samples_per_prompt,
+                                   max_tokens=args.max_tokens)
+    for m, e in zip(models, evals, strict=True):
+        m["eval"], m["path"] = e, str(m["path"])
     doc = {"benchmark": "adapter_scaling", "rater": args.rater,
            "machine": {**sim.machine_info(), "load_avg_at_start": load0, "load_avg_at_end": os.getloadavg()[0]},
-           "settings": {"holdout_prompts": len(holdout), "samples_per_prompt": args.samples_per_prompt,
+           "settings": {"holdout_limit": args.holdout_limit, "samples_per_prompt": args.samples_per_prompt,
                         "max_tokens": args.max_tokens, "temperature": 0.7, "top_p": 0.95},
            "wall_seconds": round(time.perf_counter() - t_start, 1), "base": base, "models": models,
            "ratios": {f"{Path(m['adapter']).name}×{m['alpha']}": {

@@ -34,12 +34,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lr_sweep import DEFAULT_MODEL, train  # noqa: E402
+from lr_sweep import DEFAULT_MODEL, measure_adapters, train  # noqa: E402
 
 from app import simulate as sim  # noqa: E402
 from app.raters import EXAMPLE_RATERS  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
 
 VARIANTS = ("served", "continue", "continue-lr/2", "continue-ref-prev", "fresh", "fresh-all")
 
@@ -108,26 +106,11 @@ def main() -> None:
             rec = train(snap, out, args.model_dir, float(lay["lr"]), lay["epochs"], extra=base_args + extra)
         runs.append({"variant": name, "adapter": str(out), "snapshot": str(snap), "args": extra, "train": rec})
 
-    holdout = sim.evenly_spaced(sim.load_prompts(sim.DEFAULT_HOLDOUT), args.holdout_limit)  # as simulate picks
-    capability = sim.load_capability()
-    rater_fn = EXAMPLE_RATERS[args.rater]
-    sampling = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=args.max_tokens)
-    spec = VLLMServerSpec(model_dir=args.model_dir, log_path=work / "vllm.log")
-    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
-        def evaluate(model: str) -> dict:
-            return sim.measure(client, model, holdout=holdout, rater=rater_fn, capability=capability,
-                               sampling=sampling, system_prompt="You are a helpful assistant.",
-                               samples=args.samples_per_prompt)
-
-        base = evaluate("base")
-        print(f"base: desirable {sim.pct(base['desirable_rate'])}, capability "
-              f"{base['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
-        for i, r in enumerate(runs):
-            name = f"c2-{i}"
-            sim.load_for_eval(server, Path(r["adapter"]), name)
-            r["eval"] = evaluate(name)
-            print(f"{r['variant']}: desirable {sim.pct(r['eval']['desirable_rate'])}, capability "
-                  f"{r['eval']['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
+    base, evals = measure_adapters(args.model_dir, work / "vllm.log", args.rater, [Path(r["adapter"]) for r in runs],
+                                   holdout_limit=args.holdout_limit, samples=args.samples_per_prompt,
+                                   max_tokens=args.max_tokens)
+    for r, e in zip(runs, evals, strict=True):
+        r["eval"] = e
     doc = {"benchmark": "cycle2_sweep", "rater": args.rater, "sim_dir": str(args.sim_dir),
            "machine": {**sim.machine_info(), "load_avg_at_start": load0, "load_avg_at_end": os.getloadavg()[0]},
            "settings": {"holdout_limit": args.holdout_limit, "samples_per_prompt": args.samples_per_prompt,

@@ -48,6 +48,31 @@ def train(snapshot: Path, out: Path, model_dir: Path, lr: float, epochs: int, ex
             "lambda_U": m.get("lambda_u"), "gate_heldout": m.get("heldout")}
 
 
+def measure_adapters(model_dir: Path, log_path: Path, rater: str, adapters: list[Path], *, holdout_limit: int,
+                     samples: int, max_tokens: int) -> tuple[dict, list[dict]]:
+    """The base model and each adapter, served from one real vLLM server and measured with the simulator's own
+    `measure()` (held-out desirable rate under `rater`, capability probe at temperature 0): (base, [per adapter])."""
+    holdout = sim.evenly_spaced(sim.load_prompts(sim.DEFAULT_HOLDOUT), holdout_limit)  # as simulate picks
+    capability = sim.load_capability()
+    sampling = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens)
+    spec = VLLMServerSpec(model_dir=model_dir, log_path=log_path)
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+        def evaluate(model: str) -> dict:
+            return sim.measure(client, model, holdout=holdout, rater=EXAMPLE_RATERS[rater], capability=capability,
+                               sampling=sampling, system_prompt="You are a helpful assistant.", samples=samples)
+
+        base = evaluate("base")
+        print(f"base: desirable {sim.pct(base['desirable_rate'])}, capability "
+              f"{base['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
+        evals = []
+        for i, adapter in enumerate(adapters):
+            sim.load_for_eval(server, Path(adapter), f"m{i}")
+            evals.append(evaluate(f"m{i}"))
+            print(f"{adapter}: desirable {sim.pct(evals[-1]['desirable_rate'])} {evals[-1]['ci95']}, capability "
+                  f"{evals[-1]['capability_correct']}/{len(capability)}", file=sys.stderr, flush=True)
+    return base, evals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snapshot", action="append", required=True,
