@@ -13,7 +13,10 @@ with the simulator's own `measure()` (held-out desirable rate under the rater, c
 - `continue-ref-prev` continue kto-v1 with kto-v1 frozen as the reference (`--reference previous`);
 - `fresh`             a new adapter from the base model on cycle 2's snapshot (what `--align-mode fresh` trains
                       with `--max-examples 200`);
-- `fresh-all`         a new adapter from the base model on both cycles' ratings (`fresh` with `--max-examples 400`).
+- `fresh-all`         a new adapter from the base model on both cycles' ratings (`fresh` with `--max-examples` =
+                      both snapshots' rows, e.g. 400 for a run of 200 ratings a cycle);
+- `served-after`      the version the run's registry served at its end (e.g. a cycle-2 checkpoint the gate fell
+                      back to), measured again next to the others.
 
 Run: `.venv/bin/python benchmarks/cycle2_sweep.py --sim-dir /tmp/sim-be/bullets --rater bullets`
 Writes benchmarks/results/cycle2_sweep_<rater>.json (override with --out).
@@ -39,7 +42,7 @@ from lr_sweep import DEFAULT_MODEL, measure_adapters, train  # noqa: E402
 from app import simulate as sim  # noqa: E402
 from app.raters import EXAMPLE_RATERS  # noqa: E402
 
-VARIANTS = ("served", "continue", "continue-lr/2", "continue-ref-prev", "fresh", "fresh-all")
+VARIANTS = ("served", "continue", "continue-lr/2", "continue-ref-prev", "fresh", "fresh-all", "served-after")
 
 
 def run_layout(sim_dir: Path) -> dict:
@@ -48,7 +51,9 @@ def run_layout(sim_dir: Path) -> dict:
     m1, m2 = (json.loads((v / "manifest.json").read_text()) for v in (v1, v2))
     if m1.get("resume_from") or Path(m2.get("resume_from") or "") != v1:
         raise SystemExit(f"{sim_dir}: expected kto-v1 trained from base and kto-v2 continuing it")
+    registry = json.loads((sim_dir / "adapters" / "registry.json").read_text())
     return {"v1": v1, "v2": v2, "snap1": Path(m1["snapshot"]), "snap2": Path(m2["snapshot"]),
+            "current": Path(registry["versions"][registry["current"]]["path"]),
             "lr": float(m2["hyperparameters"]["lr"]), "epochs": int(m2["hyperparameters"]["epochs"])}
 
 
@@ -76,6 +81,7 @@ def main() -> None:
     work = args.work_dir / args.rater
     work.mkdir(parents=True, exist_ok=True)
     both = merge_snapshots([lay["snap1"], lay["snap2"]], work / "snapshot-both.parquet")
+    n_both = pq.read_metadata(both).num_rows
     base_args = ["--epochs", str(lay["epochs"]), "--checkpoints", "0"]
     recipes: dict[str, tuple[Path, list[str]]] = {
         "continue-lr/2": (lay["snap2"], ["--resume-from", str(lay["v1"]), "--reference", "base",
@@ -83,13 +89,16 @@ def main() -> None:
         "continue-ref-prev": (lay["snap2"], ["--resume-from", str(lay["v1"]), "--reference", "previous",
                                              "--lr", str(lay["lr"])]),
         "fresh": (lay["snap2"], ["--lr", str(lay["lr"]), "--max-examples", "200"]),
-        "fresh-all": (both, ["--lr", str(lay["lr"]), "--max-examples", "400"]),
+        "fresh-all": (both, ["--lr", str(lay["lr"]), "--max-examples", str(n_both)]),
     }
     load0, t_start = os.getloadavg()[0], time.perf_counter()
     runs: list[dict] = []
     for name in args.variants:
         if name == "served":
             runs.append({"variant": name, "adapter": str(lay["v1"]), "train": None})
+            continue
+        if name == "served-after":
+            runs.append({"variant": name, "adapter": str(lay["current"]), "train": None})
             continue
         if name == "continue":
             runs.append({"variant": name, "adapter": str(lay["v2"]), "train": {"reused": True, "lr": lay["lr"]}})
