@@ -12,7 +12,7 @@ with the simulator's own `measure()` (held-out desirable rate under the rater, c
 - `continue-lr/2`     the same at half the learning rate;
 - `continue-ref-prev` continue kto-v1 with kto-v1 frozen as the reference (`--reference previous`);
 - `fresh`             a new adapter from the base model on cycle 2's snapshot (what `--align-mode fresh` trains
-                      with `--max-examples 200`);
+                      with `--max-examples` = that snapshot's rows, e.g. 200);
 - `fresh-all`         a new adapter from the base model on both cycles' ratings (`fresh` with `--max-examples` =
                       both snapshots' rows, e.g. 400 for a run of 200 ratings a cycle);
 - `served-after`      the version the run's registry served at its end (e.g. a cycle-2 checkpoint the gate fell
@@ -81,14 +81,14 @@ def main() -> None:
     work = args.work_dir / args.rater
     work.mkdir(parents=True, exist_ok=True)
     both = merge_snapshots([lay["snap1"], lay["snap2"]], work / "snapshot-both.parquet")
-    n_both = pq.read_metadata(both).num_rows
+    n_snap2, n_both = (pq.read_metadata(p).num_rows for p in (lay["snap2"], both))
     base_args = ["--epochs", str(lay["epochs"]), "--checkpoints", "0"]
     recipes: dict[str, tuple[Path, list[str]]] = {
         "continue-lr/2": (lay["snap2"], ["--resume-from", str(lay["v1"]), "--reference", "base",
                                          "--lr", str(lay["lr"] / 2)]),
         "continue-ref-prev": (lay["snap2"], ["--resume-from", str(lay["v1"]), "--reference", "previous",
                                              "--lr", str(lay["lr"])]),
-        "fresh": (lay["snap2"], ["--lr", str(lay["lr"]), "--max-examples", "200"]),
+        "fresh": (lay["snap2"], ["--lr", str(lay["lr"]), "--max-examples", str(n_snap2)]),
         "fresh-all": (both, ["--lr", str(lay["lr"]), "--max-examples", str(n_both)]),
     }
     load0, t_start = os.getloadavg()[0], time.perf_counter()
