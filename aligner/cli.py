@@ -55,6 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="base-model weights; auto = bfloat16 where the CPU has native bf16 (AVX512-BF16, AMX), "
                         "else float32")
+    p.add_argument("--anchor-weight", type=float, default=0.0,
+                   help="γ of the optional anchor term: γ × per-token KL(base ‖ policy) on the base model's own "
+                        "answers to general prompts nobody rated (aligner/anchor.py); 0 = plain KTO")
+    p.add_argument("--anchor-prompts", default=None, help="JSON lines of {\"prompt\": ...} for the anchor term "
+                                                          "(default: the shipped aligner/data/anchor_prompts.jsonl)")
+    p.add_argument("--anchor-per-step", type=int, default=4, help="anchor answers per optimizer step")
+    p.add_argument("--anchor-max-tokens", type=int, default=64, help="length of the base model's anchor answers")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
     p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
     return p
@@ -91,6 +98,11 @@ def _validate(args: argparse.Namespace) -> None:
               (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),
               (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1"),
               (0 <= args.checkpoints <= 20, "--checkpoints must be in [0, 20]"),
+              (args.anchor_weight >= 0, "--anchor-weight must be ≥ 0"),
+              (args.anchor_per_step >= 1, "--anchor-per-step must be ≥ 1"),
+              (1 <= args.anchor_max_tokens <= 512, "--anchor-max-tokens must be in [1, 512]"),
+              (args.anchor_prompts is None or Path(args.anchor_prompts).is_file(),
+               f"--anchor-prompts {args.anchor_prompts} is not a file"),
               (args.target_modules is None or set(args.target_modules) <= set(LLAMA_LINEAR),
                f"--target-modules must be among {' '.join(LLAMA_LINEAR)}"),
               (args.target_modules is None or not args.resume_from

@@ -67,3 +67,23 @@ def kto_loss(rewards: torch.Tensor, kl_rewards: torch.Tensor | None, desirable: 
     losses = torch.where(mask, lambda_d * (1.0 - value_d), lambda_u * (1.0 - value_u))
     loss = losses.sum() / max(losses.numel(), 1)
     return KTOLoss(loss, losses, z0, pre)
+
+
+def bucket_kl(ref_top: torch.Tensor, ref_rest: torch.Tensor, policy_top: torch.Tensor,
+              policy_rest: torch.Tensor) -> torch.Tensor:
+    """KL(π_ref ‖ π_θ) per position over k+1 buckets: the reference's k likeliest tokens, and everything else.
+
+    Arguments are log-probabilities: [N, k] at the same token ids for both models, and [N] for the rest's mass.
+    Not part of KTO: the optional anchor term (aligner/anchor.py). By the data-processing inequality it is at
+    most the full-vocabulary KL, and it is zero, with zero gradient, while the policy equals the reference, so it
+    resists drift without pulling towards any one answer. Caching k values instead of the whole vocabulary keeps
+    a reference forward out of every training step.
+    """
+    ref_top, ref_rest = ref_top.detach().float(), ref_rest.detach().float()
+    return ((ref_top.exp() * (ref_top - policy_top.float())).sum(-1)
+            + ref_rest.exp() * (ref_rest - policy_rest.float()))
+
+
+def rest_logp(top: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ exp(top)) over the last axis: the log-mass outside the k listed tokens, floored at 1e-12."""
+    return torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top.float(), dim=-1)), min=1e-12))

@@ -167,6 +167,24 @@ def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pa
     return out.index_add(0, rows, token_logp)
 
 
+def completion_log_softmax(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                           autocast: bool | None = None) -> torch.Tensor:
+    """log π(· | x, y_<t) over the whole vocabulary at every completion position, [N positions, V], float32.
+
+    For the anchor term (aligner/anchor.py), which compares whole next-token distributions; kept to short
+    sequences, so the [N, V] tensor is small (8 answers of 64 tokens: 512 × 49k floats, ~100 MB).
+    """
+    backbone, head = _backbone_and_head(model)
+    if autocast is None:
+        autocast = head.weight.dtype == torch.bfloat16
+    ids, rows, cols, _ = pad_batch(seqs, pad_id)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        logits = head(hidden[rows, cols])
+    return F.log_softmax(logits.float(), dim=-1)
+
+
 @contextlib.contextmanager
 def adapter_disabled(model: Any):
     """The reference policy for a fresh adapter: the same weights with the adapter switched off."""

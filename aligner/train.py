@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from aligner import balance
+from aligner import anchor, balance
 from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
 from aligner.loss import kto_loss, rotation
@@ -74,6 +74,10 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     dtype: str = "auto"                # base weights: model.resolve_dtype (bf16 only where the CPU has it)
+    anchor_weight: float = 0.0         # γ of the optional anchor term (aligner/anchor.py); 0 = plain KTO
+    anchor_prompts: str | None = None  # JSON lines of {"prompt"}; None = anchor.DEFAULT_PROMPTS
+    anchor_per_step: int = 4           # anchor answers per optimizer step (across all processes)
+    anchor_max_tokens: int = 64        # length of the reference's greedy anchor answers
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -379,6 +383,12 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             h_served = h_ref  # the base model is served: rewards are exactly 0
         served_metrics = _eval_heldout(h_served, h_ref, heldout, cfg.beta, lam_d, lam_u)
     seconds["heldout_served"] = time.time() - t_phase
+    anchors = None
+    if cfg.anchor_weight > 0:
+        emit({"event": "phase", "phase": "anchor", "sequences": 0})
+        t_phase = time.time()
+        anchors = anchor.build(model, tok, anchor.load_prompts(cfg.anchor_prompts), cfg.anchor_max_tokens)
+        seconds["anchor"] = time.time() - t_phase
     for n, p in model.named_parameters():  # set_adapter/delete_adapter may touch requires_grad
         p.requires_grad_("lora_" in n and ".default." in n)
 
@@ -407,7 +417,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         z0_pre = kl_sum[0] / kl_sum[1]
         # Matched pairs with gradient; the loss is the mean over the global step batch.
         model.train()
-        stats = torch.zeros(5)  # loss sum, reward sum D, count D, reward sum U, count U
+        stats = torch.zeros(7)  # loss sum, reward sum D, count D, reward sum U, count U, anchor KL sum, tokens
         for chunk in (c for mb in mine for c in _grad_chunks(mb.examples, train, cfg.grad_tokens)):
             seqs = [(train[i].prompt_ids, train[i].completion_ids) for i in chunk]
             n_tokens += sum(len(p) + len(c) for p, c in seqs)
@@ -419,8 +429,17 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             loss_sum = out.losses.detach().sum()
             del lp, out  # free this chunk's graph before the next chunk's forward
             r = rewards.detach()
-            stats += torch.stack([loss_sum, r[desirable].sum(), desirable.sum().float(),
-                                  r[~desirable].sum(), (~desirable).sum().float()])
+            stats[:5] += torch.stack([loss_sum, r[desirable].sum(), desirable.sum().float(),
+                                      r[~desirable].sum(), (~desirable).sum().float()])
+        if anchors is not None:  # γ · mean KL per anchor token of the step; the processes share the anchors
+            a_idx = anchors.for_step(s, cfg.anchor_per_step)
+            a_mine = a_idx[dist.rank::dist.world]
+            if a_mine:
+                a_kl = anchor.kl_sum(model, anchors, a_mine, pad_id)
+                (cfg.anchor_weight * a_kl / anchors.n_tokens(a_idx)).backward()
+                stats[5] += a_kl.detach()
+                del a_kl
+            stats[6] += anchors.n_tokens(a_mine)
         if dist.world > 1:
             flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params])
             dist.sum_(flat)
@@ -431,9 +450,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         stats = dist.sum_(stats)
         loss = (stats[0] / n_global).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(z0_pre.item())):
+        anchor_kl = (stats[5] / stats[6]).item() if stats[6] > 0 else None
+        if not (math.isfinite(loss) and math.isfinite(grad_norm) and math.isfinite(z0_pre.item())
+                and (anchor_kl is None or math.isfinite(anchor_kl))):
             raise TrainingDiverged(f"non-finite value at step {s + 1}/{total}: loss={loss}, grad_norm={grad_norm}, "
-                                   f"z0={z0_pre.item()}")
+                                   f"z0={z0_pre.item()}, anchor_kl={anchor_kl}")
         lr = cfg.lr * _lr_at(s, total, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -444,6 +465,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                "reward_desirable": (stats[1] / stats[2]).item() if stats[2] > 0 else None,
                "reward_undesirable": (stats[3] / stats[4]).item() if stats[4] > 0 else None,
                "grad_norm": grad_norm, "lr": lr}
+        if anchor_kl is not None:
+            rec["anchor_kl"] = anchor_kl  # KL(ref ‖ policy) per anchor token, before this step's update
         log.append(rec)
         emit({"event": "progress", "total": total, **rec})
         if s + 1 in keep_at:
@@ -501,6 +524,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
             "heldout": heldout_block, "log": log,
             "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first
+            "anchor": None if anchors is None else {
+                "weight": cfg.anchor_weight, "prompts": str(cfg.anchor_prompts or anchor.DEFAULT_PROMPTS),
+                "n_answers": len(anchors.seqs), "answer_tokens": anchors.n_tokens(),
+                "per_step": cfg.anchor_per_step, "kl_first": log[0].get("anchor_kl") if log else None,
+                "kl_last": log[-1].get("anchor_kl") if log else None},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_adapter_atomically(model, Path(cfg.out), manifest,

@@ -79,6 +79,10 @@ class Config:
     max_examples: int = _opt(2000, "most examples used by one run (newest first)")
     lora_rank: int = _opt(16, "LoRA rank of trained adapters")
     beta: float = _opt(0.1, "KTO beta")
+    anchor_weight: float = _opt(0.0, "γ of the aligner's optional anchor term: γ × per-token KL to the base model "
+                                     "along its own answers to shipped general prompts nobody rated, against the "
+                                     "facts a strong preference can cost (aligner/anchor.py); 0 = the paper's KTO "
+                                     "loss alone")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
     promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
                                                     "questions a new adapter may lose against the served one "

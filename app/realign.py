@@ -72,9 +72,13 @@ class Realigner:
     def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
-                 mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None):
+                 mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
+                 anchor_weight: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
+        if not anchor_weight >= 0:
+            raise ValueError(f"the anchor weight must be ≥ 0, got {anchor_weight!r}")
+        self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
         self.store, self.registry = store, registry
         self.mode = mode
         self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/capability.py
@@ -131,7 +135,8 @@ class Realigner:
         params = {"max_examples": max_examples, "lora_rank": self.lora_rank, "beta": self.beta,
                   "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir),
                   "mode": self.mode, "resume_from": current if resume_dir is not None else None,
-                  "reference": "base", "since": str(since) if since is not None else None}
+                  "reference": "base", "since": str(since) if since is not None else None,
+                  "anchor_weight": self.anchor_weight}
         run_id = str(self.store.start_run(trigger, params))
         self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
                                 started_at=time.time())
@@ -243,6 +248,8 @@ class Realigner:
             cmd += ["--served-adapter", str(served_dir)]
         if resume_dir is not None:
             cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
+        if self.anchor_weight > 0:
+            cmd += ["--anchor-weight", f"{self.anchor_weight:g}"]
         cmd += self.extra_args
         nice = shutil.which("nice")
         if self.niceness and nice:

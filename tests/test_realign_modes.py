@@ -125,6 +125,29 @@ def test_fresh_mode_retrains_from_base_on_all_ratings(tiny_model_dir: Path, tmp_
 def test_unknown_mode_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="continue"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, mode="sideways")
+    with pytest.raises(ValueError, match="anchor weight must be ≥ 0"):
+        Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=-1.0)
+
+
+@pytest.mark.timeout(600)
+def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Path, tmp_path: Path):
+    """The operator's `anchor_weight` setting trains with the anchor term (on the shipped anchor prompts) and is
+    recorded with the run; the default, 0, passes no flag at all, so runs stay the paper's plain KTO."""
+    assert "--anchor-weight" not in _realigner(None, Registry(), tiny_model_dir, tmp_path, "fresh").command(
+        tmp_path / "s.parquet", tmp_path / "o", None)
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
+                   extra_args=[*TRAIN_ARGS, "--anchor-max-tokens", "8"], lora_rank=8, anchor_weight=2.5)
+    _rate(store, "a", 8, "base")
+    out = rl.run("operator")
+    assert out.promoted, out.reason
+    anchor = out.manifest["anchor"]
+    assert anchor["weight"] == 2.5 and anchor["prompts"].endswith("anchor_prompts.jsonl") and anchor["n_answers"] >= 32
+    assert "anchor_kl" in out.manifest["log"][0]
+    params = store.get_run(out.run_id)["params"]
+    params = json.loads(params) if isinstance(params, str) else params
+    assert params["anchor_weight"] == 2.5
+    store.close()
 
 
 @pytest.mark.slow

@@ -1,0 +1,121 @@
+"""Optional anchor term: keep the policy's next-token distributions near the reference's on prompts no one rated.
+
+Why: on SmolLM2-135M the KTO updates that move a format preference (`bullets`, `examples`) by +30 points also
+change how the model answers short factual questions it was never trained on (benchmarks/results/
+simulate_bullets_400_cycle1.json: "hours in a day" → "1 1 1…"), and the capability guard refuses those
+adapters. InstructGPT (Ouyang et al., 2022, §3.5, "PPO-ptx") kept general ability by mixing a term on data from
+outside the preference set into the objective. Ours is the per-token KL to the reference used in RLHF, taken on
+a fixed set of general prompts (`data/anchor_prompts.jsonl`: everyday questions, arithmetic, small tasks; none of
+the capability probe's questions and no capital-city question) along the reference model's own greedy answers:
+
+    loss = KTO loss + γ · mean over anchor answer tokens of KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))
+
+The KTO part is unchanged (aligner/loss.py). γ = 0 (the default) switches the term off and leaves runs
+bit-identical to plain KTO. Once per run, with the adapter disabled: the reference's greedy answers, then its
+next-token distributions along them, kept as the top-k tokens plus the rest's mass (loss.bucket_kl), so no step
+needs a reference forward. The reference is always the base model (adapter off): what capability is judged by.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aligner.data import SnapshotError
+from aligner.loss import bucket_kl, rest_logp
+from aligner.model import completion_log_softmax
+
+DEFAULT_PROMPTS = Path(__file__).parent / "data" / "anchor_prompts.jsonl"
+
+
+@dataclass
+class Anchors:
+    seqs: list[tuple[list[int], list[int]]]  # (prompt ids, the reference's greedy answer ids) per anchor prompt
+    top_ids: list[torch.Tensor]              # per anchor: [answer tokens, k] the reference's likeliest token ids
+    top_logp: list[torch.Tensor]             # per anchor: [answer tokens, k] their reference log-probs
+    rest_logp: list[torch.Tensor]            # per anchor: [answer tokens] reference log-mass of all other tokens
+
+    def for_step(self, step: int, per_step: int) -> list[int]:
+        """The anchor indices of one optimizer step: consecutive slices, wrapping, so every anchor is used evenly."""
+        n = len(self.seqs)
+        return [(step * per_step + j) % n for j in range(min(per_step, n))]
+
+    def n_tokens(self, indices: list[int] | None = None) -> int:
+        return sum(len(self.seqs[i][1]) for i in (range(len(self.seqs)) if indices is None else indices))
+
+
+def load_prompts(path: str | Path | None) -> list[str]:
+    """Prompts of an anchor file: JSON lines with a non-empty "prompt" string each. SnapshotError otherwise."""
+    path = Path(path) if path else DEFAULT_PROMPTS
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"cannot read anchor prompts {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            prompt = json.loads(line).get("prompt")
+        except (json.JSONDecodeError, AttributeError):
+            prompt = None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SnapshotError(f"{path}:{n}: each line must be a JSON object with a non-empty \"prompt\"")
+        prompts.append(prompt)
+    if len(prompts) < 2:
+        raise SnapshotError(f"{path}: at least 2 anchor prompts needed, found {len(prompts)}")
+    return prompts
+
+
+def _chat_ids(tokenizer: Any, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, top_k: int = 128,
+          batch_size: int = 64) -> Anchors:
+    """The reference's greedy answers (adapter disabled, up to and including its end-of-turn token) and its
+    top-k next-token log-probs along them."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids = [_chat_ids(tokenizer, p) for p in prompts]
+    seqs: list[tuple[list[int], list[int]]] = []
+    with torch.inference_mode(), model.disable_adapter():
+        for s in range(0, len(prompt_ids), batch_size):  # one big batch: decoding cost is per step, not per row
+            chunk = prompt_ids[s:s + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=eos)
+            for p, row in zip(chunk, out[:, width:].tolist(), strict=True):
+                answer = row[:row.index(eos) + 1] if eos in row else row
+                if answer:
+                    seqs.append((p, answer))
+        if len(seqs) < 2:
+            raise SnapshotError("the reference model produced fewer than 2 non-empty anchor answers")
+        top_ids, top_logp, rest = [], [], []
+        for s in range(0, len(seqs), 8):
+            chunk = seqs[s:s + 8]
+            logp = completion_log_softmax(model, chunk, pad)
+            v, i = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+            r = rest_logp(v)
+            o = 0
+            for _, answer in chunk:
+                top_ids.append(i[o:o + len(answer)].clone())
+                top_logp.append(v[o:o + len(answer)].clone())
+                rest.append(r[o:o + len(answer)].clone())
+                o += len(answer)
+    return Anchors(seqs, top_ids, top_logp, rest)
+
+
+def kl_sum(model: Any, anchors: Anchors, indices: list[int], pad_id: int) -> torch.Tensor:
+    """Σ over the answer tokens of `indices` of the bucketed KL(π_ref ‖ π_θ), with gradient through the policy."""
+    logp = completion_log_softmax(model, [anchors.seqs[i] for i in indices], pad_id)
+    ids = torch.cat([anchors.top_ids[i] for i in indices])
+    policy_top = logp.gather(-1, ids)
+    return bucket_kl(torch.cat([anchors.top_logp[i] for i in indices]),
+                     torch.cat([anchors.rest_logp[i] for i in indices]), policy_top, rest_logp(policy_top)).sum()
