@@ -141,21 +141,27 @@ def _tile_logps(head: Any, h: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return -F.cross_entropy(head(h).float(), targets, reduction="none")
 
 
-def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                     autocast: bool | None = None) -> torch.Tensor:
-    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair.
-
-    `autocast` (bf16) defaults to on when the base weights are bf16, which the float32 adapters need, else off.
-    """
+def _completion_hidden(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                       autocast: bool | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """(LM head, hidden states at the completion-predicting positions [N, H], their rows, their targets, the
+    autocast context the head must run under). `autocast` (bf16) defaults to on when the base weights are bf16,
+    which the float32 adapters need, else off."""
     backbone, head = _backbone_and_head(model)
     if autocast is None:
         autocast = head.weight.dtype == torch.bfloat16
     ids, rows, cols, targets = pad_batch(seqs, pad_id)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with ctx:
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with ctx():
         hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
-        picked = hidden[rows, cols]  # [N, H]: only positions that predict a completion token
-        token_logps = []
+    return head, hidden[rows, cols], rows, targets, ctx
+
+
+def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                     autocast: bool | None = None) -> torch.Tensor:
+    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair."""
+    head, picked, rows, targets, ctx = _completion_hidden(model, seqs, pad_id, autocast)
+    token_logps = []
+    with ctx():
         for s in range(0, picked.shape[0], LM_HEAD_TILE):
             h, t = picked[s:s + LM_HEAD_TILE], targets[s:s + LM_HEAD_TILE]
             if torch.is_grad_enabled():  # recompute the tile's logits in backward instead of keeping them
@@ -172,16 +178,11 @@ def completion_log_softmax(model: Any, seqs: Sequence[tuple[list[int], list[int]
     """log π(· | x, y_<t) over the whole vocabulary at every completion position, [N positions, V], float32.
 
     For the anchor term (aligner/anchor.py), which compares whole next-token distributions; kept to short
-    sequences, so the [N, V] tensor is small (8 answers of 64 tokens: 512 × 49k floats, ~100 MB).
+    sequences, so the [N, V] tensor is small (4 answers of 64 tokens: 256 × 49k floats, ~50 MB).
     """
-    backbone, head = _backbone_and_head(model)
-    if autocast is None:
-        autocast = head.weight.dtype == torch.bfloat16
-    ids, rows, cols, _ = pad_batch(seqs, pad_id)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with ctx:
-        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
-        logits = head(hidden[rows, cols])
+    head, picked, _, _, ctx = _completion_hidden(model, seqs, pad_id, autocast)
+    with ctx():
+        logits = head(picked)
     return F.log_softmax(logits.float(), dim=-1)
 
 
