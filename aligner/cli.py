@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ def _validate(args: argparse.Namespace) -> None:
               (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),
               (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1"),
               (0 <= args.checkpoints <= 20, "--checkpoints must be in [0, 20]"),
-              (args.anchor_weight >= 0, "--anchor-weight must be ≥ 0"),
+              (math.isfinite(args.anchor_weight) and args.anchor_weight >= 0,
+               "--anchor-weight must be a finite number ≥ 0"),
               (args.anchor_per_step >= 1, "--anchor-per-step must be ≥ 1"),
               (1 <= args.anchor_max_tokens <= 512, "--anchor-max-tokens must be in [1, 512]"),
               (args.anchor_prompts is None or Path(args.anchor_prompts).is_file(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,4 +176,7 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         flag_value = getattr(args, f"cfg_{f.name}", None) if args is not None else None
         if flag_value is not None:
             values[f.name] = flag_value
-    return Config(**values).resolved()
+    cfg = Config(**values).resolved()
+    if not (math.isfinite(cfg.anchor_weight) and cfg.anchor_weight >= 0):
+        raise SystemExit(f"kto-loop: anchor_weight must be a finite number ≥ 0, got {cfg.anchor_weight}")
+    return cfg

@@ -13,6 +13,7 @@ on all final ratings (newest `max_examples`). With the base model served, both t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -76,8 +77,8 @@ class Realigner:
                  anchor_weight: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
-        if not anchor_weight >= 0:
-            raise ValueError(f"the anchor weight must be ≥ 0, got {anchor_weight!r}")
+        if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
+            raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
         self.store, self.registry = store, registry
         self.mode = mode

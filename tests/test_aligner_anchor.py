@@ -117,7 +117,8 @@ def test_anchor_term_is_logged_and_holds_the_policy_near_the_base(snapshot, anch
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--anchor-weight", "-1"], "--anchor-weight must be ≥ 0"),
+    (["--anchor-weight", "-1"], "--anchor-weight must be a finite number ≥ 0"),
+    (["--anchor-weight", "nan"], "--anchor-weight must be a finite number ≥ 0"),
     (["--anchor-weight", "1", "--anchor-prompts", "/nonexistent.jsonl"], "is not a file"),
     (["--anchor-per-step", "0"], "--anchor-per-step must be ≥ 1")])
 def test_bad_anchor_flags_exit_2(flags, message, snapshot, tiny_model_dir, tmp_path, capsys):
@@ -125,3 +126,12 @@ def test_bad_anchor_flags_exit_2(flags, message, snapshot, tiny_model_dir, tmp_p
                    *FAST, *flags])
     assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("raw", ["-0.5", "inf", "nan"])
+def test_bad_anchor_weight_setting_stops_the_app_with_one_line(raw):
+    from app.config import config_from
+
+    with pytest.raises(SystemExit, match="anchor_weight must be a finite number ≥ 0"):
+        config_from(None, {"KTO_LOOP_ANCHOR_WEIGHT": raw})
+    assert config_from(None, {"KTO_LOOP_ANCHOR_WEIGHT": "3"}).anchor_weight == 3.0

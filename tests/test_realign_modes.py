@@ -125,7 +125,7 @@ def test_fresh_mode_retrains_from_base_on_all_ratings(tiny_model_dir: Path, tmp_
 def test_unknown_mode_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="continue"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, mode="sideways")
-    with pytest.raises(ValueError, match="anchor weight must be ≥ 0"):
+    with pytest.raises(ValueError, match="anchor weight must be a finite number ≥ 0"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=-1.0)
 
 
