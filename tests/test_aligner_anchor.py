@@ -44,15 +44,16 @@ def test_bucket_kl_is_zero_at_the_reference_bounded_by_the_full_kl_and_exact_wit
 
 
 def test_shipped_anchor_prompts_are_disjoint_from_what_we_measure():
-    """The anchor set must not contain the capability probe's questions or the held-out prompts: training on
-    them would inflate exactly the numbers the gate and the simulator report."""
-    from app.simulate import DEFAULT_HOLDOUT, load_capability, load_prompts
+    """The anchor set must not contain the capability probe's questions, the held-out prompts or the simulator's
+    training prompts: anchoring them would inflate (or fight) exactly what the gate and the simulator report."""
+    from app.simulate import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_capability, load_prompts
 
     anchors = {p.strip().lower() for p in anchor.load_prompts(None)}
     assert len(anchors) >= 32
     probe = {q.question.strip().lower() for q in load_capability()}
     held = {p.strip().lower() for p in load_prompts(DEFAULT_HOLDOUT)}
-    assert not anchors & probe and not anchors & held
+    trained = {p.strip().lower() for p in load_prompts(DEFAULT_PROMPTS)}
+    assert not anchors & probe and not anchors & held and not anchors & trained
     assert not any("capital" in p for p in anchors)
 
 
