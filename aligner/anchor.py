@@ -14,11 +14,16 @@ The KTO part is unchanged (aligner/loss.py). γ = 0 (the default) switches the t
 bit-identical to plain KTO. Once per run, with the adapter disabled: the reference's greedy answers, then its
 next-token distributions along them, kept as the top-k tokens plus the rest's mass (loss.bucket_kl), so no step
 needs a reference forward. The reference is always the base model (adapter off): what capability is judged by.
+Those answers depend only on the base model, the prompts and the settings, so a run given a cache directory keeps
+them there (`load_cached`/`save_cached`, keyed by a hash of all of these) and later runs skip the ~20-70 s build.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from aligner.loss import bucket_kl, rest_logp
 from aligner.model import completion_log_softmax
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "anchor_prompts.jsonl"
+TOP_K = 128  # reference tokens kept per answer position; the rest share one bucket (loss.bucket_kl)
 
 
 @dataclass
@@ -75,7 +81,7 @@ def _chat_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def build(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, top_k: int = 128,
+def build(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, top_k: int = TOP_K,
           batch_size: int = 64) -> Anchors:
     """The reference's greedy answers (adapter disabled, up to and including its end-of-turn token) and its
     top-k next-token log-probs along them."""
@@ -119,3 +125,52 @@ def kl_sum(model: Any, anchors: Anchors, indices: list[int], pad_id: int) -> tor
     policy_top = logp.gather(-1, ids)
     return bucket_kl(torch.cat([anchors.top_logp[i] for i in indices]),
                      torch.cat([anchors.rest_logp[i] for i in indices]), policy_top, rest_logp(policy_top)).sum()
+
+
+# ---------------------------------------------------------------------------------------------- cache
+_CACHE_FORMAT = 1
+
+
+def cache_key(model_dir: str | Path, prompts: list[str], max_new_tokens: int, top_k: int, dtype: torch.dtype) -> str:
+    """A hash of everything the anchors depend on: the base model's files (contents), the prompts, the answer
+    length, k, the compute dtype (bf16 and float32 greedy answers can differ) and the torch version."""
+    h = hashlib.sha256(json.dumps([_CACHE_FORMAT, prompts, max_new_tokens, top_k, str(dtype),
+                                   torch.__version__]).encode())
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()[:32]
+
+
+def load_cached(cache_dir: str | Path, key: str) -> Anchors | None:
+    """The anchors stored under `key`, or None when absent or unreadable (the run then builds them again)."""
+    path = Path(cache_dir) / f"anchors-{key}.pt"
+    try:
+        d = torch.load(path, weights_only=True)
+        anchors = Anchors([(list(p), list(a)) for p, a in d["seqs"]], d["top_ids"], d["top_logp"], d["rest_logp"])
+    except Exception:  # missing, truncated or from another format: a cache miss, never a failed run
+        return None
+    n = len(anchors.seqs)
+    if n < 2 or not (len(anchors.top_ids) == len(anchors.top_logp) == len(anchors.rest_logp) == n):
+        return None
+    return anchors
+
+
+def save_cached(anchors: Anchors, cache_dir: str | Path, key: str) -> Path:
+    """Write atomically (temp file + rename), so a concurrent or interrupted run never reads half a file."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"anchors-{key}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=".anchors-", dir=cache_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"seqs": anchors.seqs, "top_ids": anchors.top_ids, "top_logp": anchors.top_logp,
+                        "rest_logp": anchors.rest_logp}, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

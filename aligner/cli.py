@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                           "(default: the shipped aligner/data/anchor_prompts.jsonl)")
     p.add_argument("--anchor-per-step", type=int, default=4, help="anchor answers per optimizer step")
     p.add_argument("--anchor-max-tokens", type=int, default=64, help="length of the base model's anchor answers")
+    p.add_argument("--anchor-cache", default=None, help="directory where the base model's anchor answers are kept "
+                                                        "for later runs (default: built again every run)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
     p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
     return p

@@ -78,6 +78,7 @@ class TrainConfig:
     anchor_prompts: str | None = None  # JSON lines of {"prompt"}; None = anchor.DEFAULT_PROMPTS
     anchor_per_step: int = 4           # anchor answers per optimizer step (across all processes)
     anchor_max_tokens: int = 64        # length of the reference's greedy anchor answers
+    anchor_cache: str | None = None    # directory keeping the built anchors for later runs; None = build each run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -387,7 +388,18 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     if cfg.anchor_weight > 0:
         emit({"event": "phase", "phase": "anchor", "sequences": 0})
         t_phase = time.time()
-        anchors = anchor.build(model, tok, anchor.load_prompts(cfg.anchor_prompts), cfg.anchor_max_tokens)
+        prompts = anchor.load_prompts(cfg.anchor_prompts)
+        key = anchor.cache_key(cfg.model_dir, prompts, cfg.anchor_max_tokens, anchor.TOP_K, dtype) \
+            if cfg.anchor_cache else None
+        anchors = anchor.load_cached(cfg.anchor_cache, key) if key else None
+        anchors_cached = anchors is not None
+        if anchors is None:
+            anchors = anchor.build(model, tok, prompts, cfg.anchor_max_tokens)
+            if key and dist.main:
+                try:
+                    anchor.save_cached(anchors, cfg.anchor_cache, key)
+                except OSError as e:  # a cache that cannot be written costs the next run time, not this run
+                    emit({"event": "warning", "message": f"anchor cache not written: {e}"})
         seconds["anchor"] = time.time() - t_phase
     for n, p in model.named_parameters():  # set_adapter/delete_adapter may touch requires_grad
         p.requires_grad_("lora_" in n and ".default." in n)
@@ -527,7 +539,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "anchor": None if anchors is None else {
                 "weight": cfg.anchor_weight, "prompts": str(cfg.anchor_prompts or anchor.DEFAULT_PROMPTS),
                 "n_answers": len(anchors.seqs), "answer_tokens": anchors.n_tokens(),
-                "per_step": cfg.anchor_per_step, "kl_first": log[0].get("anchor_kl") if log else None,
+                "per_step": cfg.anchor_per_step, "from_cache": anchors_cached,
+                "kl_first": log[0].get("anchor_kl") if log else None,
                 "kl_last": log[-1].get("anchor_kl") if log else None},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

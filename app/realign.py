@@ -250,7 +250,7 @@ class Realigner:
         if resume_dir is not None:
             cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
         if self.anchor_weight > 0:
-            cmd += ["--anchor-weight", f"{self.anchor_weight:g}"]
+            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-cache", str(self.work_dir / "anchor-cache")]
         cmd += self.extra_args
         nice = shutil.which("nice")
         if self.niceness and nice:

@@ -117,6 +117,37 @@ def test_anchor_term_is_logged_and_holds_the_policy_near_the_base(snapshot, anch
     assert drift_anchored < 0.3 * drift_plain, (drift_anchored, drift_plain)
 
 
+def test_anchor_cache_is_reused_gives_the_same_run_and_survives_a_corrupt_file(snapshot, anchor_file,
+                                                                                 tiny_model_dir, tmp_path):
+    """A later run reads the base model's anchors from the cache instead of building them, and trains exactly as
+    the run that built them; another answer length is another entry; a broken file is rebuilt, not fatal."""
+    cache = tmp_path / "cache"
+    common = ["--snapshot", str(snapshot), "--model-dir", str(tiny_model_dir), *FAST, "--max-steps", "3",
+              "--lr", "5e-3", "--anchor-prompts", str(anchor_file), "--anchor-per-step", "2",
+              "--anchor-weight", "10", "--anchor-cache", str(cache)]
+
+    def run(name: str, *flags: str) -> dict:
+        assert cli.main([*common, "--out", str(tmp_path / name), "--anchor-max-tokens", "16", *flags]) == 0
+        return json.loads((tmp_path / name / "manifest.json").read_text())
+
+    first, second = run("a"), run("b")
+    assert not first["anchor"]["from_cache"] and second["anchor"]["from_cache"]
+    assert len(list(cache.glob("anchors-*.pt"))) == 1
+    assert [r["anchor_kl"] for r in second["log"]] == [r["anchor_kl"] for r in first["log"]]
+    assert [r["loss"] for r in second["log"]] == [r["loss"] for r in first["log"]]
+
+    assert cli.main([*common, "--out", str(tmp_path / "c"), "--anchor-max-tokens", "8"]) == 0
+    assert not json.loads((tmp_path / "c" / "manifest.json").read_text())["anchor"]["from_cache"]
+    assert len(list(cache.glob("anchors-*.pt"))) == 2
+
+    for f in cache.glob("anchors-*.pt"):
+        f.write_bytes(b"not a torch file")
+    rebuilt = run("d")
+    assert not rebuilt["anchor"]["from_cache"]
+    assert [r["anchor_kl"] for r in rebuilt["log"]] == [r["anchor_kl"] for r in first["log"]]
+    assert run("e")["anchor"]["from_cache"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--anchor-weight", "-1"], "--anchor-weight must be a finite number ≥ 0"),
     (["--anchor-weight", "nan"], "--anchor-weight must be a finite number ≥ 0"),

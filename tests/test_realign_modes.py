@@ -143,7 +143,8 @@ def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Pa
     assert out.promoted, out.reason
     anchor = out.manifest["anchor"]
     assert anchor["weight"] == 2.5 and anchor["prompts"].endswith("anchor_prompts.jsonl") and anchor["n_answers"] >= 32
-    assert "anchor_kl" in out.manifest["log"][0]
+    assert "anchor_kl" in out.manifest["log"][0] and not anchor["from_cache"]
+    assert len(list((tmp_path / "runs" / "anchor-cache").glob("anchors-*.pt"))) == 1  # the next run reuses them
     params = store.get_run(out.run_id)["params"]
     params = json.loads(params) if isinstance(params, str) else params
     assert params["anchor_weight"] == 2.5
