@@ -35,7 +35,9 @@ def test_chunked_gradient_equals_whole_batch(tmp_path, tiny_model_dir):
     # not compared: Adam's first steps are ≈ ±lr per element, so noise-level gradients flip whole lr-sized steps.)
     for a, b in zip(m1["log"], m2["log"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-4)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+        # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ≈ 2e-3 per value): on a CPU with native bf16 the two
+        # batch shapes gave 0.4671 against 0.4665 (1.4e-3). The float32 test below checks the chunking exactly.
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-2)
         assert a["reward_desirable"] == pytest.approx(b["reward_desirable"], abs=1e-2)
     assert max(w1[k].abs().max().item() for k in w1 if "lora_B" in k) > 1e-3
     assert w1.keys() == w2.keys()
