@@ -204,7 +204,7 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
     rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9, lora_rank=8,
                    extra_args=["--max-steps", "3", "--batch-size", "2", "--holdout-fraction", "0.25"],
                    capability_guard=CapabilityGuard(ask, questions, 0.05))
-    _rate(store, "a", 12, "base")
+    _rate(store, "a", 20, "base")  # so a random held-out split leaves ≥ 3 steps
     refused = rl.run("operator")
     assert refused.status == "rejected" and reg.current() == "base", refused.reason
     assert refused.reason == ("not promoted: capability probe 6/10 vs 10/10 for base (allowed drop 5%) "
@@ -213,7 +213,7 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
     assert [(c["candidate"], c["version"], c["promoted"]) for c in cands] == [
         ("final", "kto-v1", False), ("step 2/3", "kto-v2", False), ("step 1/3", "kto-v3", False)]
 
-    _rate(store, "b", 12, "base")
+    _rate(store, "b", 20, "base")
     out = rl.run("operator")
     assert out.promoted and out.version == "kto-v6" and reg.current() == "kto-v6", out.reason
     adapter = tmp_path / "runs" / f"run-{out.run_id}" / "adapter"
