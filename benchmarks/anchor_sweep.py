@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--control", type=Path, required=True, help="the adapter plain KTO trained on this snapshot")
     ap.add_argument("--rater", required=True, choices=sorted(EXAMPLE_RATERS))
     ap.add_argument("--weights", type=float, nargs="+", required=True, help="anchor weights γ to train")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of the anchored runs (default: the "
+                                                            "control's)")
     ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/anchor-sweep"))
     ap.add_argument("--holdout-limit", type=int, default=0)
@@ -80,25 +82,28 @@ def main() -> None:
              "--lora-rank", str(hp["lora_rank"]), "--beta", str(hp["beta"]), "--seed", str(hp["seed"])]
     work = args.work_dir / args.rater
     work.mkdir(parents=True, exist_ok=True)
+    flags += ["--anchor-cache", str(args.work_dir / "anchor-cache")]  # the base model's anchors: built once
     load0, t_start = os.getloadavg()[0], time.perf_counter()
-    runs: list[dict] = [{"anchor_weight": 0.0, "adapter": str(args.control), "train": {
+    runs: list[dict] = [{"anchor_weight": float(hp.get("anchor_weight") or 0.0), "lr": float(hp["lr"]),
+                         "adapter": str(args.control), "train": {
         "reused": True, "train_seconds": control.get("train_seconds"), "phase_seconds": control.get("phase_seconds"),
         "n_D": control.get("n_desirable"), "n_U": control.get("n_undesirable"), "lambda_D": control.get("lambda_d")}}]
     if args.skip_control:
         runs = []
+    lr = float(args.lr if args.lr is not None else hp["lr"])
     for g in args.weights:
-        out = work / f"anchor-{g:g}"
+        out = work / (f"anchor-{g:g}" if lr == float(hp["lr"]) else f"anchor-{g:g}-lr{lr:g}")
         if (out / "manifest.json").is_file():
             print(f"reusing {out}", file=sys.stderr)
             m = json.loads((out / "manifest.json").read_text())
             rec = {"reused": True, "train_seconds": m.get("train_seconds"), "phase_seconds": m.get("phase_seconds")}
         else:
             print(f"training anchor weight {g:g} ...", file=sys.stderr, flush=True)
-            rec = train(args.snapshot, out, args.model_dir, float(hp["lr"]), int(hp["epochs"]),
+            rec = train(args.snapshot, out, args.model_dir, lr, int(hp["epochs"]),
                         extra=[*flags, "--anchor-weight", f"{g:g}"])
             m = json.loads((out / "manifest.json").read_text())
         rec["anchor"] = m.get("anchor")
-        runs.append({"anchor_weight": g, "adapter": str(out), "train": rec})
+        runs.append({"anchor_weight": g, "lr": lr, "adapter": str(out), "train": rec})
 
     print("anchor drift ...", file=sys.stderr, flush=True)
     for r, kl in zip(runs, anchor_drift(args.model_dir, [Path(r["adapter"]) for r in runs]), strict=True):

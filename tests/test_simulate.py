@@ -195,6 +195,45 @@ def test_measure_rates_and_capability():
     assert client.kinds == ["background"] * 8  # the product's own traffic: gives way to people chatting
 
 
+def test_measure_averages_repeated_capability_probes_spread_through_the_sampling():
+    class FlakyClient(CannedClient):
+        """Like vLLM on a bf16 CPU: one greedy answer changes from one probe to the next."""
+
+        def __init__(self):
+            super().__init__()
+            self.asked_red = 0
+
+        def stream_chat(self, messages, model, sampling, kind="user"):
+            q = messages[-1]["content"]
+            if q == "Which planet is the Red Planet?":
+                self.calls.append((q, model, sampling))
+                self.kinds.append(kind)
+                self.asked_red += 1
+                yield "Mars." if self.asked_red != 2 else "The Red Planet is a planet."
+                return
+            yield from super().stream_chat(messages, model, sampling, kind)
+
+    client = FlakyClient()
+    caps = [sim.Question("What is the capital of France?", ("Paris",)),
+            sim.Question("Which planet is the Red Planet?", ("Mars",)), sim.Question("2+2?", ("4",))]
+    out = sim.measure(client, "kto-v1", holdout=["a list", "no"], rater=lambda p, a: a.startswith("- "),
+                      capability=caps, sampling={"temperature": 0.7}, system_prompt=None, samples=3, workers=1,
+                      capability_repeats=3)
+    # workers=1 keeps the order: each probe follows a third of the 6 sampled answers
+    order = [q for q, _, _ in client.calls]
+    assert order == ["a list", "a list"] + [c.question for c in caps] + ["a list", "no"] + \
+        [c.question for c in caps] + ["no", "no"] + [c.question for c in caps]
+    assert out["n_samples"] == 6 and out["n_up"] == 3  # the probes are not rated as held-out answers
+    assert out["capability_runs"] == [2, 1, 2] and out["capability_correct"] == round(5 / 3, 2)
+    assert out["capability_accuracy"] == pytest.approx(5 / 9)
+    assert out["capability_wrong"] == [
+        {"question": "Which planet is the Red Planet?", "answer": "The Red Planet is a planet.", "right": 2, "of": 3},
+        {"question": "2+2?", "answer": ("word " * 80)[:200], "right": 0, "of": 3}]
+    with pytest.raises(sim.SimulationError, match="at least 1"):
+        sim.measure(client, "kto-v1", holdout=["no"], rater=lambda p, a: True, capability=caps, sampling={},
+                    system_prompt=None, samples=1, capability_repeats=0)
+
+
 def test_measure_sends_its_priority_without_changing_the_sampling():
     client = CannedClient()
     caps = [sim.Question("2+2?", ("4",))]

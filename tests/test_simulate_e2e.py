@@ -38,7 +38,8 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     prompts = [f"Tell me about topic number {i}." for i in range(12)] + ["Skip this one, please."]
     spec = sim.SimSpec("coin", coin_rater, cycles=1, ratings_per_cycle=32, prompts=prompts,
                        holdout=["Say something nice.", "What is a tree?"],
-                       capability=sim.load_capability()[:3], samples_per_prompt=2, ablation=True, workers=4)
+                       capability=sim.load_capability()[:3], samples_per_prompt=2, capability_repeats=2,
+                       ablation=True, workers=4)
     logs: list[str] = []
     updates: list[dict] = []
     doc = sim.simulate(cfg, [spec], tmp_path / "work", log=logs.append, on_update=updates.append)
@@ -53,6 +54,8 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     assert doc["machine"]["cores"] and doc["settings"]["ratings_per_cycle"] == 32
     (run,) = doc["runs"]
     assert EVAL_KEYS <= set(run["base"]) and run["base"]["n_samples"] == 4 and run["base"]["capability_n"] == 3
+    assert doc["settings"]["capability_repeats"] == 2 and len(run["base"]["capability_runs"]) == 2
+    assert run["base"]["capability_accuracy"] == sum(run["base"]["capability_runs"]) / (2 * 3)
     (cycle,) = run["cycles"]
     assert CYCLE_KEYS <= set(cycle), CYCLE_KEYS - set(cycle)
     # a random model has nothing to learn, so the gate's sign test can still say no: both outcomes are the real

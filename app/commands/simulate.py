@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="capability probe (.jsonl with 'question' and accepted 'answers')")
     parser.add_argument("--samples-per-prompt", type=int, default=2,
                         help="answers sampled per held-out prompt at the served temperature")
+    parser.add_argument("--capability-repeats", type=int, default=3,
+                        help="capability probes per measurement, averaged: greedy answers on a bf16 CPU vary with "
+                             "batching by about one question (benchmarks/results/probe_repeat.json)")
     parser.add_argument("--ablation", action="store_true",
                         help="also train λ_D = λ_U = 1 on each cycle's snapshot and measure it beside auto λ")
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from app import simulate as sim
 
     try:
-        for flag in ("cycles", "ratings_per_cycle", "samples_per_prompt", "workers"):
+        for flag in ("cycles", "ratings_per_cycle", "samples_per_prompt", "capability_repeats", "workers"):
             if getattr(args, flag) < 1:
                 raise sim.SimulationError(f"--{flag.replace('_', '-')} must be at least 1")
         raters = [sim.load_rater(r) for r in (args.rater or ["concise", "bullets", "examples"])]
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     specs = [sim.SimSpec(name, fn, cycles=args.cycles, ratings_per_cycle=args.ratings_per_cycle, prompts=prompts,
                          holdout=holdout, capability=capability, samples_per_prompt=args.samples_per_prompt,
-                         ablation=args.ablation, seed=args.seed, workers=args.workers) for name, fn in raters]
+                         capability_repeats=args.capability_repeats, ablation=args.ablation, seed=args.seed,
+                         workers=args.workers) for name, fn in raters]
     work_dir = args.work_dir or Path(cfg.data_dir) / "simulations" / time.strftime("%Y%m%d-%H%M%S")
     png = args.plot or args.json.with_suffix(".png")
 
