@@ -89,27 +89,40 @@ def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 0)
 
 class CapabilityGuard:
     """`guard(candidate, served) -> (ok, reason)`: the candidate may lose at most `max_drop` (a share of the
-    questions, e.g. 0.05) against the served version. Results per served version are cached (it does not
-    change while it is served)."""
+    questions, e.g. 0.05) against the served version, and, when `base` (the base model's served name) is given,
+    against the base model too.
 
-    def __init__(self, ask: Ask, questions: Sequence[Question], max_drop: float, workers: int = 0) -> None:
+    Why both: compared with the served version alone the bound is per cycle, and a loop that keeps realigning
+    could lose one question a cycle for ever (a ratchet). Against the base model the drop stays bounded over any
+    number of cycles. Probes are cached: the served version's while it is served, the base model's for good."""
+
+    def __init__(self, ask: Ask, questions: Sequence[Question], max_drop: float, workers: int = 0,
+                 base: str | None = None) -> None:
         if not questions:
             raise CapabilityError("the capability guard needs at least one question")
         self.ask, self.questions, self.max_drop, self.workers = ask, list(questions), max_drop, workers
+        self.base = base
         self._served: dict[str, ProbeResult] = {}
+        self._base: ProbeResult | None = None
         self.last: dict[str, Any] | None = None
 
     def __call__(self, candidate: str, served: str) -> tuple[bool, str]:
         old = self._served.get(served) or probe(self.ask, served, self.questions, self.workers)
         self._served = {served: old}
+        if self.base is not None and self._base is None:
+            self._base = old if served == self.base else probe(self.ask, self.base, self.questions, self.workers)
         new = probe(self.ask, candidate, self.questions, self.workers)
         self._served[candidate] = new  # becomes the served one if promoted
-        ok = new.accuracy >= old.accuracy - self.max_drop - 1e-9
+        floor = old if self._base is None else max(old, self._base, key=lambda r: r.accuracy)  # both must hold
+        ok = new.accuracy >= floor.accuracy - self.max_drop - 1e-9
         self.last = {"candidate": candidate, "served": served, "candidate_correct": new.correct,
                      "served_correct": old.correct, "n": new.n, "max_drop": self.max_drop, "ok": ok,
                      "candidate_wrong": new.wrong}
-        what = (f"capability probe {new.correct}/{new.n} vs {old.correct}/{old.n} for {served} "
-                f"(allowed drop {self.max_drop:.0%})")
+        what = f"capability probe {new.correct}/{new.n} vs {old.correct}/{old.n} for {served}"
+        if self._base is not None and served != self.base:
+            self.last["base_correct"] = self._base.correct
+            what += f" and {self._base.correct}/{self._base.n} for {self.base}"
+        what += f" (allowed drop {self.max_drop:.0%})"
         return ok, (what if ok else f"not promoted: {what}")
 
 

@@ -94,7 +94,8 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
 
             ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
                            priority=server.spec.priority("background"), admission=admission)
-            guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop)
+            guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop,
+                                    base=server.spec.served_model_name)
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,

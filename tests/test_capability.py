@@ -108,3 +108,27 @@ def test_bad_capability_file_is_a_clear_error(tmp_path):
         load_capability(bad)
     with pytest.raises(CapabilityError, match="at least one"):
         CapabilityGuard(lambda m, q: "", [], 0.05)
+
+
+def test_guard_bounds_the_loss_against_the_base_model_over_many_cycles():
+    calls: list[tuple[str, str]] = []
+    guard = CapabilityGuard(scripted({"base": 20, "kto-v1": 19, "kto-v2": 18, "kto-v3": 19}, calls), QUESTIONS,
+                            max_drop=0.05, base="base")
+    assert guard("kto-v1", "base")[0]          # one question lost against the base: allowed
+    assert "for base" in guard("kto-v1", "base")[1] and "base_correct" not in guard.last
+    ok, reason = guard("kto-v2", "kto-v1")     # one more against kto-v1, but two against the base
+    assert not ok and reason == ("not promoted: capability probe 18/20 vs 19/20 for kto-v1 and 20/20 for base "
+                                 "(allowed drop 5%)")
+    assert guard.last["base_correct"] == 20 and guard.last["served_correct"] == 19
+    assert guard("kto-v3", "kto-v1")[0]        # level with the served version, one below the base
+    assert [m for m, _ in calls].count("base") == 20  # the base model is probed once, then remembered
+    # without `base` the same step would pass: the per-cycle bound alone is a ratchet
+    assert CapabilityGuard(scripted({"kto-v1": 19, "kto-v2": 18}), QUESTIONS, max_drop=0.05)("kto-v2", "kto-v1")[0]
+
+
+def test_guard_probes_the_base_model_even_when_an_adapter_was_served_first():
+    calls: list[tuple[str, str]] = []
+    guard = CapabilityGuard(scripted({"base": 20, "kto-v4": 20, "kto-v5": 19}, calls), QUESTIONS, max_drop=0.05,
+                            base="base")
+    assert guard("kto-v5", "kto-v4")[0] and guard.last["base_correct"] == 20  # e.g. after an app restart
+    assert sorted({m for m, _ in calls}) == ["base", "kto-v4", "kto-v5"]
