@@ -1,8 +1,9 @@
 """Does the anchor term (aligner/anchor.py) keep the facts that a format preference costs? One snapshot, side by side.
 
-Takes a simulator run's snapshot and the adapter that run trained on it with plain KTO (`--control`, e.g. the
-`bullets` 400-rating cycle that reached +41.6 but lost 8 of 32 facts), trains the same run again with the anchor
-term at each `--weights` γ (same data, seed and flags, `--checkpoints 0`: the final adapter is what is judged),
+Takes a simulator run's snapshot and the adapter that run trained on it (`--control`, e.g. the plain-KTO
+`bullets` 400-rating cycle that reached +41.6 but lost 8 of 32 facts; its own γ is recorded), trains the same run
+again with the anchor term at each `--weights` γ (same data, seed and flags, `--checkpoints 0`: the final adapter is
+what is judged; `--lr` changes the learning rate of these runs only),
 then serves the control and every anchored adapter from one real vLLM server and measures each with the
 simulator's own `measure()` (held-out desirable rate under the rater, capability probe at temperature 0). Also
 reports each adapter's drift on the anchor prompts (mean KL(base ‖ adapter) per anchor token).
