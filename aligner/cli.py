@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="base-model weights; auto = bfloat16 where the CPU has native bf16 (AVX512-BF16, AMX), "
                         "else float32")
+    p.add_argument("--attention-backward", choices=("matmul", "flash"), default="matmul",
+                   help="how attention's gradient is computed: float32 matmuls (aligner/attention.py) or PyTorch's "
+                        "CPU flash-attention backward; the forward, and so every log-prob, is SDPA's either way")
     p.add_argument("--anchor-weight", type=float, default=0.0,
                    help="γ of the optional anchor term: γ × per-token KL(base ‖ policy) on the base model's own "
                         "answers to general prompts nobody rated (aligner/anchor.py); 0 = plain KTO")

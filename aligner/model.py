@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from aligner import attention
+
 # Every linear layer of a Llama block: what vLLM's LoRA kernels support and what the paper-style runs adapt.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LM_HEAD_TILE = 1024  # completion positions projected through the LM head at once
@@ -52,9 +54,10 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
                 resume_from: str | Path | None = None, dtype: torch.dtype | None = None,
-                target_modules: Sequence[str] | None = None) -> Any:
+                target_modules: Sequence[str] | None = None, attention_backward: str = "matmul") -> Any:
     """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
     adapter weights train in float32. `target_modules` (a fresh adapter's linear layers) defaults to LLAMA_LINEAR.
+    Attention is SDPA; `attention_backward` picks how its gradient is computed (aligner/attention.py).
 
     Where bf16 is native, bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32
     master weights and no per-step weight casts; only the ~5M adapter parameters need full precision for the
@@ -64,7 +67,8 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                attn_implementation=attention.implementation(attention_backward))
     base.config.use_cache = False
     if resume_from is not None:
         model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)

@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     dtype: str = "auto"                # base weights: model.resolve_dtype (bf16 only where the CPU has it)
+    attention_backward: str = "matmul"  # attention.BACKWARDS: ours, or PyTorch's flash backward (same forward)
     anchor_weight: float = 0.0         # γ of the optional anchor term (aligner/anchor.py); 0 = plain KTO
     anchor_prompts: str | None = None  # JSON lines of {"prompt"}; None = anchor.DEFAULT_PROMPTS
     anchor_per_step: int = 4           # anchor answers per optimizer step (across all processes)
@@ -324,7 +325,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
 
     dtype = resolve_dtype(cfg.dtype)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                        resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules)
+                        resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules,
+                        attention_backward=cfg.attention_backward)
     seconds: dict[str, float] = {"load": time.time() - t_start}  # where a run's time goes, phase by phase
     rank = adapter_rank(model)
     if rank > cfg.max_lora_rank:
