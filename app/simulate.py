@@ -278,35 +278,44 @@ def collect(service: Any, prompts: Sequence[str], rater: Rater, n_ratings: int, 
     """Simulated users chat and rate through ChatService until `n_ratings` thumbs are stored.
 
     Each answer comes from a fresh simulated user (one conversation, one rating), the way many real users give a
-    few thumbs each; prompts are taken round-robin from `cursor`. Returns (stats, next cursor).
+    few thumbs each; prompts are taken round-robin from `cursor`. Chats stream through `workers` threads: each
+    answer is rated as it finishes and a new chat starts in its place while ratings are still missing, so answers
+    the rater leaves unrated are made up at full concurrency instead of in a second, mostly idle round. No more
+    chats are ever in flight than ratings still missing: every answer gets its chance to be rated. Returns (stats,
+    next cursor).
     """
     t0 = time.perf_counter()
     max_answers = max_answers or 3 * n_ratings
     ups = downs = skipped = answers = 0
-    answer_ids: list[str] = []
 
-    def one(i: int, prompt: str) -> tuple[Any, str]:
+    def one(i: int, prompt: str) -> tuple[Any, str, str]:
         user = f"sim-{tag}-{i}"
         sess = service.session(user, user)
         texts = list(service.send(sess, prompt))  # the growing answer; the last item is the stored text
-        return sess, texts[-1] if texts else ""
+        return sess, prompt, texts[-1] if texts else ""
 
-    while ups + downs < n_ratings and answers < max_answers:
-        need = min(max(n_ratings - ups - downs, 1), max_answers - answers)
-        batch = [(cursor + j, prompts[(cursor + j) % len(prompts)]) for j in range(need)]
-        cursor += need
-        done = parallel_map(lambda b: one(*b), batch, workers)
-        answers += len(done)
-        for (_, prompt), (sess, text) in zip(batch, done, strict=True):
-            if ups + downs >= n_ratings:
+    ex = cf.ThreadPoolExecutor(workers)
+    pending: set[cf.Future] = set()
+    try:
+        while True:
+            while (len(pending) < workers and ups + downs + len(pending) < n_ratings
+                   and answers + len(pending) < max_answers):
+                pending.add(ex.submit(one, cursor, prompts[cursor % len(prompts)]))
+                cursor += 1
+            if not pending:
                 break
-            verdict = call_rater(rater, prompt, text)
-            if verdict is None:
-                skipped += 1
-                continue
-            turn = service.rate(sess, len(sess.turns) - 1, verdict)
-            answer_ids.append(turn.msg_id)
-            ups, downs = ups + verdict, downs + (not verdict)
+            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                sess, prompt, text = fut.result()  # a failed chat stops the collection, as in the UI's error path
+                answers += 1
+                verdict = call_rater(rater, prompt, text)
+                if verdict is None:
+                    skipped += 1
+                    continue
+                service.rate(sess, len(sess.turns) - 1, verdict)
+                ups, downs = ups + verdict, downs + (not verdict)
+    finally:  # on Ctrl-C or an error the queued chats are cancelled instead of waited for
+        ex.shutdown(wait=False, cancel_futures=True)
     if ups + downs == 0:
         raise SimulationError(f"the rater rated none of {answers} answers")
     return {"answers": answers, "ratings": ups + downs, "up": ups, "down": downs, "not_rated": skipped,

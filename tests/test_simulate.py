@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -392,3 +393,52 @@ def test_evenly_spaced_keeps_every_part_of_the_list():
     picked = sim.evenly_spaced(items, 40)
     assert len(picked) == 40 == len(set(picked)) and picked[0] == "p0" and picked[-1] in items[-3:]
     assert sim.evenly_spaced(items, 0) == items and sim.evenly_spaced(items, 100) == items
+
+
+def test_collect_refills_unrated_answers_at_full_concurrency_and_never_overshoots():
+    """Chats stream: an unrated answer is replaced at once, in flight never exceeds the ratings still missing."""
+    import threading
+
+    class Service:
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.in_flight = self.peak = 0
+            self.rated: list[tuple[str, bool]] = []
+            self.over: list[tuple[int, int]] = []  # (in flight, ratings missing) whenever in flight > missing
+            self.rated_during_chats = 0  # ratings stored while other chats were still generating
+
+        def session(self, user, name):
+            return type("S", (), {"turns": [], "user": user})()
+
+        def send(self, sess, prompt):
+            with self.lock:
+                self.in_flight += 1
+                self.peak = max(self.peak, self.in_flight)
+                missing = 10 - len(self.rated)
+                if self.in_flight > missing:
+                    self.over.append((self.in_flight, missing))
+            time.sleep(0.02 if "slow" not in prompt else 0.1)
+            sess.turns.append(prompt)
+            with self.lock:
+                self.in_flight -= 1
+            yield f"answer to {prompt}"
+
+        def rate(self, sess, turn, verdict):
+            with self.lock:
+                self.rated.append((sess.turns[turn], verdict))
+                self.rated_during_chats += self.in_flight > 0
+
+    svc = Service()
+    prompts = [f"p{i}" + (" slow" if i % 4 == 0 else "") + (" skip" if i % 3 == 0 else "") for i in range(12)]
+    stats, cursor = sim.collect(svc, prompts, lambda p, a: None if "skip" in p else "slow" in p, 10, cursor=5,
+                                tag="t", workers=4)
+    assert stats["ratings"] == len(svc.rated) == 10 and stats["answers"] == 10 + stats["not_rated"]
+    assert stats["not_rated"] >= 3 and cursor == 5 + stats["answers"]
+    assert svc.peak == 4 and not svc.over and svc.rated_during_chats >= 5
+    assert {p for p, _ in svc.rated} <= {prompts[i % 12] for i in range(5, cursor)}
+    assert stats["up"] == sum(v for _, v in svc.rated)
+    # the answer cap still holds when the rater rates almost nothing
+    svc2 = Service()
+    stats2, _ = sim.collect(svc2, prompts, lambda p, a: True if p == "p1" else None, 10, cursor=0, tag="u",
+                            workers=4, max_answers=15)
+    assert stats2["answers"] == 15 and stats2["ratings"] == 2
