@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="base-model weights; auto = bfloat16 where the CPU has native bf16 (AVX512-BF16, AMX), "
                         "else float32")
     p.add_argument("--attention-backward", choices=("matmul", "flash"), default="matmul",
-                   help="how attention's gradient is computed: float32 matmuls (aligner/attention.py) or PyTorch's "
-                        "CPU flash-attention backward; the forward, and so every log-prob, is SDPA's either way")
+                   help="how attention's gradient is computed: batched matmuls for batches up to 192 tokens "
+                        "(aligner/attention.py) or PyTorch's CPU flash-attention backward; the forward, and so "
+                        "every log-prob, is SDPA's either way")
     p.add_argument("--anchor-weight", type=float, default=0.0,
                    help="γ of the optional anchor term: γ × per-token KL(base ‖ policy) on the base model's own "
                         "answers to general prompts nobody rated (aligner/anchor.py); 0 = plain KTO")
@@ -68,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--anchor-max-tokens", type=int, default=64, help="length of the base model's anchor answers")
     p.add_argument("--anchor-cache", default=None, help="directory where the base model's anchor answers are kept "
                                                         "for later runs (default: built again every run)")
+    p.add_argument("--trim-every", type=int, default=0,
+                   help="give freed heap memory back to the OS every N optimizer steps (default 0: only between "
+                        "phases; trimming every step re-faults each step's activations: 1.12x slower steps, same "
+                        "peak RSS, benchmarks/results/trim_heap_ab.json)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores / processes)")
     p.add_argument("--progress-json", action="store_true", help="JSON lines on stdout instead of a progress bar")
     return p

@@ -17,6 +17,10 @@ differs. Three measurements, one run, the default model:
     .venv/bin/python benchmarks/attention_bench.py [--snapshot RUN_DIR/snapshot.parquet] [--steps 12] [--repeats 2]
 
 Writes benchmarks/results/attention_bench.json (rewritten after every run, so a cut-short bench keeps its data).
+
+`--crossover` instead times one forward + backward of the default model on 2048-token batches of 96 to 512-token
+sequences with each backward (ours forced at every length), interleaved, median of 5: where ours stops paying,
+which sets `aligner.attention.MAX_MATMUL_LENGTH`. Writes benchmarks/results/attention_crossover.json.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import aligner_ab  # noqa: E402
 from aligner_bench import make_snapshot  # noqa: E402
 from serving_bench import machine, write_result  # noqa: E402
 
@@ -43,27 +47,8 @@ ARMS = ("flash", "matmul")
 
 
 def align(snapshot: Path, model_dir: Path, backward: str, extra: list[str]) -> dict:
-    """One aligner subprocess; its manifest's timings plus wall time, CPU seconds and peak RSS from wait4."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out, log = Path(tmp) / "adapter", Path(tmp) / "stdout"
-        cmd = [sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out), "--model-dir",
-               str(model_dir), "--attention-backward", backward, "--checkpoints", "0", "--progress-json", *extra]
-        load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
-            _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        text = log.read_text()
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"aligner ({backward}) failed: {text[-800:]}")
-        m = json.loads((out / "manifest.json").read_text())
-    steps = [json.loads(x) for x in text.splitlines() if x.startswith('{"event": "progress"')]
-    phases = m["phase_seconds"]
-    return {"backward": backward, "wall_s": round(wall, 1), "phase_seconds": phases, "steps": len(steps),
-            "train_s_per_step": round(phases["train"] / max(1, len(steps)), 3),
-            "first_loss": steps[0]["loss"] if steps else None, "load_avg_before": load_before,
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    """One aligner subprocess with `--attention-backward backward` (timings, CPU seconds, peak RSS)."""
+    return {"backward": backward, **aligner_ab.align(snapshot, model_dir, ["--attention-backward", backward, *extra])}
 
 
 def numerics(snapshot: Path, model_dir: Path, n: int = 16) -> dict:
@@ -105,6 +90,37 @@ def numerics(snapshot: Path, model_dir: Path, n: int = 16) -> dict:
     return out
 
 
+def crossover(model_dir: Path, lengths: tuple[int, ...] = (96, 160, 192, 256, 384, 512), repeats: int = 6) -> dict:
+    """Seconds for one forward + backward per backward and sequence length, 2048 tokens a batch (see --crossover)."""
+    import torch
+
+    from aligner import attention
+    from aligner.model import completion_logps, load_policy
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    attention.MAX_MATMUL_LENGTH = max(lengths)  # measure ours everywhere, not only where the aligner uses it
+    model = load_policy(model_dir).train()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for t in lengths:
+        b = max(1, 2048 // t)
+        seqs = [(torch.randint(3, 40000, (t // 4,), generator=g).tolist(),
+                 torch.randint(3, 40000, (t - t // 4,), generator=g).tolist()) for _ in range(b)]
+        times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        for r in range(repeats):
+            for arm in (ARMS if r % 2 else ARMS[::-1]):
+                model.get_base_model().set_attn_implementation(attention.implementation(arm))
+                t0 = time.perf_counter()
+                completion_logps(model, seqs, 0).sum().backward()
+                times[arm].append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+        med = {arm: statistics.median(v[1:]) for arm, v in times.items()}  # the first of each is a warm-up
+        rows.append({"length": t, "batch": b, "seconds": {k: round(v, 3) for k, v in med.items()},
+                     "flash_over_matmul": round(med["flash"] / med["matmul"], 3)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"repeats": repeats, "rows": rows}
+
+
 def medians(runs: list[dict]) -> dict:
     out = {}
     for arm in ARMS:
@@ -125,10 +141,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="training steps per speed run")
     ap.add_argument("--repeats", type=int, default=2, help="ABBA pairs of speed runs")
     ap.add_argument("--max-examples", type=int, default=400)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_bench.json")
+    ap.add_argument("--crossover", action="store_true", help="only the per-length forward + backward timing")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir
+    results = Path(__file__).parent / "results"
+    if args.crossover:
+        write_result({"benchmark": "attention_crossover", "machine": machine(), **crossover(model_dir)},
+                     args.out or results / "attention_crossover.json", t_all)
+        return
+    args.out = args.out or results / "attention_bench.json"
     result: dict = {"benchmark": "attention_bench", "machine": machine(), "steps": args.steps,
                     "snapshot": str(args.snapshot) if args.snapshot else "synthetic (aligner_bench.make_snapshot)"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -182,6 +182,27 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_model_dir, capsys)
     assert not out.exists()
 
 
+def test_trim_every_returns_the_heap_at_that_cadence_and_changes_nothing_else(snapshot, tiny_model_dir, tmp_path,
+                                                                              monkeypatch):
+    losses = {}
+    for every, step_trims in [(1, 3), (2, 1), (0, 0)]:
+        calls = []
+        monkeypatch.setattr(train_mod, "_trim_heap", lambda calls=calls: calls.append(1))
+        out = tmp_path / f"out{every}"
+        rc = cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
+                       "--max-steps", "3", "--checkpoints", "0", "--trim-every", str(every)])
+        assert rc == 0
+        assert len(calls) == 1 + step_trims  # once after the reference pass, then every `every` steps
+        losses[every] = [r["loss"] for r in json.loads((out / "manifest.json").read_text())["log"]]
+    assert len(losses[1]) == 3 and losses[1] == losses[2] == losses[0]
+
+
+def test_negative_trim_every_exits_2(snapshot, tiny_model_dir, tmp_path, capsys):
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir),
+                   *FAST, "--trim-every", "-1"])
+    assert rc == 2 and "--trim-every must be 0 or more" in capsys.readouterr().err
+
+
 def test_refuses_non_empty_output(tmp_path, snapshot, tiny_model_dir, capsys):
     out = tmp_path / "out"
     out.mkdir()
