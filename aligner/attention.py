@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 NAME = "kto_sdpa"  # the attn_implementation name registered with transformers
-# Longest sequence our backward takes; longer ones use PyTorch's. Forward + backward of SmolLM2 on 2048-token
-# batches (2-core AMX Xeon), PyTorch's flash backward / ours: 1.16 at 96 tokens, 1.12 at 160, 0.93 at 256,
-# 0.70 at 512: recomputing the [B, H, T, T] scores costs more as T grows, the flash kernel's overhead less.
+# Longest sequence our backward takes; longer ones use PyTorch's. One forward + backward of SmolLM2 on 2048-token
+# batches (2-core AMX Xeon), PyTorch's flash backward / ours: 1.14 at 96 tokens, 1.12 at 160, 0.99 at 192 (break-even),
+# 0.94 at 256, 0.68 at 512 (benchmarks/results/attention_crossover.json): recomputing the [B, H, T, T] scores costs
+# more as T grows, the flash kernel's fixed overhead less.
 MAX_MATMUL_LENGTH = 192
 BACKWARDS = ("matmul", "flash")  # ours, or PyTorch's flash-attention backward (attn_implementation "sdpa")
 
