@@ -48,7 +48,8 @@ ARMS = ("flash", "matmul")
 
 def align(snapshot: Path, model_dir: Path, backward: str, extra: list[str]) -> dict:
     """One aligner subprocess with `--attention-backward backward` (timings, CPU seconds, peak RSS)."""
-    return {"backward": backward, **aligner_ab.align(snapshot, model_dir, ["--attention-backward", backward, *extra])}
+    return {"arm": backward, "backward": backward,
+            **aligner_ab.align(snapshot, model_dir, ["--attention-backward", backward, *extra])}
 
 
 def numerics(snapshot: Path, model_dir: Path, n: int = 16) -> dict:
@@ -121,19 +122,6 @@ def crossover(model_dir: Path, lengths: tuple[int, ...] = (96, 160, 192, 256, 38
     return {"repeats": repeats, "rows": rows}
 
 
-def medians(runs: list[dict]) -> dict:
-    out = {}
-    for arm in ARMS:
-        mine = [r for r in runs if r["backward"] == arm]
-        if not mine:
-            continue
-        keys = ("wall_s", "train_s_per_step", "cpu_s", "peak_rss_mib")
-        out[arm] = {k: statistics.median(r[k] for r in mine) for k in keys}
-        for phase in mine[0]["phase_seconds"]:
-            out[arm][f"{phase}_s"] = round(statistics.median(r["phase_seconds"][phase] for r in mine), 2)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--snapshot", type=Path, default=None, help="a rated snapshot (default: a synthetic one)")
@@ -162,7 +150,7 @@ def main() -> None:
             for arm in order:
                 runs.append(align(snapshot, model_dir, arm, speed))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-                result["speed"] = {"runs": runs, "median": medians(runs)}
+                result["speed"] = {"runs": runs, "median": aligner_ab.medians(runs, list(ARMS))}
                 write_result(result, args.out, t_all)
         med = result["speed"]["median"]
         if all(a in med for a in ARMS):
