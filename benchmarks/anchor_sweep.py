@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--holdout-limit", type=int, default=0)
     ap.add_argument("--samples-per-prompt", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--anchor-max-tokens", type=int, default=64,
+                    help="length of the base model's anchor answers in the anchored runs (the aligner's flag)")
+    ap.add_argument("--capability-repeats", type=int, default=3, help="capability probes per model (mean)")
     ap.add_argument("--skip-control", action="store_true",
                     help="measure only the anchored adapters (the control's numbers are in an earlier result)")
     ap.add_argument("--out", type=Path, default=None)
@@ -93,7 +96,8 @@ def main() -> None:
         runs = []
     lr = float(args.lr if args.lr is not None else hp["lr"])
     for g in args.weights:
-        out = work / (f"anchor-{g:g}" if lr == float(hp["lr"]) else f"anchor-{g:g}-lr{lr:g}")
+        out = work / (f"anchor-{g:g}" + ("" if lr == float(hp["lr"]) else f"-lr{lr:g}")
+                      + ("" if args.anchor_max_tokens == 64 else f"-t{args.anchor_max_tokens}"))
         if (out / "manifest.json").is_file():
             print(f"reusing {out}", file=sys.stderr)
             m = json.loads((out / "manifest.json").read_text())
@@ -101,24 +105,27 @@ def main() -> None:
         else:
             print(f"training anchor weight {g:g} ...", file=sys.stderr, flush=True)
             rec = train(args.snapshot, out, args.model_dir, lr, int(hp["epochs"]),
-                        extra=[*flags, "--anchor-weight", f"{g:g}"])
+                        extra=[*flags, "--anchor-weight", f"{g:g}", "--anchor-max-tokens",
+                               str(args.anchor_max_tokens)])
             m = json.loads((out / "manifest.json").read_text())
         rec["anchor"] = m.get("anchor")
-        runs.append({"anchor_weight": g, "lr": lr, "adapter": str(out), "train": rec})
+        runs.append({"anchor_weight": g, "anchor_max_tokens": args.anchor_max_tokens, "lr": lr, "adapter": str(out),
+                     "train": rec})
 
     print("anchor drift ...", file=sys.stderr, flush=True)
     for r, kl in zip(runs, anchor_drift(args.model_dir, [Path(r["adapter"]) for r in runs]), strict=True):
         r["anchor_kl_per_token"] = kl
     base, evals = measure_adapters(args.model_dir, work / "vllm.log", args.rater, [Path(r["adapter"]) for r in runs],
                                    holdout_limit=args.holdout_limit, samples=args.samples_per_prompt,
-                                   max_tokens=args.max_tokens)
+                                   max_tokens=args.max_tokens, capability_repeats=args.capability_repeats)
     for r, e in zip(runs, evals, strict=True):
         r["eval"] = e
         r["gain_points"] = round(100 * (e["desirable_rate"] - base["desirable_rate"]), 1)
     doc = {"benchmark": "anchor_sweep", "rater": args.rater, "snapshot": str(args.snapshot), "n_rows": n_rows,
            "machine": {**sim.machine_info(), "load_avg_at_start": load0, "load_avg_at_end": os.getloadavg()[0]},
            "settings": {"holdout_limit": args.holdout_limit, "samples_per_prompt": args.samples_per_prompt,
-                        "max_tokens": args.max_tokens, "temperature": 0.7, "top_p": 0.95, "lr": hp["lr"],
+                        "max_tokens": args.max_tokens, "capability_repeats": args.capability_repeats,
+                        "anchor_max_tokens": args.anchor_max_tokens, "temperature": 0.7, "top_p": 0.95, "lr": hp["lr"],
                         "epochs": hp["epochs"], "aligner_flags": flags},
            "wall_seconds": round(time.perf_counter() - t_start, 1), "base": base, "runs": runs}
     out_json.parent.mkdir(parents=True, exist_ok=True)

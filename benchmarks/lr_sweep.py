@@ -49,7 +49,7 @@ def train(snapshot: Path, out: Path, model_dir: Path, lr: float, epochs: int, ex
 
 
 def measure_adapters(model_dir: Path, log_path: Path, rater: str, adapters: list[Path], *, holdout_limit: int,
-                     samples: int, max_tokens: int) -> tuple[dict, list[dict]]:
+                     samples: int, max_tokens: int, capability_repeats: int = 1) -> tuple[dict, list[dict]]:
     """The base model and each adapter, served from one real vLLM server and measured with the simulator's own
     `measure()` (held-out desirable rate under `rater`, capability probe at temperature 0): (base, [per adapter])."""
     holdout = sim.evenly_spaced(sim.load_prompts(sim.DEFAULT_HOLDOUT), holdout_limit)  # as simulate picks
@@ -59,7 +59,8 @@ def measure_adapters(model_dir: Path, log_path: Path, rater: str, adapters: list
     with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
         def evaluate(model: str) -> dict:
             return sim.measure(client, model, holdout=holdout, rater=EXAMPLE_RATERS[rater], capability=capability,
-                               sampling=sampling, system_prompt="You are a helpful assistant.", samples=samples)
+                               sampling=sampling, system_prompt="You are a helpful assistant.", samples=samples,
+                               capability_repeats=capability_repeats)
 
         base = evaluate("base")
         print(f"base: desirable {sim.pct(base['desirable_rate'])}, capability "
