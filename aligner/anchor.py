@@ -10,6 +10,11 @@ the capability probe's questions and no capital-city question) along the referen
 
     loss = KTO loss + γ · mean over anchor answer tokens of KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))
 
+The answers are cut at `anchor_max_tokens` (default 24). Every fact the capability probe saw lost went wrong in an
+answer's first few tokens ("La femme de France", "… is Sydney."), while a preference such as naming examples lives
+later; at the same γ, 24 tokens kept the facts that 64 lost, at the same gain, and cost less per step
+(benchmarks/results/anchor_sweep_examples_t24.json).
+
 The KTO part is unchanged (aligner/loss.py). γ = 0 (the default) switches the term off and leaves runs
 bit-identical to plain KTO. Once per run, with the adapter disabled: the reference's greedy answers, then its
 next-token distributions along them, kept as the top-k tokens plus the rest's mass (loss.bucket_kl), so no step

@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--anchor-prompts", default=None, help="JSON lines of {\"prompt\": ...} for the anchor term "
                                                           "(default: the shipped aligner/data/anchor_prompts.jsonl)")
     p.add_argument("--anchor-per-step", type=int, default=4, help="anchor answers per optimizer step")
-    p.add_argument("--anchor-max-tokens", type=int, default=64, help="length of the base model's anchor answers")
+    p.add_argument("--anchor-max-tokens", type=int, default=24,
+                   help="the anchor term covers the first N tokens of the base model's anchor answers")
     p.add_argument("--anchor-cache", default=None, help="directory where the base model's anchor answers are kept "
                                                         "for later runs (default: built again every run)")
     p.add_argument("--trim-every", type=int, default=0,

@@ -80,7 +80,7 @@ class TrainConfig:
     anchor_weight: float = 0.0         # γ of the optional anchor term (aligner/anchor.py); 0 = plain KTO
     anchor_prompts: str | None = None  # JSON lines of {"prompt"}; None = anchor.DEFAULT_PROMPTS
     anchor_per_step: int = 4           # anchor answers per optimizer step (across all processes)
-    anchor_max_tokens: int = 64        # length of the reference's greedy anchor answers
+    anchor_max_tokens: int = 24        # the reference's greedy anchor answers, cut here: their opening holds the facts
     anchor_cache: str | None = None    # directory keeping the built anchors for later runs; None = build each run
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+ANCHOR_TOKENS_MAX = 512  # the aligner's --anchor-max-tokens limit
+
 ENV_PREFIX = "KTO_LOOP_"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -84,6 +86,9 @@ class Config:
                                      "along its own answers to shipped general prompts nobody rated, against the "
                                      "facts a strong preference can cost (aligner/anchor.py); 0 = the paper's KTO "
                                      "loss alone")
+    anchor_tokens: int = _opt(24, "the anchor term covers the first N tokens of the base model's anchor answers: "
+                                  "facts are lost in an answer's opening, a preference mostly lives after it "
+                                  "(benchmarks/results/anchor_sweep_examples_t24.json)")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
     promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
                                                     "questions a new adapter may lose against the served one and "
@@ -180,4 +185,6 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
     cfg = Config(**values).resolved()
     if not (math.isfinite(cfg.anchor_weight) and cfg.anchor_weight >= 0):
         raise SystemExit(f"kto-loop: anchor_weight must be a finite number ≥ 0, got {cfg.anchor_weight}")
+    if not 1 <= cfg.anchor_tokens <= ANCHOR_TOKENS_MAX:
+        raise SystemExit(f"kto-loop: anchor_tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {cfg.anchor_tokens}")
     return cfg

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.config import ANCHOR_TOKENS_MAX
+
 Progress = Callable[[dict[str, Any]], None]
 MODES = ("continue", "fresh")
 
@@ -74,12 +76,15 @@ class Realigner:
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
-                 anchor_weight: float = 0.0):
+                 anchor_weight: float = 0.0, anchor_tokens: int = 24):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
+        if not 1 <= anchor_tokens <= ANCHOR_TOKENS_MAX:
+            raise ValueError(f"anchor tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {anchor_tokens!r}")
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
+        self.anchor_tokens = anchor_tokens  # how much of each base-model anchor answer the term covers
         self.store, self.registry = store, registry
         self.mode = mode
         self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/capability.py
@@ -137,7 +142,8 @@ class Realigner:
                   "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir),
                   "mode": self.mode, "resume_from": current if resume_dir is not None else None,
                   "reference": "base", "since": str(since) if since is not None else None,
-                  "anchor_weight": self.anchor_weight}
+                  "anchor_weight": self.anchor_weight,
+                  "anchor_tokens": self.anchor_tokens if self.anchor_weight > 0 else None}
         run_id = str(self.store.start_run(trigger, params))
         self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
                                 started_at=time.time())
@@ -250,7 +256,8 @@ class Realigner:
         if resume_dir is not None:
             cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
         if self.anchor_weight > 0:
-            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-cache", str(self.work_dir / "anchor-cache")]
+            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
+                    "--anchor-cache", str(self.work_dir / "anchor-cache")]
         cmd += self.extra_args
         nice = shutil.which("nice")
         if self.niceness and nice:

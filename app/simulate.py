@@ -577,7 +577,7 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
         "load_average_now": list(os.getloadavg()),  # other work on the machine slows every timing here
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
-                     "anchor_weight": cfg.anchor_weight,
+                     "anchor_weight": cfg.anchor_weight, "anchor_tokens": cfg.anchor_tokens,
                      "promote_min_gain": cfg.promote_min_gain,
                      "promote_max_capability_drop": cfg.promote_max_capability_drop,
                      "align_extra_args": cfg.align_extra_args, "align_mode": cfg.align_mode,

@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--holdout-limit", type=int, default=0)
     ap.add_argument("--samples-per-prompt", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--anchor-max-tokens", type=int, default=64,
+    ap.add_argument("--anchor-max-tokens", type=int, default=24,
                     help="length of the base model's anchor answers in the anchored runs (the aligner's flag)")
     ap.add_argument("--capability-repeats", type=int, default=3, help="capability probes per model (mean)")
     ap.add_argument("--skip-control", action="store_true",
@@ -97,7 +97,7 @@ def main() -> None:
     lr = float(args.lr if args.lr is not None else hp["lr"])
     for g in args.weights:
         out = work / (f"anchor-{g:g}" + ("" if lr == float(hp["lr"]) else f"-lr{lr:g}")
-                      + ("" if args.anchor_max_tokens == 64 else f"-t{args.anchor_max_tokens}"))
+                      + f"-t{args.anchor_max_tokens}")
         if (out / "manifest.json").is_file():
             print(f"reusing {out}", file=sys.stderr)
             m = json.loads((out / "manifest.json").read_text())

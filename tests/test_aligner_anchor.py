@@ -167,3 +167,13 @@ def test_bad_anchor_weight_setting_stops_the_app_with_one_line(raw):
     with pytest.raises(SystemExit, match="anchor_weight must be a finite number ≥ 0"):
         config_from(None, {"KTO_LOOP_ANCHOR_WEIGHT": raw})
     assert config_from(None, {"KTO_LOOP_ANCHOR_WEIGHT": "3"}).anchor_weight == 3.0
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "513"])
+def test_bad_anchor_tokens_setting_stops_the_app_with_one_line(raw):
+    from app.config import config_from
+
+    with pytest.raises(SystemExit, match=r"anchor_tokens must be in \[1, 512\]"):
+        config_from(None, {"KTO_LOOP_ANCHOR_TOKENS": raw})
+    assert config_from(None, {"KTO_LOOP_ANCHOR_TOKENS": "16"}).anchor_tokens == 16
+    assert config_from(None, {}).anchor_tokens == 24
