@@ -426,6 +426,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     n_tokens = 0
     t_train = time.time()
     for s, step in enumerate(steps):
+        t_step = time.time()
         mine = step[dist.rank::dist.world]
         n_global = sum(len(mb.examples) for mb in step)
         # z0: policy log-ratios of this step's mismatched pairs, without gradient, reduced over processes.
@@ -434,6 +435,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         if s > 0 or not policy_is_reference:
             kl_sum = dist.sum_(_kl_sum(model, mine, train, ref, pad_id))
         z0_pre = kl_sum[0] / kl_sum[1]
+        kl_seconds = time.time() - t_step
         # Matched pairs with gradient; the loss is the mean over the global step batch.
         model.train()
         stats = torch.zeros(7)  # loss sum, reward sum D, count D, reward sum U, count U, anchor KL sum, tokens
@@ -484,7 +486,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         rec = {"step": s + 1, "loss": loss, "z0": max(0.0, z0_pre.item()), "z0_pre_clamp": z0_pre.item(),
                "reward_desirable": (stats[1] / stats[2]).item() if stats[2] > 0 else None,
                "reward_undesirable": (stats[3] / stats[4]).item() if stats[4] > 0 else None,
-               "grad_norm": grad_norm, "lr": lr}
+               "grad_norm": grad_norm, "lr": lr,
+               "seconds": round(time.time() - t_step, 3), "kl_seconds": round(kl_seconds, 3)}  # where a step goes
         if anchor_kl is not None:
             rec["anchor_kl"] = anchor_kl  # KL(ref ‖ policy) per anchor token, before this step's update
         log.append(rec)

@@ -60,6 +60,9 @@ def test_writes_vllm_compatible_adapter_and_manifest(trained, snapshot):
     assert all(v >= 0 for v in phases.values()) and phases["train"] > 0 and phases["reference"] > 0
     assert phases["train"] == pytest.approx(m["train_seconds"], abs=1e-2)
     assert sum(phases.values()) <= m["total_seconds"] + 1e-2
+    steps = m["log"]  # and each step's, its KL pass (z0's no-grad forward) within it
+    assert all(0 <= r["kl_seconds"] <= r["seconds"] for r in steps) and all(r["seconds"] > 0 for r in steps)
+    assert sum(r["seconds"] for r in steps) <= phases["train"] + 1e-2
 
 
 def test_checkpoint_steps_are_evenly_spaced_in_cumulative_learning_rate():
