@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--checkpoints", type=int, default=3,
                    help="earlier adapters kept (evenly spaced) for the promotion gate to fall back to; 0 = none")
+    p.add_argument("--checkpoint-eval", choices=("lazy", "eager"), default="lazy",
+                   help="lazy: checkpoints' held-out metrics are computed only if the gate needs them "
+                        "(python -m aligner.checkpoints); eager: during the run")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lambda-d", type=float, default=None, help="pin λ_D (disables the automatic rule)")

@@ -64,6 +64,8 @@ class TrainConfig:
     max_length: int = 512
     max_steps: int | None = None
     checkpoints: int = 3               # earlier adapters kept for the gate to fall back to (see checkpoint_steps)
+    checkpoint_eval: str = "lazy"      # "lazy": their held-out metrics only when the gate needs them
+                                       # (evaluate_checkpoints); "eager": during the run, one pass each
     beta: float = 0.1
     lambda_d: float | None = None      # pin the weights (the other defaults to 1 when only one is given)
     lambda_u: float | None = None
@@ -225,14 +227,16 @@ def _eval_heldout(policy: dict, ref: dict, heldout: list[Example], beta: float, 
 def _keep_checkpoint(model: Any, d: Path, step: int, total: int, heldout: list[Example], h_keys: list,
                      h_ref: dict, served_metrics: dict | None, cfg: TrainConfig, lam_d: float, lam_u: float,
                      pad_id: int, batch_tokens: int) -> dict[str, Any]:
-    """Save the adapter as it is after `step` with its own held-out metrics (same pairs, same base reference as
-    the final adapter's, so the gate compares like with like). Returns its entry for the run manifest."""
+    """Save the adapter as it is after `step`, with its own held-out metrics (same pairs, same base reference as
+    the final adapter's, so the gate compares like with like) unless they are left for evaluate_checkpoints.
+    Returns its entry for the run manifest."""
     model.eval()
     metrics = None
-    if h_keys:
+    if h_keys and cfg.checkpoint_eval == "eager":
         metrics = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens), h_ref, heldout,
                                 cfg.beta, lam_d, lam_u)
-    entry = {"step": step, "steps": total, "path": f"checkpoints/step-{step}", "heldout_new": metrics}
+    entry = {"step": step, "steps": total, "path": f"checkpoints/step-{step}", "heldout_new": metrics,
+             "heldout_pending": bool(h_keys) and metrics is None}
     d.parent.mkdir(parents=True, exist_ok=True)
     save_adapter(model, d, {
         "checkpoint": entry, "base_model": str(cfg.model_dir), "reference": cfg.reference,
@@ -255,7 +259,8 @@ def checkpoint_steps(lr_multipliers: list[float], n: int) -> list[int]:
 
     Why keep them: the promotion gate judges the final adapter; when it moved too far (the capability guard
     refuses it, or the held-out side test does), an earlier point of the same run is often the strongest adapter
-    that is still safe. Each costs one held-out pass and a ~10 MB save, far less than a new training run.
+    that is still safe. Each costs a ~10 MB save, plus one held-out pass only in a run whose final adapter the gate
+    refused (evaluate_checkpoints), far less than a new training run.
     """
     total = sum(lr_multipliers)
     if n < 1 or len(lr_multipliers) < 2 or total <= 0:
@@ -300,6 +305,69 @@ def write_adapter_atomically(model: Any, out: Path, manifest: dict[str, Any],
         raise
 
 
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
+    """Held-out metrics for a lazy run's checkpoints, written into the run's manifest and each checkpoint's own.
+
+    Why later: the gate needs a checkpoint only when it refuses the final adapter, which most runs do not; each
+    checkpoint's pass (matched and KL pairs of the held-out set) is skipped in those runs. When one is needed, this
+    rebuilds the same held-out split from the run's snapshot (checked against its sha256), the same base
+    reference and the same batching, so the metrics are those the run itself would have written. Returns the
+    updated manifest (unchanged when nothing is pending).
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    out = Path(adapter_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    pending = [c for c in manifest.get("checkpoints") or [] if c.get("heldout_pending")]
+    if not pending:
+        return manifest
+    t0 = time.time()
+    hp = manifest["hyperparameters"]
+    tok = load_tokenizer(manifest["base_model"])
+    data = build_dataset(manifest["snapshot"], tok, hp["max_length"], hp["heldout_fraction"], hp["max_examples"])
+    if data.data_sha256 != manifest["data_sha256"]:
+        raise SnapshotError(f"snapshot {manifest['snapshot']} changed since the run (sha256 differs)")
+    heldout = data.heldout
+    if len(heldout) != manifest["heldout"]["n"]:
+        raise SnapshotError(f"held-out split differs from the run's ({len(heldout)} vs {manifest['heldout']['n']})")
+    h_matched, h_kl = _heldout_pairs(heldout)
+    h_keys = h_matched + h_kl
+    batch_tokens = hp["batch_size"] * hp["max_length"]
+    model = load_policy(manifest["base_model"], resume_from=out / pending[0]["path"],
+                        dtype=resolve_dtype(hp["dtype"]), attention_backward=hp["attention_backward"])
+    model.eval()
+    pad_id = tok.pad_token_id
+    with model.disable_adapter():
+        h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+    from peft import set_peft_model_state_dict
+
+    for i, entry in enumerate(pending):
+        d = out / entry["path"]
+        if i > 0:  # same layers, same rank: swap the weights into the loaded adapter
+            set_peft_model_state_dict(model, load_file(str(d / "adapter_model.safetensors")))
+        entry["heldout_new"] = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens),
+                                             h_ref, heldout, manifest["beta"], manifest["lambda_d"],
+                                             manifest["lambda_u"])
+        entry["heldout_pending"] = False
+        own = json.loads((d / "manifest.json").read_text())
+        own["checkpoint"] = entry
+        own["heldout"]["new"] = entry["heldout_new"]
+        _write_json_atomically(d / "manifest.json", own)
+    manifest["checkpoint_eval_seconds"] = round(time.time() - t0, 3)
+    _write_json_atomically(out / "manifest.json", manifest)
+    return manifest
+
+
 # ---------------------------------------------------------------------------------------------- the run
 def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train and write the adapter; returns the manifest. Raises SnapshotError (bad input), TrainingDiverged."""
@@ -316,6 +384,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         raise SnapshotError("--batch-size must be at least 2 (KL pairs are formed inside a batch)")
     if cfg.trim_every < 0:
         raise SnapshotError(f"--trim-every must be 0 or more, got {cfg.trim_every}")
+    if cfg.checkpoint_eval not in ("lazy", "eager"):
+        raise SnapshotError(f"--checkpoint-eval must be lazy or eager, got {cfg.checkpoint_eval!r}")
 
     tok = load_tokenizer(cfg.model_dir)
     pad_id = tok.pad_token_id

@@ -195,12 +195,16 @@ class Realigner:
 
         final = {"name": "final", "step": None, "dir": out, "heldout_new": (manifest.get("heldout") or {}).get("new")}
         earlier = [{"name": f"step {c['step']}/{c['steps']}", "step": c["step"], "dir": out / c["path"],
-                    "heldout_new": c.get("heldout_new")}
+                    "heldout_new": c.get("heldout_new"), "pending": bool(c.get("heldout_pending"))}
                    for c in reversed(manifest.get("checkpoints") or []) if (out / c["path"]).is_dir()]
         served_metrics = (manifest.get("heldout") or {}).get("served")
         verdicts: list[dict[str, Any]] = []
         for cand in [final, *earlier]:
+            if cand.get("pending"):  # the final adapter was refused: now the checkpoints' metrics are worth a pass
+                self._evaluate_checkpoints(out, manifest, earlier, progress)
             ok, reason = should_promote(cand["heldout_new"], served_metrics, self.min_gain)
+            if cand["heldout_new"] is None and manifest.get("checkpoint_eval_error"):
+                reason = f"not promoted: {manifest['checkpoint_eval_error']}"
             verdict: dict[str, Any] = {"candidate": cand["name"], "step": cand["step"], "promoted": False}
             verdicts.append(verdict)
             version, guard = None, None
@@ -235,6 +239,42 @@ class Realigner:
         if len(verdicts) > 1:
             reason += f" (so were the run's {len(verdicts) - 1} earlier checkpoint{'s' * (len(verdicts) > 2)})"
         return False, reason, None
+
+    def _evaluate_checkpoints(self, out: Path, manifest: dict[str, Any], earlier: list[dict[str, Any]],
+                              progress: Progress | None) -> None:
+        """Run `python -m aligner.checkpoints` on a lazy run's adapter (all its pending checkpoints in one child:
+        the model loads once) and copy the metrics it wrote into `manifest` and the candidates. A failure is
+        recorded; the candidates then stay without metrics, which the gate refuses with that reason."""
+        for c in earlier:
+            c["pending"] = False
+        self._emit(progress, event="phase", phase="checkpoint_eval")
+        cmd = [sys.executable, "-m", "aligner.checkpoints", str(out)]
+        nice = shutil.which("nice")
+        if self.niceness and nice:
+            cmd = [nice, "-n", str(self.niceness)] + cmd
+        log_path = out.parent / "checkpoints_eval.log"
+        t0 = time.monotonic()
+        try:
+            with open(log_path, "w") as log:
+                proc = self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                try:
+                    rc = proc.wait(timeout=self.timeout_s or None)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    rc = None
+            if rc != 0:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RunFailed(f"exit code {rc}: {' | '.join(tail)[-800:] or 'no output'} (log: {log_path})")
+            fresh = json.loads((out / "manifest.json").read_text())
+        except (OSError, ValueError, RunFailed) as e:
+            manifest["checkpoint_eval_error"] = f"checkpoint evaluation failed: {e}"
+            return
+        by_step = {c["step"]: c for c in fresh.get("checkpoints") or []}
+        for c in earlier:
+            c["heldout_new"] = (by_step.get(c["step"]) or {}).get("heldout_new")
+        manifest["checkpoints"] = fresh.get("checkpoints")
+        manifest["checkpoint_eval_seconds"] = round(time.monotonic() - t0, 3)  # child start-up and model load too
 
     def _adapter_dir_of(self, version: str | None) -> Path | None:
         if not version or version == "base":
@@ -322,6 +362,7 @@ class Realigner:
                 lambda_d=m.get("lambda_d"), lambda_u=m.get("lambda_u"),
                 metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
                          "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
+                         "checkpoint_eval_seconds": m.get("checkpoint_eval_seconds"),
                          "capability_guard": m.get("capability_guard"), "candidates": m.get("candidates"),
                          "promoted_checkpoint": m.get("promoted_checkpoint"),
                          "promoted": promoted, "reason": reason, "version": version},

@@ -354,6 +354,7 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
         "lambda_D": m.get("lambda_d"), "lambda_U": m.get("lambda_u"),
         "z0_pre_clamp": m.get("z0_pre_clamp_mean"), "z0": m.get("z0_mean"),
         "train_seconds": m.get("train_seconds"), "checkpoint_seconds": m.get("checkpoint_seconds"),
+        "checkpoint_eval_seconds": m.get("checkpoint_eval_seconds"),  # lazy checkpoints, only if the gate needed them
         "aligner_phase_seconds": m.get("phase_seconds"),  # load, reference, held-out passes, train, checkpoints
         "gate_heldout": m.get("heldout"),
         "capability_guard": m.get("capability_guard"),  # None when the gate refused first or the guard is off

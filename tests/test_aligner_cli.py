@@ -76,8 +76,10 @@ def test_checkpoint_steps_are_evenly_spaced_in_cumulative_learning_rate():
     assert train_mod.checkpoint_steps([1.0], 3) == [] and train_mod.checkpoint_steps(decay, 0) == []
 
 
-def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_metrics(trained, tiny_model_dir,
-                                                                                     tmp_path):
+def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_metrics(trained, snapshot,
+                                                                                     tiny_model_dir, tmp_path):
+    import shutil
+
     from serving.registry import AdapterRegistry
 
     m = json.loads((trained / "manifest.json").read_text())
@@ -88,20 +90,62 @@ def test_keeps_earlier_checkpoints_that_vllm_can_load_with_their_own_heldout_met
         [train_mod._lr_at(s, total, warmup) for s in range(total)], 3)
     assert len(m["checkpoints"]) == 3 and m["checkpoint_seconds"] > 0  # timed apart from training
     assert m["hyperparameters"]["dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
+    # lazy (the default): saved, their held-out pass left until the gate needs one
+    assert all(c["heldout_new"] is None and c["heldout_pending"] for c in m["checkpoints"])
+
+    lazy = tmp_path / "lazy"
+    shutil.copytree(trained, lazy)
+    proc = subprocess.run([sys.executable, "-m", "aligner.checkpoints", str(lazy)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["evaluated"] == [c["step"] for c in m["checkpoints"]]
+    m = json.loads((lazy / "manifest.json").read_text())
+    assert m["checkpoint_eval_seconds"] > 0 and not any(c["heldout_pending"] for c in m["checkpoints"])
+    assert train_mod.evaluate_checkpoints(lazy) == m  # nothing left to do: unchanged
+
+    # the same run with eager checkpoints: the lazy metrics are the ones the run itself would have written
+    eager = tmp_path / "eager"
+    assert cli.main(["--snapshot", str(snapshot), "--out", str(eager), "--model-dir", str(tiny_model_dir), *FAST,
+                     "--checkpoint-eval", "eager"]) == 0
+    me = json.loads((eager / "manifest.json").read_text())
+    for c, ce in zip(m["checkpoints"], me["checkpoints"], strict=True):
+        assert c["step"] == ce["step"] and not ce["heldout_pending"]
+        assert c["heldout_new"]["correct_side"] == ce["heldout_new"]["correct_side"]
+        for k in ("margin", "loss", "z0_pre_clamp", "frac_correct_side"):
+            assert c["heldout_new"][k] == pytest.approx(ce["heldout_new"][k], abs=1e-5), k
+
     registry = AdapterRegistry("http://127.0.0.1:9", tmp_path / "state.json", max_lora_rank=16,
                                base_model_dir=tiny_model_dir)
-    final = load_file(trained / "adapter_model.safetensors")
+    final = load_file(lazy / "adapter_model.safetensors")
     for c in m["checkpoints"]:
-        d = trained / c["path"]
+        d = lazy / c["path"]
         registry.validate(d)  # the gate may promote it: it must be servable on its own
         assert set(c["heldout_new"]) >= {"margin", "frac_correct_side", "correct_side"}
         assert len(c["heldout_new"]["correct_side"]) == m["heldout"]["n"]
         own = json.loads((d / "manifest.json").read_text())
         assert own["checkpoint"] == c and own["heldout"]["served"] == m["heldout"]["served"]
+        assert own["heldout"]["new"] == c["heldout_new"]
         w = load_file(d / "adapter_model.safetensors")
         assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k), f"step {c['step']} moved the adapter"
         assert any(not torch.equal(w[k], final[k]) for k in final), f"step {c['step']} differs from the final"
     assert not [p for p in trained.parent.iterdir() if ".ckpt-" in p.name], "no staging directory left behind"
+
+
+def test_checkpoint_evaluation_refuses_a_changed_snapshot(trained, tmp_path):
+    import shutil
+
+    lazy = tmp_path / "lazy"
+    shutil.copytree(trained, lazy)
+    m = json.loads((lazy / "manifest.json").read_text())
+    m["data_sha256"] = "0" * 64
+    (lazy / "manifest.json").write_text(json.dumps(m))
+    proc = subprocess.run([sys.executable, "-m", "aligner.checkpoints", str(lazy)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "changed since the run" in proc.stderr
+    assert all(c["heldout_pending"] for c in json.loads((lazy / "manifest.json").read_text())["checkpoints"])
+    proc = subprocess.run([sys.executable, "-m", "aligner.checkpoints", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no manifest.json" in proc.stderr
 
 
 def test_no_checkpoints_when_asked_for_none(snapshot, tiny_model_dir, tmp_path):

@@ -193,6 +193,23 @@ def test_capability_guard_refusal_keeps_the_served_version_and_is_recorded(tiny_
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_a_promoted_final_adapter_never_pays_for_its_checkpoints(tiny_model_dir: Path, tmp_path: Path):
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9, lora_rank=8,
+                   extra_args=["--max-steps", "3", "--batch-size", "2", "--holdout-fraction", "0.25"])
+    _rate(store, "a", 20, "base")
+    out = rl.run("operator")
+    assert out.promoted and out.version == "kto-v1", out.reason
+    m = out.manifest
+    assert len(m["checkpoints"]) == 2 and all(c["heldout_pending"] and c["heldout_new"] is None
+                                              for c in m["checkpoints"])
+    assert "checkpoint_eval_seconds" not in m and [c["candidate"] for c in m["candidates"]] == ["final"]
+    assert not (tmp_path / "runs" / f"run-{out.run_id}" / "checkpoints_eval.log").exists()
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_model_dir: Path, tmp_path: Path):
     """The final adapter forgot facts; the run's earlier checkpoints are offered newest first, each loaded under a
     new name and probed; the first that keeps the facts is served and the record says which and why."""
@@ -218,6 +235,9 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
     cands = refused.manifest["candidates"]
     assert [(c["candidate"], c["version"], c["promoted"]) for c in cands] == [
         ("final", "kto-v1", False), ("step 2/3", "kto-v2", False), ("step 1/3", "kto-v3", False)]
+    # the refusal made the checkpoints worth evaluating: one child evaluated both, before the first was offered
+    assert refused.manifest["checkpoint_eval_seconds"] > 0
+    assert all(c["heldout_new"] and not c["heldout_pending"] for c in refused.manifest["checkpoints"])
 
     _rate(store, "b", 20, "base")
     out = rl.run("operator")
@@ -234,4 +254,21 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
     import hashlib
     weights = (adapter / "checkpoints" / "step-1" / "adapter_model.safetensors").read_bytes()
     assert served["sha256"] == hashlib.sha256(weights).hexdigest()  # the checkpoint's own weights are recorded
+    store.close()
+
+
+def test_a_failed_checkpoint_evaluation_is_recorded_and_offers_nothing(tmp_path: Path):
+    """The child that evaluates checkpoints fails (here: the run directory lost its manifest): the reason is kept,
+    the candidates stay without metrics, so the gate refuses them with that reason instead of guessing."""
+    store = FeedbackStore(tmp_path / "f.duckdb")
+    rl = Realigner(store, Registry(), model_dir=tmp_path, work_dir=tmp_path / "runs")
+    out = tmp_path / "runs" / "run-x" / "adapter"
+    out.mkdir(parents=True)
+    manifest: dict = {}
+    earlier = [{"step": 2, "pending": True, "heldout_new": None}, {"step": 1, "pending": True, "heldout_new": None}]
+    rl._evaluate_checkpoints(out, manifest, earlier, None)
+    err = manifest["checkpoint_eval_error"]
+    assert err.startswith("checkpoint evaluation failed: exit code 2") and "holds no manifest.json" in err
+    assert all(c["heldout_new"] is None and not c["pending"] for c in earlier)  # tried once, not per candidate
+    assert (out.parent / "checkpoints_eval.log").is_file()
     store.close()
