@@ -6,8 +6,10 @@
 2. Two servers, started the same way but for KTO_LOOP_STOCK_SAMPLER=1 on one: 1, 16 and 32 chats sampling 64
    tokens each (ignore_eos) at temperature 0.7, top-p 0.95, on the base model and on a rank-16 adapter; rounds
    interleaved stock/ours/ours/stock. Tokens/s and median time to first token.
+3. `collect`: the simulator's workload on the same two servers: 96 chats of shipped prompts, 32 in flight, the
+   product's system prompt, answers of their own length up to 128 tokens; completion tokens/s over the wall time.
 
-    python benchmarks/sampler_bench.py [--rounds 2] [--out benchmarks/results/sampler_bench.json]
+    python benchmarks/sampler_bench.py [--parts function,server,collect] [--out ...sampler_bench.json]
 """
 
 from __future__ import annotations
@@ -120,31 +122,49 @@ def load(client: ChatClient, model: str, chats: int, texts: list[str]) -> dict:
     return {"tok_s": chats * TOKENS / dt, "ttft_s": statistics.median(r.time_to_first_token_s for r in results)}
 
 
+def collect_load(client: ChatClient, texts: list[str], chats: int = 96, workers: int = 32) -> dict:
+    """The simulator's collection: `workers` chats in flight, natural answer lengths (≤ 128 tokens)."""
+    sampling = SamplingParams(temperature=TEMPERATURE, top_p=TOP_P, max_tokens=128)
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as ex:
+        results = list(ex.map(lambda i: client.chat([system, {"role": "user", "content": texts[i % len(texts)]}],
+                                                    "base", sampling), range(chats)))
+    dt = time.perf_counter() - t0
+    tokens = sum(r.completion_tokens or 0 for r in results)
+    return {"tok_s": tokens / dt, "seconds": dt, "tokens": tokens, "chats": chats}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=1, help="rounds of four passes: stock/ours/ours/stock, then the "
                     "mirror order")
     ap.add_argument("--calls", type=int, default=40, help="function calls per batch size")
+    ap.add_argument("--parts", default="function,server,collect", help="comma-separated: function, server, collect")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sampler_bench.json")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir
     result: dict = {"benchmark": "sampler_bench", "machine": machine(), "temperature": TEMPERATURE, "top_p": TOP_P,
                     "tokens": TOKENS, "candidates": list(cpu_sampler.CANDIDATES)}
 
-    print("next-token distributions of the default model ...", flush=True)
-    pool = real_logits(model_dir)
-    result["nucleus"] = nucleus_sizes(pool)
-    print(f"  nucleus at p={TOP_P}: {result['nucleus']}", flush=True)
-    result["function"] = {}
-    for n in (1, 16, 32):
-        r = result["function"][str(n)] = time_function(pool, n, args.calls, seed=n)
-        print(f"  {n:2d} rows: stock {r['stock_ms']:.2f} ms, ours {r['ours_ms']:.2f} ms ({r['speedup']:.1f}x)",
-              flush=True)
-    del pool
+    ratios: dict[str, float] = {}
+    if "function" in parts:
+        print("next-token distributions of the default model ...", flush=True)
+        pool = real_logits(model_dir)
+        result["nucleus"] = nucleus_sizes(pool)
+        print(f"  nucleus at p={TOP_P}: {result['nucleus']}", flush=True)
+        result["function"] = {}
+        for n in (1, 16, 32):
+            r = result["function"][str(n)] = time_function(pool, n, args.calls, seed=n)
+            print(f"  {n:2d} rows: stock {r['stock_ms']:.2f} ms, ours {r['ours_ms']:.2f} ms ({r['speedup']:.1f}x)",
+                  flush=True)
+            ratios[f"function_speedup_{n}"] = r["speedup"]
+        del pool
 
-    texts = prompts(32)
+    texts, many = prompts(32), prompts(96)
     runs: dict[str, list[dict]] = {"stock": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -169,8 +189,12 @@ def main() -> None:
                     client = servers[name][1]
                     idle = servers["ours" if name == "stock" else "stock"][0]
                     rec, t_pass, idle_cpu = {}, time.perf_counter(), cpu_seconds(idle)
+                    if "collect" in parts:
+                        m = rec["collect"] = collect_load(client, many)
+                        print(f"  round {r} {name:5s} collect: {m['tok_s']:6.1f} tok/s ({m['tokens']} tokens in "
+                              f"{m['seconds']:.1f} s)", flush=True)
                     for model, label in (("base", "base"), (names[name], "adapter")):
-                        for chats in (1, 16, 32):
+                        for chats in ((1, 16, 32) if "server" in parts else ()):
                             m = load(client, model, chats, texts)
                             rec[f"{label}_{chats}"] = m
                             print(f"  round {r} {name:5s} {label:7s} x{chats:<2d}: {m['tok_s']:6.1f} tok/s, first "
@@ -183,10 +207,8 @@ def main() -> None:
     med = {name: {key: statistics.median(rec[key]["tok_s"] for rec in recs) for key in recs[0]
                   if key != "idle_server_cpu_share"} for name, recs in runs.items()}
     result["server_tok_s_median"] = med
-    result["ratios"] = {
-        **{f"function_speedup_{n}": result["function"][str(n)]["speedup"] for n in (1, 16, 32)},
-        **{f"server_tok_s_ours_over_stock_{key}": med["ours"][key] / med["stock"][key] for key in med["ours"]},
-    }
+    result["ratios"] = {**ratios, **{f"server_tok_s_ours_over_stock_{key}": med["ours"][key] / med["stock"][key]
+                                     for key in med["ours"]}}
     write_result(result, args.out, t_all)
 
 
