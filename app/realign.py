@@ -248,10 +248,7 @@ class Realigner:
         for c in earlier:
             c["pending"] = False
         self._emit(progress, event="phase", phase="checkpoint_eval")
-        cmd = [sys.executable, "-m", "aligner.checkpoints", str(out)]
-        nice = shutil.which("nice")
-        if self.niceness and nice:
-            cmd = [nice, "-n", str(self.niceness)] + cmd
+        cmd = self._niced([sys.executable, "-m", "aligner.checkpoints", str(out)])
         log_path = out.parent / "checkpoints_eval.log"
         t0 = time.monotonic()
         try:
@@ -298,11 +295,12 @@ class Realigner:
         if self.anchor_weight > 0:
             cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
                     "--anchor-cache", str(self.work_dir / "anchor-cache")]
-        cmd += self.extra_args
+        return self._niced(cmd + self.extra_args)
+
+    def _niced(self, cmd: list[str]) -> list[str]:
+        """An aligner child's command at the configured niceness: chats keep the CPU first."""
         nice = shutil.which("nice")
-        if self.niceness and nice:
-            cmd = [nice, "-n", str(self.niceness)] + cmd
-        return cmd
+        return [nice, "-n", str(self.niceness), *cmd] if self.niceness and nice else cmd
 
     def _train(self, snapshot: Path, out: Path, served_dir: Path | None, progress: Progress | None,
                resume_dir: Path | None = None) -> None:

@@ -272,3 +272,19 @@ def test_a_failed_checkpoint_evaluation_is_recorded_and_offers_nothing(tmp_path:
     assert all(c["heldout_new"] is None and not c["pending"] for c in earlier)  # tried once, not per candidate
     assert (out.parent / "checkpoints_eval.log").is_file()
     store.close()
+
+
+def test_aligner_children_run_at_the_configured_niceness(tmp_path: Path):
+    """Training and checkpoint evaluation both yield the CPU to chats (nice 10 by default); 0 means as is."""
+    import shutil
+    import sys
+
+    store = FeedbackStore(tmp_path / "f.duckdb")
+    snap, out = tmp_path / "s.parquet", tmp_path / "adapter"
+    niced = Realigner(store, Registry(), model_dir=tmp_path, work_dir=tmp_path / "runs")
+    assert niced.command(snap, out, None)[:4] == [shutil.which("nice"), "-n", "10", sys.executable]
+    plain = Realigner(store, Registry(), model_dir=tmp_path, work_dir=tmp_path / "runs", niceness=0,
+                      extra_args=["--max-steps", "2"])
+    cmd = plain.command(snap, out, None)
+    assert cmd[:3] == [sys.executable, "-m", "aligner"] and cmd[-2:] == ["--max-steps", "2"]
+    store.close()
