@@ -6,26 +6,25 @@ which re-imports this module as `__mp_main__` in every child, so the kernels are
 Set KTO_LOOP_STOCK_LORA=1 or KTO_LOOP_STOCK_SAMPLER=1 to measure the stock ones.
 """
 
+import importlib
 import os
 import sys
 
-if os.environ.get("KTO_LOOP_STOCK_LORA", "") not in {"1", "true", "True"}:
+
+def _install(module: str, stock_env: str, installed: str, kept: str) -> None:
+    """Install one replacement unless `stock_env` asks for vLLM's own. A vLLM layout we don't know keeps vLLM's
+    (serving with the stock code beats not serving at all)."""
+    if os.environ.get(stock_env, "") in {"1", "true", "True"}:
+        return
     try:
-        from serving.cpu_lora import install as _install
+        if importlib.import_module(module).install():
+            print(f"kto-loop: {installed} installed (pid {os.getpid()})", file=sys.stderr, flush=True)
+    except (ImportError, AttributeError) as e:
+        print(f"kto-loop: {kept} kept ({e})", file=sys.stderr, flush=True)
 
-        if _install():
-            print(f"kto-loop: fast CPU LoRA kernels installed (pid {os.getpid()})", file=sys.stderr, flush=True)
-    except ImportError as e:  # a vLLM layout we don't know: serve with the stock kernels rather than not at all
-        print(f"kto-loop: stock LoRA kernels kept ({e})", file=sys.stderr, flush=True)
 
-if os.environ.get("KTO_LOOP_STOCK_SAMPLER", "") not in {"1", "true", "True"}:
-    try:
-        from serving.cpu_sampler import install as _install_sampler
-
-        if _install_sampler():
-            print(f"kto-loop: sort-free top-p sampler installed (pid {os.getpid()})", file=sys.stderr, flush=True)
-    except (ImportError, AttributeError) as e:  # a vLLM layout we don't know: its own sampler still works
-        print(f"kto-loop: stock sampler kept ({e})", file=sys.stderr, flush=True)
+_install("serving.cpu_lora", "KTO_LOOP_STOCK_LORA", "fast CPU LoRA kernels", "stock LoRA kernels")
+_install("serving.cpu_sampler", "KTO_LOOP_STOCK_SAMPLER", "sort-free top-p sampler", "stock sampler")
 
 if __name__ == "__main__":
     # Call the entry point in-process: `sys.modules["__main__"]` must stay this module, or spawned children
