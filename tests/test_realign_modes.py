@@ -235,9 +235,14 @@ def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_mod
     cands = refused.manifest["candidates"]
     assert [(c["candidate"], c["version"], c["promoted"]) for c in cands] == [
         ("final", "kto-v1", False), ("step 2/3", "kto-v2", False), ("step 1/3", "kto-v3", False)]
-    # the refusal made the checkpoints worth evaluating: one child evaluated both, before the first was offered
-    assert refused.manifest["checkpoint_eval_seconds"] > 0
-    assert all(c["heldout_new"] and not c["heldout_pending"] for c in refused.manifest["checkpoints"])
+    # the refusal made the checkpoints worth evaluating: one child evaluated both, before the first was offered;
+    # answer ids are random, so the hash split may leave < 2 held-out examples: then there is nothing to evaluate
+    if refused.manifest["heldout"]["n"] >= 2:
+        assert refused.manifest["checkpoint_eval_seconds"] > 0
+        assert all(c["heldout_new"] and not c["heldout_pending"] for c in refused.manifest["checkpoints"])
+    else:
+        assert "checkpoint_eval_seconds" not in refused.manifest
+        assert not any(c["heldout_pending"] for c in refused.manifest["checkpoints"])
 
     _rate(store, "b", 20, "base")
     out = rl.run("operator")
