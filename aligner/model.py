@@ -52,12 +52,27 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tok
 
 
+def check_first_lora_layer(k: int, n_layers: int) -> None:
+    if not 0 <= k < n_layers:
+        raise ValueError(f"first LoRA layer must be in [0, {n_layers - 1}] for this model, got {k}")
+
+
+def num_layers(model_dir: str | Path) -> int:
+    """Decoder layers of a local model, from its config (no weights loaded: flags are checked before the load)."""
+    import json
+
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+
+
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
                 resume_from: str | Path | None = None, dtype: torch.dtype | None = None,
-                target_modules: Sequence[str] | None = None, attention_backward: str = "matmul") -> Any:
+                target_modules: Sequence[str] | None = None, attention_backward: str = "matmul",
+                first_lora_layer: int = 0) -> Any:
     """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
     adapter weights train in float32. `target_modules` (a fresh adapter's linear layers) defaults to LLAMA_LINEAR.
     Attention is SDPA; `attention_backward` picks how its gradient is computed (aligner/attention.py).
+    `first_lora_layer` k > 0 puts a fresh adapter in decoder layers k.. only (PEFT's `layers_to_transform`; vLLM
+    loads it as any adapter, the lower layers getting no LoRA term); see `Prefix` for what that saves.
 
     Where bf16 is native, bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32
     master weights and no per-step weight casts; only the ~5M adapter parameters need full precision for the
@@ -73,8 +88,11 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
     if resume_from is not None:
         model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     else:
+        n_layers = base.config.num_hidden_layers
+        check_first_lora_layer(first_lora_layer, n_layers)
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
                          lora_dropout=0.0, bias="none", target_modules=list(target_modules or LLAMA_LINEAR),
+                         layers_to_transform=list(range(first_lora_layer, n_layers)) if first_lora_layer else None,
                          task_type="CAUSAL_LM")
         model = get_peft_model(base, cfg)
     if dtype != torch.float32:  # under bf16 autocast: skip PEFT's bf16→fp32 copy of every adapter input
@@ -145,25 +163,112 @@ def _tile_logps(head: Any, h: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return -F.cross_entropy(head(h).float(), targets, reduction="none")
 
 
+# ---------------------------------------------------------------------------------------------- shared prefix
+def shared_prefix_layers(model: Any) -> int:
+    """How many leading decoder layers hold no LoRA module of any loaded adapter.
+
+    Their output is the same for the policy, the reference and every loaded adapter, at every step: a run whose
+    adapter starts at layer k (`load_policy(first_lora_layer=k)`) computes it once per sequence, in the
+    reference pass (`Prefix`), and every later pass over that sequence starts at layer k. Exact, not an
+    approximation; it is checked at each use, so an adapter reaching lower (a resumed or served one) just runs
+    the whole model.
+    """
+    backbone, _ = _backbone_and_head(model)
+    for i, layer in enumerate(backbone.layers):
+        if any("lora_" in n for n, _ in layer.named_parameters()):
+            return i
+    return len(backbone.layers)
+
+
+class Prefix:
+    """Hidden states entering decoder layer `layers`, one [len, H] tensor per sequence key, within a byte budget.
+
+    Why: with the adapter in the upper layers only, a training step needs the lower layers' output of each
+    sequence but never their gradient; the reference pass computes it anyway. Keeping it turns every later
+    forward into a (L − k)/L-layer one and the backward stops at layer k.
+    """
+
+    def __init__(self, layers: int, budget_bytes: int) -> None:
+        self.layers, self.budget, self.used = layers, budget_bytes, 0
+        self.hidden: dict[Any, torch.Tensor] = {}
+
+    def usable(self, model: Any) -> bool:
+        return self.layers > 0 and shared_prefix_layers(model) >= self.layers
+
+    def get(self, keys: Sequence[Any]) -> list[torch.Tensor] | None:
+        """The cached states of all `keys`, or None if any is missing (that batch runs the whole model)."""
+        if not keys or any(k not in self.hidden for k in keys):
+            return None
+        return [self.hidden[k] for k in keys]
+
+    def put(self, keys: Sequence[Any], hidden: Sequence[torch.Tensor]) -> None:
+        for k, h in zip(keys, hidden, strict=True):
+            size = h.numel() * h.element_size()
+            if k not in self.hidden and self.used + size <= self.budget:
+                self.hidden[k] = h
+                self.used += size
+
+
+@contextlib.contextmanager
+def _layers_from(backbone: Any, k: int):
+    """The backbone with its decoder layers k.. only (its forward takes the layer-k input as `inputs_embeds`)."""
+    layers = backbone.layers
+    backbone.layers = layers[k:]
+    try:
+        yield
+    finally:
+        backbone.layers = layers
+
+
 def _completion_hidden(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                       autocast: bool | None) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+                       autocast: bool | None, start: tuple[int, Sequence[torch.Tensor]] | None = None,
+                       capture: tuple[int, list[torch.Tensor]] | None = None,
+                       ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
     """(LM head, hidden states at the completion-predicting positions [N, H], their rows, their targets, the
     autocast context the head must run under). `autocast` (bf16) defaults to on when the base weights are bf16,
-    which the float32 adapters need, else off."""
+    which the float32 adapters need, else off.
+
+    `start=(k, states)`: run from decoder layer k on these per-sequence layer-k inputs (see `Prefix`).
+    `capture=(k, out)`: append each sequence's layer-k input to `out` (call under no_grad, not inference mode:
+    the states are reused in passes with gradient).
+    """
     backbone, head = _backbone_and_head(model)
     if autocast is None:
         autocast = head.weight.dtype == torch.bfloat16
     ids, rows, cols, targets = pad_batch(seqs, pad_id)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     with ctx():
-        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        if start is not None:
+            k, states = start
+            x = states[0].new_zeros(ids.shape[0], ids.shape[1], states[0].shape[-1])  # right padding, as ids
+            for b, h in enumerate(states):
+                x[b, :h.shape[0]] = h
+            with _layers_from(backbone, k):
+                hidden = backbone(inputs_embeds=x, use_cache=False).last_hidden_state
+        elif capture is not None:
+            k, out = capture
+            lengths = [len(p) + len(c) for p, c in seqs]
+
+            def keep(_module: Any, _args: Any, output: Any) -> None:
+                h = output[0] if isinstance(output, tuple) else output
+                out.extend(h[b, :n].clone() for b, n in enumerate(lengths))
+
+            hook = backbone.layers[k - 1].register_forward_hook(keep)
+            try:
+                hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            finally:
+                hook.remove()
+        else:
+            hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
     return head, hidden[rows, cols], rows, targets, ctx
 
 
 def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                     autocast: bool | None = None) -> torch.Tensor:
-    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair."""
-    head, picked, rows, targets, ctx = _completion_hidden(model, seqs, pad_id, autocast)
+                     autocast: bool | None = None, start: tuple[int, Sequence[torch.Tensor]] | None = None,
+                     capture: tuple[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """Σ log π(y_t | x, y_<t) over completion tokens, one float32 value per (prompt, completion) pair.
+    `start` / `capture`: see _completion_hidden."""
+    head, picked, rows, targets, ctx = _completion_hidden(model, seqs, pad_id, autocast, start, capture)
     token_logps = []
     with ctx():
         for s in range(0, picked.shape[0], LM_HEAD_TILE):
@@ -178,13 +283,14 @@ def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pa
 
 
 def completion_log_softmax(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                           autocast: bool | None = None) -> torch.Tensor:
+                           autocast: bool | None = None,
+                           start: tuple[int, Sequence[torch.Tensor]] | None = None) -> torch.Tensor:
     """log π(· | x, y_<t) over the whole vocabulary at every completion position, [N positions, V], float32.
 
     For the anchor term (aligner/anchor.py), which compares whole next-token distributions; kept to short
     sequences, so the [N, V] tensor is small (4 answers of 64 tokens: 256 × 49k floats, ~50 MB).
     """
-    head, picked, _, _, ctx = _completion_hidden(model, seqs, pad_id, autocast)
+    head, picked, _, _, ctx = _completion_hidden(model, seqs, pad_id, autocast, start)
     with ctx():
         logits = head(picked)
     return F.log_softmax(logits.float(), dim=-1)

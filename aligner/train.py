@@ -33,7 +33,17 @@ from aligner import anchor, balance
 from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
 from aligner.loss import kto_loss, rotation
-from aligner.model import adapter_rank, completion_logps, load_policy, load_tokenizer, resolve_dtype
+from aligner.model import (
+    Prefix,
+    adapter_rank,
+    check_first_lora_layer,
+    completion_logps,
+    load_policy,
+    load_tokenizer,
+    num_layers,
+    resolve_dtype,
+    shared_prefix_layers,
+)
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -54,6 +64,9 @@ class TrainConfig:
     lora_alpha: float | None = None    # default 2 × rank
     max_lora_rank: int = 16            # vLLM's --max-lora-rank: a larger adapter would be refused at load time
     target_modules: list[str] | None = None  # fresh adapter's layers; None = model.LLAMA_LINEAR (all of them)
+    first_lora_layer: int = 0          # a fresh adapter in decoder layers k.. only; the layers below run once per
+                                       # sequence (model.Prefix)
+    prefix_cache_mb: int = 2048        # memory for those layers' outputs; sequences beyond it run the whole model
     epochs: int = 1                    # 1 epoch at 2.5e-4: see the next line
     batch_size: int = 8                # per process, per micro-batch
     grad_accum: int = 1
@@ -139,22 +152,39 @@ def _resolve_lambdas(cfg: TrainConfig, n_d: int, n_u: int) -> tuple[float, float
 
 
 def _logps_for(model: Any, keys: list[tuple[int, int]], prompts: list[Example], completions: list[Example],
-               pad_id: int, batch_tokens: int) -> dict[tuple[int, int], float]:
-    """No-grad log-probs for (prompt index, completion index) pairs, batched by similar length."""
+               pad_id: int, batch_tokens: int, prefix: Prefix | None = None,
+               tag: str = "train") -> dict[tuple[int, int], float]:
+    """No-grad log-probs for (prompt index, completion index) pairs, batched by similar length.
+
+    With a usable `prefix`, a batch whose layer-k states are cached starts at layer k; any other batch runs the
+    whole model and leaves its states in the cache (keyed (tag, i, j)) for the passes after it."""
     def length(k: tuple[int, int]) -> int:
         return len(prompts[k[0]].prompt_ids) + len(completions[k[1]].completion_ids)
 
     keys = sorted(set(keys), key=length)
     out: dict[tuple[int, int], float] = {}
+    prefix = prefix if prefix is not None and prefix.usable(model) else None
     s = 0
-    with torch.inference_mode():  # the values leave as Python floats: no tensor of this pass meets autograd
+    # Inference mode where we can: the values leave as Python floats. States kept for later passes with gradient
+    # must not be inference tensors, hence plain no_grad when the prefix cache is filled.
+    with torch.no_grad() if prefix is not None else torch.inference_mode():
         while s < len(keys):
             e = s + 1
             while e < len(keys) and (e + 1 - s) * length(keys[e]) <= batch_tokens:
                 e += 1
             chunk = keys[s:e]
             seqs = [(prompts[i].prompt_ids, completions[j].completion_ids) for i, j in chunk]
-            for k, v in zip(chunk, completion_logps(model, seqs, pad_id).tolist(), strict=True):
+            tagged = [(tag, i, j) for i, j in chunk]
+            states = prefix.get(tagged) if prefix is not None else None
+            if states is not None:
+                lp = completion_logps(model, seqs, pad_id, start=(prefix.layers, states))
+            elif prefix is not None:
+                captured: list[torch.Tensor] = []
+                lp = completion_logps(model, seqs, pad_id, capture=(prefix.layers, captured))
+                prefix.put(tagged, captured)
+            else:
+                lp = completion_logps(model, seqs, pad_id)
+            for k, v in zip(chunk, lp.tolist(), strict=True):
                 out[k] = v
             s = e
     return out
@@ -196,16 +226,25 @@ def _trim_heap() -> None:
 
 
 def _kl_sum(model: Any, mbs: list[MicroBatch], train: list[Example], ref: dict[tuple[int, int], float],
-            pad_id: int) -> torch.Tensor:
+            pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
     """(Σ policy−reference log-ratio, count) over the mismatched pairs of these micro-batches, without gradient."""
     kl_sum = torch.zeros(2)
     with torch.inference_mode():
         for mb in mbs:
             pairs = list(zip(mb.examples, mb.partners, strict=True))
-            lp = completion_logps(model, [(train[i].prompt_ids, train[j].completion_ids) for i, j in pairs], pad_id)
+            seqs = [(train[i].prompt_ids, train[j].completion_ids) for i, j in pairs]
+            lp = completion_logps(model, seqs, pad_id, start=_start(prefix, model, [("train", *k) for k in pairs]))
             kl = lp - torch.tensor([ref[k] for k in pairs])
             kl_sum += torch.stack([kl.sum(), torch.tensor(float(kl.numel()))])
     return kl_sum
+
+
+def _start(prefix: Prefix | None, model: Any, keys: list) -> tuple[int, list[torch.Tensor]] | None:
+    """Where a pass over these cached sequences may start (model.completion_logps `start`); None = layer 0."""
+    if prefix is None or not prefix.usable(model):
+        return None
+    states = prefix.get(keys)
+    return None if states is None else (prefix.layers, states)
 
 
 def _heldout_pairs(heldout: list[Example]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -226,15 +265,15 @@ def _eval_heldout(policy: dict, ref: dict, heldout: list[Example], beta: float, 
 
 def _keep_checkpoint(model: Any, d: Path, step: int, total: int, heldout: list[Example], h_keys: list,
                      h_ref: dict, served_metrics: dict | None, cfg: TrainConfig, lam_d: float, lam_u: float,
-                     pad_id: int, batch_tokens: int) -> dict[str, Any]:
+                     pad_id: int, batch_tokens: int, prefix: Prefix | None = None) -> dict[str, Any]:
     """Save the adapter as it is after `step`, with its own held-out metrics (same pairs, same base reference as
     the final adapter's, so the gate compares like with like) unless they are left for evaluate_checkpoints.
     Returns its entry for the run manifest."""
     model.eval()
     metrics = None
     if h_keys and cfg.checkpoint_eval == "eager":
-        metrics = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens), h_ref, heldout,
-                                cfg.beta, lam_d, lam_u)
+        metrics = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout"),
+                                h_ref, heldout, cfg.beta, lam_d, lam_u)
     entry = {"step": step, "steps": total, "path": f"checkpoints/step-{step}", "heldout_new": metrics,
              "heldout_pending": bool(h_keys) and metrics is None}
     d.parent.mkdir(parents=True, exist_ok=True)
@@ -347,15 +386,17 @@ def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
                         dtype=resolve_dtype(hp["dtype"]), attention_backward=hp["attention_backward"])
     model.eval()
     pad_id = tok.pad_token_id
+    prefix = Prefix(shared_prefix_layers(model), hp.get("prefix_cache_mb", 2048) << 20)
     with model.disable_adapter():
-        h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+        h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
     from peft import set_peft_model_state_dict
 
     for i, entry in enumerate(pending):
         d = out / entry["path"]
         if i > 0:  # same layers, same rank: swap the weights into the loaded adapter
             set_peft_model_state_dict(model, load_file(str(d / "adapter_model.safetensors")))
-        entry["heldout_new"] = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens),
+        entry["heldout_new"] = _eval_heldout(_logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens,
+                                                        prefix, "heldout"),
                                              h_ref, heldout, manifest["beta"], manifest["lambda_d"],
                                              manifest["lambda_u"])
         entry["heldout_pending"] = False
@@ -386,6 +427,12 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         raise SnapshotError(f"--trim-every must be 0 or more, got {cfg.trim_every}")
     if cfg.checkpoint_eval not in ("lazy", "eager"):
         raise SnapshotError(f"--checkpoint-eval must be lazy or eager, got {cfg.checkpoint_eval!r}")
+    if cfg.prefix_cache_mb < 0:
+        raise SnapshotError(f"--prefix-cache-mb must be 0 or more, got {cfg.prefix_cache_mb}")
+    try:
+        check_first_lora_layer(cfg.first_lora_layer, num_layers(cfg.model_dir))
+    except (OSError, KeyError, ValueError) as e:
+        raise SnapshotError(str(e) if isinstance(e, ValueError) else f"cannot read the model's layer count: {e}") from e
 
     tok = load_tokenizer(cfg.model_dir)
     pad_id = tok.pad_token_id
@@ -401,7 +448,10 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules,
-                        attention_backward=cfg.attention_backward)
+                        attention_backward=cfg.attention_backward, first_lora_layer=cfg.first_lora_layer)
+    # Layers below the adapter: run once per sequence, in the reference pass (model.Prefix). A resumed adapter
+    # decides where its own layers start.
+    prefix = Prefix(shared_prefix_layers(model), cfg.prefix_cache_mb << 20)
     seconds: dict[str, float] = {"load": time.time() - t_start}  # where a run's time goes, phase by phase
     rank = adapter_rank(model)
     if rank > cfg.max_lora_rank:
@@ -434,10 +484,10 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     my_keys = train_keys[dist.rank::dist.world]
     if cfg.reference == "base":
         with model.disable_adapter():
-            ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens)
+            ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens, prefix)
     else:
-        ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens)
-    ref = dist.gather_dict(ref)
+        ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens, prefix)
+    ref = dist.gather_dict(ref)  # log-probs only: each process keeps the states of its own shard
     _trim_heap()
     seconds["reference"] = time.time() - t_phase
     t_phase = time.time()
@@ -450,11 +500,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     if dist.main and h_keys:
         emit({"event": "phase", "phase": "heldout_served", "sequences": len(h_keys)})
         with model.disable_adapter():
-            h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+            h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
         if cfg.served_adapter:
             model.load_adapter(str(cfg.served_adapter), adapter_name="served")
             model.set_adapter("served")
-            h_served = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+            h_served = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
             model.set_adapter("default")
             model.delete_adapter("served")
         else:
@@ -503,7 +553,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         model.eval()
         kl_sum = torch.tensor([0.0, 1.0])
         if s > 0 or not policy_is_reference:
-            kl_sum = dist.sum_(_kl_sum(model, mine, train, ref, pad_id))
+            kl_sum = dist.sum_(_kl_sum(model, mine, train, ref, pad_id, prefix))
         z0_pre = kl_sum[0] / kl_sum[1]
         kl_seconds = time.time() - t_step
         # Matched pairs with gradient; the loss is the mean over the global step batch.
@@ -512,7 +562,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         for chunk in (c for mb in mine for c in _grad_chunks(mb.examples, train, cfg.grad_tokens)):
             seqs = [(train[i].prompt_ids, train[i].completion_ids) for i in chunk]
             n_tokens += sum(len(p) + len(c) for p, c in seqs)
-            lp = completion_logps(model, seqs, pad_id)
+            lp = completion_logps(model, seqs, pad_id, start=_start(prefix, model, [("train", i, i) for i in chunk]))
             rewards = lp - torch.tensor([ref[(i, i)] for i in chunk])
             desirable = torch.tensor([train[i].desirable for i in chunk])
             out = kto_loss(rewards, None, desirable, cfg.beta, lam_d, lam_u, z0_pre_clamp=z0_pre)
@@ -568,7 +618,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             emit({"event": "phase", "phase": "checkpoint", "step": s + 1, "sequences": len(h_keys)})
             kept.append(_keep_checkpoint(model, Path(staging.name) / "checkpoints" / f"step-{s + 1}", s + 1,
                                          total, heldout, h_keys, h_ref, served_metrics, cfg, lam_d, lam_u,
-                                         pad_id, batch_tokens))
+                                         pad_id, batch_tokens, prefix))
             model.train()
             checkpoint_seconds += time.time() - t_ckpt
     train_seconds = time.time() - t_train - checkpoint_seconds
@@ -585,7 +635,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                                          "reference": "base"}
         if h_keys:
             emit({"event": "phase", "phase": "heldout_new", "sequences": len(h_keys)})
-            h_new = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens)
+            h_new = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
             try:
                 heldout_block["new"] = _eval_heldout(h_new, h_ref, heldout, cfg.beta, lam_d, lam_u)
             except FloatingPointError as e:
@@ -617,6 +667,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
             "heldout": heldout_block, "log": log,
             "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first
+            "prefix": {"layers": prefix.layers, "sequences": len(prefix.hidden),
+                       "mb": round(prefix.used / 2**20, 1)},  # layers run once per sequence (model.Prefix)
             "anchor": None if anchors is None else {
                 "weight": cfg.anchor_weight, "prompts": str(cfg.anchor_prompts or anchor.DEFAULT_PROMPTS),
                 "n_answers": len(anchors.seqs), "answer_tokens": anchors.n_tokens(),

@@ -81,6 +81,9 @@ class Config:
                            choices=("continue", "fresh"))
     max_examples: int = _opt(2000, "most examples used by one run (newest first)")
     lora_rank: int = _opt(16, "LoRA rank of trained adapters")
+    first_lora_layer: int = _opt(0, "a new adapter goes in decoder layers N.. only: the layers below are computed "
+                                    "once per rated answer instead of in every training pass (aligner/model.py, "
+                                    "Prefix); a continued adapter keeps its own layers; 0 = every layer")
     beta: float = _opt(0.1, "KTO beta")
     anchor_weight: float = _opt(0.0, "γ of the aligner's optional anchor term: γ × per-token KL to the base model "
                                      "along its own answers to shipped general prompts nobody rated, against the "
@@ -183,6 +186,8 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         if flag_value is not None:
             values[f.name] = flag_value
     cfg = Config(**values).resolved()
+    if cfg.first_lora_layer < 0:
+        raise SystemExit(f"kto-loop: first_lora_layer must be 0 or more, got {cfg.first_lora_layer}")
     if not (math.isfinite(cfg.anchor_weight) and cfg.anchor_weight >= 0):
         raise SystemExit(f"kto-loop: anchor_weight must be a finite number ≥ 0, got {cfg.anchor_weight}")
     if not 1 <= cfg.anchor_tokens <= ANCHOR_TOKENS_MAX:

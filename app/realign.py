@@ -76,13 +76,16 @@ class Realigner:
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
-                 anchor_weight: float = 0.0, anchor_tokens: int = 24):
+                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: int = 0):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
         if not 1 <= anchor_tokens <= ANCHOR_TOKENS_MAX:
             raise ValueError(f"anchor tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {anchor_tokens!r}")
+        if first_lora_layer < 0:
+            raise ValueError(f"the first LoRA layer must be 0 or more, got {first_lora_layer!r}")
+        self.first_lora_layer = first_lora_layer  # a fresh adapter's lowest layer (aligner/model.py, Prefix)
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
         self.anchor_tokens = anchor_tokens  # how much of each base-model anchor answer the term covers
         self.store, self.registry = store, registry
@@ -143,7 +146,8 @@ class Realigner:
                   "mode": self.mode, "resume_from": current if resume_dir is not None else None,
                   "reference": "base", "since": str(since) if since is not None else None,
                   "anchor_weight": self.anchor_weight,
-                  "anchor_tokens": self.anchor_tokens if self.anchor_weight > 0 else None}
+                  "anchor_tokens": self.anchor_tokens if self.anchor_weight > 0 else None,
+                  "first_lora_layer": self.first_lora_layer if resume_dir is None else None}
         run_id = str(self.store.start_run(trigger, params))
         self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
                                 started_at=time.time())
@@ -292,6 +296,8 @@ class Realigner:
             cmd += ["--served-adapter", str(served_dir)]
         if resume_dir is not None:
             cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
+        elif self.first_lora_layer:
+            cmd += ["--first-lora-layer", str(self.first_lora_layer)]
         if self.anchor_weight > 0:
             cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
                     "--anchor-cache", str(self.work_dir / "anchor-cache")]

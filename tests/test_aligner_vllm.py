@@ -22,6 +22,9 @@ def test_trained_adapter_loads_in_vllm(tmp_path, tiny_model_dir, free_port):
     adapter = tmp_path / "kto-v1"
     assert cli.main(["--snapshot", str(snap), "--out", str(adapter), "--model-dir", str(tiny_model_dir),
                      "--max-steps", "2", "--batch-size", "4", "--max-length", "128"]) == 0
+    upper = tmp_path / "kto-upper"  # adapter in the upper layer only (PEFT layers_to_transform)
+    assert cli.main(["--snapshot", str(snap), "--out", str(upper), "--model-dir", str(tiny_model_dir),
+                     "--max-steps", "2", "--batch-size", "4", "--max-length", "128", "--first-lora-layer", "1"]) == 0
 
     port = free_port()
     env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="1")
@@ -43,18 +46,20 @@ def test_trained_adapter_loads_in_vllm(tmp_path, tiny_model_dir, free_port):
                 pass
             assert time.time() < deadline, "vLLM did not become ready"
             time.sleep(2)
-        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "kto-v1", "lora_path": str(adapter)},
-                       timeout=120)
-        assert r.status_code == 200, r.text
+        for name, path in (("kto-v1", adapter), ("kto-upper", upper)):
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                           timeout=120)
+            assert r.status_code == 200, r.text
         models = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
-        assert "kto-v1" in models
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": "kto-v1", "max_tokens": 8, "temperature": 0.0,
-            "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                         {"role": "user", "content": "Tell me about bees."}]})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model"] == "kto-v1" and body["usage"]["completion_tokens"] > 0
+        assert {"kto-v1", "kto-upper"} <= models
+        for name in ("kto-v1", "kto-upper"):
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+                "model": name, "max_tokens": 8, "temperature": 0.0,
+                "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                             {"role": "user", "content": "Tell me about bees."}]})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == name and body["usage"]["completion_tokens"] > 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

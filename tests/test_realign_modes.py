@@ -129,6 +129,30 @@ def test_unknown_mode_is_refused(tmp_path: Path):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=-1.0)
     with pytest.raises(ValueError, match="anchor tokens must be in"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=2.0, anchor_tokens=0)
+    with pytest.raises(ValueError, match="first LoRA layer must be 0 or more"):
+        Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, first_lora_layer=-1)
+
+
+@pytest.mark.timeout(600)
+def test_first_lora_layer_reaches_a_new_adapter_and_a_continued_one_keeps_its_layers(tiny_model_dir: Path,
+                                                                                     tmp_path: Path):
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
+                   extra_args=TRAIN_ARGS, first_lora_layer=1)
+    _rate(store, "a", 8, "base")
+    first = rl.run("operator")
+    assert first.promoted, first.reason
+    assert first.manifest["prefix"]["layers"] == 1 and first.manifest["prefix"]["sequences"] > 0
+    assert first.manifest["hyperparameters"]["first_lora_layer"] == 1
+    _rate(store, "b", 8, "kto-v1")
+    second = rl.run("operator")  # continue: resumes kto-v1, whose adapter starts at layer 1 already
+    assert second.promoted, second.reason
+    assert second.manifest["prefix"]["layers"] == 1
+    assert "--first-lora-layer" not in rl.command(tmp_path / "s.parquet", tmp_path / "o", None, tmp_path / "v1")
+    params = [store.get_run(r.run_id)["params"] for r in (first, second)]
+    params = [json.loads(p) if isinstance(p, str) else p for p in params]
+    assert params[0]["first_lora_layer"] == 1 and params[1]["first_lora_layer"] is None
+    store.close()
 
 
 @pytest.mark.timeout(600)
