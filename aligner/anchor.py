@@ -123,9 +123,11 @@ def build(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, t
     return Anchors(seqs, top_ids, top_logp, rest)
 
 
-def kl_sum(model: Any, anchors: Anchors, indices: list[int], pad_id: int) -> torch.Tensor:
-    """Σ over the answer tokens of `indices` of the bucketed KL(π_ref ‖ π_θ), with gradient through the policy."""
-    logp = completion_log_softmax(model, [anchors.seqs[i] for i in indices], pad_id)
+def kl_sum(model: Any, anchors: Anchors, indices: list[int], pad_id: int,
+           start: tuple[int, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """Σ over the answer tokens of `indices` of the bucketed KL(π_ref ‖ π_θ), with gradient through the policy.
+    `start`: these anchors' layer-k inputs (model.Prefix), to run from layer k."""
+    logp = completion_log_softmax(model, [anchors.seqs[i] for i in indices], pad_id, start=start)
     ids = torch.cat([anchors.top_ids[i] for i in indices])
     policy_top = logp.gather(-1, ids)
     return bucket_kl(torch.cat([anchors.top_logp[i] for i in indices]),

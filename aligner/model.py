@@ -220,6 +220,31 @@ def _layers_from(backbone: Any, k: int):
         backbone.layers = layers
 
 
+@contextlib.contextmanager
+def _layers_below(backbone: Any, k: int):
+    """The backbone with decoder layers 0..k-1 only and no final norm: its output is the layer-k input."""
+    layers, norm = backbone.layers, backbone.norm
+    backbone.layers, backbone.norm = layers[:k], torch.nn.Identity()
+    try:
+        yield
+    finally:
+        backbone.layers, backbone.norm = layers, norm
+
+
+def prefix_states(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, k: int,
+                  autocast: bool | None = None) -> list[torch.Tensor]:
+    """Each sequence's layer-k input, [len, H], from layers 0..k-1 alone (no gradient; not inference tensors, so
+    passes with gradient may start from them). For sequences no log-prob pass needs first (the anchors)."""
+    backbone, head = _backbone_and_head(model)
+    if autocast is None:
+        autocast = head.weight.dtype == torch.bfloat16
+    ids, _, _, _ = pad_batch(seqs, pad_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        with _layers_below(backbone, k):
+            h = backbone(input_ids=ids, use_cache=False).last_hidden_state
+    return [h[b, :len(p) + len(c)].clone() for b, (p, c) in enumerate(seqs)]
+
+
 def _completion_hidden(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_id: int,
                        autocast: bool | None, start: tuple[int, Sequence[torch.Tensor]] | None = None,
                        capture: tuple[int, list[torch.Tensor]] | None = None,

@@ -41,6 +41,7 @@ from aligner.model import (
     load_policy,
     load_tokenizer,
     num_layers,
+    prefix_states,
     resolve_dtype,
     shared_prefix_layers,
 )
@@ -527,6 +528,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                     anchor.save_cached(anchors, cfg.anchor_cache, key)
                 except OSError as e:  # a cache that cannot be written costs the next run time, not this run
                     emit({"event": "warning", "message": f"anchor cache not written: {e}"})
+        if prefix.usable(model):  # the anchors' lower layers once (~1 s here), not at every use
+            for a in range(0, len(anchors.seqs), 16):
+                idx = list(range(a, min(a + 16, len(anchors.seqs))))
+                prefix.put([("anchor", i) for i in idx],
+                           prefix_states(model, [anchors.seqs[i] for i in idx], pad_id, prefix.layers))
         seconds["anchor"] = time.time() - t_phase
     for n, p in model.named_parameters():  # set_adapter/delete_adapter may touch requires_grad
         p.requires_grad_("lora_" in n and ".default." in n)
@@ -576,7 +582,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             a_idx = anchors.for_step(s, cfg.anchor_per_step)
             a_mine = a_idx[dist.rank::dist.world]
             if a_mine:
-                a_kl = anchor.kl_sum(model, anchors, a_mine, pad_id)
+                a_kl = anchor.kl_sum(model, anchors, a_mine, pad_id,
+                                     start=_start(prefix, model, [("anchor", i) for i in a_mine]))
                 (cfg.anchor_weight * a_kl / anchors.n_tokens(a_idx)).backward()
                 stats[5] += a_kl.detach()
                 del a_kl

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from aligner import cli
 from aligner import train as train_mod
-from aligner.model import completion_logps, load_policy, load_tokenizer, shared_prefix_layers
+from aligner.model import completion_logps, load_policy, load_tokenizer, prefix_states, shared_prefix_layers
 from tests.test_aligner_support import synthetic_rows, write_snapshot
 
 FAST = ["--max-length", "128", "--batch-size", "4", "--epochs", "1", "--holdout-fraction", "0.2"]
@@ -59,6 +59,8 @@ def test_starting_at_the_first_adapted_layer_gives_the_same_logps_and_gradients(
     with torch.no_grad():
         from_layer_1 = completion_logps(model, seqs, tok.pad_token_id, start=(1, states))
     torch.testing.assert_close(from_layer_1, full, rtol=0, atol=1e-5)
+    for alone, captured in zip(prefix_states(model, seqs, tok.pad_token_id, 1), states, strict=True):
+        torch.testing.assert_close(alone, captured, rtol=1e-5, atol=1e-6)  # layer 0 alone gives the same input
 
     grads = []
     for start in (None, (1, states)):
@@ -97,6 +99,20 @@ def test_prefix_cache_changes_no_number_and_the_adapter_holds_only_its_layers(sn
     a, b = weights, load_file(tmp_path / "plain" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_anchor_term_starts_at_the_first_adapted_layer_with_the_same_numbers(snapshot, tiny_model_dir, tmp_path):
+    runs = {}
+    for mb in ("2048", "0"):
+        runs[mb] = _align(snapshot, tiny_model_dir, tmp_path / f"a-{mb}", "--max-steps", "4", "--checkpoints", "0",
+                          "--first-lora-layer", "1", "--anchor-weight", "2", "--anchor-max-tokens", "8",
+                          "--prefix-cache-mb", mb)
+    n_anchors = runs["2048"]["anchor"]["n_answers"]
+    assert runs["2048"]["prefix"]["sequences"] >= n_anchors > 0 and runs["0"]["prefix"]["sequences"] == 0
+    for a, b in zip(runs["2048"]["log"], runs["0"]["log"], strict=True):
+        for k in ("anchor_kl", "loss", "grad_norm"):
+            assert _close(a[k], b[k]), (a["step"], k, a[k], b[k])
+    assert runs["2048"]["log"][-1]["anchor_kl"] > 0  # the policy moved, and the term saw it
 
 
 def test_a_served_or_resumed_adapter_reaching_lower_layers_runs_the_whole_model(snapshot, tiny_model_dir, tmp_path):
