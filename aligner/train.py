@@ -483,12 +483,16 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     t_phase = time.time()
     model.eval()
     my_keys = train_keys[dist.rank::dist.world]
+    if dist.world > 1 and prefix.layers > 0:  # each process keeps the states of the micro-batches it will run
+        my_keys = sorted({(i, i) for st in steps for mb in st[dist.rank::dist.world] for i in mb.examples}
+                         | {(i, j) for st in kl_steps for mb in st[dist.rank::dist.world]
+                            for i, j in zip(mb.examples, mb.partners, strict=True)})
     if cfg.reference == "base":
         with model.disable_adapter():
             ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens, prefix)
     else:
         ref = _logps_for(model, my_keys, train, train, pad_id, batch_tokens, prefix)
-    ref = dist.gather_dict(ref)  # log-probs only: each process keeps the states of its own shard
+    ref = dist.gather_dict(ref)  # log-probs only: each process keeps the states of its own keys
     _trim_heap()
     seconds["reference"] = time.time() - t_phase
     t_phase = time.time()

@@ -23,9 +23,10 @@ def _manifest(out: Path) -> dict:
 
 
 @pytest.mark.timeout(600)
-def test_two_processes_match_one(tmp_path, tiny_model_dir, free_port):
+@pytest.mark.parametrize("extra", [[], ["--first-lora-layer", "1"]], ids=["all-layers", "upper-layer"])
+def test_two_processes_match_one(tmp_path, tiny_model_dir, free_port, extra):
     snap = write_snapshot(tmp_path / "s.parquet", synthetic_rows(20, 16, seed=5))
-    common = ["--snapshot", str(snap), "--model-dir", str(tiny_model_dir), *ARGS]
+    common = ["--snapshot", str(snap), "--model-dir", str(tiny_model_dir), *ARGS, *extra]
     accelerate = Path(sys.executable).with_name("accelerate")
     launcher = [str(accelerate)] if accelerate.exists() else [shutil.which("accelerate") or "accelerate"]
     env = dict(os.environ, MASTER_PORT=str(free_port()))
@@ -58,3 +59,5 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, free_port):
     # differences of the bf16 reference pass (batched differently across 1 and 2 processes) into steps of ±lr.
     # Dropping one process's gradient moves the weights by the order of `moved`.
     assert diff < 0.5 * moved, f"2-process weights differ from 1-process by {diff} (moved {moved})"
+    if extra:  # each process kept the layer-1 inputs of its own micro-batches and started there
+        assert m2["prefix"]["layers"] == 1 and 0 < m2["prefix"]["sequences"] < m1["prefix"]["sequences"]
