@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target-modules", nargs="+", default=None, metavar="MODULE",
                    help="linear layers to adapt, e.g. q_proj k_proj v_proj o_proj (default: every linear layer of "
                         "the block); with --resume-from it must name the resumed adapter's own")
-    p.add_argument("--first-lora-layer", type=int, default=0,
-                   help="a fresh adapter goes in decoder layers N.. only; the layers below run once per sequence "
-                        "instead of in every pass (0 = all layers)")
+    p.add_argument("--first-lora-layer", default="0", metavar="N|P%",
+                   help="a fresh adapter goes in decoder layers N.. only, or from P%% of the depth up (50%% = the "
+                        "upper half); the layers below run once per sequence instead of in every pass "
+                        "(0 = all layers)")
     p.add_argument("--prefix-cache-mb", type=int, default=2048,
                    help="memory for the outputs of the layers below the adapter (sequences beyond it run the whole "
                         "model)")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from aligner import attention
+from aligner.layers import first_layer
 
 # Every linear layer of a Llama block: what vLLM's LoRA kernels support and what the paper-style runs adapt.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,18 +53,6 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tok
 
 
-def check_first_lora_layer(k: int, n_layers: int) -> None:
-    if not 0 <= k < n_layers:
-        raise ValueError(f"first LoRA layer must be in [0, {n_layers - 1}] for this model, got {k}")
-
-
-def num_layers(model_dir: str | Path) -> int:
-    """Decoder layers of a local model, from its config (no weights loaded: flags are checked before the load)."""
-    import json
-
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
-
-
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
                 resume_from: str | Path | None = None, dtype: torch.dtype | None = None,
                 target_modules: Sequence[str] | None = None, attention_backward: str = "matmul",
@@ -89,7 +78,7 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
         model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     else:
         n_layers = base.config.num_hidden_layers
-        check_first_lora_layer(first_lora_layer, n_layers)
+        first_layer(first_lora_layer, n_layers)  # in range
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
                          lora_dropout=0.0, bias="none", target_modules=list(target_modules or LLAMA_LINEAR),
                          layers_to_transform=list(range(first_lora_layer, n_layers)) if first_lora_layer else None,

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,14 @@ import torch
 from aligner import anchor, balance
 from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
+from aligner.layers import first_layer, num_layers
 from aligner.loss import kto_loss, rotation
 from aligner.model import (
     Prefix,
     adapter_rank,
-    check_first_lora_layer,
     completion_logps,
     load_policy,
     load_tokenizer,
-    num_layers,
     prefix_states,
     resolve_dtype,
     shared_prefix_layers,
@@ -65,8 +64,8 @@ class TrainConfig:
     lora_alpha: float | None = None    # default 2 × rank
     max_lora_rank: int = 16            # vLLM's --max-lora-rank: a larger adapter would be refused at load time
     target_modules: list[str] | None = None  # fresh adapter's layers; None = model.LLAMA_LINEAR (all of them)
-    first_lora_layer: int = 0          # a fresh adapter in decoder layers k.. only; the layers below run once per
-                                       # sequence (model.Prefix)
+    first_lora_layer: int | str = 0    # a fresh adapter in decoder layers k.. only (k, or "P%" of the depth:
+                                       # layers.first_layer); the layers below run once per sequence (model.Prefix)
     prefix_cache_mb: int = 2048        # memory for those layers' outputs; sequences beyond it run the whole model
     epochs: int = 1                    # 1 epoch at 2.5e-4: see the next line
     batch_size: int = 8                # per process, per micro-batch
@@ -431,7 +430,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     if cfg.prefix_cache_mb < 0:
         raise SnapshotError(f"--prefix-cache-mb must be 0 or more, got {cfg.prefix_cache_mb}")
     try:
-        check_first_lora_layer(cfg.first_lora_layer, num_layers(cfg.model_dir))
+        cfg = replace(cfg, first_lora_layer=first_layer(cfg.first_lora_layer, num_layers(cfg.model_dir)))
     except (OSError, KeyError, ValueError) as e:
         raise SnapshotError(str(e) if isinstance(e, ValueError) else f"cannot read the model's layer count: {e}") from e
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from aligner.layers import parse_first_layer
+
 ANCHOR_TOKENS_MAX = 512  # the aligner's --anchor-max-tokens limit
 
 ENV_PREFIX = "KTO_LOOP_"
@@ -81,9 +83,10 @@ class Config:
                            choices=("continue", "fresh"))
     max_examples: int = _opt(2000, "most examples used by one run (newest first)")
     lora_rank: int = _opt(16, "LoRA rank of trained adapters")
-    first_lora_layer: int = _opt(0, "a new adapter goes in decoder layers N.. only: the layers below are computed "
-                                    "once per rated answer instead of in every training pass (aligner/model.py, "
-                                    "Prefix); a continued adapter keeps its own layers; 0 = every layer")
+    first_lora_layer: str = _opt("0", "a new adapter goes in decoder layers N.. only, or from P% of the depth up "
+                                      "(50% = the upper half, whatever the model): the layers below are computed "
+                                      "once per rated answer instead of in every training pass (aligner/model.py, "
+                                      "Prefix); a continued adapter keeps its own layers; 0 = every layer")
     beta: float = _opt(0.1, "KTO beta")
     anchor_weight: float = _opt(0.0, "γ of the aligner's optional anchor term: γ × per-token KL to the base model "
                                      "along its own answers to shipped general prompts nobody rated, against the "
@@ -165,7 +168,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             _flag(f.name), dest=f"cfg_{f.name}", type=lambda raw, tp=tp: _parse(tp, raw), default=None,
             metavar=tp.__name__.upper(), choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} [env {_env(f.name)}; default {default!r}]",
+            help=f"{f.metadata['help']} [env {_env(f.name)}; default {default!r}]".replace("%", "%%"),
         )
 
 
@@ -186,8 +189,10 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         if flag_value is not None:
             values[f.name] = flag_value
     cfg = Config(**values).resolved()
-    if cfg.first_lora_layer < 0:
-        raise SystemExit(f"kto-loop: first_lora_layer must be 0 or more, got {cfg.first_lora_layer}")
+    try:
+        parse_first_layer(cfg.first_lora_layer)
+    except ValueError as e:
+        raise SystemExit(f"kto-loop: {e}") from None
     if not (math.isfinite(cfg.anchor_weight) and cfg.anchor_weight >= 0):
         raise SystemExit(f"kto-loop: anchor_weight must be a finite number ≥ 0, got {cfg.anchor_weight}")
     if not 1 <= cfg.anchor_tokens <= ANCHOR_TOKENS_MAX:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aligner.layers import parse_first_layer
 from app.config import ANCHOR_TOKENS_MAX
 
 Progress = Callable[[dict[str, Any]], None]
@@ -76,16 +77,17 @@ class Realigner:
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
-                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: int = 0):
+                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
         if not 1 <= anchor_tokens <= ANCHOR_TOKENS_MAX:
             raise ValueError(f"anchor tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {anchor_tokens!r}")
-        if first_lora_layer < 0:
-            raise ValueError(f"the first LoRA layer must be 0 or more, got {first_lora_layer!r}")
-        self.first_lora_layer = first_lora_layer  # a fresh adapter's lowest layer (aligner/model.py, Prefix)
+        # a fresh adapter's lowest layer, N or P% of the depth (aligner/layers.py; the aligner resolves it against
+        # the model): the layers below run once per sequence (aligner/model.py, Prefix)
+        self.first_lora_layer = str(first_lora_layer).strip()
+        self._all_layers = parse_first_layer(self.first_lora_layer)[0] == 0  # ValueError names the accepted forms
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
         self.anchor_tokens = anchor_tokens  # how much of each base-model anchor answer the term covers
         self.store, self.registry = store, registry
@@ -296,8 +298,8 @@ class Realigner:
             cmd += ["--served-adapter", str(served_dir)]
         if resume_dir is not None:
             cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
-        elif self.first_lora_layer:
-            cmd += ["--first-lora-layer", str(self.first_lora_layer)]
+        elif not self._all_layers:
+            cmd += ["--first-lora-layer", self.first_lora_layer]
         if self.anchor_weight > 0:
             cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
                     "--anchor-cache", str(self.work_dir / "anchor-cache")]

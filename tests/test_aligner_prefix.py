@@ -119,8 +119,11 @@ def test_a_served_or_resumed_adapter_reaching_lower_layers_runs_the_whole_model(
     """The cache is checked at each use: an adapter in layer 0 (served here) must not start at layer 1."""
     everywhere = tmp_path / "all"
     _align(snapshot, tiny_model_dir, everywhere, "--max-steps", "3", "--checkpoints", "0")
-    upper = tmp_path / "upper"
-    _align(snapshot, tiny_model_dir, upper, "--max-steps", "3", "--checkpoints", "0", "--first-lora-layer", "1")
+    upper = tmp_path / "upper"  # "50%" of the tiny model's 2 layers: layer 1
+    first = _align(snapshot, tiny_model_dir, upper, "--max-steps", "3", "--checkpoints", "0",
+                   "--first-lora-layer", "50%")
+    assert first["hyperparameters"]["first_lora_layer"] == 1 and first["prefix"]["layers"] == 1
+    assert json.loads((upper / "adapter_config.json").read_text())["layers_to_transform"] == [1]
     runs = {}
     for mb in ("2048", "0"):
         runs[mb] = _align(snapshot, tiny_model_dir, tmp_path / f"v2-{mb}", "--max-steps", "2", "--checkpoints", "0",
@@ -139,7 +142,9 @@ def test_a_served_or_resumed_adapter_reaching_lower_layers_runs_the_whole_model(
 
 @pytest.mark.parametrize("flags, message", [
     (["--first-lora-layer", "2"], "first LoRA layer must be in [0, 1]"),
-    (["--first-lora-layer", "-1"], "first LoRA layer must be in [0, 1]"),
+    (["--first-lora-layer", "-1"], "first LoRA layer must be a layer index N ≥ 0 or a share of the depth P%"),
+    (["--first-lora-layer", "100%"], "0 ≤ P < 100 (e.g. 15 or 50%), got '100%'"),
+    (["--first-lora-layer", "half"], "got 'half'"),
     (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be 0 or more")])
 def test_bad_prefix_flags_exit_2_with_one_line(flags, message, snapshot, tiny_model_dir, tmp_path, capsys):
     rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir),

@@ -68,6 +68,13 @@ def test_config_precedence_defaults_env_flags(tmp_path):
     with pytest.raises(SystemExit, match="KTO_LOOP_VLLM_PORT"):
         config_from(None, environ={"KTO_LOOP_VLLM_PORT": "eighty"})
 
+    # the first LoRA layer: an index or a share of the depth, checked before anything starts
+    assert config_from(None, environ={"KTO_LOOP_FIRST_LORA_LAYER": "50%"}).first_lora_layer == "50%"
+    args = parser.parse_args(["model", "path", "--first-lora-layer", "15"])
+    assert config_from(args, environ={}).first_lora_layer == "15"
+    with pytest.raises(SystemExit, match="N ≥ 0 or a share of the depth P%"):
+        config_from(None, environ={"KTO_LOOP_FIRST_LORA_LAYER": "120%"})
+
 
 def test_secrets_are_masked():
     cfg = Config(admin_password="hunter2").resolved()

@@ -129,8 +129,9 @@ def test_unknown_mode_is_refused(tmp_path: Path):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=-1.0)
     with pytest.raises(ValueError, match="anchor tokens must be in"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=2.0, anchor_tokens=0)
-    with pytest.raises(ValueError, match="first LoRA layer must be 0 or more"):
-        Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, first_lora_layer=-1)
+    for bad in (-1, "100%", "top half"):
+        with pytest.raises(ValueError, match="first LoRA layer must be a layer index N ≥ 0 or a share of the depth"):
+            Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, first_lora_layer=bad)
 
 
 @pytest.mark.timeout(600)
@@ -138,7 +139,7 @@ def test_first_lora_layer_reaches_a_new_adapter_and_a_continued_one_keeps_its_la
                                                                                      tmp_path: Path):
     store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
     rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
-                   extra_args=TRAIN_ARGS, first_lora_layer=1)
+                   extra_args=TRAIN_ARGS, first_lora_layer="50%")  # of the tiny model's 2 layers: layer 1
     _rate(store, "a", 8, "base")
     first = rl.run("operator")
     assert first.promoted, first.reason
@@ -151,7 +152,10 @@ def test_first_lora_layer_reaches_a_new_adapter_and_a_continued_one_keeps_its_la
     assert "--first-lora-layer" not in rl.command(tmp_path / "s.parquet", tmp_path / "o", None, tmp_path / "v1")
     params = [store.get_run(r.run_id)["params"] for r in (first, second)]
     params = [json.loads(p) if isinstance(p, str) else p for p in params]
-    assert params[0]["first_lora_layer"] == 1 and params[1]["first_lora_layer"] is None
+    assert params[0]["first_lora_layer"] == "50%" and params[1]["first_lora_layer"] is None
+    assert "--first-lora-layer" not in Realigner(None, reg, model_dir=tiny_model_dir, work_dir=tmp_path,
+                                                 first_lora_layer="0%").command(tmp_path / "s.parquet", tmp_path / "o",
+                                                                                 None)
     store.close()
 
 
