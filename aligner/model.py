@@ -22,6 +22,10 @@ from aligner.layers import first_layer
 # Every linear layer of a Llama block: what vLLM's LoRA kernels support and what the paper-style runs adapt.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LM_HEAD_TILE = 1024  # completion positions projected through the LM head at once
+# With gradient, a forward over at most this many completion positions keeps its log-softmax for the backward
+# (4096 × 49k vocabulary × 4 bytes: 0.8 GB for SmolLM2) instead of recomputing each tile's logits there: the
+# recompute is a third LM-head GEMM per training pass. Longer forwards recompute, so memory stays bounded.
+LM_HEAD_KEEP_POSITIONS = 4096
 
 
 def native_bf16() -> bool:
@@ -284,10 +288,11 @@ def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pa
     `start` / `capture`: see _completion_hidden."""
     head, picked, rows, targets, ctx = _completion_hidden(model, seqs, pad_id, autocast, start, capture)
     token_logps = []
+    recompute = torch.is_grad_enabled() and picked.shape[0] > LM_HEAD_KEEP_POSITIONS
     with ctx():
         for s in range(0, picked.shape[0], LM_HEAD_TILE):
             h, t = picked[s:s + LM_HEAD_TILE], targets[s:s + LM_HEAD_TILE]
-            if torch.is_grad_enabled():  # recompute the tile's logits in backward instead of keeping them
+            if recompute:  # the tile's logits are computed again in backward instead of kept
                 token_logps.append(checkpoint(_tile_logps, head, h, t, use_reentrant=False))
             else:
                 token_logps.append(_tile_logps(head, h, t))

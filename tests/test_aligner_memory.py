@@ -70,3 +70,36 @@ def test_chunked_backward_gives_the_same_gradient(tiny_model_dir):
     assert max(w.abs().max().item() for w in whole) > 1e-4
     for w, c in zip(whole, chunked, strict=True):
         torch.testing.assert_close(c, w, rtol=1e-4, atol=1e-6)
+
+
+def test_keeping_or_recomputing_the_lm_head_logits_gives_the_same_gradient(tiny_model_dir, monkeypatch):
+    """Short forwards keep their log-softmax for the backward; long ones recompute each tile's logits there. Both
+    are the same function: same log-probs, same gradient."""
+    from aligner import model as model_mod
+    from aligner.model import completion_logps, load_policy
+
+    torch.manual_seed(0)
+    model = load_policy(tiny_model_dir, dtype=torch.float32)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    g = torch.Generator().manual_seed(2)
+    seqs = [(torch.randint(3, 1000, (int(p),), generator=g).tolist(), torch.randint(3, 1000, (int(c),), generator=g)
+             .tolist()) for p, c in [(6, 40), (15, 25), (9, 33)]]
+    weights = torch.tensor([1.0, -0.5, 0.8])
+    params = [p for p in model.parameters() if p.requires_grad]
+    monkeypatch.setattr(model_mod, "LM_HEAD_TILE", 32)  # 98 completion positions: several tiles either way
+
+    def run(keep: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(model_mod, "LM_HEAD_KEEP_POSITIONS", keep)
+        for p in params:
+            p.grad = None
+        lp = completion_logps(model, seqs, 0, autocast=False)
+        (lp * weights).sum().backward()
+        return lp.detach(), [p.grad.clone() for p in params]
+
+    (lp_kept, g_kept), (lp_re, g_re) = run(10**6), run(0)
+    torch.testing.assert_close(lp_kept, lp_re, rtol=0, atol=0)
+    assert max(x.abs().max().item() for x in g_kept) > 1e-4
+    for a, b in zip(g_kept, g_re, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
