@@ -77,7 +77,8 @@ class Realigner:
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
-                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0):
+                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0,
+                 anchor_cache: Path | None = None):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
@@ -90,6 +91,9 @@ class Realigner:
         self._all_layers = parse_first_layer(self.first_lora_layer)[0] == 0  # ValueError names the accepted forms
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
         self.anchor_tokens = anchor_tokens  # how much of each base-model anchor answer the term covers
+        # The base model's anchor answers, keyed by a hash of the model's files and the settings: the app keeps
+        # them per machine (home/cache/anchors), so a new data directory or simulation does not build them again.
+        self.anchor_cache = Path(anchor_cache) if anchor_cache is not None else Path(work_dir) / "anchor-cache"
         self.store, self.registry = store, registry
         self.mode = mode
         self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/capability.py
@@ -302,7 +306,7 @@ class Realigner:
             cmd += ["--first-lora-layer", self.first_lora_layer]
         if self.anchor_weight > 0:
             cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
-                    "--anchor-cache", str(self.work_dir / "anchor-cache")]
+                    "--anchor-cache", str(self.anchor_cache)]
         return self._niced(cmd + self.extra_args)
 
     def _niced(self, cmd: list[str]) -> list[str]:

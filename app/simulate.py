@@ -356,6 +356,8 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
         "train_seconds": m.get("train_seconds"), "checkpoint_seconds": m.get("checkpoint_seconds"),
         "checkpoint_eval_seconds": m.get("checkpoint_eval_seconds"),  # lazy checkpoints, only if the gate needed them
         "aligner_phase_seconds": m.get("phase_seconds"),  # load, reference, held-out passes, train, checkpoints
+        # the base model's anchor answers: built in this run (phase "anchor") or read from the machine's cache
+        "anchor_from_cache": (m.get("anchor") or {}).get("from_cache"),
         "gate_heldout": m.get("heldout"),
         "capability_guard": m.get("capability_guard"),  # None when the gate refused first or the guard is off
         # every adapter of the run offered to the gate (final first, then earlier checkpoints), with its verdict

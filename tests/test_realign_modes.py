@@ -183,6 +183,16 @@ def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Pa
     assert out.manifest["hyperparameters"]["anchor_max_tokens"] == 8
     assert anchor["answer_tokens"] <= 8 * anchor["n_answers"]  # every base-model anchor answer cut at 8 tokens
     store.close()
+    # another data directory (a new deployment, a simulation) given the same cache: the answers are not rebuilt
+    store2 = FeedbackStore(tmp_path / "g.duckdb")
+    other = Realigner(store2, Registry(), model_dir=tiny_model_dir, work_dir=tmp_path / "elsewhere", min_gain=-1e9,
+                      extra_args=TRAIN_ARGS, lora_rank=8, anchor_weight=2.5, anchor_tokens=8,
+                      anchor_cache=tmp_path / "runs" / "anchor-cache")
+    _rate(store2, "a", 8, "base")
+    again = other.run("operator")
+    assert again.promoted, again.reason
+    assert again.manifest["anchor"]["from_cache"] and not (tmp_path / "elsewhere" / "anchor-cache").exists()
+    store2.close()
 
 
 @pytest.mark.slow
