@@ -34,6 +34,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
         # the gate is not under test here (a random model has no real preference to learn): always promote
         "KTO_LOOP_PROMOTE_MIN_GAIN": "-1e9",
         "KTO_LOOP_ALIGN_EXTRA_ARGS": "--max-steps 2 --batch-size 4 --holdout-fraction 0.4",
+        "KTO_LOOP_FIRST_LORA_LAYER": "50%",  # the upper half of the tiny model's 2 layers: layer 1
     })
     prompts = [f"Tell me about topic number {i}." for i in range(12)] + ["Skip this one, please."]
     spec = sim.SimSpec("coin", coin_rater, cycles=1, ratings_per_cycle=32, prompts=prompts,
@@ -54,6 +55,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     assert doc["machine"]["cores"] and doc["settings"]["ratings_per_cycle"] == 32
     (run,) = doc["runs"]
     assert EVAL_KEYS <= set(run["base"]) and run["base"]["n_samples"] == 4 and run["base"]["capability_n"] == 3
+    assert doc["settings"]["first_lora_layer"] == "50%"
     assert doc["settings"]["capability_repeats"] == 2 and len(run["base"]["capability_runs"]) == 2
     assert run["base"]["capability_accuracy"] == sum(run["base"]["capability_runs"]) / (2 * 3)
     (cycle,) = run["cycles"]
@@ -90,3 +92,6 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     else:
         assert cycle["served_after"] == ev["served"] == "base" and cycle["eval"]["model"] == "base"
     assert any("realigning" in m for m in logs) and any("train" in m for m in logs)
+    # KTO_LOOP_FIRST_LORA_LAYER=50% reached the aligner: every adapter the run trained sits in layer 1 only
+    configs = [json.loads(p.read_text()) for p in (tmp_path / "work").rglob("adapter_config.json")]
+    assert configs and all(c["layers_to_transform"] == [1] for c in configs)
