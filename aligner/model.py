@@ -60,7 +60,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
                 resume_from: str | Path | None = None, dtype: torch.dtype | None = None,
                 target_modules: Sequence[str] | None = None, attention_backward: str = "matmul",
-                first_lora_layer: int = 0) -> Any:
+                first_lora_layer: int | str = 0) -> Any:
     """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
     adapter weights train in float32. `target_modules` (a fresh adapter's linear layers) defaults to LLAMA_LINEAR.
     Attention is SDPA; `attention_backward` picks how its gradient is computed (aligner/attention.py).
@@ -82,10 +82,10 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
         model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     else:
         n_layers = base.config.num_hidden_layers
-        first_layer(first_lora_layer, n_layers)  # in range
+        k = first_layer(first_lora_layer, n_layers)  # an index or a share of the depth, in range
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
                          lora_dropout=0.0, bias="none", target_modules=list(target_modules or LLAMA_LINEAR),
-                         layers_to_transform=list(range(first_lora_layer, n_layers)) if first_lora_layer else None,
+                         layers_to_transform=list(range(k, n_layers)) if k else None,
                          task_type="CAUSAL_LM")
         model = get_peft_model(base, cfg)
     if dtype != torch.float32:  # under bf16 autocast: skip PEFT's bf16→fp32 copy of every adapter input

@@ -29,21 +29,18 @@ from serving_bench import machine, write_result  # noqa: E402
 
 
 def gate_numbers(adapter: Path) -> dict | None:
-    """The gate's held-out numbers for this adapter: its run's final manifest, or the checkpoint entry in it."""
-    for manifest in (adapter / "manifest.json", adapter.parent.parent / "manifest.json"):
-        if not manifest.is_file():
-            continue
-        m = json.loads(manifest.read_text())
-        h = m.get("heldout") or {}
-        if manifest.parent == adapter:
-            new = h.get("new") or {}
-        else:
-            new = next((c.get("heldout_new") or {} for c in m.get("checkpoints") or []
-                        if Path(c.get("path", "")).name == adapter.name), {})
-        keep = ("margin", "reward_desirable", "reward_undesirable", "frac_correct_side")
-        return {"n": h.get("n"), "n_desirable": h.get("n_desirable"), "n_undesirable": h.get("n_undesirable"),
-                **{k: new.get(k) for k in keep}}
-    return None
+    """The gate's held-out numbers for this adapter (its own manifest: a run's final adapter, or a checkpoint the
+    gate evaluated), with the held-out class counts, which only the run's final manifest records."""
+    own = adapter / "manifest.json"
+    if not own.is_file():
+        return None
+    h = json.loads(own.read_text()).get("heldout") or {}
+    run = adapter.parent.parent / "manifest.json"
+    counts = (json.loads(run.read_text()).get("heldout") or {}) if adapter.parent.name == "checkpoints" else h
+    new = h.get("new") or {}
+    keep = ("margin", "reward_desirable", "reward_undesirable", "frac_correct_side")
+    return {"n": h.get("n"), "n_desirable": counts.get("n_desirable"), "n_undesirable": counts.get("n_undesirable"),
+            **{k: new.get(k) for k in keep}}
 
 
 def main() -> None:
