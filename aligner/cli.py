@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aligner.data import SnapshotError
+from aligner.data import HELDOUT_FLOOR_MAX_SHARE, HELDOUT_MIN_PER_CLASS, SnapshotError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--preference", choices=("neutral", "penalise_bad", "reward_good"), default=None,
                    help="loss-aversion preference within the paper's rule")
     p.add_argument("--holdout-fraction", "--heldout-fraction", dest="heldout_fraction", type=float, default=0.1)
+    p.add_argument("--heldout-min", type=int, default=HELDOUT_MIN_PER_CLASS,
+                   help="top the held-out slice up to this many answers of each kind (thumbs-up, thumbs-down), "
+                        f"taking at most {round(HELDOUT_FLOOR_MAX_SHARE * 100)}%% of a kind from training; "
+                        "0 = the slice alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="base-model weights; auto = bfloat16 where the CPU has native bf16 (AVX512-BF16, AMX), "
@@ -117,6 +121,7 @@ def _validate(args: argparse.Namespace) -> None:
               (args.grad_tokens >= 1, "--grad-tokens must be ≥ 1"),
               (args.beta > 0, "--beta must be > 0"), (args.max_length >= 32, "--max-length must be ≥ 32"),
               (0 <= args.heldout_fraction < 1, "--holdout-fraction must be in [0, 1)"),
+              (args.heldout_min >= 0, "--heldout-min must be ≥ 0"),
               (1 <= args.lora_rank <= args.max_lora_rank, "--lora-rank must be in [1, --max-lora-rank]"),
               (args.max_steps is None or args.max_steps >= 1, "--max-steps must be ≥ 1"),
               (0 <= args.checkpoints <= 20, "--checkpoints must be in [0, 20]"),

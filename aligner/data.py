@@ -18,6 +18,8 @@ from aligner.loss import rotation
 
 REQUIRED_COLUMNS = ("example_id", "answer_id", "messages", "completion", "label")
 MIN_PROMPT_TOKENS = 8  # below this the completion is judged without its question, so the example is dropped
+HELDOUT_MIN_PER_CLASS = 3  # the hash slice is topped up to this many answers of each kind (see hold_out_floor)
+HELDOUT_FLOOR_MAX_SHARE = 0.25  # ... but never takes more than this share of a kind from training
 
 
 class SnapshotError(ValueError):
@@ -42,6 +44,7 @@ class Dataset:
     data_sha256: str = ""
     n_rows: int = 0
     unheld: list[str] = field(default_factory=list)  # answer ids the split held out but training needed
+    floor_added: list[str] = field(default_factory=list)  # answer ids held out to reach the per-kind minimum
 
 
 def read_snapshot(path: str | Path) -> list[dict[str, Any]]:
@@ -86,13 +89,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def answer_hash(answer_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the answer id: the order in which answers are held out."""
+    return int.from_bytes(hashlib.sha256(answer_id.encode()).digest()[:8], "big") / 2**64
+
+
 def is_heldout(answer_id: str, fraction: float) -> bool:
     """Held out iff the hash of the answer id falls below `fraction`: stable across runs and snapshots, and all
     ratings of one answer land on the same side, so a held-out answer is never trained on."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(answer_id.encode()).digest()[:8], "big") / 2**64
-    return h < fraction
+    return fraction > 0 and answer_hash(answer_id) < fraction
 
 
 def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
@@ -117,8 +122,9 @@ def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: st
 
 
 def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldout_fraction: float = 0.1,
-                  max_examples: int | None = None) -> Dataset:
-    """Read, tokenise, truncate prompts from the left, drop (and report) what cannot fit, split by answer id."""
+                  max_examples: int | None = None, heldout_min: int = HELDOUT_MIN_PER_CLASS) -> Dataset:
+    """Read, tokenise, truncate prompts from the left, drop (and report) what cannot fit, split by answer id
+    (the hash slice, topped up to `heldout_min` answers of each kind; 0 = the slice alone)."""
     rows = read_snapshot(path)
     if max_examples is not None:
         rows = rows[:max_examples]
@@ -133,8 +139,42 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldo
         cut = max(0, n_total - max_length)
         ex = Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut)
         (heldout if is_heldout(row["answer_id"], heldout_fraction) else train).append(ex)
+    added: list[str] = []
+    if heldout_fraction > 0 and heldout_min > 0:
+        train, heldout, added = hold_out_floor(train, heldout, heldout_min)
     train, heldout, unheld = _keep_both_kinds_in_training(train, heldout)
-    return Dataset(train, heldout, dropped, file_sha256(path), len(rows), unheld)
+    return Dataset(train, heldout, dropped, file_sha256(path), len(rows), unheld, added)
+
+
+def hold_out_floor(train: list[Example], heldout: list[Example], minimum: int,
+                   max_share: float = HELDOUT_FLOOR_MAX_SHARE) -> tuple[list[Example], list[Example], list[str]]:
+    """Top the held-out slice up to `minimum` examples of each kind, taking whole answers from training in hash
+    order, but never more than `max_share` of that kind's examples.
+
+    Why: the promotion gate compares mean rewards on held-out thumbs-up and thumbs-down. A 10% hash slice of a
+    snapshot with ~20 thumbs-up holds 0 or 1 of them 39% of the time (0.9^20 + 20·0.1·0.9^19), and a margin
+    that rests on one answer refused adapters that had tripled the desirable rate (README, eighteenth session).
+    Hash order keeps the choice stable: with a fixed `minimum`, adding ratings can only lower the hash of the
+    last answer taken, so an answer is not held out by one run after an earlier run trained on it, except when
+    the kind is still small enough for `max_share` to bind or old ratings leave the `max_examples` window; then a
+    served adapter may have trained on an answer the new one is judged on, which only makes the gate stricter.
+    """
+    added: list[str] = []
+    for kind in (True, False):
+        n_kind = sum(ex.desirable == kind for ex in train + heldout)
+        need = min(minimum, int(n_kind * max_share)) - sum(ex.desirable == kind for ex in heldout)
+        if need <= 0:
+            continue
+        candidates = sorted({ex.answer_id for ex in train if ex.desirable == kind}, key=answer_hash)
+        for answer_id in candidates:
+            if need <= 0:
+                break
+            moved = [ex for ex in train if ex.answer_id == answer_id]
+            train = [ex for ex in train if ex.answer_id != answer_id]
+            heldout = heldout + moved
+            need -= sum(ex.desirable == kind for ex in moved)
+            added.append(answer_id)
+    return train, heldout, added
 
 
 def _keep_both_kinds_in_training(train: list[Example], heldout: list[Example]

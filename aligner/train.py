@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from aligner import anchor, balance
-from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
+from aligner.data import HELDOUT_MIN_PER_CLASS, Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
 from aligner.layers import first_layer, num_layers
 from aligner.loss import kto_loss, rotation
@@ -85,6 +85,7 @@ class TrainConfig:
     target_ratio: float | None = None  # λ_D·n_D/(λ_U·n_U); default balance.DEFAULT_TARGET_RATIO
     preference: str | None = None      # balance.PREFERENCES
     heldout_fraction: float = 0.1
+    heldout_min: int = HELDOUT_MIN_PER_CLASS  # held-out answers of each kind at least (data.hold_out_floor)
     max_examples: int | None = None
     seed: int = 0
     threads: int | None = None
@@ -373,7 +374,8 @@ def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
     t0 = time.time()
     hp = manifest["hyperparameters"]
     tok = load_tokenizer(manifest["base_model"])
-    data = build_dataset(manifest["snapshot"], tok, hp["max_length"], hp["heldout_fraction"], hp["max_examples"])
+    data = build_dataset(manifest["snapshot"], tok, hp["max_length"], hp["heldout_fraction"], hp["max_examples"],
+                         hp.get("heldout_min", 0))  # manifests before the floor: the hash slice alone
     if data.data_sha256 != manifest["data_sha256"]:
         raise SnapshotError(f"snapshot {manifest['snapshot']} changed since the run (sha256 differs)")
     heldout = data.heldout
@@ -436,7 +438,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
 
     tok = load_tokenizer(cfg.model_dir)
     pad_id = tok.pad_token_id
-    data: Dataset = build_dataset(cfg.snapshot, tok, cfg.max_length, cfg.heldout_fraction, cfg.max_examples)
+    data: Dataset = build_dataset(cfg.snapshot, tok, cfg.max_length, cfg.heldout_fraction, cfg.max_examples,
+                                  cfg.heldout_min)
     train, heldout = data.train, data.heldout
     n_d = sum(ex.desirable for ex in train)
     n_u = len(train) - n_d
@@ -673,7 +676,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "z0_mean": sum(z0s) / len(z0s) if z0s else None,
             "final_loss": log[-1]["loss"] if log else None,
             "dropped_examples": data.dropped,
-            "heldout_returned_to_training": data.unheld,
+            "heldout_returned_to_training": data.unheld, "heldout_floor_added": data.floor_added,
             "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
             "heldout": heldout_block, "log": log,
             "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first

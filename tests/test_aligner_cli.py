@@ -148,6 +148,27 @@ def test_checkpoint_evaluation_refuses_a_changed_snapshot(trained, tmp_path):
     assert proc.returncode == 2 and "no manifest.json" in proc.stderr
 
 
+def test_heldout_floor_is_recorded_and_rebuilt_for_lazy_checkpoints(tiny_model_dir, tmp_path):
+    """16 thumbs-up, none in the 20% hash slice: the run holds 3 out to reach the floor, says which, and the
+    lazy checkpoint evaluation rebuilds that same split (it refuses a split of another size)."""
+    from aligner.data import answer_hash, is_heldout
+
+    outside = [a for a in (f"ans-{i}" for i in range(200)) if not is_heldout(a, 0.2)]
+    rows = [dict(r, answer_id=outside.pop(0) if r["label"] else r["answer_id"])
+            for r in synthetic_rows(16, 12, seed=4)]
+    snap = write_snapshot(tmp_path / "s.parquet", rows)
+    out = tmp_path / "v1"
+    assert cli.main(["--snapshot", str(snap), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
+                     "--max-steps", "4", "--heldout-min", "3"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    up = sorted((r["answer_id"] for r in rows if r["label"]), key=answer_hash)
+    assert m["heldout_floor_added"] == up[:3] and m["heldout"]["n_desirable"] == 3
+    assert m["n_desirable"] == 13 and m["hyperparameters"]["heldout_min"] == 3
+    assert m["checkpoints"] and all(c["heldout_pending"] for c in m["checkpoints"])
+    m = train_mod.evaluate_checkpoints(out)
+    assert all(c["heldout_new"] and not c["heldout_pending"] for c in m["checkpoints"])
+
+
 def test_no_checkpoints_when_asked_for_none(snapshot, tiny_model_dir, tmp_path):
     out = tmp_path / "v0"
     assert cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from aligner.data import SnapshotError, build_dataset, is_heldout, plan_epoch, read_snapshot, tokenize_pair
+from aligner.data import (
+    SnapshotError,
+    answer_hash,
+    build_dataset,
+    is_heldout,
+    plan_epoch,
+    read_snapshot,
+    tokenize_pair,
+)
 from aligner.model import load_tokenizer
 from tests.test_aligner_support import synthetic_rows, write_snapshot
 
@@ -98,6 +106,52 @@ def test_a_kind_held_out_entirely_is_trained_on_instead(tmp_path, tok):
     rows[1]["answer_id"] = kept[6]  # one thumbs-up outside the slice: the plain hash split stands
     ds = build_dataset(write_snapshot(tmp_path / "t.parquet", rows), tok, heldout_fraction=0.25)
     assert ds.unheld == [] and {e.answer_id for e in ds.heldout} == {held[0], *held[2:6]}
+
+
+def _scarce_rows(n_desirable: int, n_undesirable: int, outside: int) -> list[dict]:
+    """Rows whose thumbs-up answers all hash outside a 10% slice (the first `outside` such ids, in id order)."""
+    ids = (f"ans-{i}" for i in range(10_000))
+    up = [a for a in ids if not is_heldout(a, 0.1)][:outside][:n_desirable]
+    rows = sorted(synthetic_rows(n_desirable, n_undesirable), key=lambda r: not r["label"])
+    return [dict(r, answer_id=up[k] if r["label"] else f"down-{k}") for k, r in enumerate(rows)]
+
+
+def test_heldout_floor_tops_up_a_scarce_kind(tmp_path, tok):
+    """20 thumbs-up, none in the 10% hash slice: the gate would have no held-out thumbs-up. The floor holds out
+    the 3 lowest-hash ones (whole answers, a second rater's thumbs-down on one included), trains on the rest;
+    0 turns it off; a kind of 8 gives at most a quarter (2)."""
+    rows = _scarce_rows(20, 80, outside=20)
+    up = sorted({r["answer_id"] for r in rows if r["label"]}, key=answer_hash)
+    rows.append(dict(next(r for r in rows if r["answer_id"] == up[0]), example_id="second-rater", label=False))
+    ds = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, heldout_fraction=0.1, heldout_min=3)
+    assert ds.floor_added == up[:3]
+    assert sorted(e.answer_id for e in ds.heldout if e.desirable) == sorted(up[:3])
+    assert "second-rater" in {e.example_id for e in ds.heldout}
+    assert sum(e.desirable for e in ds.train) == 17
+    assert not {e.answer_id for e in ds.train} & {e.answer_id for e in ds.heldout}
+    assert sum(not e.desirable for e in ds.heldout) >= 3, "thumbs-down: the slice alone already has enough"
+
+    off = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, heldout_fraction=0.1, heldout_min=0)
+    assert off.floor_added == [] and not any(e.desirable for e in off.heldout)
+    none = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, heldout_fraction=0.0, heldout_min=3)
+    assert none.heldout == [] and none.floor_added == []
+
+    few = build_dataset(write_snapshot(tmp_path / "f.parquet", _scarce_rows(8, 40, outside=8)), tok,
+                        heldout_fraction=0.1, heldout_min=3)
+    assert sum(e.desirable for e in few.heldout) == 2 and sum(e.desirable for e in few.train) == 6
+
+
+def test_heldout_floor_never_holds_out_what_an_earlier_run_trained_on(tmp_path, tok):
+    """The snapshot grows from 20 to 40 thumbs-up: the later run's held-out thumbs-up are among the earlier
+    run's held-out ones or new, so a served adapter is never judged on an answer it trained on."""
+    small = _scarce_rows(20, 80, outside=40)
+    big = _scarce_rows(40, 80, outside=40)
+    assert {r["answer_id"] for r in small if r["label"]} < {r["answer_id"] for r in big if r["label"]}
+    a = build_dataset(write_snapshot(tmp_path / "a.parquet", small), tok, heldout_fraction=0.1, heldout_min=3)
+    b = build_dataset(write_snapshot(tmp_path / "b.parquet", big), tok, heldout_fraction=0.1, heldout_min=3)
+    trained_before = {e.answer_id for e in a.train if e.desirable}
+    held_now = {e.answer_id for e in b.heldout if e.desirable}
+    assert len(held_now) == 3 and not held_now & trained_before
 
 
 @pytest.mark.parametrize("n,bs", [(2, 8), (9, 4), (33, 8), (100, 3)])
