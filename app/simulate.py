@@ -351,6 +351,8 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
         "reason": outcome.reason, "version": outcome.version,
         "n_D": m.get("n_desirable"), "n_U": m.get("n_undesirable"),  # trained on (the gate's held-out share aside)
         "n_gate_heldout": (m.get("heldout") or {}).get("n"), "n_dropped": len(m.get("dropped_examples") or []),
+        # answers the aligner moved from training into the held-out slice to reach its per-kind minimum
+        "n_gate_floor_added": len(m.get("heldout_floor_added") or []),
         "lambda_D": m.get("lambda_d"), "lambda_U": m.get("lambda_u"),
         "z0_pre_clamp": m.get("z0_pre_clamp_mean"), "z0": m.get("z0_mean"),
         "train_seconds": m.get("train_seconds"), "checkpoint_seconds": m.get("checkpoint_seconds"),

@@ -68,6 +68,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     assert cycle["collect"]["ratings"] == 32
     assert cycle["n_D"] + cycle["n_U"] + cycle["n_gate_heldout"] + cycle["n_dropped"] == 32
     assert cycle["n_D"] > 0 and cycle["n_U"] > 0 and cycle["n_gate_heldout"] >= 2
+    assert 0 <= cycle["n_gate_floor_added"] <= cycle["n_gate_heldout"]
     # auto-balanced λ obeys the product's rule; the pinned ablation trained with λ = 1 on the same snapshot
     ratio = cycle["lambda_D"] * cycle["n_D"] / (cycle["lambda_U"] * cycle["n_U"])
     assert 1 - 1e-6 <= ratio <= 4 / 3 + 1e-6 and min(cycle["lambda_D"], cycle["lambda_U"]) == 1
