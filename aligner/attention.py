@@ -42,24 +42,27 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                n_rep: int) -> torch.Tensor:
+                n_rep: int, offset: int = 0) -> torch.Tensor:
         ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.n_rep = scale, n_rep
+        ctx.scale, ctx.n_rep, ctx.offset = scale, n_rep, offset
+        if offset:  # k, v start with `offset` shared-head positions every query attends to (model.SharedHead)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=head_mask(q.shape[2], offset), scale=scale,
+                                                  enable_gqa=n_rep > 1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
 
     @staticmethod
     def backward(ctx: Any, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v = ctx.saved_tensors
-        scale, n_rep = ctx.scale, ctx.n_rep
+        scale, n_rep, offset = ctx.scale, ctx.n_rep, ctx.offset
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             dt = q.dtype  # the matmuls in the inputs' dtype (bf16 under autocast: AMX), the softmax in float32
             acc = torch.promote_types(dt, torch.float32)  # (float64 inputs stay float64 throughout)
             do = d_out.to(dt)
             kr = k.repeat_interleave(n_rep, dim=1)  # head h of q reads kv head h // n_rep
             vr = v.repeat_interleave(n_rep, dim=1)
-            t = q.shape[2]
+            t, tk = q.shape[2], k.shape[2]
             s = torch.matmul(q, kr.transpose(-1, -2)).to(acc).mul_(scale)
-            s.masked_fill_(torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+            s.masked_fill_(torch.ones(t, tk, dtype=torch.bool, device=q.device).triu_(1 + offset), float("-inf"))
             p = torch.softmax(s, dim=-1)
             del s
             dp = torch.matmul(do, vr.transpose(-1, -2)).to(acc)
@@ -71,9 +74,14 @@ class CausalAttention(torch.autograd.Function):
             dk = torch.matmul(ds.transpose(-1, -2), q).mul_(scale)
             if n_rep > 1:  # each kv head's gradient is the sum over the query heads that read it
                 b, h_kv, _, d = k.shape
-                dk = dk.view(b, h_kv, n_rep, t, d).sum(2, dtype=acc)
-                dv = dv.view(b, h_kv, n_rep, t, d).sum(2, dtype=acc)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+                dk = dk.view(b, h_kv, n_rep, tk, d).sum(2, dtype=acc)
+                dv = dv.view(b, h_kv, n_rep, tk, d).sum(2, dtype=acc)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def head_mask(t: int, offset: int) -> torch.Tensor:
+    """[t, offset + t] boolean, True = attend: every query sees the `offset` head positions, then its row causally."""
+    return torch.ones(t, offset + t, dtype=torch.bool).tril_(offset)
 
 
 def attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -83,6 +91,12 @@ def attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    offset = int(kwargs.pop("kto_head", 0) or 0)  # model.SharedHead: attention_mask is then head_mask(T, offset)
+    if (offset and torch.is_grad_enabled() and not dropout and key.shape[2] == query.shape[2] + offset
+            and key.shape[2] <= MAX_MATMUL_LENGTH):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = CausalAttention.apply(query, key, value, scale, getattr(module, "num_key_value_groups", 1), offset)
+        return out.transpose(1, 2).contiguous(), None
     if (not torch.is_grad_enabled() or attention_mask is not None or dropout or not causal
             or query.shape[2] != key.shape[2] or not 2 <= query.shape[2] <= MAX_MATMUL_LENGTH
             or kwargs.get("position_bias") is not None

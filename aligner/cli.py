@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a fresh adapter goes in decoder layers N.. only, or from P%% of the depth up (50%% = the "
                         "upper half); the layers below run once per sequence instead of in every pass "
                         "(0 = all layers)")
+    p.add_argument("--no-shared-head", dest="shared_head", action="store_false",
+                   help="run every sequence from its first token, instead of the tokens all of them start with "
+                        "(the chat template's system turn) once per pass; same numbers, for comparison")
     p.add_argument("--prefix-cache-mb", type=int, default=2048,
                    help="memory for the outputs of the layers below the adapter (sequences beyond it run the whole "
                         "model)")

@@ -37,11 +37,13 @@ from aligner.loss import kto_loss, rotation
 from aligner.model import (
     Prefix,
     adapter_rank,
+    common_head,
     completion_logps,
     load_policy,
     load_tokenizer,
     prefix_states,
     resolve_dtype,
+    set_shared_head,
     shared_prefix_layers,
 )
 
@@ -67,6 +69,7 @@ class TrainConfig:
     first_lora_layer: int | str = 0    # a fresh adapter in decoder layers k.. only (k, or "P%" of the depth:
                                        # layers.first_layer); the layers below run once per sequence (model.Prefix)
     prefix_cache_mb: int = 2048        # memory for those layers' outputs; sequences beyond it run the whole model
+    shared_head: bool = True           # the tokens every sequence starts with run once per pass (model.SharedHead)
     epochs: int = 1                    # 1 epoch at 2.5e-4: see the next line
     batch_size: int = 8                # per process, per micro-batch
     grad_accum: int = 1
@@ -389,6 +392,8 @@ def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
     model.eval()
     pad_id = tok.pad_token_id
     prefix = Prefix(shared_prefix_layers(model), hp.get("prefix_cache_mb", 2048) << 20)
+    n_head = (manifest.get("prefix") or {}).get("head_tokens") or 0  # the run's head, so its numbers are the run's
+    set_shared_head(model, heldout[0].prompt_ids[:n_head] if n_head and heldout else None)
     with model.disable_adapter():
         h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
     from peft import set_peft_model_state_dict
@@ -453,8 +458,9 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                         resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules,
                         attention_backward=cfg.attention_backward, first_lora_layer=cfg.first_lora_layer)
     # Layers below the adapter: run once per sequence, in the reference pass (model.Prefix). A resumed adapter
-    # decides where its own layers start.
+    # decides where its own layers start. The tokens all sequences start with: once per pass (model.SharedHead).
     prefix = Prefix(shared_prefix_layers(model), cfg.prefix_cache_mb << 20)
+    head = set_shared_head(model, common_head([ex.prompt_ids for ex in train + heldout]) if cfg.shared_head else None)
     seconds: dict[str, float] = {"load": time.time() - t_start}  # where a run's time goes, phase by phase
     rank = adapter_rank(model)
     if rank > cfg.max_lora_rank:
@@ -681,7 +687,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "heldout": heldout_block, "log": log,
             "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first
             "prefix": {"layers": prefix.layers, "sequences": len(prefix.hidden),
-                       "mb": round(prefix.used / 2**20, 1)},  # layers run once per sequence (model.Prefix)
+                       "mb": round(prefix.used / 2**20, 1),  # layers run once per sequence (model.Prefix)
+                       "head_tokens": len(head.ids) if head else 0},  # tokens run once per pass (SharedHead)
             "anchor": None if anchors is None else {
                 "weight": cfg.anchor_weight, "prompts": str(cfg.anchor_prompts or anchor.DEFAULT_PROMPTS),
                 "n_answers": len(anchors.seqs), "answer_tokens": anchors.n_tokens(),

@@ -8,6 +8,9 @@ per K in the order given, and reports per-step seconds (median), phase seconds a
 
     python benchmarks/prefix_bench.py --snapshot RUN_DIR/snapshot.parquet [--layers 0 15] [--max-steps 5]
 
+`--head-ab` also runs each K with `--no-shared-head` (every sequence from its first token instead of the chat
+template's common head once per pass, model.SharedHead) and reports those ratios too (`K=k head`).
+
 Writes benchmarks/results/prefix_bench.json.
 """
 
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=5)
     ap.add_argument("--max-examples", type=int, default=200)
     ap.add_argument("--anchor-weight", type=float, default=7.0, help="the product's γ in the #7 runs (0 = none)")
+    ap.add_argument("--head-ab", action="store_true", help="each K also with --no-shared-head, right after it")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefix_bench.json")
     args = ap.parse_args()
     t_all = time.perf_counter()
@@ -46,31 +50,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         anchor = ["--anchor-weight", f"{args.anchor_weight:g}", "--anchor-max-tokens", "24",
                   "--anchor-cache", str(Path(tmp) / "anchor-cache")] if args.anchor_weight > 0 else []
-        for k in args.layers:
-            out = Path(tmp) / f"adapter-{k}"
+        variants = [(str(k), ["--first-lora-layer", str(k)]) for k in args.layers]
+        if args.head_ab:
+            variants = [v for k, flags in variants
+                        for v in ((k, flags), (f"{k}/no-head", [*flags, "--no-shared-head"]))]
+        for name, flags in variants:
+            out = Path(tmp) / f"adapter-{name.replace('/', '-')}"
             run = train(args.snapshot, out, model_dir, 2.5e-4, 1,
                         ["--max-steps", str(args.max_steps), "--checkpoints", "0", "--max-examples",
-                         str(args.max_examples), "--first-lora-layer", str(k), *anchor])
+                         str(args.max_examples), *flags, *anchor])
             m = json.loads((out / "manifest.json").read_text())
             steps = [r["seconds"] for r in m["log"]]
-            runs[str(k)] = {**run, "step_seconds": steps, "step_median": statistics.median(steps[1:] or steps),
-                            "kl_seconds_median": statistics.median([r["kl_seconds"] for r in m["log"][1:]] or [0]),
-                            "prefix": m["prefix"], "final_loss": m["final_loss"]}
-            print(f"K={k}: step median {runs[str(k)]['step_median']:.2f} s, phases {run['phase_seconds']}")
-    base = runs.get("0")
-    ratios = {}
-    if base:
-        for k, r in runs.items():
-            if k == "0":
-                continue
-            ratios[f"K={k}"] = {
-                "step_speedup": base["step_median"] / r["step_median"],
-                **{f"{p}_speedup": base["phase_seconds"][p] / r["phase_seconds"][p]
-                   for p in ("reference", "heldout_served", "heldout_new")
-                   if base["phase_seconds"].get(p) and r["phase_seconds"].get(p)}}
+            runs[name] = {**run, "step_seconds": steps, "step_median": statistics.median(steps[1:] or steps),
+                          "kl_seconds_median": statistics.median([r["kl_seconds"] for r in m["log"][1:]] or [0]),
+                          "prefix": m["prefix"], "final_loss": m["final_loss"]}
+            print(f"K={name}: step median {runs[name]['step_median']:.2f} s, phases {run['phase_seconds']}")
+
+    def speedups(slow: dict, fast: dict) -> dict:
+        return {"step_speedup": slow["step_median"] / fast["step_median"],
+                **{f"{p}_speedup": slow["phase_seconds"][p] / fast["phase_seconds"][p]
+                   for p in ("reference", "heldout_served", "heldout_new", "train")
+                   if slow["phase_seconds"].get(p) and fast["phase_seconds"].get(p)}}
+
+    ratios = {f"K={k}": speedups(runs["0"], r) for k, r in runs.items()
+              if "0" in runs and k != "0" and not k.endswith("/no-head")}
+    ratios.update({f"K={k} head": speedups(runs[f"{k}/no-head"], r) for k, r in runs.items()
+                   if f"{k}/no-head" in runs})
     result = {"benchmark": "prefix_bench", "machine": machine(), "snapshot": str(args.snapshot),
               "layers": args.layers, "max_steps": args.max_steps, "max_examples": args.max_examples,
-              "anchor_weight": args.anchor_weight, "note": "step medians leave out step 1 (no KL pass)",
+              "anchor_weight": args.anchor_weight, "head_ab": args.head_ab,
+              "note": "step medians leave out step 1 (no KL pass)",
               "runs": runs, "ratios": ratios}
     write_result(result, args.out, t_all)
 
