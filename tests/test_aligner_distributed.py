@@ -14,8 +14,11 @@ from safetensors.torch import load_file
 
 from tests.test_aligner_support import synthetic_rows, write_snapshot
 
+# The default rate suits the real model; 3 steps on the tiny one must visibly move weights. float32 on every CPU:
+# where bf16 is native it would be the default, and its rounding follows how each process batches the reference
+# pass, differences Adam turns into steps of ±lr (below).
 ARGS = ["--batch-size", "4", "--epochs", "1", "--max-steps", "3", "--threads", "1", "--max-length", "128",
-        "--lr", "1e-3"]  # the default rate suits the real model; 3 steps on the tiny one must visibly move weights
+        "--lr", "1e-3", "--dtype", "float32"]
 
 
 def _manifest(out: Path) -> dict:
@@ -56,7 +59,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, free_port, extra):
     assert moved > 1e-3, "the run must actually update the adapter"
     # The per-step loss, z0 and rewards above are the exact check. Weights are compared loosely: Adam divides by
     # sqrt(v), so parameters whose gradient is near zero (lora_A while lora_B is still ~0) turn last-bit
-    # differences of the bf16 reference pass (batched differently across 1 and 2 processes) into steps of ±lr.
+    # differences of the reference pass (batched differently across 1 and 2 processes) into steps of ±lr.
     # Dropping one process's gradient moves the weights by the order of `moved`.
     assert diff < 0.5 * moved, f"2-process weights differ from 1-process by {diff} (moved {moved})"
     if extra:  # each process kept the layer-1 inputs of its own micro-batches and started there
