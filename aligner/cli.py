@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                                  "bounds training memory; same result")
     p.add_argument("--lr", type=float, default=2.5e-4,
                    help="higher rates moved the rater faster but lost facts (benchmarks/results/lr_sweep.json)")
+    p.add_argument("--lr-generation-decay", type=float, default=1.0, metavar="D",
+                   help="a continued adapter (--resume-from) trains at lr × D^g, g = how many runs before this one "
+                        "trained it (its manifest's generation + 1): each cycle moves an already-moved adapter in "
+                        "smaller steps; 1 = the same rate every cycle")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=512, help="prompt+completion tokens; prompts cut on the left")
@@ -121,6 +125,7 @@ def _validate(args: argparse.Namespace) -> None:
     resumed = _adapted_modules(args.resume_from) if args.target_modules else set()
     checks = [(args.epochs >= 1, "--epochs must be ≥ 1"), (args.batch_size >= 2, "--batch-size must be ≥ 2"),
               (args.grad_accum >= 1, "--grad-accum must be ≥ 1"), (args.lr > 0, "--lr must be > 0"),
+              (0 < args.lr_generation_decay <= 1, "--lr-generation-decay must be in (0, 1]"),
               (args.grad_tokens >= 1, "--grad-tokens must be ≥ 1"),
               (args.beta > 0, "--beta must be > 0"), (args.max_length >= 32, "--max-length must be ≥ 32"),
               (0 <= args.heldout_fraction < 1, "--holdout-fraction must be in [0, 1)"),

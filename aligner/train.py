@@ -75,6 +75,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_tokens: int = 2048            # padded tokens per forward with gradient; a longer micro-batch is chunked
     lr: float = 2.5e-4                 # 5e-4 and 1e-3 lost 1-7 facts (benchmarks/results/lr_sweep.json)
+    lr_generation_decay: float = 1.0   # a continued adapter trains at lr × this^generation (adapter_generation)
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_length: int = 512
@@ -288,6 +289,29 @@ def _keep_checkpoint(model: Any, d: Path, step: int, total: int, heldout: list[E
     return entry
 
 
+def adapter_generation(adapter_dir: str | Path | None) -> int:
+    """How many runs produced this adapter, minus one: 0 for a fresh one, its parent's + 1 for a continued one.
+
+    Read from the adapter's manifest ("generation"; older manifests: by following "resume_from"); an adapter
+    without a manifest (made elsewhere) counts as fresh. A checkpoint's manifest carries its run's generation.
+    """
+    import json
+
+    seen: set[str] = set()
+    d, depth = adapter_dir, 0
+    while d and str(d) not in seen:
+        seen.add(str(d))
+        try:
+            m = json.loads((Path(d) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return depth
+        if isinstance(m.get("generation"), int):
+            return depth + m["generation"]
+        d = m.get("resume_from")
+        depth += 1 if d else 0
+    return depth
+
+
 def _lr_at(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then linear decay to zero: a multiplier on the base learning rate."""
     if step < warmup:
@@ -453,6 +477,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     except ValueError as e:
         raise SnapshotError(f"{e} (after holding out {len(heldout)} and dropping {len(data.dropped)})") from e
 
+    # Later cycles continue an adapter that earlier ones already moved: with lr_generation_decay < 1 each step is
+    # smaller, as if the cycles were one run whose learning rate keeps decaying across its warm restarts.
+    generation = adapter_generation(cfg.resume_from) + 1 if cfg.resume_from else 0
+    lr_base = cfg.lr * cfg.lr_generation_decay ** generation
+
     dtype = resolve_dtype(cfg.dtype)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules,
@@ -559,7 +588,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     checkpoint_seconds = 0.0
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr_base, weight_decay=0.0)
     log: list[dict[str, Any]] = []
     n_tokens = 0
     t_train = time.time()
@@ -615,7 +644,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                 and (anchor_kl is None or math.isfinite(anchor_kl))):
             raise TrainingDiverged(f"non-finite value at step {s + 1}/{total}: loss={loss}, grad_norm={grad_norm}, "
                                    f"z0={z0_pre.item()}, anchor_kl={anchor_kl}")
-        lr = cfg.lr * _lr_at(s, total, warmup)
+        lr = lr_base * _lr_at(s, total, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
@@ -664,7 +693,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         hp.update(lora_rank=rank, lora_alpha=float(model.peft_config["default"].lora_alpha),
                   target_modules=sorted(model.peft_config["default"].target_modules), world_size=dist.world,
                   lambda_mode=lam_mode,
-                  global_batch=cfg.batch_size * cfg.grad_accum * dist.world, steps=total,
+                  global_batch=cfg.batch_size * cfg.grad_accum * dist.world, steps=total, lr_effective=lr_base,
                   dtype=str(dtype).removeprefix("torch."))
         z0s = [r["z0"] for r in log]
         z0p = [r["z0_pre_clamp"] for r in log]
@@ -673,6 +702,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "lambda_rule": balance.describe(n_d, n_u, lam_d, lam_u),
             "hyperparameters": hp, "data_sha256": data.data_sha256, "snapshot": str(cfg.snapshot),
             "n_rows": data.n_rows, "reference": cfg.reference, "resume_from": cfg.resume_from,
+            "generation": generation,
             "served_adapter": cfg.served_adapter, "base_model": str(cfg.model_dir), "git_commit": _git_commit(),
             "train_seconds": round(train_seconds, 3), "checkpoint_seconds": round(checkpoint_seconds, 3),
             "total_seconds": round(time.time() - t_start, 3),

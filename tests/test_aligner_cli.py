@@ -292,3 +292,49 @@ def test_nan_fails_cleanly(tmp_path, snapshot, tiny_model_dir, monkeypatch, caps
     err = capsys.readouterr().err
     assert rc == 1 and "non-finite" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_each_continued_generation_trains_at_a_decayed_learning_rate(trained, snapshot, tiny_model_dir, tmp_path):
+    assert json.loads((trained / "manifest.json").read_text())["generation"] == 0
+    parent = trained
+    for gen in (1, 2):  # v2 continues v1, v3 continues v2: lr × 0.5, then × 0.25
+        out = tmp_path / f"v{gen + 1}"
+        rc = cli.main(["--snapshot", str(snapshot), "--out", str(out), "--model-dir", str(tiny_model_dir), *FAST,
+                       "--resume-from", str(parent), "--lr", "1e-3", "--lr-generation-decay", "0.5",
+                       "--max-steps", "3"])
+        assert rc == 0
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["generation"] == gen and train_mod.adapter_generation(out) == gen
+        assert m["hyperparameters"]["lr_effective"] == pytest.approx(1e-3 * 0.5 ** gen)
+        warmup = int(0.1 * 3)
+        assert [r["lr"] for r in m["log"]] == pytest.approx([1e-3 * 0.5 ** gen * train_mod._lr_at(s, 3, warmup)
+                                                             for s in range(3)])
+        parent = out
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "same"), "--model-dir", str(tiny_model_dir),
+                   *FAST, "--resume-from", str(trained), "--lr", "1e-3", "--max-steps", "1"])  # default: no decay
+    assert rc == 0
+    assert json.loads((tmp_path / "same" / "manifest.json").read_text())["hyperparameters"]["lr_effective"] == 1e-3
+
+
+def test_adapter_generation_follows_resume_from_in_older_manifests(tmp_path):
+    def adapter(name: str, manifest: dict | None) -> str:
+        (tmp_path / name).mkdir()
+        if manifest is not None:
+            (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        return str(tmp_path / name)
+
+    a = adapter("a", {"resume_from": None})                     # fresh, before manifests recorded a generation
+    b = adapter("b", {"resume_from": a})
+    c = adapter("c", {"checkpoint": {"step": 2}, "resume_from": b})  # a checkpoint of a run that continued b
+    d = adapter("d", {"generation": 5, "resume_from": c})       # a recorded generation wins
+    e = adapter("e", {"resume_from": d})
+    assert [train_mod.adapter_generation(x) for x in (a, b, c, d, e)] == [0, 1, 2, 5, 6]
+    assert train_mod.adapter_generation(adapter("external", None)) == 0  # made elsewhere: counts as fresh
+    assert train_mod.adapter_generation(adapter("loop", {"resume_from": str(tmp_path / "loop")})) == 1
+    assert train_mod.adapter_generation(None) == 0
+
+
+def test_lr_generation_decay_outside_0_1_exits_2(snapshot, tiny_model_dir, tmp_path, capsys):
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir),
+                   *FAST, "--lr-generation-decay", "1.5"])
+    assert rc == 2 and "--lr-generation-decay must be in (0, 1]" in capsys.readouterr().err
