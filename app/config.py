@@ -95,6 +95,11 @@ class Config:
     anchor_tokens: int = _opt(24, "the anchor term covers the first N tokens of the base model's anchor answers: "
                                   "facts are lost in an answer's opening, a preference mostly lives after it "
                                   "(benchmarks/results/anchor_sweep_examples_t24.json)")
+    lr_generation_decay: float = _opt(1.0, "in continue mode each later cycle trains the served adapter at the "
+                                           "aligner's learning rate × this^generation (the number of runs behind "
+                                           "it): an adapter earlier cycles already moved takes smaller steps, so "
+                                           "a second cycle keeps the facts the first one kept (1 = the same rate "
+                                           "every cycle)")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
     promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
                                                     "questions a new adapter may lose against the served one and "
@@ -197,4 +202,6 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         raise SystemExit(f"kto-loop: anchor_weight must be a finite number ≥ 0, got {cfg.anchor_weight}")
     if not 1 <= cfg.anchor_tokens <= ANCHOR_TOKENS_MAX:
         raise SystemExit(f"kto-loop: anchor_tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {cfg.anchor_tokens}")
+    if not 0 < cfg.lr_generation_decay <= 1:
+        raise SystemExit(f"kto-loop: lr_generation_decay must be in (0, 1], got {cfg.lr_generation_decay}")
     return cfg

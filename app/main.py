@@ -101,7 +101,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,
             extra_args=shlex.split(cfg.align_extra_args), mode=cfg.align_mode, capability_guard=guard,
             anchor_weight=cfg.anchor_weight, anchor_tokens=cfg.anchor_tokens, first_lora_layer=cfg.first_lora_layer,
-            anchor_cache=Path(cfg.home) / "cache" / "anchors")
+            anchor_cache=Path(cfg.home) / "cache" / "anchors", lr_generation_decay=cfg.lr_generation_decay)
         stack.callback(realigner.close)
         yield Stack(server, store, registry, client, realigner, settings, cfg)
 

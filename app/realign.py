@@ -78,13 +78,16 @@ class Realigner:
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
                  anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0,
-                 anchor_cache: Path | None = None):
+                 anchor_cache: Path | None = None, lr_generation_decay: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
         if not 1 <= anchor_tokens <= ANCHOR_TOKENS_MAX:
             raise ValueError(f"anchor tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {anchor_tokens!r}")
+        if not 0 < lr_generation_decay <= 1:
+            raise ValueError(f"the learning-rate decay per generation must be in (0, 1], got {lr_generation_decay!r}")
+        self.lr_generation_decay = lr_generation_decay  # a continued adapter: lr × this^generation (aligner.train)
         # a fresh adapter's lowest layer, N or P% of the depth (aligner/layers.py; the aligner resolves it against
         # the model): the layers below run once per sequence (aligner/model.py, Prefix)
         self.first_lora_layer = str(first_lora_layer).strip()
@@ -153,7 +156,8 @@ class Realigner:
                   "reference": "base", "since": str(since) if since is not None else None,
                   "anchor_weight": self.anchor_weight,
                   "anchor_tokens": self.anchor_tokens if self.anchor_weight > 0 else None,
-                  "first_lora_layer": self.first_lora_layer if resume_dir is None else None}
+                  "first_lora_layer": self.first_lora_layer if resume_dir is None else None,
+                  "lr_generation_decay": self.lr_generation_decay if resume_dir is not None else None}
         run_id = str(self.store.start_run(trigger, params))
         self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
                                 started_at=time.time())
@@ -302,6 +306,8 @@ class Realigner:
             cmd += ["--served-adapter", str(served_dir)]
         if resume_dir is not None:
             cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
+            if self.lr_generation_decay != 1:
+                cmd += ["--lr-generation-decay", f"{self.lr_generation_decay:g}"]
         elif not self._all_layers:
             cmd += ["--first-lora-layer", self.first_lora_layer]
         if self.anchor_weight > 0:

@@ -64,20 +64,21 @@ def _gate_always_promotes(monkeypatch):
     monkeypatch.setattr(serving.gate, "should_promote", lambda new, served, min_gain: (True, "promoted: test"))
 
 
-def _realigner(store, registry, tiny_model_dir: Path, tmp_path: Path, mode: str) -> Realigner:
+def _realigner(store, registry, tiny_model_dir: Path, tmp_path: Path, mode: str, **kw) -> Realigner:
     return Realigner(store, registry, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
-                     extra_args=TRAIN_ARGS, mode=mode, lora_rank=8)
+                     extra_args=TRAIN_ARGS, mode=mode, lora_rank=8, **kw)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_continue_mode_resumes_the_served_adapter_on_unseen_ratings(tiny_model_dir: Path, tmp_path: Path):
     store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
-    rl = _realigner(store, reg, tiny_model_dir, tmp_path, "continue")
+    rl = _realigner(store, reg, tiny_model_dir, tmp_path, "continue", lr_generation_decay=0.5)
     _rate(store, "a", 12, "base")
     first = rl.run("operator")
     assert first.promoted and first.version == "kto-v1", first.reason
     assert first.manifest["resume_from"] is None  # base served: a new adapter on everything
+    assert first.manifest["generation"] == 0 and first.manifest["hyperparameters"]["lr_effective"] == 2.5e-4
     run1 = store.get_run(first.run_id)
     assert run1["n_desirable"] + run1["n_undesirable"] <= 12
 
@@ -86,12 +87,14 @@ def test_continue_mode_resumes_the_served_adapter_on_unseen_ratings(tiny_model_d
     assert second.promoted and second.version == "kto-v2", second.reason
     m = second.manifest
     assert m["resume_from"] == str(reg.paths["kto-v1"]) and m["reference"] == "base"
+    assert m["generation"] == 1 and m["hyperparameters"]["lr_effective"] == pytest.approx(2.5e-4 * 0.5)
     # only the 8 ratings kto-v1 has not seen reached the aligner
     used = set(store.run_examples(second.run_id, include_dropped=True))
     assert len(used) <= 8 and used.isdisjoint(store.run_examples(first.run_id, include_dropped=True))
     params = store.get_run(second.run_id)["params"]
     params = json.loads(params) if isinstance(params, str) else params
     assert params["mode"] == "continue" and params["resume_from"] == "kto-v1" and params["reference"] == "base"
+    assert params["lr_generation_decay"] == 0.5
     # lineage: an answer served by kto-v2 was shaped by the ratings of both runs (parent chain)
     v2 = next(a for a in store.adapters() if a["version"] == "kto-v2")
     assert v2["parent"] == "kto-v1"
@@ -129,6 +132,9 @@ def test_unknown_mode_is_refused(tmp_path: Path):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=-1.0)
     with pytest.raises(ValueError, match="anchor tokens must be in"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=2.0, anchor_tokens=0)
+    for bad_decay in (0.0, 1.5):
+        with pytest.raises(ValueError, match="learning-rate decay per generation must be in"):
+            Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, lr_generation_decay=bad_decay)
     for bad in (-1, "100%", "top half"):
         with pytest.raises(ValueError, match="first LoRA layer must be a layer index N ≥ 0 or a share of the depth"):
             Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, first_lora_layer=bad)
@@ -331,3 +337,24 @@ def test_aligner_children_run_at_the_configured_niceness(tmp_path: Path):
     cmd = plain.command(snap, out, None)
     assert cmd[:3] == [sys.executable, "-m", "aligner"] and cmd[-2:] == ["--max-steps", "2"]
     store.close()
+
+
+def test_lr_generation_decay_reaches_only_a_continued_run(tmp_path: Path):
+    """A continued adapter is told the decay (the aligner reads its generation from the manifests); a fresh one,
+    and the default 1, pass nothing."""
+    snap, out, served = tmp_path / "s.parquet", tmp_path / "o", tmp_path / "kto-v1"
+    decayed = Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, lr_generation_decay=0.5)
+    cmd = decayed.command(snap, out, served, resume_dir=served)
+    assert cmd[cmd.index("--lr-generation-decay") + 1] == "0.5"
+    assert "--lr-generation-decay" not in decayed.command(snap, out, served)  # fresh: a new adapter, generation 0
+    plain = Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path)
+    assert "--lr-generation-decay" not in plain.command(snap, out, served, resume_dir=served)
+
+
+@pytest.mark.parametrize("raw", ["0", "1.5", "-0.5", "nan"])
+def test_bad_lr_generation_decay_setting_stops_the_app_with_one_line(raw):
+    from app.config import config_from
+
+    with pytest.raises(SystemExit, match="lr_generation_decay must be in"):
+        config_from(None, {"KTO_LOOP_LR_GENERATION_DECAY": raw})
+    assert config_from(None, {"KTO_LOOP_LR_GENERATION_DECAY": "0.5"}).lr_generation_decay == 0.5
