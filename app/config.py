@@ -97,9 +97,9 @@ class Config:
                                   "(benchmarks/results/anchor_sweep_examples_t24.json)")
     lr_generation_decay: float = _opt(1.0, "in continue mode each later cycle trains the served adapter at the "
                                            "aligner's learning rate × this^generation (the number of runs behind "
-                                           "it): an adapter earlier cycles already moved takes smaller steps, so "
-                                           "a second cycle keeps the facts the first one kept (1 = the same rate "
-                                           "every cycle)")
+                                           "it): an adapter earlier cycles already moved takes smaller steps, "
+                                           "against the facts a second cycle can cost (1 = the same rate every "
+                                           "cycle)")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
     promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
                                                     "questions a new adapter may lose against the served one and "
