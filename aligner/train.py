@@ -293,7 +293,8 @@ def adapter_generation(adapter_dir: str | Path | None) -> int:
     """How many runs produced this adapter, minus one: 0 for a fresh one, its parent's + 1 for a continued one.
 
     Read from the adapter's manifest ("generation"; older manifests: by following "resume_from"); an adapter
-    without a manifest (made elsewhere) counts as fresh. A checkpoint's manifest carries its run's generation.
+    without a manifest (made elsewhere) counts as fresh. A checkpoint's manifest names its run's `resume_from`,
+    so a served checkpoint counts as its run's generation.
     """
     import json
 
