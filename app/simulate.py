@@ -602,6 +602,27 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
     }
 
 
+def combine(sources: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One document (and so one plot) from several simulation results, e.g. each example rater at the settings
+    that suit it. Each run keeps its own file's settings and machine, since those differ between the files."""
+    runs: list[dict[str, Any]] = []
+    for name, doc in sources:
+        if not isinstance(doc, dict) or doc.get("kind") != "kto-loop simulate" or not isinstance(doc.get("runs"), list):
+            raise SimulationError(f"{name}: not a `kto-loop simulate` results file")
+        for run in doc["runs"]:
+            if not isinstance(run, dict) or not {"rater", "base", "cycles"} <= run.keys():
+                raise SimulationError(f"{name}: a run without rater, base and cycles")
+            runs.append(dict(run, source=name, settings=doc.get("settings"), machine=doc.get("machine"),
+                             started_at=doc.get("started_at")))
+    if not runs:
+        raise SimulationError("nothing to combine: no runs in the given files")
+    raters = [r["rater"] for r in runs]
+    for r in runs:  # the plot's legend names each line; two runs of one rater need their file to tell them apart
+        r["label"] = r["rater"] if raters.count(r["rater"]) == 1 else f"{r['rater']} ({Path(r['source']).stem})"
+    return {"kind": "kto-loop simulate", "combined_from": [name for name, _ in sources],
+            "raters": raters, "runs": runs}
+
+
 def evidence(stack: Any) -> dict[str, Any]:
     """What the store and the server say happened: proof that each stage ran for real."""
     runs = stack.store.runs()
@@ -655,18 +676,19 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ys = [100 * (e["desirable_rate"] or 0) for e in evals]
         err = [[max(0.0, y - 100 * e["ci95"][0]) for y, e in zip(ys, evals, strict=True)],
                [max(0.0, 100 * e["ci95"][1] - y) for y, e in zip(ys, evals, strict=True)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"{run['rater']} (auto λ)")
+        name = run.get("label", run["rater"])
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"{name} (auto λ)")
         pinned = [c["ablation_pinned"]["eval"] for c in run["cycles"] if "ablation_pinned" in c]
         if pinned:
             py = [ys[0]] + [100 * (e["desirable_rate"] or 0) for e in pinned]
             ax.plot(range(len(py)), py, linestyle="--", marker="x", color=color, alpha=0.7,
-                    label=f"{run['rater']} (λ_D = λ_U = 1)")
-        ax2.plot(xs, [100 * e["capability_accuracy"] for e in evals], marker="o", color=color, label=run["rater"])
+                    label=f"{name} (λ_D = λ_U = 1)")
+        ax2.plot(xs, [100 * e["capability_accuracy"] for e in evals], marker="o", color=color, label=name)
         refused = [(c["cycle"], c["refused_candidate_eval"]) for c in run["cycles"] if "refused_candidate_eval" in c]
         if refused:  # hollow markers: what the guard kept from users, and what it would have cost
             rx = [x for x, _ in refused]
             ax.plot(rx, [100 * (e["desirable_rate"] or 0) for _, e in refused], linestyle="none", marker="o",
-                    markerfacecolor="none", color=color, label=f"{run['rater']}: refused by the capability guard")
+                    markerfacecolor="none", color=color, label=f"{name}: refused by the capability guard")
             ax2.plot(rx, [100 * e["capability_accuracy"] for _, e in refused], linestyle="none", marker="o",
                      markerfacecolor="none", color=color)
     ax.set_xlabel("cycle (0 = base model)")

@@ -302,6 +302,55 @@ def test_plot_and_json_are_written(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5, "p": str(sim.DATA_DIR), "t": [1, 2]}
 
 
+def _results_file(path, runs, **settings):
+    doc = fake_doc()
+    doc["runs"] = [dict(r, summary=sim.summarize(r["base"], r["cycles"])) for r in doc["runs"] if r["rater"] in runs]
+    doc.update(kind="kto-loop simulate", settings=settings, machine={"cpu": "test"}, started_at="2026-12-02T10:00:00")
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_combine_puts_several_results_files_into_one_json_and_plot(tmp_path, capsys):
+    cfg = config_from(argparse.Namespace(), environ={})
+    a = _results_file(tmp_path / "a.json", {"concise"}, first_lora_layer="15")
+    b = _results_file(tmp_path / "b.json", {"examples"}, first_lora_layer="20")
+    c = _results_file(tmp_path / "c.json", {"examples"}, first_lora_layer="0")
+    out, png = tmp_path / "all.json", tmp_path / "all.png"
+    assert cmd.run(parse(["--combine", str(a), str(b), str(c), "--json", str(out), "--plot", str(png)]), cfg) == 0
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "kto-loop simulate" and doc["combined_from"] == [str(a), str(b), str(c)]
+    assert [r["rater"] for r in doc["runs"]] == ["concise", "examples", "examples"]
+    # each run keeps its own file's settings; a rater seen twice is told apart by its file in the legend
+    assert [r["settings"]["first_lora_layer"] for r in doc["runs"]] == ["15", "20", "0"]
+    assert [r["label"] for r in doc["runs"]] == ["concise", "examples (b)", "examples (c)"]
+    assert doc["runs"][1]["summary"]["best_gain_points"] == pytest.approx(35.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "examples (c): desirable 5.0% → 40.0%" in printed and str(out) in printed
+    # and the combined file is itself a results file: it can be combined again
+    assert cmd.run(parse(["--combine", str(out), str(a), "--json", str(tmp_path / "again.json")]), cfg) == 0
+    assert len(json.loads((tmp_path / "again.json").read_text())["runs"]) == 4
+
+
+def test_combine_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    cfg = config_from(argparse.Namespace(), environ={})
+    good = _results_file(tmp_path / "a.json", {"concise"})
+    out = tmp_path / "all.json"
+    (tmp_path / "broken.json").write_text('{"kind": "kto-loop simulate", "runs": [')
+    (tmp_path / "other.json").write_text('{"kind": "benchmark", "runs": []}')
+    (tmp_path / "empty.json").write_text('{"kind": "kto-loop simulate", "runs": []}')
+    (tmp_path / "norater.json").write_text('{"kind": "kto-loop simulate", "runs": [{"base": {}}]}')
+    for bad, says in [("missing.json", "cannot read it as JSON"), ("broken.json", "cannot read it as JSON"),
+                      ("other.json", "not a `kto-loop simulate` results file"),
+                      ("norater.json", "a run without rater, base and cycles")]:
+        assert cmd.run(parse(["--combine", str(good), str(tmp_path / bad), "--json", str(out)]), cfg) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1
+    assert cmd.run(parse(["--combine", str(tmp_path / "empty.json"), "--json", str(out)]), cfg) == 2
+    assert "nothing to combine" in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".png").exists()
+
+
 def test_fresh_config_never_points_at_the_production_store(tmp_path):
     cfg = config_from(argparse.Namespace(), environ={})
     fresh = sim.fresh_config(cfg, tmp_path / "r")

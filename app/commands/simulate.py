@@ -47,11 +47,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent simulated chats (128: 200 ratings collected 1.16x (base) and 1.21x (an "
                              "adapter) faster than with 32 on 2 cores, collect_workers_bench.json)")
     parser.add_argument("--seed", type=int, default=0, help="prompt order")
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="simulate nothing: put the runs of these earlier results files into one JSON and one "
+                             "plot (e.g. each rater at its own settings; each run keeps its file's settings)")
+
+
+def _report(doc: dict, json_path: Path, png: Path) -> None:
+    from app import simulate as sim
+
+    for r in doc["runs"]:
+        s = r["summary"]
+        print(f"{r.get('label', r['rater'])}: desirable {sim.pct(s['base_desirable_rate'])} → "
+              f"{sim.pct(s['final_desirable_rate'])} (best gain {s['best_gain_points']} points), capability "
+              f"≥ {sim.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
+    print(f"wrote {json_path} and {png}")
+
+
+def _combine(args: argparse.Namespace, png: Path) -> int:
+    import json
+
+    from app import simulate as sim
+
+    try:
+        sources = []
+        for path in args.combine:
+            try:
+                sources.append((str(path), json.loads(Path(path).read_text())))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise sim.SimulationError(f"{path}: cannot read it as JSON ({e})") from e
+        doc = sim.combine(sources)
+    except sim.SimulationError as e:
+        print(f"kto-loop simulate: {e}", file=sys.stderr)
+        return 2
+    sim.write_json(doc, args.json)
+    sim.plot(doc, png)
+    _report(doc, args.json, png)
+    return 0
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from app import simulate as sim
 
+    png = args.plot or args.json.with_suffix(".png")
+    if args.combine:
+        return _combine(args, png)
     try:
         for flag in ("cycles", "ratings_per_cycle", "samples_per_prompt", "capability_repeats", "workers"):
             if getattr(args, flag) < 1:
@@ -76,7 +115,6 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                          capability_repeats=args.capability_repeats, ablation=args.ablation, seed=args.seed,
                          workers=args.workers) for name, fn in raters]
     work_dir = args.work_dir or Path(cfg.data_dir) / "simulations" / time.strftime("%Y%m%d-%H%M%S")
-    png = args.plot or args.json.with_suffix(".png")
 
     def save(doc: dict) -> None:  # after every measurement: an interrupted run still leaves its numbers
         sim.write_json(doc, args.json)
@@ -88,10 +126,5 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"kto-loop simulate: {e}", file=sys.stderr)
         return 1
     save(doc)
-    for r in doc["runs"]:
-        s = r["summary"]
-        print(f"{r['rater']}: desirable {sim.pct(s['base_desirable_rate'])} → "
-              f"{sim.pct(s['final_desirable_rate'])} (best gain {s['best_gain_points']} points), capability "
-              f"≥ {sim.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
-    print(f"wrote {args.json} and {png}")
+    _report(doc, args.json, png)
     return 0
