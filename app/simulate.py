@@ -602,24 +602,26 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
     }
 
 
-def combine(sources: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """One document (and so one plot) from several simulation results, e.g. each example rater at the settings
-    that suit it. Each run keeps its own file's settings and machine, since those differ between the files."""
+def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[str, Any]:
+    """One document (and so one plot) from several simulation results (file name, document, optional label), e.g.
+    each example rater at the settings that suit it. Each run keeps its own file's settings and machine, since those
+    differ between the files; the plot names a run "rater, label", or "rater (file)" when a rater comes twice."""
     runs: list[dict[str, Any]] = []
-    for name, doc in sources:
+    for name, doc, label in sources:
         if not isinstance(doc, dict) or doc.get("kind") != "kto-loop simulate" or not isinstance(doc.get("runs"), list):
             raise SimulationError(f"{name}: not a `kto-loop simulate` results file")
         for run in doc["runs"]:
             if not isinstance(run, dict) or not {"rater", "base", "cycles"} <= run.keys():
                 raise SimulationError(f"{name}: a run without rater, base and cycles")
             runs.append(dict(run, source=name, settings=doc.get("settings"), machine=doc.get("machine"),
-                             started_at=doc.get("started_at")))
+                             started_at=doc.get("started_at"), label=f"{run['rater']}, {label}" if label else None))
     if not runs:
         raise SimulationError("nothing to combine: no runs in the given files")
     raters = [r["rater"] for r in runs]
-    for r in runs:  # the plot's legend names each line; two runs of one rater need their file to tell them apart
-        r["label"] = r["rater"] if raters.count(r["rater"]) == 1 else f"{r['rater']} ({Path(r['source']).stem})"
-    return {"kind": "kto-loop simulate", "combined_from": [name for name, _ in sources],
+    for r in runs:
+        if r["label"] is None:
+            r["label"] = r["rater"] if raters.count(r["rater"]) == 1 else f"{r['rater']} ({Path(r['source']).stem})"
+    return {"kind": "kto-loop simulate", "combined_from": [name for name, _, _ in sources],
             "raters": raters, "runs": runs}
 
 

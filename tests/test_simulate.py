@@ -330,6 +330,12 @@ def test_combine_puts_several_results_files_into_one_json_and_plot(tmp_path, cap
     # and the combined file is itself a results file: it can be combined again
     assert cmd.run(parse(["--combine", str(out), str(a), "--json", str(tmp_path / "again.json")]), cfg) == 0
     assert len(json.loads((tmp_path / "again.json").read_text())["runs"]) == 4
+    # FILE=LABEL names a file's runs in the legend; a file whose own name holds "=" is still read as a file
+    odd = _results_file(tmp_path / "k=20.json", {"concise"})
+    assert cmd.run(parse(["--combine", f"{b}=lr 2e-3", f"{c}=seed 1", str(odd), "--json", str(out)]), cfg) == 0
+    doc = json.loads(out.read_text())
+    assert [r["label"] for r in doc["runs"]] == ["examples, lr 2e-3", "examples, seed 1", "concise"]
+    assert doc["combined_from"] == [str(b), str(c), str(odd)]
 
 
 def test_combine_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):

@@ -47,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent simulated chats (128: 200 ratings collected 1.16x (base) and 1.21x (an "
                              "adapter) faster than with 32 on 2 cores, collect_workers_bench.json)")
     parser.add_argument("--seed", type=int, default=0, help="prompt order")
-    parser.add_argument("--combine", type=Path, nargs="+", metavar="RESULTS_JSON",
+    parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON[=LABEL]",
                         help="simulate nothing: put the runs of these earlier results files into one JSON and one "
-                             "plot (e.g. each rater at its own settings; each run keeps its file's settings)")
+                             "plot (e.g. each rater at its own settings; each run keeps its file's settings); "
+                             "=LABEL names the file's runs in the plot")
 
 
 def _report(doc: dict, json_path: Path, png: Path) -> None:
@@ -70,9 +71,12 @@ def _combine(args: argparse.Namespace, png: Path) -> int:
 
     try:
         sources = []
-        for path in args.combine:
+        for arg in args.combine:
+            path, label = arg, None
+            if "=" in arg and not Path(arg).exists():
+                path, label = arg.rsplit("=", 1)
             try:
-                sources.append((str(path), json.loads(Path(path).read_text())))
+                sources.append((path, json.loads(Path(path).read_text()), label.strip() or None if label else None))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise sim.SimulationError(f"{path}: cannot read it as JSON ({e})") from e
         doc = sim.combine(sources)
