@@ -613,8 +613,13 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
         for run in doc["runs"]:
             if not isinstance(run, dict) or not {"rater", "base", "cycles"} <= run.keys():
                 raise SimulationError(f"{name}: a run without rater, base and cycles")
-            runs.append(dict(run, source=name, settings=doc.get("settings"), machine=doc.get("machine"),
-                             started_at=doc.get("started_at"), label=f"{run['rater']}, {label}" if label else None))
+            try:  # an interrupted run's file may lack the summary
+                summary = run.get("summary") or summarize(run["base"], run["cycles"])
+            except (KeyError, TypeError, ZeroDivisionError) as e:
+                raise SimulationError(f"{name}: a run whose measurements cannot be read ({e!r})") from e
+            runs.append(dict(run, summary=summary, source=name, settings=doc.get("settings"),
+                             machine=doc.get("machine"), started_at=doc.get("started_at"),
+                             label=f"{run['rater']}, {label}" if label else None))
     if not runs:
         raise SimulationError("nothing to combine: no runs in the given files")
     raters = [r["rater"] for r in runs]

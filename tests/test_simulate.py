@@ -336,6 +336,12 @@ def test_combine_puts_several_results_files_into_one_json_and_plot(tmp_path, cap
     doc = json.loads(out.read_text())
     assert [r["label"] for r in doc["runs"]] == ["examples, lr 2e-3", "examples, seed 1", "concise"]
     assert doc["combined_from"] == [str(b), str(c), str(odd)]
+    # an interrupted run's file has no summary yet: the combined document gets one
+    bare = json.loads(b.read_text())
+    del bare["runs"][0]["summary"]
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    assert cmd.run(parse(["--combine", str(tmp_path / "bare.json"), "--json", str(out)]), cfg) == 0
+    assert json.loads(out.read_text())["runs"][0]["summary"]["best_gain_points"] == pytest.approx(35.0)
 
 
 def test_combine_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
@@ -346,9 +352,12 @@ def test_combine_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, caps
     (tmp_path / "other.json").write_text('{"kind": "benchmark", "runs": []}')
     (tmp_path / "empty.json").write_text('{"kind": "kto-loop simulate", "runs": []}')
     (tmp_path / "norater.json").write_text('{"kind": "kto-loop simulate", "runs": [{"base": {}}]}')
+    (tmp_path / "noeval.json").write_text('{"kind": "kto-loop simulate", "runs": [{"rater": "r", "base": {}, '
+                                          '"cycles": [{}]}]}')
     for bad, says in [("missing.json", "cannot read it as JSON"), ("broken.json", "cannot read it as JSON"),
                       ("other.json", "not a `kto-loop simulate` results file"),
-                      ("norater.json", "a run without rater, base and cycles")]:
+                      ("norater.json", "a run without rater, base and cycles"),
+                      ("noeval.json", "a run whose measurements cannot be read")]:
         assert cmd.run(parse(["--combine", str(good), str(tmp_path / bad), "--json", str(out)]), cfg) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
