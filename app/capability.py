@@ -89,12 +89,18 @@ def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 0)
 
 class CapabilityGuard:
     """`guard(candidate, served) -> (ok, reason)`: the candidate may lose at most `max_drop` (a share of the
-    questions, e.g. 0.05) against the served version, and, when `base` (the base model's served name) is given,
-    against the base model too.
+    questions, e.g. 0.05) against the base model when `base` (its served name) is given, else against the served
+    version.
 
-    Why both: compared with the served version alone the bound is per cycle, and a loop that keeps realigning
-    could lose one question a cycle for ever (a ratchet). Against the base model the drop stays bounded over any
-    number of cycles. Probes are cached: the served version's while it is served, the base model's for good."""
+    Why the base model and not the served version: against the served version the bound is per cycle, and a loop
+    that keeps realigning could lose one question a cycle for ever (a ratchet); against the base model it holds
+    over any number of cycles, and it is the measure the product promises ("capability ≥ 95% of base"). Nor is the
+    floor the better of the two: a greedy probe of 33 questions moves by a question when the weights move a little,
+    so a served adapter that once scored above the base would raise the bar by luck. On the 2-core EPYC a concise
+    run's final adapter (31/33, 96.9% of the base's 32/33) was refused only because the served checkpoint had
+    scored 33/33 (benchmarks/results/simulate_concise_anchor7_lr1e-3_k15_r300_seed1_avx512bf16.json, cycle 2).
+    The served version is still probed, for the record. Probes are cached: the served version's while it is
+    served, the base model's for good."""
 
     def __init__(self, ask: Ask, questions: Sequence[Question], max_drop: float, workers: int = 0,
                  base: str | None = None) -> None:
@@ -113,15 +119,15 @@ class CapabilityGuard:
             self._base = old if served == self.base else probe(self.ask, self.base, self.questions, self.workers)
         new = probe(self.ask, candidate, self.questions, self.workers)
         self._served[candidate] = new  # becomes the served one if promoted
-        floor = old if self._base is None else max(old, self._base, key=lambda r: r.accuracy)  # both must hold
+        floor = old if self._base is None else self._base
         ok = new.accuracy >= floor.accuracy - self.max_drop - 1e-9
         self.last = {"candidate": candidate, "served": served, "candidate_correct": new.correct,
                      "served_correct": old.correct, "n": new.n, "max_drop": self.max_drop, "ok": ok,
                      "candidate_wrong": new.wrong}
-        what = f"capability probe {new.correct}/{new.n} vs {old.correct}/{old.n} for {served}"
-        if self._base is not None and served != self.base:
-            self.last["base_correct"] = self._base.correct
-            what += f" and {self._base.correct}/{self._base.n} for {self.base}"
+        what = f"capability probe {new.correct}/{new.n} vs {floor.correct}/{floor.n} for {floor.model}"
+        if floor.model != served:
+            self.last["base_correct"] = floor.correct
+            what += f", served {served} {old.correct}/{old.n}"
         what += f" (allowed drop {self.max_drop:.0%})"
         return ok, (what if ok else f"not promoted: {what}")
 

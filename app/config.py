@@ -102,9 +102,9 @@ class Config:
                                            "cycle)")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
     promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
-                                                    "questions a new adapter may lose against the served one and "
-                                                    "against the base model (asked at temperature 0 before the "
-                                                    "swap; negative = off)")
+                                                    "questions a new adapter may lose against the base model, "
+                                                    "not the served adapter (bounded over any number of cycles; "
+                                                    "asked at temperature 0 before the swap; negative = off)")
     align_extra_args: str = _opt("", "extra flags passed verbatim to the aligner subprocess (e.g. '--max-steps 2')")
 
     # Operator console.

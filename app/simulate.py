@@ -174,6 +174,23 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version(root: Path = SOURCE_ROOT) -> str | None:
+    """`git describe --always --dirty` of the source tree, so a results file names the code that made it (a
+    behaviour such as the capability guard's floor can change between runs with the same flags); None outside
+    a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
 # ---------------------------------------------------------------- talking to the served model
 
 def with_sampling(sampling: Any, **changes: Any) -> Any:
@@ -579,7 +596,7 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
 def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "kind": "kto-loop simulate", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-        "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(),
+        "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(), "code": code_version(),
         "raters": [s.rater_name for s in specs],
         "load_average_now": list(os.getloadavg()),  # other work on the machine slows every timing here
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -604,8 +621,9 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
 
 def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[str, Any]:
     """One document (and so one plot) from several simulation results (file name, document, optional label), e.g.
-    each example rater at the settings that suit it. Each run keeps its own file's settings and machine, since those
-    differ between the files; the plot names a run "rater, label", or "rater (file)" when a rater comes twice."""
+    each example rater at the settings that suit it. Each run keeps its own file's settings, machine and code
+    version, since those differ between the files; the plot names a run "rater, label", or "rater (file)" when a
+    rater comes twice."""
     runs: list[dict[str, Any]] = []
     for name, doc, label in sources:
         if not isinstance(doc, dict) or doc.get("kind") != "kto-loop simulate" or not isinstance(doc.get("runs"), list):
@@ -617,9 +635,10 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
                 summary = run.get("summary") or summarize(run["base"], run["cycles"])
             except (KeyError, TypeError, ZeroDivisionError) as e:
                 raise SimulationError(f"{name}: a run whose measurements cannot be read ({e!r})") from e
-            runs.append(dict(run, summary=summary, source=name, settings=doc.get("settings"),
-                             machine=doc.get("machine"), started_at=doc.get("started_at"),
-                             label=f"{run['rater']}, {label}" if label else None))
+            # a run from a combined file already carries its own file's context: that wins
+            context = {k: doc.get(k) for k in ("settings", "machine", "started_at", "code")} | {"source": name}
+            own_label = f"{run['rater']}, {label}" if label else run.get("label")
+            runs.append(context | run | {"summary": summary, "label": own_label})
     if not runs:
         raise SimulationError("nothing to combine: no runs in the given files")
     raters = [r["rater"] for r in runs]

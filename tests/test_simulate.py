@@ -305,7 +305,8 @@ def test_plot_and_json_are_written(tmp_path):
 def _results_file(path, runs, **settings):
     doc = fake_doc()
     doc["runs"] = [dict(r, summary=sim.summarize(r["base"], r["cycles"])) for r in doc["runs"] if r["rater"] in runs]
-    doc.update(kind="kto-loop simulate", settings=settings, machine={"cpu": "test"}, started_at="2026-12-02T10:00:00")
+    doc.update(kind="kto-loop simulate", settings=settings, machine={"cpu": "test"}, started_at="2026-12-02T10:00:00",
+               code="abc1234")
     path.write_text(json.dumps(doc))
     return path
 
@@ -329,7 +330,11 @@ def test_combine_puts_several_results_files_into_one_json_and_plot(tmp_path, cap
     assert "examples (c): desirable 5.0% → 40.0%" in printed and str(out) in printed
     # and the combined file is itself a results file: it can be combined again
     assert cmd.run(parse(["--combine", str(out), str(a), "--json", str(tmp_path / "again.json")]), cfg) == 0
-    assert len(json.loads((tmp_path / "again.json").read_text())["runs"]) == 4
+    again = json.loads((tmp_path / "again.json").read_text())["runs"]
+    assert [r["label"] for r in again] == ["concise", "examples (b)", "examples (c)", "concise (a)"]
+    assert [r["settings"]["first_lora_layer"] for r in again] == ["15", "20", "0", "15"]  # not lost on the way
+    assert [r["source"] for r in again] == [str(a), str(b), str(c), str(a)]
+    assert {r["code"] for r in again} == {"abc1234"}
     # FILE=LABEL names a file's runs in the legend; a file whose own name holds "=" is still read as a file
     odd = _results_file(tmp_path / "k=20.json", {"concise"})
     assert cmd.run(parse(["--combine", f"{b}=lr 2e-3", f"{c}=seed 1", str(odd), "--json", str(out)]), cfg) == 0
@@ -506,3 +511,21 @@ def test_collect_refills_unrated_answers_at_full_concurrency_and_never_overshoot
     stats2, _ = sim.collect(svc2, prompts, lambda p, a: True if p == "p1" else None, 10, cursor=0, tag="u",
                             workers=4, max_answers=15)
     assert stats2["answers"] == 15 and stats2["ratings"] == 2
+
+
+def test_results_name_the_code_that_made_them(tmp_path):
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    assert sim.code_version(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "--short", "HEAD")
+    assert sim.code_version(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert sim.code_version(tmp_path) == head + "-dirty"
