@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -516,7 +517,7 @@ def refused_candidate(rec: dict[str, Any]) -> str | None:
 
 def _run_record(spec: SimSpec, base: dict[str, Any], cycles: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rater": spec.rater_name, "rater_doc": (getattr(spec.rater, "__doc__", None) or "").strip(),
-            "base": base, "cycles": list(cycles), "summary": summarize(base, cycles)}
+            "seed": spec.seed, "base": base, "cycles": list(cycles), "summary": summarize(base, cycles)}
 
 
 def _phase_logger(log: Log, prefix: str) -> Callable[[dict[str, Any]], None]:
@@ -534,6 +535,10 @@ def _phase_logger(log: Log, prefix: str) -> Callable[[dict[str, Any]], None]:
 
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def points(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.1f}"
 
 
 def summarize(base: dict[str, Any], cycles: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -637,16 +642,54 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
                 raise SimulationError(f"{name}: a run whose measurements cannot be read ({e!r})") from e
             # a run from a combined file already carries its own file's context: that wins
             context = {k: doc.get(k) for k in ("settings", "machine", "started_at", "code")} | {"source": name}
-            own_label = f"{run['rater']}, {label}" if label else run.get("label")
-            runs.append(context | run | {"summary": summary, "label": own_label})
+            group = label or run.get("group")
+            runs.append(context | run | {"summary": summary, "group": group, "label": None})
     if not runs:
         raise SimulationError("nothing to combine: no runs in the given files")
     raters = [r["rater"] for r in runs]
+    groups = [(r["rater"], r["group"]) for r in runs]
     for r in runs:
-        if r["label"] is None:
-            r["label"] = r["rater"] if raters.count(r["rater"]) == 1 else f"{r['rater']} ({Path(r['source']).stem})"
+        name = f"{r['rater']}, {r['group']}" if r["group"] else r["rater"]
+        if groups.count((r["rater"], r["group"])) > 1:  # repeats: told apart by seed, else by file
+            seed = r.get("seed")
+            name += f" (seed {seed})" if seed is not None else f" ({Path(r['source']).stem})"
+        r["label"] = name
     return {"kind": "kto-loop simulate", "combined_from": [name for name, _, _ in sources],
-            "raters": raters, "runs": runs}
+            "raters": raters, "runs": runs, "repeats": repeats(runs)}
+
+
+def _recipe(run: dict[str, Any]) -> str:
+    """What makes two runs of one rater repeats of each other when the command line did not say."""
+    return run.get("group") or json.dumps(run.get("settings") or {}, sort_keys=True, default=str)
+
+
+def repeats(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of one rater at one recipe (one `FILE=LABEL` label, or else identical settings) are repeats that differ
+    by prompt order and unseeded sampling. On this CPU one run's gain moves by 20+ points from seed to seed, more
+    than between settings (README, Results), so a recipe is quoted by its median over repeats and by how many
+    repeats met every goal, never by its best run."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["rater"], _recipe(r)), []).append(r)
+    out = []
+    for (rater, _), members in groups.items():
+        s = [m["summary"] for m in members]
+        gains = [x["best_gain_points"] for x in s]
+        final_gains = [round(100 * (x["final_desirable_rate"] - (x["base_desirable_rate"] or 0.0)), 1)
+                       for x in s if x["final_desirable_rate"] is not None]
+        caps = [x["min_capability_ratio"] for x in s if x["min_capability_ratio"] is not None]
+        secs = [x["max_cycle_seconds"] for x in s if x["max_cycle_seconds"] is not None]
+        out.append({
+            "rater": rater, "group": members[0].get("group"), "n_runs": len(members),
+            "labels": [m.get("label") for m in members], "seeds": [m.get("seed") for m in members],
+            "codes": sorted({str(m.get("code")) for m in members}),
+            "best_gain_points": gains, "median_best_gain_points": statistics.median(gains),
+            "final_gain_points": final_gains,
+            "median_final_gain_points": statistics.median(final_gains) if final_gains else None,
+            "runs_meeting_all_goals": sum(all(x["goals"].values()) for x in s),
+            "min_capability_ratio": min(caps, default=None), "max_cycle_seconds": max(secs, default=None),
+        })
+    return out
 
 
 def evidence(stack: Any) -> dict[str, Any]:

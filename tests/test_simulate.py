@@ -331,7 +331,7 @@ def test_combine_puts_several_results_files_into_one_json_and_plot(tmp_path, cap
     # and the combined file is itself a results file: it can be combined again
     assert cmd.run(parse(["--combine", str(out), str(a), "--json", str(tmp_path / "again.json")]), cfg) == 0
     again = json.loads((tmp_path / "again.json").read_text())["runs"]
-    assert [r["label"] for r in again] == ["concise", "examples (b)", "examples (c)", "concise (a)"]
+    assert [r["label"] for r in again] == ["concise (a)", "examples (b)", "examples (c)", "concise (a)"]
     assert [r["settings"]["first_lora_layer"] for r in again] == ["15", "20", "0", "15"]  # not lost on the way
     assert [r["source"] for r in again] == [str(a), str(b), str(c), str(a)]
     assert {r["code"] for r in again} == {"abc1234"}
@@ -347,6 +347,41 @@ def test_combine_puts_several_results_files_into_one_json_and_plot(tmp_path, cap
     (tmp_path / "bare.json").write_text(json.dumps(bare))
     assert cmd.run(parse(["--combine", str(tmp_path / "bare.json"), "--json", str(out)]), cfg) == 0
     assert json.loads(out.read_text())["runs"][0]["summary"]["best_gain_points"] == pytest.approx(35.0)
+
+
+def test_files_given_one_label_are_repeats_quoted_by_their_median(tmp_path, capsys):
+    cfg = config_from(argparse.Namespace(), environ={})
+    files = []
+    for seed, (up1, up2) in enumerate([(0.45, 0.6), (0.3, 0.25), (0.5, 0.55)]):  # gains +40, +10, +35 over 0.2
+        doc = json.loads(_results_file(tmp_path / f"s{seed}.json", {"concise"}).read_text())
+        run = doc["runs"][0]
+        run["seed"] = seed
+        run["cycles"][0]["eval"]["desirable_rate"], run["cycles"][1]["eval"]["desirable_rate"] = up1, up2
+        run["summary"] = sim.summarize(run["base"], run["cycles"])
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(doc))
+        files.append(tmp_path / f"s{seed}.json")
+    other = _results_file(tmp_path / "other.json", {"concise"}, first_lora_layer="20")
+    out = tmp_path / "all.json"
+    args = [f"{f}=K15" for f in files] + [str(other), "--json", str(out)]
+    assert cmd.run(parse(["--combine", *args]), cfg) == 0
+    doc = json.loads(out.read_text())
+    assert [r["label"] for r in doc["runs"]] == ["concise, K15 (seed 0)", "concise, K15 (seed 1)",
+                                                 "concise, K15 (seed 2)", "concise"]
+    k15, alone = doc["repeats"]
+    assert (k15["group"], k15["n_runs"], k15["seeds"]) == ("K15", 3, [0, 1, 2])
+    assert k15["best_gain_points"] == pytest.approx([40.0, 10.0, 35.0])
+    assert k15["median_best_gain_points"] == pytest.approx(35.0)
+    assert k15["final_gain_points"] == pytest.approx([40.0, 5.0, 35.0])
+    assert k15["median_final_gain_points"] == pytest.approx(35.0)
+    assert k15["runs_meeting_all_goals"] == 2 and k15["codes"] == ["abc1234"]
+    assert (alone["group"], alone["n_runs"], alone["runs_meeting_all_goals"]) == (None, 1, 1)
+    printed = capsys.readouterr().out
+    assert "concise, K15: 3 repeats, gain median +35.0 points (each +40.0, +10.0, +35.0)" in printed
+    assert "all goals met in 2 of 3" in printed
+    # without labels, identical settings make repeats too
+    doc = sim.combine([(str(f), json.loads(f.read_text()), None) for f in files])
+    assert [(g["n_runs"], g["median_best_gain_points"]) for g in doc["repeats"]] == [(3, 35.0)]
+    assert [r["label"] for r in doc["runs"]] == ["concise (seed 0)", "concise (seed 1)", "concise (seed 2)"]
 
 
 def test_combine_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):

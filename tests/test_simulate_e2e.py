@@ -40,7 +40,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     spec = sim.SimSpec("coin", coin_rater, cycles=1, ratings_per_cycle=32, prompts=prompts,
                        holdout=["Say something nice.", "What is a tree?"],
                        capability=sim.load_capability()[:3], samples_per_prompt=2, capability_repeats=2,
-                       ablation=True, workers=4)
+                       ablation=True, workers=4, seed=3)
     logs: list[str] = []
     updates: list[dict] = []
     doc = sim.simulate(cfg, [spec], tmp_path / "work", log=logs.append, on_update=updates.append)
@@ -54,6 +54,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert doc["machine"]["cores"] and doc["settings"]["ratings_per_cycle"] == 32
     (run,) = doc["runs"]
+    assert run["seed"] == 3  # repeats of one recipe are told apart by it (simulate --combine)
     assert EVAL_KEYS <= set(run["base"]) and run["base"]["n_samples"] == 4 and run["base"]["capability_n"] == 3
     assert doc["settings"]["first_lora_layer"] == "50%"
     assert doc["settings"]["capability_repeats"] == 2 and len(run["base"]["capability_runs"]) == 2

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON[=LABEL]",
                         help="simulate nothing: put the runs of these earlier results files into one JSON and one "
                              "plot (e.g. each rater at its own settings; each run keeps its file's settings); "
-                             "=LABEL names the file's runs in the plot")
+                             "=LABEL names the file's runs in the plot, and files given one label are repeats of "
+                             "one recipe: their median gain and goal count are reported")
 
 
 def _report(doc: dict, json_path: Path, png: Path) -> None:
@@ -61,6 +62,13 @@ def _report(doc: dict, json_path: Path, png: Path) -> None:
         print(f"{r.get('label', r['rater'])}: desirable {sim.pct(s['base_desirable_rate'])} → "
               f"{sim.pct(s['final_desirable_rate'])} (best gain {s['best_gain_points']} points), capability "
               f"≥ {sim.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
+    for g in doc.get("repeats", []):
+        if g["n_runs"] > 1:
+            name = f"{g['rater']}, {g['group']}" if g["group"] else g["rater"]
+            print(f"{name}: {g['n_runs']} repeats, gain median {g['median_best_gain_points']:+.1f} points "
+                  f"(each {', '.join(f'{x:+.1f}' for x in g['best_gain_points'])}), final-cycle gain median "
+                  f"{sim.points(g['median_final_gain_points'])}, all goals met in {g['runs_meeting_all_goals']} "
+                  f"of {g['n_runs']}")
     print(f"wrote {json_path} and {png}")
 
 
