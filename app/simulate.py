@@ -578,6 +578,7 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
     if build_stack is None:
         from app.main import build_stack
     t0 = time.time()
+    code = code_version()  # once: results committed while a long run goes on must not rename the code that ran
     runs = []
     for spec in specs:
         d = Path(work_dir) / spec.rater_name
@@ -586,7 +587,7 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
         d.mkdir(parents=True, exist_ok=True)
         def partial(rec: dict[str, Any], d: Path = d) -> None:
             if on_update:
-                on_update(document(cfg, specs, t0, runs + [dict(rec, data_dir=str(d), complete=False)]))
+                on_update(document(cfg, specs, t0, runs + [dict(rec, data_dir=str(d), complete=False)], code))
 
         with build_stack(fresh_config(cfg, d)) as stack:
             rec = simulate_one(stack, spec, log, checkpoint=partial)
@@ -594,14 +595,15 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
         rec["data_dir"], rec["complete"] = str(d), True
         runs.append(rec)
         if on_update:
-            on_update(document(cfg, specs, t0, runs))
-    return document(cfg, specs, t0, runs)
+            on_update(document(cfg, specs, t0, runs, code))
+    return document(cfg, specs, t0, runs, code)
 
 
-def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str, Any]],
+             code: str | None) -> dict[str, Any]:
     return {
         "kind": "kto-loop simulate", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-        "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(), "code": code_version(),
+        "wall_seconds": round(time.time() - t0, 1), "machine": machine_info(), "code": code,
         "raters": [s.rater_name for s in specs],
         "load_average_now": list(os.getloadavg()),  # other work on the machine slows every timing here
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,

@@ -564,3 +564,26 @@ def test_results_name_the_code_that_made_them(tmp_path):
     assert sim.code_version(tmp_path) == head
     (tmp_path / "a.py").write_text("x = 2\n")
     assert sim.code_version(tmp_path) == head + "-dirty"
+
+
+def test_the_code_version_is_the_one_the_run_started_with(tmp_path, monkeypatch):
+    """Results files get committed while a long simulation runs; the JSON must still name the code that ran."""
+    import contextlib
+
+    versions = iter(["abc1234", "def5678-dirty"])
+    monkeypatch.setattr(sim, "code_version", lambda root=sim.SOURCE_ROOT: next(versions))
+
+    def one_run(stack, spec, log, checkpoint):
+        rec = {"rater": spec.rater_name, "base": {}, "cycles": []}
+        checkpoint(rec)
+        next(versions)  # a commit lands mid-run
+        checkpoint(rec)
+        return rec
+
+    monkeypatch.setattr(sim, "simulate_one", one_run)
+    monkeypatch.setattr(sim, "evidence", lambda stack: {})
+    cfg = config_from(argparse.Namespace(), environ={"KTO_LOOP_HOME": str(tmp_path / "home")})
+    updates = []
+    doc = sim.simulate(cfg, [sim.SimSpec("coin", lambda p, a: True)], tmp_path / "work",
+                       build_stack=lambda c: contextlib.nullcontext(object()), on_update=updates.append)
+    assert [u["code"] for u in updates] + [doc["code"]] == ["abc1234"] * 4
