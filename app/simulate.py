@@ -627,7 +627,8 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
 
 
 def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[str, Any]:
-    """One document (and so one plot) from several simulation results (file name, document, optional label), e.g.
+    """One document (and so one plot) from several simulation results (file name, document, optional label
+    "GROUP" or "GROUP#RUN": files of one GROUP are repeats of a recipe, RUN names one in the legend), e.g.
     each example rater at the settings that suit it. Each run keeps its own file's settings, machine and code
     version, since those differ between the files; the plot names a run "rater, label", or "rater (file)" when a
     rater comes twice."""
@@ -644,15 +645,18 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
                 raise SimulationError(f"{name}: a run whose measurements cannot be read ({e!r})") from e
             # a run from a combined file already carries its own file's context: that wins
             context = {k: doc.get(k) for k in ("settings", "machine", "started_at", "code")} | {"source": name}
-            group = label or run.get("group")
-            runs.append(context | run | {"summary": summary, "group": group, "label": None})
+            group, _, member = (label or "").partition("#")
+            runs.append(context | run | {"summary": summary, "group": group.strip() or run.get("group"),
+                                         "member": member.strip() or run.get("member"), "label": None})
     if not runs:
         raise SimulationError("nothing to combine: no runs in the given files")
     raters = [r["rater"] for r in runs]
     groups = [(r["rater"], r["group"]) for r in runs]
     for r in runs:
         name = f"{r['rater']}, {r['group']}" if r["group"] else r["rater"]
-        if groups.count((r["rater"], r["group"])) > 1:  # repeats: told apart by seed, else by file
+        if r["member"]:
+            name += f" ({r['member']})"
+        elif groups.count((r["rater"], r["group"])) > 1:  # repeats: told apart by seed, else by file
             seed = r.get("seed")
             name += f" (seed {seed})" if seed is not None else f" ({Path(r['source']).stem})"
         r["label"] = name

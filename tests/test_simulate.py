@@ -378,6 +378,12 @@ def test_files_given_one_label_are_repeats_quoted_by_their_median(tmp_path, caps
     printed = capsys.readouterr().out
     assert "concise, K15: 3 repeats, gain median +35.0 points (each +40.0, +10.0, +35.0)" in printed
     assert "all goals met in 2 of 3" in printed
+    # LABEL#RUN names a repeat (older files did not record their seed); the group is the part before '#'
+    named = [f"{f}=K15#s{i}" for i, f in enumerate(files)]
+    assert cmd.run(parse(["--combine", *named, "--json", str(out)]), cfg) == 0
+    doc = json.loads(out.read_text())
+    assert [r["label"] for r in doc["runs"]] == ["concise, K15 (s0)", "concise, K15 (s1)", "concise, K15 (s2)"]
+    assert [(g["group"], g["n_runs"]) for g in doc["repeats"]] == [("K15", 3)]
     # without labels, identical settings make repeats too
     doc = sim.combine([(str(f), json.loads(f.read_text()), None) for f in files])
     assert [(g["n_runs"], g["median_best_gain_points"]) for g in doc["repeats"]] == [(3, 35.0)]

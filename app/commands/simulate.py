@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simulate nothing: put the runs of these earlier results files into one JSON and one "
                              "plot (e.g. each rater at its own settings; each run keeps its file's settings); "
                              "=LABEL names the file's runs in the plot, and files given one label are repeats of "
-                             "one recipe: their median gain and goal count are reported")
+                             "one recipe: their median gain and goal count are reported; =LABEL#RUN also names "
+                             "the repeat (e.g. =\"K15#seed 3\"; default: its seed)")
 
 
 def _report(doc: dict, json_path: Path, png: Path) -> None:
