@@ -685,6 +685,9 @@ def repeats(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                        for x in s if x["final_desirable_rate"] is not None]
         caps = [x["min_capability_ratio"] for x in s if x["min_capability_ratio"] is not None]
         secs = [x["max_cycle_seconds"] for x in s if x["max_cycle_seconds"] is not None]
+        by_cycle = [[e["desirable_rate"] for e in [m["base"]] + [c["eval"] for c in m["cycles"]]] for m in members]
+        median_by_cycle = [statistics.median(col) if None not in col else None
+                           for col in zip(*by_cycle, strict=False)]  # up to the shortest (an interrupted) run
         out.append({
             "rater": rater, "group": members[0].get("group"), "n_runs": len(members),
             "labels": [m.get("label") for m in members], "seeds": [m.get("seed") for m in members],
@@ -692,6 +695,7 @@ def repeats(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "best_gain_points": gains, "median_best_gain_points": statistics.median(gains),
             "final_gain_points": final_gains,
             "median_final_gain_points": statistics.median(final_gains) if final_gains else None,
+            "median_desirable_rate_by_cycle": median_by_cycle,
             "runs_meeting_all_goals": sum(all(x["goals"].values()) for x in s),
             "min_capability_ratio": min(caps, default=None), "max_cycle_seconds": max(secs, default=None),
         })
@@ -766,6 +770,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                     markerfacecolor="none", color=color, label=f"{name}: refused by the capability guard")
             ax2.plot(rx, [100 * e["capability_accuracy"] for _, e in refused], linestyle="none", marker="o",
                      markerfacecolor="none", color=color)
+    for j, g in enumerate(x for x in doc.get("repeats", []) if x["n_runs"] > 1):  # a recipe, by its median
+        ys = [100 * y for y in g["median_desirable_rate_by_cycle"] if y is not None]
+        name = f"{g['rater']}, {g['group']}" if g["group"] else g["rater"]
+        ax.plot(range(len(ys)), ys, color="black", linewidth=2.5, alpha=0.6, linestyle=["-", "--", ":", "-."][j % 4],
+                label=f"{name}: median of {g['n_runs']}")
     ax.set_xlabel("cycle (0 = base model)")
     ax.set_ylabel("held-out desirable rate (%)")
     ax.set_ylim(0, 100)

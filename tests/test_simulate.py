@@ -374,6 +374,8 @@ def test_files_given_one_label_are_repeats_quoted_by_their_median(tmp_path, caps
     assert k15["final_gain_points"] == pytest.approx([40.0, 5.0, 35.0])
     assert k15["median_final_gain_points"] == pytest.approx(35.0)
     assert k15["runs_meeting_all_goals"] == 2 and k15["codes"] == ["abc1234"]
+    assert k15["median_desirable_rate_by_cycle"] == pytest.approx([0.2, 0.45, 0.55])
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # the plot draws the median line
     assert (alone["group"], alone["n_runs"], alone["runs_meeting_all_goals"]) == (None, 1, 1)
     printed = capsys.readouterr().out
     assert "concise, K15: 3 repeats, gain median +35.0 points (each +40.0, +10.0, +35.0)" in printed
