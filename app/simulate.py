@@ -630,8 +630,8 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
     """One document (and so one plot) from several simulation results (file name, document, optional label
     "GROUP" or "GROUP#RUN": files of one GROUP are repeats of a recipe, RUN names one in the legend), e.g.
     each example rater at the settings that suit it. Each run keeps its own file's settings, machine and code
-    version, since those differ between the files; the plot names a run "rater, label", or "rater (file)" when a
-    rater comes twice."""
+    version, since those differ between the files. A run is named "rater, GROUP (RUN)"; repeats without a RUN
+    name are told apart by their seed, else by their file."""
     runs: list[dict[str, Any]] = []
     for name, doc, label in sources:
         if not isinstance(doc, dict) or doc.get("kind") != "kto-loop simulate" or not isinstance(doc.get("runs"), list):
@@ -653,7 +653,7 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
     raters = [r["rater"] for r in runs]
     groups = [(r["rater"], r["group"]) for r in runs]
     for r in runs:
-        name = f"{r['rater']}, {r['group']}" if r["group"] else r["rater"]
+        name = recipe_name(r["rater"], r["group"])
         if r["member"]:
             name += f" ({r['member']})"
         elif groups.count((r["rater"], r["group"])) > 1:  # repeats: told apart by seed, else by file
@@ -662,6 +662,11 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
         r["label"] = name
     return {"kind": "kto-loop simulate", "combined_from": [name for name, _, _ in sources],
             "raters": raters, "runs": runs, "repeats": repeats(runs)}
+
+
+def recipe_name(rater: str, group: str | None) -> str:
+    """How the plot, the printout and the legend name one rater's recipe."""
+    return f"{rater}, {group}" if group else rater
 
 
 def _recipe(run: dict[str, Any]) -> str:
@@ -772,7 +777,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
                      markerfacecolor="none", color=color)
     for j, g in enumerate(x for x in doc.get("repeats", []) if x["n_runs"] > 1):  # a recipe, by its median
         ys = [100 * y for y in g["median_desirable_rate_by_cycle"] if y is not None]
-        name = f"{g['rater']}, {g['group']}" if g["group"] else g["rater"]
+        name = recipe_name(g["rater"], g["group"])
         ax.plot(range(len(ys)), ys, color="black", linewidth=2.5, alpha=0.6, linestyle=["-", "--", ":", "-."][j % 4],
                 label=f"{name}: median of {g['n_runs']}")
     ax.set_xlabel("cycle (0 = base model)")

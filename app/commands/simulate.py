@@ -65,7 +65,7 @@ def _report(doc: dict, json_path: Path, png: Path) -> None:
               f"≥ {sim.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
     for g in doc.get("repeats", []):
         if g["n_runs"] > 1:
-            name = f"{g['rater']}, {g['group']}" if g["group"] else g["rater"]
+            name = sim.recipe_name(g["rater"], g["group"])
             print(f"{name}: {g['n_runs']} repeats, gain median {g['median_best_gain_points']:+.1f} points "
                   f"(each {', '.join(f'{x:+.1f}' for x in g['best_gain_points'])}), final-cycle gain median "
                   f"{sim.points(g['median_final_gain_points'])}, all goals met in {g['runs_meeting_all_goals']} "
