@@ -95,23 +95,37 @@ def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 16) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- HF baseline
-def hf_generate(model_dir: Path, reps: int) -> dict:
-    import torch
+def hf_model(model_dir: Path):
+    """(tokenizer padding on the left, model in the dtype vLLM serves here, the PROMPTS as chat-templated texts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto")).eval()  # as vLLM
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    return tok, model, texts
+
+
+def hf_batch_tok_s(tok, model, batch: list[str]) -> float:
+    """Tokens/s of one padded `generate` call, every row exactly MAX_TOKENS new tokens."""
+    import torch
+
+    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out.shape[1] - enc.input_ids.shape[1] == MAX_TOKENS
+    return len(batch) * MAX_TOKENS / (time.perf_counter() - t0)
+
+
+def hf_generate(model_dir: Path, reps: int) -> dict:
+    import torch
+
+    tok, model, texts = hf_model(model_dir)
 
     def run(batch: list[str]) -> float:
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        assert out.shape[1] - enc.input_ids.shape[1] == MAX_TOKENS
-        return len(batch) * MAX_TOKENS / (time.perf_counter() - t0)
+        return hf_batch_tok_s(tok, model, batch)
 
     # HF's best thread count: on a shared 2-core box two OpenMP threads can be 20x slower than one (spin-waits
     # while a neighbour holds a core), so probe both and measure with the faster.
