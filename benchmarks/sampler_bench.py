@@ -27,13 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving_bench import machine, make_adapter, write_result  # noqa: E402
+from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
+from serving_bench import machine, write_result  # noqa: E402
 
 from app.config import config_from  # noqa: E402
 from serving import cpu_sampler  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.registry import AdapterRegistry  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
 
 TEMPERATURE, TOP_P, TOKENS = 0.7, 0.95, 64
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "app" / "data" / "prompts.jsonl"
@@ -97,20 +96,6 @@ def nucleus_sizes(pool) -> dict:
             "vocab": pool.shape[1]}
 
 
-def cpu_seconds(server: VLLMServer) -> float:
-    """CPU time used so far by a server and everything it spawned."""
-    import psutil
-
-    total = 0.0
-    for pid in server.family():
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def load(client: ChatClient, model: str, chats: int, texts: list[str]) -> dict:
     sampling = SamplingParams(temperature=TEMPERATURE, top_p=TOP_P, max_tokens=TOKENS, extra={"ignore_eos": True})
     t0 = time.perf_counter()
@@ -165,48 +150,26 @@ def main() -> None:
         del pool
 
     texts, many = prompts(32), prompts(96)
-    runs: dict[str, list[dict]] = {"stock": [], "ours": []}
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        specs = {"stock": VLLMServerSpec(model_dir=model_dir, log_path=tmp / "stock.log", auto_restart=False,
-                                         env={"KTO_LOOP_STOCK_SAMPLER": "1"}),
-                 "ours": VLLMServerSpec(model_dir=model_dir, log_path=tmp / "ours.log", auto_restart=False)}
-        with VLLMServer(specs["stock"]) as s_stock, VLLMServer(specs["ours"]) as s_ours, \
-                ChatClient(s_stock.base_url, read_timeout=600) as c_stock, \
-                ChatClient(s_ours.base_url, read_timeout=600) as c_ours:
-            servers = {"stock": (s_stock, c_stock), "ours": (s_ours, c_ours)}
-            adapter_dir = make_adapter(model_dir, tmp / "adapter-1", seed=1)
-            names = {}
-            for name, (server, client) in servers.items():
-                log = Path(specs[name].log_path).read_text(errors="replace")
-                installed = "sort-free top-p sampler installed" in log
-                assert installed == (name == "ours"), f"{name} server: sampler install line {installed}"
-                names[name] = AdapterRegistry(server, tmp / f"registry-{name}.json",
-                                              base_model_dir=model_dir).promote(adapter_dir)
-                load(client, "base", 2, texts)  # warm
-            for r in range(args.rounds):
-                for name in (("stock", "ours", "ours", "stock") if r % 2 == 0 else ("ours", "stock", "stock", "ours")):
-                    client = servers[name][1]
-                    idle = servers["ours" if name == "stock" else "stock"][0]
-                    rec, t_pass, idle_cpu = {}, time.perf_counter(), cpu_seconds(idle)
-                    if "collect" in parts:
-                        m = rec["collect"] = collect_load(client, many)
-                        print(f"  round {r} {name:5s} collect: {m['tok_s']:6.1f} tok/s ({m['tokens']} tokens in "
-                              f"{m['seconds']:.1f} s)", flush=True)
-                    for model, label in (("base", "base"), (names[name], "adapter")):
-                        for chats in ((1, 16, 32) if "server" in parts else ()):
-                            m = load(client, model, chats, texts)
-                            rec[f"{label}_{chats}"] = m
-                            print(f"  round {r} {name:5s} {label:7s} x{chats:<2d}: {m['tok_s']:6.1f} tok/s, first "
-                                  f"token {m['ttft_s']:.2f} s", flush=True)
-                    # the other server only waits: its share of a core must stay negligible for a fair comparison
-                    rec["idle_server_cpu_share"] = (cpu_seconds(idle) - idle_cpu) / (time.perf_counter() - t_pass)
-                    print(f"  idle server used {rec['idle_server_cpu_share']:.1%} of a core", flush=True)
-                    runs[name].append(rec)
+
+    def measure(name: str, r: int, client: ChatClient, adapter: str) -> dict:
+        rec = {}
+        if "collect" in parts:
+            m = rec["collect"] = collect_load(client, many)
+            print(f"  round {r} {name:5s} collect: {m['tok_s']:6.1f} tok/s ({m['tokens']} tokens in "
+                  f"{m['seconds']:.1f} s)", flush=True)
+        for model, label in (("base", "base"), (adapter, "adapter")):
+            for chats in ((1, 16, 32) if "server" in parts else ()):
+                m = rec[f"{label}_{chats}"] = load(client, model, chats, texts)
+                print(f"  round {r} {name:5s} {label:7s} x{chats:<2d}: {m['tok_s']:6.1f} tok/s, first "
+                      f"token {m['ttft_s']:.2f} s", flush=True)
+        return rec
+
+    with tempfile.TemporaryDirectory() as tmp_s, \
+            ab_servers(model_dir, Path(tmp_s), {"KTO_LOOP_STOCK_SAMPLER": "1"}, "sort-free top-p sampler installed",
+                       warm=lambda client: load(client, "base", 2, texts)) as servers:
+        runs = interleaved(servers, args.rounds, measure)
     result["server_runs"] = runs
-    med = {name: {key: statistics.median(rec[key]["tok_s"] for rec in recs) for key in recs[0]
-                  if key != "idle_server_cpu_share"} for name, recs in runs.items()}
-    result["server_tok_s_median"] = med
+    med = result["server_tok_s_median"] = median_tok_s(runs)
     result["ratios"] = {**ratios, **{f"server_tok_s_ours_over_stock_{key}": med["ours"][key] / med["stock"][key]
                                      for key in med["ours"]}}
     write_result(result, args.out, t_all)

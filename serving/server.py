@@ -167,6 +167,9 @@ class VLLMServerSpec:
     log_path: Path | str | None = None  # default: a file in the temp dir named after the port
     start_timeout: float = 300.0
     fast_cpu_lora: bool = True          # serving.cpu_lora kernels (CPU only; a no-op on GPU builds)
+    # The module run as the server when fast_cpu_lora: serving.vllm_launch, or a wrapper of it that imports it
+    # first (benchmarks/serve_step_launch.py times the worker's step this way).
+    launcher: str = "serving.vllm_launch"
     auto_restart: bool = True
     restart_backoff: tuple[float, float] = (2.0, 60.0)   # first delay, cap
     hang_timeout: float = 120.0         # /health failing this long while the process lives = hung: restart
@@ -238,7 +241,7 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         s = self.spec
-        module = "serving.vllm_launch" if s.fast_cpu_lora else "vllm.entrypoints.openai.api_server"
+        module = s.launcher if s.fast_cpu_lora else "vllm.entrypoints.openai.api_server"
         cmd = [sys.executable, "-m", module, "--model", str(s.model_dir), "--served-model-name",
                s.served_model_name, "--host", s.host, "--port", str(self.port), "--dtype", vllm_dtype(s.dtype),
                "--max-model-len", str(s.max_model_len)]

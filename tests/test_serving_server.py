@@ -34,6 +34,8 @@ def test_command_line_carries_the_spec(tmp_path):
     assert cmd[-1] == "--enforce-eager"
     stock = VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=0, fast_cpu_lora=False)).command()
     assert stock[2] == "vllm.entrypoints.openai.api_server" and "--enable-lora" not in stock
+    timed = VLLMServer(VLLMServerSpec(model_dir=tmp_path, launcher="benchmarks.serve_step_launch")).command()
+    assert timed[2] == "benchmarks.serve_step_launch"  # a wrapper of serving.vllm_launch (it imports it first)
     many = " ".join(VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=12)).command())
     assert "--max-cpu-loras 12" in many  # vLLM requires max_cpu_loras >= max_loras
     assert VLLMServer(VLLMServerSpec(model_dir=tmp_path)).port > 0  # port 0 = a free port, picked once
