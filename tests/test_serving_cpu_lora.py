@@ -105,16 +105,17 @@ def test_install_hooks_the_writers_of_weights_and_indices():
 
 
 @pytest.mark.parametrize("idx", INDICES)
-def test_fused_add_lora_linear_matches_per_slice_math(idx):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the served dtype with / without native bf16
+def test_fused_add_lora_linear_matches_per_slice_math(idx, dtype):
     """qkv-like layer: 3 slices of different widths; y[:, slice_i] += scale * x A_i^T B_i^T per token's slot."""
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     g = torch.Generator().manual_seed(3)
     slices = (32, 16, 16)
-    a = tuple(torch.randn(SLOTS, 1, R, IN, generator=g).to(torch.bfloat16) for _ in slices)
-    b = tuple(torch.randn(SLOTS, 1, n, R, generator=g).to(torch.bfloat16) for n in slices)
-    x = torch.randn(T, IN, generator=g).to(torch.bfloat16)
-    y = torch.randn(T, sum(slices), generator=g).to(torch.bfloat16)
+    a = tuple(torch.randn(SLOTS, 1, R, IN, generator=g).to(dtype) for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, n, R, generator=g).to(dtype) for n in slices)
+    x = torch.randn(T, IN, generator=g).to(dtype)
+    y = torch.randn(T, sum(slices), generator=g).to(dtype)
     wrapper = PunicaWrapperCPU(64, 8, "cpu")
     wrapper._token_lora_indices[:T].copy_(idx)
     wrapper.indices_len[0] = T
@@ -130,4 +131,4 @@ def test_fused_add_lora_linear_matches_per_slice_math(idx):
             if k >= 0:
                 want[t, off:off + n] += 0.5 * x[t].double() @ a[s][k, 0].double().t() @ b[s][k, 0].double().t()
         off += n
-    close(got, want.to(torch.bfloat16))
+    close(got, want.to(dtype))
