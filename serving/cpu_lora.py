@@ -180,9 +180,9 @@ def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
               dtype: torch.dtype) -> tuple | None:
     """oneDNN handlers for one slot's fused A and B in the model's dtype, cached with the fused stacks.
 
-    Why: the fp32 torch matmuls cost ~0.56 ms per layer at 23 rows when the 30 layers' adapters stream from
-    memory, 17 ms of a decode step; oneDNN handlers with prepacked bf16 weights take 0.28 ms (measured on the
-    2-core AVX512-BF16 EPYC). A handler copies its weights, so the cache holds only handlers."""
+    Why: a decode step's 120 LoRA terms at 16 rows took 13.9 ms as fp32 torch matmuls (every layer's adapter
+    comes from memory) and take 7.9 ms this way (benchmarks/results/lora_kernel_bench.json, 2-core AVX512-BF16
+    EPYC). A handler copies its weights, so the cache holds only handlers."""
     ops = _onednn()
     if ops is None:
         return None
