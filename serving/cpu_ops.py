@@ -20,6 +20,9 @@ for inductor to fuse):
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 PROVIDER = "kto_cpu"
@@ -42,9 +45,20 @@ def _fused_args_ok(x: torch.Tensor, x_residual: torch.Tensor, weight: torch.Tens
         x_residual.dtype == x.dtype and x_residual.shape == x.shape
 
 
+_in_use = [False]
+
+
+def _announce() -> None:
+    """One stderr line from the process that first runs the kernels (the worker), whatever vLLM's log level."""
+    _in_use[0] = True
+    print(f"kto-loop: C++ RMSNorm in use (pid {os.getpid()})", file=sys.stderr, flush=True)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float,
              variance_size: int | None = None) -> torch.Tensor:
     """`weight * x / sqrt(mean(x²) + eps)` over the last dimension, in one C++ pass."""
+    if not _in_use[0]:
+        _announce()
     out = torch.empty_like(x)
     torch.ops._C.rms_norm(out, x, weight, epsilon)
     return out
@@ -53,6 +67,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, epsilon: float,
 def fused_add_rms_norm(x: torch.Tensor, x_residual: torch.Tensor, weight: torch.Tensor | None, epsilon: float,
                        variance_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """In place, as vLLM's GPU kernel: `x_residual += x`, then `x = rms_norm(x_residual)`."""
+    if not _in_use[0]:
+        _announce()
     torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)
     return x, x_residual
 
@@ -72,6 +88,8 @@ def prefer_kernels(vllm_config) -> bool:
             setattr(priority, op, [PROVIDER, *current])
     if ROTARY not in comp.custom_ops and "-rotary_embedding" not in comp.custom_ops:
         comp.custom_ops.append(ROTARY)
+        print(f"kto-loop: eager model, custom_ops {comp.custom_ops}, RMSNorm priority {priority.rms_norm} "
+              f"(pid {os.getpid()})", file=sys.stderr, flush=True)
     return True
 
 

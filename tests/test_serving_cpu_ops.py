@@ -1,5 +1,6 @@
 """vLLM's C++ RMSNorm and rotary kernels, as serving.cpu_ops puts them in the eager (LoRA) server, must compute
 what vLLM's native code computes, take only the inputs they can, and leave a compiled server alone."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,16 @@ pytest.importorskip("vllm")
 from serving import cpu_ops  # noqa: E402
 
 HIDDEN, T, EPS = 576, 23, 1e-5  # the default model's hidden size; a decode batch with a prefill chunk
+
+
+@pytest.fixture(autouse=True)
+def _keep_environment():
+    """vLLM's CPU config check writes os.environ (LD_PRELOAD, LOCAL_WORLD_SIZE, ...): keep it out of the servers
+    and subprocesses later tests start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
