@@ -15,6 +15,8 @@ expand adds or writes `x @ B^T` into a column slice).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # Caches live as attributes on the tensors they derive from (vLLM allocates the stacked adapter weights and the
@@ -176,6 +178,9 @@ def _onednn():
     return ops if getattr(ops, "_supports_onednn", False) else None
 
 
+_refused: set[torch.dtype] = set()  # dtypes whose oneDNN matmul could not be created on this CPU
+
+
 def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
               dtype: torch.dtype) -> tuple | None:
     """oneDNN handlers for one slot's fused A and B in the model's dtype, cached with the fused stacks.
@@ -184,14 +189,20 @@ def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
     comes from memory) and take 7.9 ms this way (benchmarks/results/lora_kernel_bench.json, 2-core AVX512-BF16
     EPYC). A handler copies its weights, so the cache holds only handlers."""
     ops = _onednn()
-    if ops is None:
+    if ops is None or dtype in _refused:
         return None
     hit = getattr(owner, "_kto_dnnl", None)
     if hit is None or hit[0] != _gen["weights"] or hit[1] != dtype:
         hit = owner._kto_dnnl = (_gen["weights"], dtype, {})
     if slot not in hit[2]:
-        hit[2][slot] = (ops.create_onednn_mm(a[slot].to(dtype).t(), 32),
-                        ops.create_onednn_mm(b[slot].to(dtype).t(), 32))
+        try:
+            hit[2][slot] = (ops.create_onednn_mm(a[slot].to(dtype).t(), 32),
+                            ops.create_onednn_mm(b[slot].to(dtype).t(), 32))
+        except RuntimeError as e:  # no primitive for this dtype on this CPU (bf16 on an AVX2-only EPYC)
+            _refused.add(dtype)
+            print(f"kto-loop: oneDNN has no {dtype} matmul here ({str(e).splitlines()[0][:120]}); "
+                  "LoRA terms fall back to fp32 torch matmuls", file=sys.stderr, flush=True)
+            return None
     return hit[2][slot]
 
 

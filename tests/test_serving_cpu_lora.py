@@ -132,3 +132,41 @@ def test_fused_add_lora_linear_matches_per_slice_math(idx, dtype):
                 want[t, off:off + n] += 0.5 * x[t].double() @ a[s][k, 0].double().t() @ b[s][k, 0].double().t()
         off += n
     close(got, want.to(dtype))
+
+
+def test_a_dtype_onednn_refuses_falls_back_to_fp32_once(monkeypatch, capfd):
+    """An AVX2-only CPU has no oneDNN bf16 matmul ("could not create a primitive descriptor"): the LoRA term must
+    still be right, through the fp32 path, and the refusal is remembered, not retried every layer."""
+    import vllm._custom_ops as ops
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    if cpu_lora._onednn() is None:
+        pytest.skip("this vLLM build has no oneDNN matmul")
+    calls = []
+
+    def refuse(weight, cache_size):
+        calls.append(weight.dtype)
+        raise RuntimeError("could not create a primitive descriptor for the matmul primitive.")
+
+    monkeypatch.setattr(ops, "create_onednn_mm", refuse)
+    monkeypatch.setattr(cpu_lora, "_refused", set())
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(SLOTS, 1, R, IN, generator=g),)
+    b = (torch.randn(SLOTS, 1, 24, R, generator=g),)
+    x, y = torch.randn(T, IN, generator=g), torch.randn(T, 24, generator=g)
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    wrapper._token_lora_indices[:T].copy_(INDICES[0])
+    wrapper.indices_len[0] = T
+    cpu_lora.indices_changed()
+    cpu_lora.weights_changed()
+    for _ in range(2):
+        got = y.clone()
+        cpu_lora.add_lora_linear(wrapper, got, x, a, b, 0.5, (24,))
+        want = y.double().clone()
+        for t in range(T):
+            k = int(INDICES[0][t])
+            if k >= 0:
+                want[t] += 0.5 * x[t].double() @ a[0][k, 0].double().t() @ b[0][k, 0].double().t()
+        close(got, want.float())
+    assert calls == [torch.float32] and torch.float32 in cpu_lora._refused
+    assert "LoRA terms fall back to fp32" in capfd.readouterr().err
