@@ -128,8 +128,8 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
         return hf_batch_tok_s(tok, model, batch)
 
     # HF's best thread count, per workload: on a shared 2-core box two OpenMP threads can be 20x slower than one
-    # at 1 chat (spin-waits while a neighbour holds a core), while 16 chats' GEMMs want both cores (2026-12-03,
-    # AVX2-only EPYC: the 1-chat choice, one thread, gave HF 46 tok/s at 16 chats against 73 with two).
+    # at 1 chat (spin-waits while a neighbour holds a core), while 16 chats' GEMMs want both cores (AVX2-only EPYC,
+    # serving_bench_avx2_ops.json: 61.8 tok/s on one thread against 86.2 on two; earlier runs used the 1-chat choice).
     def best_threads(measure) -> tuple[int, dict]:
         probe = {}
         for n in sorted({1, torch.get_num_threads()}):
