@@ -5,7 +5,9 @@ A decode step runs the LoRA term of 4 projections (qkv, o, gate_up, down) in eac
 each with its own adapter weights, so the weights come from memory rather than cache: the benchmark cycles through
 30 layers' worth of distinct rank-16 adapters per projection, as a step does. One slot (every row on the same
 adapter, the common case), 1 / 16 / 64 rows; calls interleaved fp32/oneDNN; µs per layer (all four projections)
-and per step (× 30), medians; the largest difference between the two paths' outputs.
+and per step (× 30), medians; the largest difference between the two paths' outputs. Then the first step after a
+hot swap (a new version written into one slot while the other serves): caches rebuilt for every slot against for
+the written slot only.
 
     python benchmarks/lora_kernel_bench.py [--out benchmarks/results/lora_kernel_bench.json]
 """
@@ -66,6 +68,7 @@ def measure(rows: int, dtype: torch.dtype, steps: int) -> dict:
 
     def run(path: str) -> float:
         cpu_lora._onednn = onednn if path == "onednn" else (lambda: None)
+        cpu_lora.ONEDNN_DTYPES = {dtype}  # measured in the served dtype, even where the server keeps fp32 torch
         t0 = time.perf_counter()
         step(wrapper, weights, xs, ys)
         return time.perf_counter() - t0
@@ -90,9 +93,43 @@ def measure(rows: int, dtype: torch.dtype, steps: int) -> dict:
             "max_abs_diff": diff, "max_abs_output": scale}
 
 
+def measure_swap(dtype: torch.dtype, reps: int) -> dict:
+    """The step right after a hot swap wrote a new version into slot 1 while slot 0 keeps serving (16 rows, 8 on
+    each): caches rebuilt for every slot (what one global generation did) against for the written slot only
+    (serving/cpu_lora.py now); a steady step for reference; on the oneDNN path in the served dtype. Interleaved,
+    medians."""
+    weights = adapters(dtype, seed=7)
+    g = torch.Generator().manual_seed(107)
+    xs = {n: torch.randn(16, w, generator=g).to(dtype) for n, (w, _) in PROJECTIONS.items()}
+    ys = {n: torch.zeros(16, sum(s), dtype=dtype) for n, (_, s) in PROJECTIONS.items()}
+    indices = torch.tensor([0] * 8 + [1] * 8 + [0] * 240)
+    wrapper = SimpleNamespace(token_lora_indices=indices[:16])
+    cpu_lora.indices_changed()
+    cpu_lora.ONEDNN_DTYPES = {dtype}  # the oneDNN handlers are what a swap rebuilds
+
+    def run(changed) -> float:
+        changed()
+        t0 = time.perf_counter()
+        step(wrapper, weights, xs, ys)
+        return time.perf_counter() - t0
+
+    run(cpu_lora.weights_changed)
+    times: dict[str, list[float]] = {"all_slots": [], "written_slot": [], "steady": []}
+    for i in range(reps):
+        order = ("all_slots", "written_slot") if i % 2 == 0 else ("written_slot", "all_slots")
+        for kind in order:
+            times[kind].append(run(cpu_lora.weights_changed if kind == "all_slots"
+                                   else lambda: cpu_lora.weights_changed(1)))
+            times["steady"].append(run(lambda: None))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {"ms": ms, "rebuild_ms": {k: ms[k] - ms["steady"] for k in ("all_slots", "written_slot")},
+            "first_step_speedup": ms["all_slots"] / ms["written_slot"], "reps": reps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="timed steps per path and row count")
+    ap.add_argument("--swap-reps", type=int, default=20, help="timed post-swap steps per kind")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora_kernel_bench.json")
     args = ap.parse_args()
     t_all = time.perf_counter()
@@ -106,6 +143,10 @@ def main() -> None:
               f"({r['speedup']:.2f}x); max diff {r['max_abs_diff']:.4f} of outputs up to {r['max_abs_output']:.2f}",
               flush=True)
     result["ratios"] = {f"speedup_{rows}": r["speedup"] for rows, r in result["rows"].items()}
+    sw = result["swap"] = measure_swap(dtype, args.swap_reps)
+    print(f"  step after a swap, 16 rows on two slots: caches of every slot rebuilt {sw['ms']['all_slots']:.1f} ms, "
+          f"of the written slot {sw['ms']['written_slot']:.1f} ms, steady {sw['ms']['steady']:.1f} ms", flush=True)
+    result["ratios"]["swap_first_step"] = sw["first_step_speedup"]
     write_result(result, args.out, t_all)
 
 

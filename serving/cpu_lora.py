@@ -23,12 +23,24 @@ import torch
 # punica index buffers once per server), so they die with them and a reused address cannot serve a stale entry.
 # vLLM runs under torch.inference_mode, whose tensors have no version counter, so validity is tracked by two
 # generation counters bumped from the only places that write those tensors (see install()):
-_gen = {"weights": 0, "indices": 0}
+# The fused stacks and oneDNN handlers are kept per slot: an adapter written into one slot (a hot swap) rebuilds
+# that slot only, not the version still serving from the other (rebuilding both stalled that step ~2x longer).
+_gen = {"weights": 0, "indices": 0, "all": 0}
+_slot_gen: dict[int, int] = {}  # slot -> _gen["weights"] when an adapter was last written into it
 
 
-def weights_changed() -> None:
-    """An adapter was written into a slot (LoRAModelManager.activate_adapter)."""
+def weights_changed(slot: int | None = None) -> None:
+    """An adapter was written into `slot` (LoRAModelManager.activate_adapter); None: any slot may have changed."""
     _gen["weights"] += 1
+    if slot is None:
+        _gen["all"] = _gen["weights"]
+    else:
+        _slot_gen[slot] = _gen["weights"]
+
+
+def _slot_version(slot: int) -> int:
+    """Changes whenever `slot`'s weights may have changed."""
+    return max(_gen["all"], _slot_gen.get(slot, 0))
 
 
 def indices_changed() -> None:
@@ -153,20 +165,28 @@ _NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgm
 def _fused(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
            output_slices: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [slots, n*r, in] stack of the A matrices and block-diagonal [slots, sum(out), n*r] B matrix, so a
-    merged projection (qkv: 3 slices, gate_up: 2) costs two GEMMs instead of 2 per slice."""
+    merged projection (qkv: 3 slices, gate_up: 2) costs two GEMMs instead of 2 per slice. Slots whose weights
+    changed since they were stacked are restacked, the others kept."""
     owner = lora_a_stacked[0]
+    a_parts = [t.squeeze(1) if t.dim() == 4 else t for t in lora_a_stacked]
+    b_parts = [t.squeeze(1) if t.dim() == 4 else t for t in lora_b_stacked]
+    slots, ranks = a_parts[0].shape[0], [t.shape[-1] for t in b_parts]
     hit = getattr(owner, "_kto_fused", None)
-    if hit is not None and hit[0] == _gen["weights"]:
-        return hit[1], hit[2]
-    a = torch.cat([(t.squeeze(1) if t.dim() == 4 else t).float() for t in lora_a_stacked], dim=1).contiguous()
-    bs = [(t.squeeze(1) if t.dim() == 4 else t).float() for t in lora_b_stacked]
-    slots, ranks = a.shape[0], [t.shape[-1] for t in bs]
-    b = torch.zeros(slots, sum(output_slices), sum(ranks))
-    row = col = 0
-    for t, size, r in zip(bs, output_slices, ranks, strict=True):
-        b[:, row:row + size, col:col + r] = t[:, :size, :]
-        row, col = row + size, col + r
-    owner._kto_fused = (_gen["weights"], a, b)
+    if hit is None:
+        a = torch.empty(slots, sum(t.shape[1] for t in a_parts), a_parts[0].shape[-1])
+        b = torch.zeros(slots, sum(output_slices), sum(ranks))
+        hit = owner._kto_fused = ([None] * slots, a, b)
+    stamps, a, b = hit
+    for slot in range(slots):
+        version = _slot_version(slot)
+        if stamps[slot] == version:
+            continue
+        a[slot].copy_(torch.cat([t[slot] for t in a_parts], dim=0))
+        row = col = 0
+        for t, size, r in zip(b_parts, output_slices, ranks, strict=True):
+            b[slot, row:row + size, col:col + r] = t[slot, :size, :]
+            row, col = row + size, col + r
+        stamps[slot] = version
     return a, b
 
 
@@ -178,40 +198,45 @@ def _onednn():
     return ops if getattr(ops, "_supports_onednn", False) else None
 
 
+ONEDNN_DTYPES = {torch.bfloat16}  # model dtypes whose LoRA terms go through oneDNN (see _handlers)
 _refused: set[torch.dtype] = set()  # dtypes whose oneDNN matmul could not be created on this CPU
 
 
 def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
               dtype: torch.dtype) -> tuple | None:
-    """oneDNN handlers for one slot's fused A and B in the model's dtype, cached with the fused stacks.
+    """oneDNN handlers for one slot's fused A and B in a bf16 model, cached per slot; None for a float32 model.
 
-    Why: a decode step's 120 LoRA terms at 16 rows took 13.9 ms as fp32 torch matmuls (every layer's adapter
-    comes from memory) and take 7.9 ms this way (benchmarks/results/lora_kernel_bench.json, 2-core AVX512-BF16
-    EPYC). A handler copies its weights, so the cache holds only handlers."""
+    Why: in bf16 a decode step's 120 LoRA terms at 16 rows took 13.9 ms as fp32 torch matmuls (every layer's
+    adapter comes from memory, and x is cast each call) and take 7.9 ms this way (lora_kernel_bench.json, 2-core
+    AVX512-BF16 EPYC). A float32 model (AVX2-only CPUs) gains nothing: oneDNN was 0.74-0.82x torch at 1 row,
+    1.02-1.06x at 16 (lora_kernel_bench_avx2.json), and creating a slot's 240 handlers cost a hot swap's first step
+    120-140 ms. A handler copies its weights, so the cache holds only handlers."""
     ops = _onednn()
-    if ops is None or dtype in _refused:
+    if ops is None or dtype not in ONEDNN_DTYPES or dtype in _refused:
         return None
-    hit = getattr(owner, "_kto_dnnl", None)
-    if hit is None or hit[0] != _gen["weights"] or hit[1] != dtype:
-        hit = owner._kto_dnnl = (_gen["weights"], dtype, {})
-    if slot not in hit[2]:
+    cache = getattr(owner, "_kto_dnnl", None)
+    if cache is None:
+        cache = owner._kto_dnnl = {}
+    version = _slot_version(slot)
+    hit = cache.get((slot, dtype))
+    if hit is None or hit[0] != version:
         try:
-            hit[2][slot] = (ops.create_onednn_mm(a[slot].to(dtype).t(), 32),
-                            ops.create_onednn_mm(b[slot].to(dtype).t(), 32))
+            hit = cache[(slot, dtype)] = (version, (ops.create_onednn_mm(a[slot].to(dtype).t(), 32),
+                                                    ops.create_onednn_mm(b[slot].to(dtype).t(), 32)))
         except RuntimeError as e:  # no primitive for this dtype on this CPU (bf16 on an AVX2-only EPYC)
             _refused.add(dtype)
             print(f"kto-loop: oneDNN has no {dtype} matmul here ({str(e).splitlines()[0][:120]}); "
                   "LoRA terms fall back to fp32 torch matmuls", file=sys.stderr, flush=True)
             return None
-    return hit[2][slot]
+    return hit[1]
 
 
 def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                     lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                     *, buffer=None, **kwargs) -> None:
     """`y[:, slice_i] += scale * x @ A_i^T @ B_i^T` for every slice, per adapter slot, in place (as the stock
-    method), using the per-token slot indices for prefill and decode alike. Two oneDNN GEMMs per slot in the
-    model's dtype (fp32 torch matmuls where this build has no oneDNN or x is in another dtype)."""
+    method), using the per-token slot indices for prefill and decode alike. Two oneDNN GEMMs per slot in a bf16
+    model; fp32 torch matmuls in a float32 one, where this build has no oneDNN, or x is in another dtype."""
     groups = _groups(self.token_lora_indices)
     if all(slot < 0 for slot, _ in groups):
         return None
@@ -243,12 +268,25 @@ def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tupl
     return None
 
 
-def _after(fn, hook, only_if_true: bool = False):
+def _after(fn, hook):
     def wrapper(*args, **kwargs):
         result = fn(*args, **kwargs)
-        if result or not only_if_true:
-            hook()
+        hook()
         return result
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _after_activate(fn):
+    """Wrap LoRAModelManager.activate_adapter, called every step for every requested adapter: it returns True only
+    when it wrote the adapter into a slot, which it records in `lora_index_to_id`."""
+    def wrapper(self, lora_id, *args, **kwargs):
+        wrote = fn(self, lora_id, *args, **kwargs)
+        if wrote:
+            ids = list(getattr(self, "lora_index_to_id", ()))
+            weights_changed(ids.index(lora_id) if lora_id in ids else None)
+        return wrote
 
     wrapper.__wrapped__ = fn
     return wrapper
@@ -270,7 +308,5 @@ def install() -> bool:
     if not hasattr(cls.update_metadata, "__wrapped__"):
         cls.update_metadata = _after(cls.update_metadata, indices_changed)
     if not hasattr(LoRAModelManager.activate_adapter, "__wrapped__"):
-        # called every step for every requested adapter; returns True only when it wrote a slot
-        LoRAModelManager.activate_adapter = _after(LoRAModelManager.activate_adapter, weights_changed,
-                                                   only_if_true=True)
+        LoRAModelManager.activate_adapter = _after_activate(LoRAModelManager.activate_adapter)
     return True

@@ -98,10 +98,81 @@ def test_install_hooks_the_writers_of_weights_and_indices():
     assert cpu_lora.install() and cpu_lora.install()  # idempotent: wraps once
     assert not hasattr(LoRAModelManager.activate_adapter.__wrapped__, "__wrapped__")
     assert punica_cpu.bgmv_shrink is cpu_lora.bgmv_shrink and punica_cpu.sgmv_expand is cpu_lora.sgmv_expand
+
+    class Manager:  # what the hook reads from vLLM's LoRAModelManager: the slot table after the write
+        lora_index_to_id = [7, None, 9]
+
     before = cpu_lora._gen["weights"]
-    activate = cpu_lora._after(lambda wrote: wrote, cpu_lora.weights_changed, only_if_true=True)
-    assert activate(False) is False and cpu_lora._gen["weights"] == before  # already active: nothing written
-    assert activate(True) is True and cpu_lora._gen["weights"] == before + 1
+    activate = cpu_lora._after_activate(lambda self, lora_id, wrote: wrote)
+    assert activate(Manager(), 9, False) is False and cpu_lora._gen["weights"] == before  # already active
+    assert activate(Manager(), 9, True) is True and cpu_lora._gen["weights"] == before + 1
+    assert cpu_lora._slot_version(2) == before + 1  # slot 2 holds id 9: only it changed
+    assert cpu_lora._slot_version(0) < before + 1
+    assert activate(Manager(), 5, True) is True and cpu_lora._gen["all"] == before + 2  # slot unknown: all
+
+
+def test_a_write_into_one_slot_rebuilds_that_slot_only():
+    """A hot swap writes the new version into a free slot while the current one keeps serving from its own: the
+    current slot's fused stack rows and oneDNN handlers stay as they are, the written slot's are rebuilt, and
+    both answer right afterwards."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    g = torch.Generator().manual_seed(9)
+    slices = (32, 16, 16)
+    a = tuple(torch.randn(SLOTS, 1, R, IN, generator=g) for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, n, R, generator=g) for n in slices)
+    x = torch.randn(T, IN, generator=g)
+    idx = torch.tensor([1] * 6 + [0] * 6)
+    wrapper = PunicaWrapperCPU(64, 8, "cpu")
+    wrapper._token_lora_indices[:T].copy_(idx)
+    wrapper.indices_len[0] = T
+    cpu_lora.indices_changed()
+    cpu_lora.weights_changed()
+
+    def run_and_check() -> None:
+        got = torch.zeros(T, sum(slices))
+        cpu_lora.add_lora_linear(wrapper, got, x, a, b, 1.0, slices)
+        want = torch.zeros(T, sum(slices), dtype=torch.float64)
+        off = 0
+        for s, n in enumerate(slices):
+            for t in range(T):
+                k = int(idx[t])
+                want[t, off:off + n] += x[t].double() @ a[s][k, 0].double().t() @ b[s][k, 0].double().t()
+            off += n
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+    run_and_check()
+    stamps = list(a[0]._kto_fused[0])
+    for t in a + b:  # a new adapter written into slot 1, as activate_adapter does
+        t[1].copy_(torch.randn(t[1].shape, generator=g))
+    cpu_lora.weights_changed(1)
+    run_and_check()
+    after = a[0]._kto_fused[0]
+    assert after[0] == stamps[0] and after[1] != stamps[1]  # slot 0 kept, slot 1 restacked
+
+
+def test_onednn_handlers_are_rebuilt_for_the_written_slot_only(monkeypatch):
+    """A bf16 model's oneDNN handlers (created per slot, ~0.5 ms each, 240 a slot) must survive a write into
+    another slot; the written slot's are created anew. Counted with a stand-in for vLLM's handler factory."""
+    import vllm._custom_ops as ops
+
+    if cpu_lora._onednn() is None:
+        pytest.skip("this vLLM build has no oneDNN matmul")
+    made = []
+    monkeypatch.setattr(ops, "create_onednn_mm", lambda w, cache: made.append(w.dtype) or object())
+    monkeypatch.setattr(cpu_lora, "_refused", set())
+    owner = torch.zeros(SLOTS, 1, R, IN, dtype=torch.bfloat16)
+    a, b = torch.randn(SLOTS, 2 * R, IN), torch.randn(SLOTS, OUT, 2 * R)
+    cpu_lora.weights_changed()
+    first = [cpu_lora._handlers(owner, a, b, slot, torch.bfloat16) for slot in (0, 1)]
+    assert len(made) == 4 and set(made) == {torch.bfloat16}
+    assert cpu_lora._handlers(owner, a, b, 0, torch.bfloat16) is first[0] and len(made) == 4  # cached
+    cpu_lora.weights_changed(1)
+    assert cpu_lora._handlers(owner, a, b, 0, torch.bfloat16) is first[0]
+    assert cpu_lora._handlers(owner, a, b, 1, torch.bfloat16) is not first[1] and len(made) == 6
+    cpu_lora.weights_changed()  # slot unknown: everything
+    assert cpu_lora._handlers(owner, a, b, 0, torch.bfloat16) is not first[0] and len(made) == 8
+    assert cpu_lora._handlers(owner, a, b, 0, torch.float32) is None  # a float32 model keeps torch matmuls
 
 
 @pytest.mark.parametrize("idx", INDICES)
@@ -151,9 +222,10 @@ def test_a_dtype_onednn_refuses_falls_back_to_fp32_once(monkeypatch, capfd):
     monkeypatch.setattr(ops, "create_onednn_mm", refuse)
     monkeypatch.setattr(cpu_lora, "_refused", set())
     g = torch.Generator().manual_seed(5)
-    a = (torch.randn(SLOTS, 1, R, IN, generator=g),)
-    b = (torch.randn(SLOTS, 1, 24, R, generator=g),)
-    x, y = torch.randn(T, IN, generator=g), torch.randn(T, 24, generator=g)
+    bf = torch.bfloat16
+    a = (torch.randn(SLOTS, 1, R, IN, generator=g).to(bf),)
+    b = (torch.randn(SLOTS, 1, 24, R, generator=g).to(bf),)
+    x, y = torch.randn(T, IN, generator=g).to(bf), torch.randn(T, 24, generator=g).to(bf)
     wrapper = PunicaWrapperCPU(64, 8, "cpu")
     wrapper._token_lora_indices[:T].copy_(INDICES[0])
     wrapper.indices_len[0] = T
@@ -167,6 +239,6 @@ def test_a_dtype_onednn_refuses_falls_back_to_fp32_once(monkeypatch, capfd):
             k = int(INDICES[0][t])
             if k >= 0:
                 want[t] += 0.5 * x[t].double() @ a[0][k, 0].double().t() @ b[0][k, 0].double().t()
-        close(got, want.float())
-    assert calls == [torch.float32] and torch.float32 in cpu_lora._refused
+        close(got, want.to(bf))
+    assert calls == [bf] and bf in cpu_lora._refused
     assert "LoRA terms fall back to fp32" in capfd.readouterr().err
