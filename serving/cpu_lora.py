@@ -24,7 +24,8 @@ import torch
 # vLLM runs under torch.inference_mode, whose tensors have no version counter, so validity is tracked by two
 # generation counters bumped from the only places that write those tensors (see install()):
 # The fused stacks and oneDNN handlers are kept per slot: an adapter written into one slot (a hot swap) rebuilds
-# that slot only, not the version still serving from the other (rebuilding both stalled that step ~2x longer).
+# that slot only, not the version still serving from the other (rebuilding both made that step 1.76x longer:
+# benchmarks/results/lora_kernel_bench_avx2.json).
 _gen = {"weights": 0, "indices": 0, "all": 0}
 _slot_gen: dict[int, int] = {}  # slot -> _gen["weights"] when an adapter was last written into it
 
@@ -168,15 +169,18 @@ def _fused(lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch
     merged projection (qkv: 3 slices, gate_up: 2) costs two GEMMs instead of 2 per slice. Slots whose weights
     changed since they were stacked are restacked, the others kept."""
     owner = lora_a_stacked[0]
+    hit = getattr(owner, "_kto_fused", None)
+    if hit is not None and hit[0] == _gen["weights"]:  # nothing written since the last look: the hot path
+        return hit[2], hit[3]
     a_parts = [t.squeeze(1) if t.dim() == 4 else t for t in lora_a_stacked]
     b_parts = [t.squeeze(1) if t.dim() == 4 else t for t in lora_b_stacked]
     slots, ranks = a_parts[0].shape[0], [t.shape[-1] for t in b_parts]
-    hit = getattr(owner, "_kto_fused", None)
     if hit is None:
         a = torch.empty(slots, sum(t.shape[1] for t in a_parts), a_parts[0].shape[-1])
         b = torch.zeros(slots, sum(output_slices), sum(ranks))
-        hit = owner._kto_fused = ([None] * slots, a, b)
-    stamps, a, b = hit
+        hit = owner._kto_fused = [None, [None] * slots, a, b]
+    hit[0] = _gen["weights"]
+    _, stamps, a, b = hit
     for slot in range(slots):
         version = _slot_version(slot)
         if stamps[slot] == version:
@@ -208,9 +212,9 @@ def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
 
     Why: in bf16 a decode step's 120 LoRA terms at 16 rows took 13.9 ms as fp32 torch matmuls (every layer's
     adapter comes from memory, and x is cast each call) and take 7.9 ms this way (lora_kernel_bench.json, 2-core
-    AVX512-BF16 EPYC). A float32 model (AVX2-only CPUs) gains nothing: oneDNN was 0.74-0.82x torch at 1 row,
-    1.02-1.06x at 16 (lora_kernel_bench_avx2.json), and creating a slot's 240 handlers cost a hot swap's first step
-    120-140 ms. A handler copies its weights, so the cache holds only handlers."""
+    AVX512-BF16 EPYC). A float32 model (AVX2-only CPUs) gains nothing: oneDNN was 0.73x torch at 1 row, 0.98x
+    at 16 (lora_kernel_bench_avx2.json), and a hot swap's first step, mostly creating one slot's 240 handlers, took
+    216 ms against a steady 49. A handler copies its weights, so the cache holds only handlers."""
     ops = _onednn()
     if ops is None or dtype not in ONEDNN_DTYPES or dtype in _refused:
         return None

@@ -142,12 +142,12 @@ def test_a_write_into_one_slot_rebuilds_that_slot_only():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
     run_and_check()
-    stamps = list(a[0]._kto_fused[0])
+    stamps = list(a[0]._kto_fused[1])
     for t in a + b:  # a new adapter written into slot 1, as activate_adapter does
         t[1].copy_(torch.randn(t[1].shape, generator=g))
     cpu_lora.weights_changed(1)
     run_and_check()
-    after = a[0]._kto_fused[0]
+    after = a[0]._kto_fused[1]
     assert after[0] == stamps[0] and after[1] != stamps[1]  # slot 0 kept, slot 1 restacked
 
 
