@@ -14,7 +14,8 @@
    versions served, and per swap the time from the load call to the first answer token of a request sent right
    after the switch (median quoted).
 
-Every request decodes exactly MAX_TOKENS tokens (ignore_eos) at temperature 0, so tokens/s compare like for like.
+Every request decodes exactly MAX_TOKENS tokens (ignore_eos) at temperature 0, so tokens/s compare like for like;
+every question carries a new numbered tag (`fresh`), so vLLM's prefix cache never serves a prompt it saw before.
 Run: `.venv/bin/python benchmarks/serving_bench.py` (13 minutes on the AVX2 EPYC with --skip-stock --skip-no-lora).
 Writes benchmarks/results/serving_bench.json.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import itertools
 import json
 import os
 import platform
@@ -48,6 +50,15 @@ TOPICS = ["the sea", "a red fox", "trains", "winter", "a lighthouse", "coffee", 
           "mountains", "rain", "a violin", "deserts", "clocks", "a garden", "owls"]
 PROMPTS = [[{"role": "user", "content": f"Write a short story about {t}."}] for t in TOPICS]
 VARIED = [16 + 16 * (i % 8) for i in range(16)]  # answer lengths of the 16-chat workload: 16..128, mean 72
+_ASKED = itertools.count()
+
+
+def fresh(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The chat with a numbered tag before each question, so every request is new to vLLM's prefix cache (with
+    32-token KV blocks it would otherwise reuse most of a repeated prompt, which HF `generate` cannot) and every
+    prompt keeps the same length in tokens (SmolLM2 spells each digit as one token)."""
+    n = next(_ASKED)
+    return [{**m, "content": f"[{n:05d}] {m['content']}"} if m["role"] == "user" else m for m in messages]
 
 
 def machine() -> dict:
@@ -102,7 +113,7 @@ def hf_model(model_dir: Path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto")).eval()  # as vLLM
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    texts = [tok.apply_chat_template(fresh(p), tokenize=False, add_generation_prompt=True) for p in PROMPTS]
     return tok, model, texts
 
 
@@ -178,7 +189,7 @@ def vllm_tok_s(client: ChatClient, model: str, concurrency: int, reps: int) -> l
     runs = []
     with ThreadPoolExecutor(concurrency) as pool:
         for rep in range(reps):
-            prompts = [PROMPTS[(rep + i) % len(PROMPTS)] for i in range(concurrency)]
+            prompts = [fresh(PROMPTS[(rep + i) % len(PROMPTS)]) for i in range(concurrency)]
             t0 = time.perf_counter()
             results = list(pool.map(lambda p: client.chat(p, model, sampling), prompts))
             dt = time.perf_counter() - t0
@@ -193,7 +204,7 @@ def vllm_varied_tok_s(client: ChatClient, model: str, reps: int) -> list[float]:
     with ThreadPoolExecutor(16) as pool:
         for _ in range(reps):
             t0 = time.perf_counter()
-            results = list(pool.map(lambda i: client.chat(PROMPTS[i], model, SamplingParams(
+            results = list(pool.map(lambda i: client.chat(fresh(PROMPTS[i]), model, SamplingParams(
                 temperature=0.0, max_tokens=VARIED[i], extra={"ignore_eos": True})), range(16)))
             dt = time.perf_counter() - t0
             assert [r.completion_tokens for r in results] == VARIED
@@ -267,7 +278,7 @@ def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterReg
                 go[marks[started[0]]].set()
         model = registry.current()
         try:
-            stream = client.stream_chat(PROMPTS[i % len(PROMPTS)], model, sampling)
+            stream = client.stream_chat(fresh(PROMPTS[i % len(PROMPTS)]), model, sampling)
             for _ in stream:
                 pass
             r = stream.result
@@ -287,7 +298,7 @@ def swap_under_load(server: VLLMServer, client: ChatClient, registry: AdapterReg
             name = registry.promote(adapters[k])
             t_promoted = time.perf_counter()
             # a user arriving right after the switch (the pool's own workers are all busy until one finishes)
-            probe = client.stream_chat(PROMPTS[k], registry.current(), sampling)
+            probe = client.stream_chat(fresh(PROMPTS[k]), registry.current(), sampling)
             next(probe)
             t_first = time.perf_counter()
             probe.text()
