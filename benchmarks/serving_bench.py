@@ -140,10 +140,13 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
 
     # HF's best thread count, per workload: on a shared 2-core box two OpenMP threads can be 20x slower than one
     # at 1 chat (spin-waits while a neighbour holds a core), while 16 chats' GEMMs want both cores (AVX2-only EPYC,
-    # serving_bench_avx2_ops.json: 61.8 tok/s on one thread against 86.2 on two; earlier runs used the 1-chat choice).
+    # serving_bench_avx2_ops.json: 61.8 tok/s on one thread against 86.2 on two; earlier runs used the 1-chat choice;
+    # serving_bench_avx2_blocks.json's first run probed only one thread at 16 chats, as the 1-chat winner was one).
+    cores = torch.get_num_threads()  # read once: each probe below leaves its winner set
+
     def best_threads(measure) -> tuple[int, dict]:
         probe = {}
-        for n in sorted({1, torch.get_num_threads()}):
+        for n in sorted({1, cores}):
             torch.set_num_threads(n)
             probe[n] = measure()
         return max(probe, key=probe.get), probe
