@@ -5,9 +5,9 @@ vLLM's prefix cache reuses whole blocks only, so with 128-token blocks a chat's 
 are computed again on every turn unless they fill a block. Two servers, started the same way but for --block-size,
 both up, passes interleaved stock/ours/ours/stock (benchmarks/ab_servers.py). A pass runs:
 
-Every pass asks fresh questions (each user message starts with a tag unique to the pass and the chat), so the
-prefix cache can only reuse what a real server could: the system prompt and a chat's own earlier turns, never a
-question the previous pass asked too.
+Every pass asks fresh questions (serving_bench.fresh: each chat's question starts with a new numbered tag), so
+the prefix cache can only reuse what a real server could: the system prompt and a chat's own earlier turns, never
+a question the previous pass asked too. (The committed JSON was measured with "[pass-chat]" tags, same property.)
 
 1. `multiturn`: 8 users, 4 turns each (a shipped prompt, then follow-ups), the product's system prompt, 48-token
    answers (greedy, ignore_eos): time to first token of turns 2-4 (median), wall time, prompt tokens and the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
-from serving_bench import MAX_TOKENS, PROMPTS, machine, write_result  # noqa: E402
+from serving_bench import MAX_TOKENS, PROMPTS, fresh, machine, write_result  # noqa: E402
 
 from app.config import config_from  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
@@ -65,18 +65,13 @@ def prefix_counters(server: VLLMServer) -> dict[str, float]:
     return {k: total(k) for k in ("prompt_tokens", "prefix_cache_queries", "prefix_cache_hits")}
 
 
-def fresh(tag: str, i: int, text: str) -> str:
-    """The question, new to the server: a tag unique to this pass and chat goes first."""
-    return f"[{tag}-{i}] {text}"
-
-
-def multiturn(client: ChatClient, texts: list[str], tag: str, users: int = 8, answer_tokens: int = 48) -> dict:
+def multiturn(client: ChatClient, texts: list[str], users: int = 8, answer_tokens: int = 48) -> dict:
     sampling = SamplingParams(temperature=0.0, max_tokens=answer_tokens, extra={"ignore_eos": True})
     later: list[float] = []
     lock = threading.Lock()
 
     def user(u: int) -> None:
-        messages = [SYSTEM, {"role": "user", "content": fresh(tag, u, texts[u])}]
+        messages = fresh([SYSTEM, {"role": "user", "content": texts[u]}])
         for turn in range(1 + len(FOLLOW_UPS)):
             stream = client.stream_chat(messages, "base", sampling)
             answer = stream.text()
@@ -96,13 +91,11 @@ def multiturn(client: ChatClient, texts: list[str], tag: str, users: int = 8, an
     return {"tok_s": tokens / wall, "wall_s": wall, "ttft_later_turns_s": statistics.median(later)}
 
 
-def churn(client: ChatClient, texts: list[str], tag: str, n: int = 96, in_flight: int = 24,
-          answer_tokens: int = 16) -> dict:
+def churn(client: ChatClient, texts: list[str], n: int = 96, in_flight: int = 24, answer_tokens: int = 16) -> dict:
     sampling = SamplingParams(temperature=0.0, max_tokens=answer_tokens, extra={"ignore_eos": True})
 
     def one(i: int):
-        stream = client.stream_chat([{"role": "user", "content": fresh(tag, i, texts[i % len(texts)])}], "base",
-                                    sampling)
+        stream = client.stream_chat(fresh([{"role": "user", "content": texts[i % len(texts)]}]), "base", sampling)
         stream.text()
         return stream.result
 
@@ -114,9 +107,9 @@ def churn(client: ChatClient, texts: list[str], tag: str, n: int = 96, in_flight
     return {"tok_s": n * answer_tokens / dt, "ttft_s": statistics.median(r.time_to_first_token_s for r in results)}
 
 
-def decode(client: ChatClient, model: str, tag: str) -> dict:
+def decode(client: ChatClient, model: str) -> dict:
     sampling = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra={"ignore_eos": True})
-    prompts = [[{"role": "user", "content": fresh(tag, i, p[0]["content"])}] for i, p in enumerate(PROMPTS)]
+    prompts = [fresh(p) for p in PROMPTS]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as ex:
         results = list(ex.map(lambda p: client.chat(p, model, sampling), prompts))
@@ -140,25 +133,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_s, \
             ab_servers(model_dir, Path(tmp_s), {}, f"'block_size': {BLOCKS['ours']}",
-                       warm=lambda client: decode(client, "base", "warm"),
+                       warm=lambda client: decode(client, "base"),
                        spec_of=lambda name: {"block_size": BLOCKS[name]}) as servers:
-
-        passes = [0]
 
         def measure(name: str, r: int, client: ChatClient, adapter: str) -> dict:
             server = servers[name][0]
-            passes[0] += 1
-            tag = f"p{passes[0]}"
             c0 = prefix_counters(server)
-            rec = {"multiturn": multiturn(client, texts[r * 8:(r + 1) * 8], tag)}
+            rec = {"multiturn": multiturn(client, texts[r * 8:(r + 1) * 8])}
             c1 = prefix_counters(server)
             m = rec["multiturn"]
             m["prompt_tokens"] = c1["prompt_tokens"] - c0["prompt_tokens"]
             m["prefix_hit_share"] = ((c1["prefix_cache_hits"] - c0["prefix_cache_hits"]) /
                                      max(1.0, c1["prefix_cache_queries"] - c0["prefix_cache_queries"]))
-            rec["churn"] = churn(client, texts, tag)
-            rec["decode_16_base"] = decode(client, "base", tag + "b")
-            rec["decode_16_adapter"] = decode(client, adapter, tag + "a")
+            rec["churn"] = churn(client, texts)
+            rec["decode_16_base"] = decode(client, "base")
+            rec["decode_16_adapter"] = decode(client, adapter)
             print(f"  round {r} {name:5s} (block {BLOCKS[name]:3d}): multiturn later-turn first token "
                   f"{m['ttft_later_turns_s']:.2f} s, prefix cache served {m['prefix_hit_share']:.0%} of "
                   f"{m['prompt_tokens']:.0f} prompt tokens, {m['tok_s']:.1f} tok/s; churn {rec['churn']['tok_s']:.1f} "
