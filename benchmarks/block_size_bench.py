@@ -22,7 +22,6 @@ a question the previous pass asked too. (The committed JSON was measured with "[
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
+from sampler_bench import prompts as shipped_prompts  # noqa: E402
 from serving_bench import MAX_TOKENS, PROMPTS, fresh, machine, write_result  # noqa: E402
 
 from app.config import config_from  # noqa: E402
@@ -45,14 +45,8 @@ from serving.client import ChatClient, SamplingParams  # noqa: E402
 from serving.server import VLLMServer  # noqa: E402
 
 BLOCKS = {"stock": 128, "ours": 32}
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "app" / "data" / "prompts.jsonl"
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}  # the product's default (app/config.py)
 FOLLOW_UPS = ["Can you make that shorter?", "Give me one concrete example.", "Now explain it to a ten-year-old."]
-
-
-def shipped_prompts(n: int) -> list[str]:
-    rows = [json.loads(ln)["prompt"] for ln in PROMPTS_FILE.read_text().splitlines() if ln.strip()]
-    return rows[:: max(1, len(rows) // n)][:n]
 
 
 def prefix_counters(server: VLLMServer) -> dict[str, float]:
