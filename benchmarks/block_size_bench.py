@@ -7,7 +7,8 @@ both up, passes interleaved stock/ours/ours/stock (benchmarks/ab_servers.py). A 
 
 Every pass asks fresh questions (serving_bench.fresh: each chat's question starts with a new numbered tag), so
 the prefix cache can only reuse what a real server could: the system prompt and a chat's own earlier turns, never
-a question the previous pass asked too. (The committed JSON was measured with "[pass-chat]" tags, same property.)
+a question the previous pass asked too. (block_size_bench_first_run.json came from an earlier version that tagged
+each question with its pass and chat: the same property.)
 
 1. `multiturn`: 8 users, 4 turns each (a shipped prompt, then follow-ups), the product's system prompt, 48-token
    answers (greedy, ignore_eos): time to first token of turns 2-4 (median), wall time, prompt tokens and the

