@@ -89,6 +89,33 @@ def test_this_machine_gets_the_auto_rules(tmp_path):
     assert fcfs.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
 
 
+@pytest.mark.parametrize("cpu_build", [True, False], ids=["cpu-build", "gpu-build"])
+def test_both_builds_commands_parse_with_vllms_own_serve_parser(tmp_path, monkeypatch, cpu_build):
+    """The GPU command is never run here (no GPU); vLLM's parser and pre-start checks are the same code in both
+    builds of the release, so a flag it does not know, or a bad value, fails here rather than on a GPU machine."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    import serving.server as server_module
+
+    monkeypatch.setattr(server_module, "_is_cpu_build", lambda: cpu_build)
+    server = VLLMServer(VLLMServerSpec(model_dir=tmp_path, port=1234, tensor_parallel=1 if cpu_build else 2))
+    cmd = server.command()
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
+    validate_parsed_serve_args(args)
+    assert (args.model, args.served_model_name, args.port) == (str(tmp_path), ["base"], 1234)
+    assert args.enable_lora and (args.max_lora_rank, args.max_loras, args.max_cpu_loras) == (16, 3, 8)
+    assert args.scheduling_policy == "priority" and args.max_model_len == 2048
+    if cpu_build:
+        assert args.block_size == 32 and args.max_num_batched_tokens == vllm_token_budget(0, cpu_build=True)
+        assert args.dtype in ("bfloat16", "float32") and args.tensor_parallel_size == 1
+    else:  # vLLM's own defaults for the GPU, and nothing CPU-only in its environment
+        assert args.block_size is None and args.max_num_batched_tokens is None and args.dtype == "auto"
+        assert args.tensor_parallel_size == 2
+        reserved = server.environment().get("VLLM_CPU_NUM_OF_RESERVED_CPU")
+        assert reserved == os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")  # the supervisor sets none
+
+
 def test_request_priorities_follow_the_scheduling_policy(tmp_path):
     """Warm-up ahead of users, the product's own probes behind them; nothing at all on an FCFS server, which
     refuses any non-zero priority."""
