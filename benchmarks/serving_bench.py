@@ -119,15 +119,15 @@ def hf_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def hf_model(model_dir: Path):
+def hf_model(model_dir: Path, device: str | None = None):
     """(tokenizer padding on the left, model in the dtype vLLM serves here, the PROMPTS as chat-templated texts).
 
-    On a GPU, the checkpoint's own dtype on the GPU, as vLLM's `auto` does there."""
+    On a GPU (`device` None = `hf_device()`), the checkpoint's own dtype there, as vLLM's `auto` does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    device = hf_device()
+    device = device or hf_device()
     dtype = "auto" if device == "cuda" else resolve_dtype("auto")  # as vLLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     texts = [tok.apply_chat_template(fresh(p), tokenize=False, add_generation_prompt=True) for p in PROMPTS]
