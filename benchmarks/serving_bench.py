@@ -208,8 +208,7 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
     torch.set_num_threads(threads_pr)
     threads_runs = [probe_pr[threads_pr]] + [per_request() for _ in range(max(0, reps - 2))]
     return {"device": model.device.type, "tok_s_1": statistics.median(one), "tok_s_16": statistics.median(sixteen),
-            "runs_1": one,
-            "runs_16": sixteen, "threads": {"1": threads_1, "16": threads_16, "per_request": threads_pr},
+            "runs_1": one, "runs_16": sixteen, "threads": {"1": threads_1, "16": threads_16, "per_request": threads_pr},
             "thread_probe_tok_s": {"1": probe_1, "16": probe_16, "per_request": probe_pr},
             "varied_static_tok_s_16": statistics.median(varied), "varied_static_runs_16": varied,
             "per_request_tok_s_16": statistics.median(threads_runs), "per_request_runs_16": threads_runs}
