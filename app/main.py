@@ -23,8 +23,8 @@ from typing import Annotated, Any
 from fastapi import Body
 
 from app.config import Config
-from app.realign import Realigner, RunInProgress
-from app.settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
+from app.loop.realign import Realigner, RunInProgress
+from app.operator_settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
 
 
 @dataclass
@@ -90,7 +90,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         settings = SettingsStore(cfg.data_dir, default_settings(cfg))
         guard = None
         if cfg.promote_max_capability_drop >= 0:
-            from app.capability import CapabilityGuard, http_ask, load_capability
+            from app.loop.capability import CapabilityGuard, http_ask, load_capability
 
             ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
                            priority=server.spec.priority("background"), admission=admission)
@@ -126,10 +126,10 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
-    from app.auth import AuthMiddleware
-    from app.console import Operator, build_console
-    from app.scheduler import RealignScheduler
-    from app.ui import CSS, ChatService, build_chat_ui
+    from app.loop.scheduler import RealignScheduler
+    from app.web.auth import AuthMiddleware
+    from app.web.chat import CSS, ChatService, build_chat_ui
+    from app.web.console import Operator, build_console
 
     cfg = st.cfg
     scheduler = RealignScheduler(st.realigner, st.store, st.settings)
@@ -207,7 +207,7 @@ def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.
     """`kto-loop run`: everything up, serve until Ctrl-C (or `stop`), everything down."""
     import uvicorn
 
-    from app.auth import new_password
+    from app.web.auth import new_password
 
     password = cfg.admin_password or new_password()
     with build_stack(cfg) as st:

@@ -39,7 +39,7 @@ def cpu_seconds(server: VLLMServer) -> float:
 
 @contextmanager
 def ab_servers(model_dir: Path, tmp: Path, stock_env: dict[str, str], installed_line: str,
-               warm: Callable[[ChatClient], object], launcher: str = "serving.vllm_launch",
+               warm: Callable[[ChatClient], object], launcher: str = "serving.vllm_cpu.launch",
                env_of: Callable[[str], dict[str, str]] = lambda name: {},
                spec_of: Callable[[str], dict] = lambda name: {},
                ) -> Iterator[dict[str, tuple[VLLMServer, ChatClient, str]]]:

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lr_sweep import DEFAULT_MODEL, measure_adapters  # noqa: E402
 
-from app import simulate as sim  # noqa: E402
-from app.raters import EXAMPLE_RATERS  # noqa: E402
+from app.sim import run as sim  # noqa: E402
+from app.sim.raters import EXAMPLE_RATERS  # noqa: E402
 
 
 def scaled_copy(src: Path, alpha: float, out: Path) -> Path:

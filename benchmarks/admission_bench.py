@@ -40,7 +40,7 @@ from probe_priority_bench import (  # noqa: E402
 )
 from serving_bench import machine, write_result  # noqa: E402
 
-from app.capability import http_ask, load_capability, probe  # noqa: E402
+from app.loop.capability import http_ask, load_capability, probe  # noqa: E402
 from serving.admission import Admission  # noqa: E402
 from serving.server import PRIORITY_BACKGROUND  # noqa: E402
 

@@ -23,7 +23,7 @@ import psutil
 
 from app.config import Config, config_from
 from app.main import build_stack, sampling_for
-from app.ui import ChatService
+from app.web.chat import ChatService
 
 PROMPTS = ["What is the capital of France?", "Give me three tips for sleeping better.",
            "Explain what a hash table is.", "Write a haiku about autumn.", "How do plants make food?",

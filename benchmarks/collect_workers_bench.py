@@ -1,7 +1,7 @@
 """How many simulated chats to keep in flight while collecting ratings (`SimSpec.workers`), side by side.
 
 A simulation cycle starts by collecting its ratings: simulated users chat through the app's ChatService (real
-vLLM, the served version, ratings into the real DuckDB store), `workers` at a time (app/simulate.collect). On a
+vLLM, the served version, ratings into the real DuckDB store), `workers` at a time (app/sim/run.collect). On a
 small CPU each vLLM engine step is dominated by GEMMs over the running batch, and a bigger batch uses the same
 weight reads for more tokens: more chats in flight, more tokens per second, until the tail of the collection
 (the last few answers alone) eats the gain. This runs the real `collect` for the base model and for an adapter
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving_bench import machine, make_adapter, write_result  # noqa: E402
 
-from app import simulate as sim  # noqa: E402
 from app.config import config_from  # noqa: E402
+from app.sim import run as sim  # noqa: E402
 
 
 def main() -> int:
@@ -46,7 +46,7 @@ def main() -> int:
     args = ap.parse_args()
     t_all = time.perf_counter()
     from app.main import build_stack, sampling_for
-    from app.ui import ChatService
+    from app.web.chat import ChatService
 
     rater_name, rater = sim.load_rater(args.rater)
     prompts = sim.load_prompts(sim.DEFAULT_PROMPTS)

@@ -1,5 +1,5 @@
 """vLLM's native RMSNorm and rotary embedding against its C++ kernels in the eager (LoRA) server, side by side in
-one run (serving/cpu_ops.py).
+one run (serving/vllm_cpu/ops.py).
 
 1. The functions alone at the default model's sizes (hidden 576; 9 query and 3 key heads of 64), 1 / 16 / 64
    rows: µs per call, calls interleaved native/C++; the largest difference between the two outputs, and each
@@ -32,8 +32,8 @@ from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
 from serving_bench import MAX_TOKENS, PROMPTS, machine, write_result  # noqa: E402
 
 from app.config import config_from  # noqa: E402
-from serving import cpu_ops  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
+from serving.vllm_cpu import ops as cpu_ops  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD = 576, 9, 3, 64
 EPS = 1e-5
@@ -122,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir
-    assert cpu_ops.install(), "serving.cpu_ops did not install here (not a CPU build of vLLM?)"
+    assert cpu_ops.install(), "serving.vllm_cpu.ops did not install here (not a CPU build of vLLM?)"
     result: dict = {"benchmark": "cpu_ops_bench", "machine": machine(), "tokens": MAX_TOKENS,
                     "torch_threads": torch.get_num_threads(), "function": {}}
     ratios: dict[str, float] = {}

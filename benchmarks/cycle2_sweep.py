@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lr_sweep import DEFAULT_MODEL, measure_adapters, train  # noqa: E402
 
-from app import simulate as sim  # noqa: E402
-from app.raters import EXAMPLE_RATERS  # noqa: E402
+from app.sim import run as sim  # noqa: E402
+from app.sim.raters import EXAMPLE_RATERS  # noqa: E402
 
 VARIANTS = ("served", "continue", "continue-lr/2", "continue-ref-prev", "fresh", "fresh-all", "served-after")
 

@@ -1,6 +1,6 @@
 """Adapters the promotion gate refused, measured the way the simulator measures served ones: was each refusal right?
 
-The gate (serving/gate.py) decides on the aligner's held-out split, about a tenth of a run's ratings; under a
+The gate (app/loop/gate.py) decides on the aligner's held-out split, about a tenth of a run's ratings; under a
 strong imbalance that split can hold one or two thumbs-up, so its margin rests on one or two answers. This serves
 the base model and every adapter given from one real vLLM server and measures each with the simulator's own
 `measure()` (held-out prompts never trained on, the rater's desirable rate, the capability probe), beside the

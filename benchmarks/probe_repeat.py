@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import simulate as sim  # noqa: E402
-from app.capability import CAPABILITY_MAX_TOKENS, is_correct  # noqa: E402
+from app.loop.capability import CAPABILITY_MAX_TOKENS, is_correct  # noqa: E402
+from app.sim import run as sim  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
 from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
 

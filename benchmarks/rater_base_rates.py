@@ -3,7 +3,7 @@ training prompt (2 samples each; temperature 0.7, top-p 0.95, 128 tokens, the ap
 
 Run: `.venv/bin/python benchmarks/rater_base_rates.py` (starts its own vLLM server, ~6 min on 2 cores), or
 `--answers FILE` to re-rate saved answers. Writes benchmarks/results/rater_base_rates.json and the answers
-(benchmarks/results/rater_base_answers.jsonl) so the figures in app/raters.py can be checked.
+(benchmarks/results/rater_base_answers.jsonl) so the figures in app/sim/raters.py can be checked.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import raters  # noqa: E402
-from app.simulate import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts, machine_info  # noqa: E402
+from app.sim import raters  # noqa: E402
+from app.sim.run import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts, machine_info  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

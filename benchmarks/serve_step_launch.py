@@ -1,4 +1,4 @@
-"""`python -m benchmarks.serve_step_launch ARGS` = `python -m serving.vllm_launch ARGS` with wall-clock timers in
+"""`python -m benchmarks.serve_step_launch ARGS` = `python -m serving.vllm_cpu.launch ARGS` with wall-clock timers in
 vLLM's worker: where a served step's time goes (benchmarks/serve_step_profile.py starts servers this way).
 
 Timed, inclusive, summed per step: vLLM-cpu's oneDNN GEMM, attention and KV-cache-write calls (its
@@ -17,7 +17,7 @@ import os
 import time
 from collections import defaultdict
 
-from serving import vllm_launch
+from serving.vllm_cpu import launch as vllm_launch
 
 REPORT_EVERY = 100
 OUT = os.environ.get("KTO_STEP_TIMING_OUT")

@@ -1,5 +1,5 @@
 """Where a served decode step goes, timed inside vLLM's worker (benchmarks/serve_step_launch.py), with vLLM's
-native RMSNorm and rotary (KTO_LOOP_STOCK_OPS=1) and with the C++ kernels serving/cpu_ops.py puts in, one run.
+native RMSNorm and rotary (KTO_LOOP_STOCK_OPS=1) and with the C++ kernels serving/vllm_cpu/ops.py puts in, one run.
 
 Two servers, both up, passes interleaved stock/ours/ours/stock (benchmarks/ab_servers.py). A pass serves 16 chats
 decoding 64 tokens each (greedy, ignore_eos, the serving_bench prompts), first on the base model, then on a
@@ -80,7 +80,7 @@ def main() -> None:
     result: dict = {"benchmark": "serve_step_profile", "machine": machine(), "tokens": MAX_TOKENS, "chats": 16,
                     "unit": "ms per step (one forward), medians over timing windows of 100 forwards",
                     "servers": {"stock": "KTO_LOOP_STOCK_OPS=1: vLLM's native RMSNorm and rotary",
-                                "ours": "serving/cpu_ops.py: vLLM's C++ RMSNorm and rotary"}}
+                                "ours": "serving/vllm_cpu/ops.py: vLLM's C++ RMSNorm and rotary"}}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
 

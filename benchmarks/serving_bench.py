@@ -9,7 +9,7 @@
    - per-request: each chat's own `generate` call from its own thread (what a plain HF chat backend does);
    vLLM serves the varied-length workload with one request per chat (continuous batching);
 2. base model vs a rank-16 LoRA adapter on the same vLLM server (overhead ratio), with our CPU LoRA kernels
-   (serving.cpu_lora) and, on a second server, with vLLM's stock kernels;
+   (serving.vllm_cpu.lora) and, on a second server, with vLLM's stock kernels;
 3. hot swaps under load: >= 200 streamed requests (24 at a time) across 3 promotes of new versions: failures,
    versions served, and per swap the time from the load call to the first answer token of a request sent right
    after the switch (median quoted).

@@ -184,10 +184,10 @@ class VLLMServerSpec:
     served_model_name: str = "base"
     log_path: Path | str | None = None  # default: a file in the temp dir named after the port
     start_timeout: float = 300.0
-    fast_cpu_lora: bool = True          # serving.cpu_lora kernels (CPU only; a no-op on GPU builds)
-    # The module run as the server when fast_cpu_lora: serving.vllm_launch, or a wrapper of it that imports it
+    fast_cpu_lora: bool = True          # serving.vllm_cpu.lora kernels (CPU only; a no-op on GPU builds)
+    # The module run as the server when fast_cpu_lora: serving.vllm_cpu.launch, or a wrapper of it that imports it
     # first (benchmarks/serve_step_launch.py times the worker's step this way).
-    launcher: str = "serving.vllm_launch"
+    launcher: str = "serving.vllm_cpu.launch"
     auto_restart: bool = True
     restart_backoff: tuple[float, float] = (2.0, 60.0)   # first delay, cap
     hang_timeout: float = 120.0         # /health failing this long while the process lives = hung: restart

@@ -1,0 +1,426 @@
+"""One realignment run: store snapshot → aligner subprocess → promotion gate → hot swap → records.
+
+Training runs in a child process (niced, its own process group) on a Parquet snapshot, so the app process keeps
+owning the DuckDB file and chat stays responsive. Runs never overlap: a second trigger raises RunInProgress.
+Every run, failed ones included, is recorded in the store with its error text.
+
+Two modes. "continue" (default) trains the served adapter further on the ratings it has not seen yet, with the base
+model as the reference: each cycle costs the same however long the deployment has run, and the KL anchor stays
+at the base model so drift is measured against it, not against the previous version. "fresh" trains a new adapter
+on all final ratings (newest `max_examples`). With the base model served, both train a new adapter on everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aligner.layers import parse_first_layer
+from app.config import ANCHOR_TOKENS_MAX
+
+Progress = Callable[[dict[str, Any]], None]
+MODES = ("continue", "fresh")
+
+
+class RunInProgress(RuntimeError):
+    """A realignment run is already going; triggers are rejected, never queued."""
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str                 # as recorded in the store: "promoted" | "rejected" (gate said no) | "failed"
+    promoted: bool
+    reason: str
+    version: str | None = None
+    manifest: dict[str, Any] | None = None
+
+
+@dataclass
+class RunStatus:
+    """What the console shows while a run is going (and after it, until the next one)."""
+    running: bool = False
+    run_id: str | None = None
+    trigger: str | None = None
+    phase: str = "idle"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Realigner:
+    """Owns the one-at-a-time lock and the aligner child process."""
+
+    def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
+                 beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
+                 extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
+                 mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
+                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0,
+                 anchor_cache: Path | None = None, lr_generation_decay: float = 1.0):
+        if mode not in MODES:
+            raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
+        if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
+            raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
+        if not 1 <= anchor_tokens <= ANCHOR_TOKENS_MAX:
+            raise ValueError(f"anchor tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {anchor_tokens!r}")
+        if not 0 < lr_generation_decay <= 1:
+            raise ValueError(f"the learning-rate decay per generation must be in (0, 1], got {lr_generation_decay!r}")
+        self.lr_generation_decay = lr_generation_decay  # a continued adapter: lr × this^generation (aligner.train)
+        # a fresh adapter's lowest layer, N or P% of the depth (aligner/layers.py; the aligner resolves it against
+        # the model): the layers below run once per sequence (aligner/model.py, Prefix)
+        self.first_lora_layer = str(first_lora_layer).strip()
+        self._all_layers = parse_first_layer(self.first_lora_layer)[0] == 0  # ValueError names the accepted forms
+        self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
+        self.anchor_tokens = anchor_tokens  # how much of each base-model anchor answer the term covers
+        # The base model's anchor answers, keyed by a hash of the model's files and the settings: the app keeps
+        # them per machine (home/cache/anchors), so a new data directory or simulation does not build them again.
+        self.anchor_cache = Path(anchor_cache) if anchor_cache is not None else Path(work_dir) / "anchor-cache"
+        self.store, self.registry = store, registry
+        self.mode = mode
+        self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/loop/capability.py
+        self.model_dir, self.work_dir = Path(model_dir), Path(work_dir)
+        self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
+        self.max_examples = max_examples
+        self.extra_args = list(extra_args)
+        self.niceness, self.timeout_s = niceness, timeout_s
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._closing = False
+        self.status = RunStatus()
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    def close(self) -> None:
+        """Stop a running aligner child (app shutdown); the run is recorded as failed."""
+        self._closing = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
+
+    def run(self, trigger: str, progress: Progress | None = None, *, max_examples: int | None = None,
+            since: Any = None) -> RunOutcome:
+        if not self._lock.acquire(blocking=False):
+            raise RunInProgress(f"a realignment run is already in progress (run {self.status.run_id}, "
+                                f"{self.status.phase}); try again when it has finished")
+        try:
+            return self._run(trigger, progress, max_examples or self.max_examples, since)
+        finally:
+            self._proc = None
+            self._lock.release()
+
+    # ------------------------------------------------------------------ internals
+    def _emit(self, progress: Progress | None, **event: Any) -> None:
+        st = self.status
+        for k in ("phase", "step", "total", "loss"):
+            if k in event:
+                setattr(st, k, event[k])
+        if progress is not None:
+            try:
+                progress(dict(event, run_id=st.run_id))
+            except Exception:
+                pass  # a broken progress callback must not break the run
+
+    def _run(self, trigger: str, progress: Progress | None, max_examples: int, since: Any) -> RunOutcome:
+        current = self.registry.current()
+        served_dir = self._adapter_dir_of(current)
+        resume_dir = served_dir if self.mode == "continue" else None
+        if resume_dir is not None and since is None:
+            since = current  # only the ratings the served version has not been trained on
+        params = {"max_examples": max_examples, "lora_rank": self.lora_rank, "beta": self.beta,
+                  "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir),
+                  "mode": self.mode, "resume_from": current if resume_dir is not None else None,
+                  "reference": "base", "since": str(since) if since is not None else None,
+                  "anchor_weight": self.anchor_weight,
+                  "anchor_tokens": self.anchor_tokens if self.anchor_weight > 0 else None,
+                  "first_lora_layer": self.first_lora_layer if resume_dir is None else None,
+                  "lr_generation_decay": self.lr_generation_decay if resume_dir is not None else None}
+        run_id = str(self.store.start_run(trigger, params))
+        self.status = RunStatus(running=True, run_id=run_id, trigger=trigger, phase="snapshot",
+                                started_at=time.time())
+        run_dir = self.work_dir / f"run-{run_id}"
+        manifest: dict[str, Any] | None = None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._emit(progress, event="phase", phase="snapshot")
+            snap = self.store.export_snapshot(run_dir / "snapshot.parquet", since=since, max_examples=max_examples,
+                                              run_id=run_id)
+            self._emit(progress, event="snapshot", phase="snapshot", n_desirable=snap.n_desirable,
+                       n_undesirable=snap.n_undesirable)
+            if snap.n_desirable == 0 or snap.n_undesirable == 0:
+                raise RunFailed(f"need at least one thumbs-up and one thumbs-down to train "
+                                f"(have {snap.n_desirable} up, {snap.n_undesirable} down)")
+            out = run_dir / "adapter"
+            self._train(snap.path, out, served_dir, progress, resume_dir)
+            manifest = json.loads((out / "manifest.json").read_text())
+            self._emit(progress, event="phase", phase="gate")
+            ok, reason, version = self._gate(out, manifest, current, resume_dir is not None, run_id, progress)
+            status = "promoted" if ok else "rejected"
+            self._finish(run_id, status, manifest=manifest, promoted=ok, reason=reason, version=version,
+                         snap=snap)
+            outcome = RunOutcome(run_id, status, bool(ok), reason, version, manifest)
+        except Exception as e:
+            err = str(e) or type(e).__name__
+            self._finish(run_id, "failed", manifest=manifest, promoted=False, reason=err, version=None,
+                         error=err)
+            outcome = RunOutcome(run_id, "failed", False, err, None, manifest)
+        self.status.running, self.status.finished_at = False, time.time()
+        self.status.phase = "failed" if outcome.status == "failed" else "done"
+        self.status.last = {"run_id": run_id, "status": outcome.status, "promoted": outcome.promoted,
+                            "reason": outcome.reason, "version": outcome.version}
+        self._emit(progress, event="finished", phase=self.status.phase, **self.status.last)
+        return outcome
+
+    def _gate(self, out: Path, manifest: dict[str, Any], current: str | None, continued: bool, run_id: str,
+              progress: Progress | None) -> tuple[bool, str, str | None]:
+        """Offer the final adapter, then the run's earlier checkpoints (newest first), to the held-out gate and the
+        capability guard; promote the first that passes both. Returns (promoted?, reason, version).
+
+        Why fall back: a run that moved too far (the guard saw it forget facts) has usually passed through a
+        safe point on the way; serving that point now beats serving nothing new until the next run. Every
+        candidate faces the same two tests against the served version, and every verdict lands in the manifest
+        (`candidates`), so the record shows what was refused and why.
+        """
+        from app.loop.gate import should_promote
+        from serving.registry import AdapterRejected
+
+        final = {"name": "final", "step": None, "dir": out, "heldout_new": (manifest.get("heldout") or {}).get("new")}
+        earlier = [{"name": f"step {c['step']}/{c['steps']}", "step": c["step"], "dir": out / c["path"],
+                    "heldout_new": c.get("heldout_new"), "pending": bool(c.get("heldout_pending"))}
+                   for c in reversed(manifest.get("checkpoints") or []) if (out / c["path"]).is_dir()]
+        served_metrics = (manifest.get("heldout") or {}).get("served")
+        verdicts: list[dict[str, Any]] = []
+        for cand in [final, *earlier]:
+            if cand.get("pending"):  # the final adapter was refused: now the checkpoints' metrics are worth a pass
+                self._evaluate_checkpoints(out, manifest, earlier, progress)
+            ok, reason = should_promote(cand["heldout_new"], served_metrics, self.min_gain)
+            if cand["heldout_new"] is None and manifest.get("checkpoint_eval_error"):
+                reason = f"not promoted: {manifest['checkpoint_eval_error']}"
+            verdict: dict[str, Any] = {"candidate": cand["name"], "step": cand["step"], "promoted": False}
+            verdicts.append(verdict)
+            version, guard = None, None
+            if ok:
+                self._emit(progress, event="phase", phase="promote")
+                if hasattr(self.capability_guard, "last"):
+                    self.capability_guard.last = None  # only this candidate's verdict is recorded
+                try:
+                    version = self._promote(cand["dir"], current if continued else None, run_id)
+                except AdapterRejected as e:
+                    ok, reason = False, str(e)
+                guard = getattr(self.capability_guard, "last", None)
+                if guard is not None:
+                    verdict["capability_guard"] = manifest["capability_guard"] = guard
+                    if ok:
+                        reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
+                                   f"(served {guard['served_correct']}/{guard['n']})")
+            # a refused candidate keeps the name it was loaded under (vLLM cannot forget it): record that too
+            verdict.update(reason=reason, promoted=ok, version=version or (guard or {}).get("candidate"))
+            if ok:
+                if cand is not final:
+                    manifest["promoted_checkpoint"] = {"step": cand["step"], "heldout_new": cand["heldout_new"]}
+                    reason = (f"{reason} [checkpoint {cand['name']} of the run; the final adapter was refused: "
+                              f"{verdicts[0]['reason']}]")
+                    verdict["reason"] = reason
+                break
+        manifest["candidates"] = verdicts
+        last = verdicts[-1]
+        if last["promoted"]:
+            return True, last["reason"], last["version"]
+        reason = verdicts[0]["reason"]
+        if len(verdicts) > 1:
+            reason += f" (so were the run's {len(verdicts) - 1} earlier checkpoint{'s' * (len(verdicts) > 2)})"
+        return False, reason, None
+
+    def _evaluate_checkpoints(self, out: Path, manifest: dict[str, Any], earlier: list[dict[str, Any]],
+                              progress: Progress | None) -> None:
+        """Run `python -m aligner.checkpoints` on a lazy run's adapter (all its pending checkpoints in one child:
+        the model loads once) and copy the metrics it wrote into `manifest` and the candidates. A failure is
+        recorded; the candidates then stay without metrics, which the gate refuses with that reason."""
+        for c in earlier:
+            c["pending"] = False
+        self._emit(progress, event="phase", phase="checkpoint_eval")
+        cmd = self._niced([sys.executable, "-m", "aligner.checkpoints", str(out)])
+        log_path = out.parent / "checkpoints_eval.log"
+        t0 = time.monotonic()
+        try:
+            with open(log_path, "w") as log:
+                proc = self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                try:
+                    rc = proc.wait(timeout=self.timeout_s or None)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    rc = None
+            if rc != 0:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                raise RunFailed(f"exit code {rc}: {' | '.join(tail)[-800:] or 'no output'} (log: {log_path})")
+            fresh = json.loads((out / "manifest.json").read_text())
+        except (OSError, ValueError, RunFailed) as e:
+            manifest["checkpoint_eval_error"] = f"checkpoint evaluation failed: {e}"
+            return
+        by_step = {c["step"]: c for c in fresh.get("checkpoints") or []}
+        for c in earlier:
+            c["heldout_new"] = (by_step.get(c["step"]) or {}).get("heldout_new")
+        manifest["checkpoints"] = fresh.get("checkpoints")
+        manifest["checkpoint_eval_seconds"] = round(time.monotonic() - t0, 3)  # child start-up and model load too
+
+    def _adapter_dir_of(self, version: str | None) -> Path | None:
+        if not version or version == "base":
+            return None
+        for a in self.store.adapters():
+            if a.get("version") == version and a.get("path"):
+                return Path(a["path"])
+        path_of = getattr(self.registry, "path_of", None)
+        path = path_of(version) if path_of else None
+        return Path(path) if path else None
+
+    def command(self, snapshot: Path, out: Path, served_dir: Path | None,
+                resume_dir: Path | None = None) -> list[str]:
+        cmd = [sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),
+               "--model-dir", str(self.model_dir), "--lora-rank", str(self.lora_rank),
+               "--beta", str(self.beta), "--progress-json"]
+        if served_dir is not None:
+            cmd += ["--served-adapter", str(served_dir)]
+        if resume_dir is not None:
+            cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
+            if self.lr_generation_decay != 1:
+                cmd += ["--lr-generation-decay", f"{self.lr_generation_decay:g}"]
+        elif not self._all_layers:
+            cmd += ["--first-lora-layer", self.first_lora_layer]
+        if self.anchor_weight > 0:
+            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
+                    "--anchor-cache", str(self.anchor_cache)]
+        return self._niced(cmd + self.extra_args)
+
+    def _niced(self, cmd: list[str]) -> list[str]:
+        """An aligner child's command at the configured niceness: chats keep the CPU first."""
+        nice = shutil.which("nice")
+        return [nice, "-n", str(self.niceness), *cmd] if self.niceness and nice else cmd
+
+    def _train(self, snapshot: Path, out: Path, served_dir: Path | None, progress: Progress | None,
+               resume_dir: Path | None = None) -> None:
+        """Run the aligner child, relay its JSON progress lines, fail with its last stderr lines."""
+        if self._closing:
+            raise RunFailed("the app is shutting down")
+        self._emit(progress, event="phase", phase="train", step=0, total=0)
+        log_path = out.parent / "aligner.log"
+        tail: deque[str] = deque(maxlen=20)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "w", buffering=1) as log:  # line-buffered: progress can be followed live
+            proc = self._proc = subprocess.Popen(
+                self.command(snapshot, out, served_dir, resume_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, bufsize=1, env=env, start_new_session=True)
+            err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, tail), daemon=True)
+            err_thread.start()
+            deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(ev, dict) and ev.get("event") == "progress":
+                    self._emit(progress, event="progress", phase="train", step=int(ev.get("step", 0)),
+                               total=int(ev.get("total", 0)), loss=ev.get("loss"))
+                if deadline and time.monotonic() > deadline:
+                    _kill_group(proc)
+                    raise RunFailed(f"the aligner took longer than {self.timeout_s:.0f} s and was stopped")
+            rc = proc.wait()
+            err_thread.join(timeout=5)
+        if rc != 0:
+            last = " | ".join(line.strip() for line in tail if line.strip())[-1500:]
+            if self._closing:
+                raise RunFailed("stopped because the app shut down")
+            raise RunFailed(f"aligner exited with code {rc}: {last or 'no error output'} (log: {log_path})")
+        if not (out / "manifest.json").exists():
+            raise RunFailed(f"aligner finished without writing {out / 'manifest.json'}")
+
+    def _promote(self, adapter_dir: Path, parent: str | None, run_id: str) -> str:
+        version = self.registry.promote(adapter_dir, check=self.capability_guard)
+        version = getattr(version, "name", version)
+        path = getattr(self.registry, "path_of", lambda v: None)(version) or adapter_dir
+        self.store.register_adapter(version, str(path), _sha256_of(adapter_dir), parent if parent != "base" else None,
+                                    run_id)
+        self.store.mark_promoted(version, reason="passed the held-out gate")
+        return str(version)
+
+    def _finish(self, run_id: str, status: str, *, manifest, promoted, reason, version, snap=None,
+                error=None) -> None:
+        m = manifest or {}
+        try:
+            self.store.finish_run(
+                run_id, status, n_desirable=m.get("n_desirable", getattr(snap, "n_desirable", None)),
+                n_undesirable=m.get("n_undesirable", getattr(snap, "n_undesirable", None)),
+                lambda_d=m.get("lambda_d"), lambda_u=m.get("lambda_u"),
+                metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
+                         "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
+                         "checkpoint_eval_seconds": m.get("checkpoint_eval_seconds"),
+                         "capability_guard": m.get("capability_guard"), "candidates": m.get("candidates"),
+                         "promoted_checkpoint": m.get("promoted_checkpoint"),
+                         "promoted": promoted, "reason": reason, "version": version},
+                error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")))
+        except Exception as e:  # recording must never mask the run's own outcome
+            print(f"kto-loop: could not record run {run_id}: {e}", file=sys.stderr)
+
+
+def _dropped_ids(dropped: Any) -> list[str]:
+    """The manifest lists dropped examples as ids or as {"example_id": ..., "reason": ...} records."""
+    out = []
+    for d in dropped or []:
+        v = d.get("example_id") if isinstance(d, dict) else d
+        if isinstance(v, str):
+            out.append(v)
+    return out
+
+
+def _pump(stream, log, tail: deque[str]) -> None:
+    for line in stream:
+        log.write(line)
+        tail.append(line)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    except PermissionError:
+        proc.kill()
+
+
+def _sha256_of(adapter_dir: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(adapter_dir) / "adapter_model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

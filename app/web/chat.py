@@ -1,0 +1,450 @@
+"""The chat page: streaming answers from vLLM, thumbs up/down on every answer, all of it recorded in the store.
+
+`ChatService` holds the logic and knows nothing about Gradio, so tests drive it directly; `build_chat_ui` wires
+it to Gradio components. Each browser session owns a server-side `ChatSession` whose turns carry the stored
+answer id, so a rating always lands on the answer the user saw, whatever undo/regenerate did to the list.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+
+from app.web.auth import USER_COOKIE, RateLimiter, user_id_from_cookie
+
+log = logging.getLogger("kto_loop.chat")
+
+REASONS = ["inaccurate", "unhelpful", "off-topic", "unsafe", "too long", "too short", "other"]
+MAX_COMMENT_CHARS = 1000
+MAX_SESSIONS = 5000
+
+
+class InputError(ValueError):
+    """A user-facing problem with what was typed; the message is shown as is."""
+
+
+class RatingError(ValueError):
+    """A user-facing problem with a rating (unknown answer, rate limit)."""
+
+
+@dataclass
+class Turn:
+    role: str                     # "user" | "assistant"
+    content: str
+    msg_id: str | None = None     # store id: user message id or answer id
+    rating: str | None = None     # "up" | "down" | None, as last stored
+    stopped: bool = False
+    adapter: str | None = None    # the served version that produced an answer
+
+
+@dataclass
+class ChatSession:
+    user_id: str
+    conv_id: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def history(self) -> list[dict[str, str]]:
+        return [{"role": t.role, "content": t.content} for t in self.turns]
+
+    def feedback(self) -> list[str | None]:
+        """Per assistant message, the thumb to show ("Like"/"Dislike"/None), in order."""
+        return [{"up": "Like", "down": "Dislike"}.get(t.rating) for t in self.turns if t.role == "assistant"]
+
+
+def clean_message(text: str | None, max_chars: int) -> str:
+    """Return the message to send, or raise InputError with a friendly explanation."""
+    text = (text or "").strip()
+    if not text:
+        raise InputError("Please type a message first.")
+    if len(text) > max_chars:
+        raise InputError(f"Your message is {len(text):,} characters long; the limit is {max_chars:,}. "
+                         "Please shorten it.")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") and c not in "\n\t"]
+    if bad:
+        raise InputError(f"Your message contains {len(bad)} invisible control character(s) "
+                         f"(first: U+{ord(bad[0]):04X}). Please remove them and send again.")
+    return text
+
+
+def clean_comment(text: str | None) -> str | None:
+    text = "".join(c for c in (text or "") if c in "\n\t" or unicodedata.category(c)[0] != "C").strip()
+    if len(text) > MAX_COMMENT_CHARS:
+        raise InputError(f"Comments are limited to {MAX_COMMENT_CHARS} characters.")
+    return text or None
+
+
+def _consume_stream(stream: Iterator[Any]) -> Iterator[tuple[str | None, Any]]:
+    """Yield (chunk, None) per text chunk, then (None, ChatResult) once (yielded last or returned)."""
+    result = None
+    while True:
+        try:
+            item = next(stream)
+        except StopIteration as stop:
+            result = stop.value if stop.value is not None else result
+            break
+        if isinstance(item, str):
+            yield item, None
+        else:
+            result = item
+    yield None, result
+
+
+class ChatService:
+    """Chat, regenerate and rate, writing through the feedback store; thread-safe per session."""
+
+    def __init__(self, store, client, registry, *, system_prompt: Callable[[], str],
+                 sampling: Callable[[], Any], max_chars: int, ratings_per_minute: int,
+                 health: Callable[[], bool] | None = None):
+        self.store, self.client, self.registry = store, client, registry
+        self.system_prompt, self.sampling = system_prompt, sampling
+        self.max_chars = max_chars
+        self.limiter = RateLimiter(ratings_per_minute, 60.0)
+        self.health = health
+        self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- sessions
+    def session(self, key: str, user_id: str) -> ChatSession:
+        with self._lock:
+            sess = self._sessions.get(key)
+            if sess is None:
+                sess = self._sessions[key] = ChatSession(user_id=user_id)
+                while len(self._sessions) > MAX_SESSIONS:
+                    self._sessions.popitem(last=False)
+            self._sessions.move_to_end(key)
+            return sess
+
+    def server_ok(self) -> bool:
+        if self.health is None:
+            return True
+        try:
+            return bool(self.health())
+        except Exception:
+            return False
+
+    # ---- chat
+    def send(self, sess: ChatSession, text: str) -> Iterator[str]:
+        """Store the user message and stream the answer; yields the growing answer text."""
+        text = clean_message(text, self.max_chars)
+        with sess.lock:
+            if sess.conv_id is None:
+                sess.conv_id = self.store.new_conversation(sess.user_id, system_prompt=self.system_prompt())
+            parent = next((t.msg_id for t in reversed(sess.turns) if t.role == "assistant"), None)
+            msg_id = self.store.add_user_message(sess.conv_id, text, parent_id=parent)
+            user_turn = Turn("user", text, msg_id)
+            sess.turns.append(user_turn)
+        try:
+            yield from self._answer(sess)
+        except BaseException:
+            with sess.lock:  # failed before any answer: the text goes back to the box, not twice into history
+                if sess.turns and sess.turns[-1] is user_turn:
+                    sess.turns.pop()
+            raise
+
+    def regenerate(self, sess: ChatSession) -> Iterator[str]:
+        """Answer the last user message again; the earlier answer stays in the store as a sibling."""
+        with sess.lock:
+            last_user = max((i for i, t in enumerate(sess.turns) if t.role == "user"), default=None)
+            if last_user is None:
+                raise InputError("There is nothing to regenerate yet.")
+            del sess.turns[last_user + 1:]
+        yield from self._answer(sess)
+
+    def undo(self, sess: ChatSession) -> str:
+        """Drop the last exchange from the view (the store keeps it); returns the user text to edit."""
+        with sess.lock:
+            last_user = max((i for i, t in enumerate(sess.turns) if t.role == "user"), default=None)
+            if last_user is None:
+                return ""
+            text = sess.turns[last_user].content
+            del sess.turns[last_user:]
+            return text
+
+    def new_conversation(self, sess: ChatSession) -> None:
+        with sess.lock:
+            sess.conv_id, sess.turns = None, []
+
+    def _prompt(self, sess: ChatSession) -> list[dict[str, str]]:
+        system = self.system_prompt()
+        msgs = [{"role": "system", "content": system}] if system else []
+        return msgs + [{"role": t.role, "content": t.content} for t in sess.turns]
+
+    def _answer(self, sess: ChatSession) -> Iterator[str]:
+        prompt = self._prompt(sess)
+        parent_id = sess.turns[-1].msg_id
+        model = self.registry.current()
+        sampling = self.sampling()
+        sess.stop.clear()
+        turn = Turn("assistant", "")
+        sess.turns.append(turn)
+        t0 = time.perf_counter()
+        result, parts, stopped, stream = None, [], False, None
+        try:
+            stream = self.client.stream_chat(prompt, model, sampling)
+            for chunk, res in _consume_stream(stream):
+                if res is not None:
+                    result = res
+                if chunk:
+                    parts.append(chunk)
+                    turn.content = "".join(parts)
+                    yield turn.content
+                if sess.stop.is_set():
+                    stopped = True
+                    _close(stream)
+                    break
+        except BaseException:  # failure, or the browser went away (GeneratorExit): abort the vLLM request
+            _close(stream)
+            with sess.lock:
+                if turn in sess.turns:
+                    sess.turns.remove(turn)
+            raise
+        result = result or getattr(stream, "result", None)
+        text = "".join(parts)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        turn.stopped = stopped
+        turn.adapter = getattr(result, "model", None) or model
+        if stopped and not text:  # stopped before the first token: nothing to keep or rate
+            with sess.lock:
+                sess.turns.remove(turn)
+            return
+        turn.msg_id = self.store.add_answer(
+            sess.conv_id, parent_id=parent_id, prompt_messages=prompt, text=text,
+            adapter=turn.adapter,
+            sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {}),
+            prompt_tokens=getattr(result, "prompt_tokens", None),
+            completion_tokens=getattr(result, "completion_tokens", None),
+            latency_ms=latency_ms,
+        )
+        yield text
+
+    # ---- ratings
+    def rate(self, sess: ChatSession, index: int, liked: Any, shown_text: Any = None) -> Turn:
+        """Apply a like event: liked True/False = up/down, ""/None = withdraw. Returns the rated turn."""
+        if not isinstance(index, int) or not 0 <= index < len(sess.turns):
+            raise RatingError("That answer is no longer in this conversation.")
+        turn = sess.turns[index]
+        if turn.role != "assistant" or turn.msg_id is None:
+            raise RatingError("Please wait until the answer has finished, then rate it.")
+        shown = " ".join(_text_of(shown_text).split())
+        if shown and shown != " ".join(turn.content.split()):
+            raise RatingError("That answer changed while you rated it; please rate it again.")
+        value = {True: "up", False: "down"}.get(liked) if isinstance(liked, bool) else None
+        if value == turn.rating:
+            return turn
+        if not self.limiter.allow(sess.user_id):
+            raise RatingError("You're rating very quickly; please wait a moment and try again.")
+        self.store.rate(sess.user_id, turn.msg_id, value)
+        turn.rating = value
+        return turn
+
+    def comment(self, sess: ChatSession, answer_id: str, reason: str | None, comment: str | None) -> None:
+        """Attach a reason tag and comment to this user's thumbs-down on `answer_id`."""
+        turn = next((t for t in sess.turns if t.msg_id == answer_id and t.role == "assistant"), None)
+        if turn is None:
+            raise RatingError("That answer is no longer in this conversation.")
+        if reason is not None and reason not in REASONS:
+            raise InputError("Please pick one of the listed reasons.")
+        comment = clean_comment(comment)
+        if not self.limiter.allow(sess.user_id):
+            raise RatingError("You're rating very quickly; please wait a moment and try again.")
+        self.store.rate(sess.user_id, answer_id, "down", reason=reason, comment=comment)
+        turn.rating = "down"
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+def _text_of(value: Any) -> str:
+    """The plain text of a like event's value (a string, a list of parts, or {"type":"text","text":...})."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("text") or value.get("value") or "")
+    if isinstance(value, list):
+        return "".join(_text_of(v) for v in value)
+    return ""
+
+
+def _sampling_dict(sampling: Any) -> dict[str, Any]:
+    if sampling is None:
+        return {}
+    if hasattr(sampling, "as_dict"):
+        return dict(sampling.as_dict())
+    if isinstance(sampling, dict):
+        return dict(sampling)
+    if hasattr(sampling, "__dataclass_fields__"):
+        return {k: getattr(sampling, k) for k in sampling.__dataclass_fields__}
+    return dict(vars(sampling))
+
+
+# ---------------------------------------------------------------- Gradio wiring
+
+SERVER_DOWN = ("⚠️ **The model server is not reachable right now.** Your messages are kept; "
+               "try again in a moment, this page recovers by itself when the server is back.")
+
+CSS = """
+#kto-banner p {background:#fff4e5;border:1px solid #f0b37e;border-radius:8px;padding:8px 12px;margin:0}
+#kto-notice p {color:#8a4b00;margin:0}
+footer {display:none !important}
+"""
+
+
+def _user_id(request: gr.Request | None) -> str:
+    if request is not None:
+        try:
+            uid = user_id_from_cookie(request.cookies.get(USER_COOKIE))
+        except Exception:
+            uid = None
+        if uid:
+            return uid
+        if getattr(request, "session_hash", None):
+            return f"session-{request.session_hash}"
+    return "anonymous"
+
+
+def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Blocks:
+    """The chat Blocks; mount it at "/"."""
+
+    def sess_of(key: str, request: gr.Request | None) -> ChatSession:
+        return service.session(key, _user_id(request))
+
+    def view(sess: ChatSession):
+        return gr.update(value=sess.history(), feedback_value=sess.feedback())
+
+    with gr.Blocks(title=title) as demo:
+        key = gr.State(lambda: secrets.token_hex(8))
+        pending_down = gr.State(None)
+        gr.Markdown("## 💬 kto-loop\nChat with the model and rate its answers 👍 / 👎 — every rating helps "
+                    "realign it. Click a thumb again to withdraw it.")
+        banner = gr.Markdown("", elem_id="kto-banner", visible=False)
+        chatbot = gr.Chatbot(height=460, feedback_options=("Like", "Dislike"), elem_id="kto-chat",
+                             group_consecutive_messages=False, buttons=["copy"], layout="bubble",
+                             placeholder="Ask anything. Answers stream from the served model.")
+        with gr.Row():
+            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                             elem_id="kto-input", max_lines=8)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="kto-send")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="kto-stop")
+        with gr.Row():
+            regen = gr.Button("↻ Regenerate", size="sm", elem_id="kto-regen")
+            new = gr.Button("+ New conversation", size="sm", elem_id="kto-new")
+        notice = gr.Markdown("", elem_id="kto-notice")
+        with gr.Group(visible=False, elem_id="kto-down-panel") as down_panel:
+            gr.Markdown("**What was wrong with this answer?** (optional)")
+            reason = gr.Radio(REASONS, label="Reason", elem_id="kto-reason")
+            comment = gr.Textbox(label="Comment", placeholder="Tell us more (optional)", max_lines=4,
+                                 elem_id="kto-comment")
+            with gr.Row():
+                send_comment = gr.Button("Send feedback", size="sm", variant="primary", elem_id="kto-send-comment")
+                skip_comment = gr.Button("Skip", size="sm")
+
+        def stream(sess: ChatSession, gen: Iterator[str], restore: str = ""):
+            """Yield (chatbot, textbox, notice, banner) as the answer grows; errors become messages."""
+            try:
+                for _ in gen:
+                    yield view(sess), "", gr.update(), gr.update()
+                last = sess.turns[-1] if sess.turns else None
+                done = (f"Answered by `{last.adapter}`{' (stopped)' if last.stopped else ''}. "
+                        "Rate it with 👍 / 👎." if last is not None and last.role == "assistant" else "")
+                yield view(sess), "", done, gr.update(value="", visible=False)
+            except InputError as e:
+                yield view(sess), restore, f"⚠️ {e}", gr.update()
+            except Exception as e:  # server down, timeouts: a message, never a traceback
+                log.warning("chat answer failed: %r", e, exc_info=not isinstance(e, OSError))
+                if not service.server_ok():
+                    yield view(sess), restore, "", gr.update(value=SERVER_DOWN, visible=True)
+                else:
+                    yield view(sess), restore, f"⚠️ The answer failed ({type(e).__name__}). Please try again.", \
+                        gr.update()
+
+        def on_send(text: str, k: str, request: gr.Request):
+            sess = sess_of(k, request)
+            try:
+                clean_message(text, service.max_chars)
+            except InputError as e:
+                yield view(sess), text, f"⚠️ {e}", gr.update()
+                return
+            hist = sess.history() + [{"role": "user", "content": text.strip()}]
+            yield gr.update(value=hist, feedback_value=sess.feedback()), "", "", gr.update()
+            yield from stream(sess, service.send(sess, text), restore=text)
+
+        def on_regen(k: str, request: gr.Request):
+            sess = sess_of(k, request)
+            yield from stream(sess, service.regenerate(sess))
+
+        def on_stop(k: str, request: gr.Request):
+            sess_of(k, request).stop.set()
+
+        def on_undo(k: str, request: gr.Request):
+            sess = sess_of(k, request)
+            text = service.undo(sess)
+            return view(sess), text
+
+        def on_new(k: str, request: gr.Request):
+            sess = sess_of(k, request)
+            service.new_conversation(sess)
+            return view(sess), "", gr.update(visible=False), None
+
+        def on_like(k: str, data: gr.LikeData, request: gr.Request):
+            sess = sess_of(k, request)
+            try:
+                turn = service.rate(sess, data.index, data.liked, data.value)
+            except (RatingError, InputError) as e:
+                return view(sess), f"⚠️ {e}", gr.update(visible=False), None
+            except Exception as e:
+                return view(sess), f"⚠️ Your rating could not be saved ({type(e).__name__}).", gr.update(), None
+            if turn.rating == "down":
+                return view(sess), "Thanks! Tell us what was wrong below (optional).", \
+                    gr.update(visible=True), turn.msg_id
+            msg = {"up": "Thanks for the 👍!", None: "Rating withdrawn."}[turn.rating]
+            return view(sess), msg, gr.update(visible=False), None
+
+        def on_comment(k: str, answer_id: str | None, why: str | None, text: str, request: gr.Request):
+            sess = sess_of(k, request)
+            if not answer_id:
+                return "⚠️ Pick 👎 on an answer first.", gr.update(), gr.update(), None, None
+            try:
+                service.comment(sess, answer_id, why, text)
+            except (RatingError, InputError) as e:
+                return f"⚠️ {e}", gr.update(), gr.update(), why, text
+            return "Thanks, your feedback was saved.", gr.update(visible=False), view(sess), None, ""
+
+        def on_tick():
+            ok = service.server_ok()
+            return gr.update(value="" if ok else SERVER_DOWN, visible=not ok)
+
+        chat_io = [chatbot, box, notice, banner]
+        ev_send = box.submit(on_send, [box, key], chat_io, concurrency_limit=None)
+        ev_click = send.click(on_send, [box, key], chat_io, concurrency_limit=None)
+        ev_regen = regen.click(on_regen, [key], chat_io, concurrency_limit=None)
+        ev_retry = chatbot.retry(on_regen, [key], chat_io, concurrency_limit=None)
+        stop.click(on_stop, [key], None, queue=False)
+        del ev_send, ev_click, ev_regen, ev_retry
+        chatbot.undo(on_undo, [key], [chatbot, box], concurrency_limit=None)
+        chatbot.clear(on_new, [key], [chatbot, notice, down_panel, pending_down], concurrency_limit=None)
+        new.click(on_new, [key], [chatbot, notice, down_panel, pending_down], concurrency_limit=None)
+        chatbot.like(on_like, [key], [chatbot, notice, down_panel, pending_down], concurrency_limit=None)
+        send_comment.click(on_comment, [key, pending_down, reason, comment],
+                           [notice, down_panel, chatbot, reason, comment], concurrency_limit=None)
+        skip_comment.click(lambda: (gr.update(visible=False), None, None, ""), None,
+                           [down_panel, pending_down, reason, comment])
+        gr.Timer(5.0).tick(on_tick, None, [banner], concurrency_limit=None)
+        demo.load(on_tick, None, [banner])
+    return demo

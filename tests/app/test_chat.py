@@ -1,0 +1,194 @@
+"""The chat handlers against the real feedback store (a real DuckDB file).
+
+The model side is a scripted stand-in for serving.ChatClient (these tests are about what the app records, not
+about generation); the real vLLM path is covered by tests/e2e/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import duckdb
+import pytest
+
+from app.web.chat import ChatService, InputError, RatingError, clean_message
+from feedback_store import FeedbackStore
+
+
+@dataclass
+class Result:
+    model: str
+    prompt_tokens: int = 7
+    completion_tokens: int = 3
+
+
+class ScriptedStream:
+    def __init__(self, words, model):
+        self._it = iter(words)
+        self.result = None
+        self.model = model
+        self.closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.result = Result(self.model)
+            raise
+
+    def close(self):
+        self.closed = True
+        self.result = Result(self.model)
+
+
+class ScriptedClient:
+    def __init__(self):
+        self.calls = []
+
+    def stream_chat(self, messages, model, sampling=None):
+        self.calls.append((messages, model))
+        n = len(self.calls)
+        return ScriptedStream([f"answer {n} ", "to ", messages[-1]["content"]], model)
+
+
+class Registry:
+    def __init__(self, name="base"):
+        self.name = name
+
+    def current(self):
+        return self.name
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = FeedbackStore(tmp_path / "fb.duckdb")
+    yield s
+    s.close()
+
+
+def make_service(store, limit=60, registry=None):
+    return ChatService(store, ScriptedClient(), registry or Registry(), system_prompt=lambda: "Be brief.",
+                       sampling=lambda: {"temperature": 0.7}, max_chars=50, ratings_per_minute=limit)
+
+
+def test_rating_through_handler_lands_in_duckdb_file(tmp_path):
+    store = FeedbackStore(tmp_path / "fb.duckdb")
+    svc = make_service(store, registry=Registry("kto-v3"))
+    sess = svc.session("k1", "anon-0123456789abcdef")
+    chunks = list(svc.send(sess, "What is 2+2?"))
+    assert chunks[-1] == "answer 1 to What is 2+2?" and len(chunks) >= 3  # streamed, growing
+    turn = svc.rate(sess, 1, True, chunks[-1])
+    assert turn.rating == "up"
+    store.close()
+
+    con = duckdb.connect(str(tmp_path / "fb.duckdb"), read_only=True)
+    rows = con.execute("""SELECT r.value, r.user_id, a.text, a.adapter, a.prompt_messages FROM ratings r
+                          JOIN answers a ON a.id = r.answer_id""").fetchall()
+    con.close()
+    assert len(rows) == 1
+    value, user, text, adapter, prompt = rows[0]
+    assert (value, user, text, adapter) == ("up", "anon-0123456789abcdef", "answer 1 to What is 2+2?", "kto-v3")
+    assert json.loads(prompt) == [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "What is 2+2?"}]
+
+
+def test_withdraw_switch_comment_and_regenerate_keep_ratings_on_the_right_answer(store):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "hi"))
+    first = sess.turns[1].msg_id
+    svc.rate(sess, 1, True)
+    svc.rate(sess, 1, "")                      # Gradio sends "" when the thumb is clicked again: withdraw
+    assert store.get_rating("u1", first)["value"] is None
+    svc.rate(sess, 1, False)
+    svc.comment(sess, first, "inaccurate", "wrong\x07 facts")
+    r = store.get_rating("u1", first)
+    assert (r["value"], r["reason"], r["comment"]) == ("down", "inaccurate", "wrong facts")
+
+    list(svc.regenerate(sess))                 # same slot, new answer; the old one stays as a sibling
+    second = sess.turns[1].msg_id
+    assert second != first and len(sess.turns) == 2
+    assert {a["id"] for a in store.siblings(second)} >= {first, second}
+    svc.rate(sess, 1, True)
+    assert store.get_rating("u1", second)["value"] == "up"
+    assert store.get_rating("u1", first)["value"] == "down"   # untouched by rating the regenerated answer
+
+    # multi-turn context includes the earlier exchange, and undo never moves a rating
+    list(svc.send(sess, "and then?"))
+    assert [m["role"] for m in svc.client.calls[-1][0]] == ["system", "user", "assistant", "user"]
+    svc.undo(sess)
+    assert len(sess.turns) == 2 and sess.turns[1].msg_id == second
+    assert store.counts()["up"] == 1 and store.counts()["down"] == 1
+
+
+def test_rating_refuses_user_turns_stale_text_and_unknown_index(store):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "hi"))
+    with pytest.raises(RatingError):
+        svc.rate(sess, 0, True)                # the user's own message
+    with pytest.raises(RatingError):
+        svc.rate(sess, 5, True)
+    with pytest.raises(RatingError):
+        svc.rate(sess, 1, True, "some other text the browser showed")
+    assert store.counts()["up"] == 0
+
+
+def test_per_user_rate_limit(store):
+    svc = make_service(store, limit=2)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "a"))
+    svc.rate(sess, 1, True)
+    svc.rate(sess, 1, False)
+    with pytest.raises(RatingError, match="quickly"):
+        svc.rate(sess, 1, True)
+    assert store.get_rating("u1", sess.turns[1].msg_id)["value"] == "down"
+    other = svc.session("k2", "u2")            # the limit is per user
+    list(svc.send(other, "b"))
+    svc.rate(other, 1, True)
+
+
+@pytest.mark.parametrize("text,match", [("", "type a message"), ("   \n ", "type a message"),
+                                        ("x" * 51, "limit is 50"), ("hi\x00there", "control character"),
+                                        ("bell\x07", "U\\+0007")])
+def test_bad_messages_get_friendly_errors_and_store_nothing(store, text, match):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    with pytest.raises(InputError, match=match):
+        list(svc.send(sess, text))
+    assert sess.turns == [] and sess.conv_id is None
+
+
+def test_clean_message_keeps_newlines_and_tabs():
+    assert clean_message("  line 1\n\tline 2  ", 100) == "line 1\n\tline 2"
+
+
+def test_stop_keeps_the_partial_answer_and_it_can_be_rated(store):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    gen = svc.send(sess, "tell me a story")
+    first = next(gen)
+    sess.stop.set()
+    rest = list(gen)
+    assert rest[-1] == first                   # nothing after the stop
+    ans = store.get_answer(sess.turns[1].msg_id)
+    assert ans["text"] == first
+    svc.rate(sess, 1, False)
+    assert store.counts()["down"] == 1
+
+
+def test_server_failure_removes_the_pending_turn(store):
+    class Down:
+        def stream_chat(self, *a, **k):
+            raise ConnectionError("refused")
+
+    svc = ChatService(store, Down(), Registry(), system_prompt=lambda: "", sampling=lambda: None, max_chars=50,
+                      ratings_per_minute=5, health=lambda: False)
+    sess = svc.session("k", "u1")
+    with pytest.raises(ConnectionError):
+        list(svc.send(sess, "hello"))
+    assert sess.turns == [] and not svc.server_ok()

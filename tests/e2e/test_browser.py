@@ -1,0 +1,226 @@
+"""End to end in real Chromium (Playwright) against `kto-loop run`: real vLLM server, real DuckDB file, real
+aligner subprocess. The app runs on the tiny random model (vLLM serves it and the aligner trains on it, so both
+use the same base model) to keep the test to a few minutes on 2 CPU cores.
+
+Needs Debian's chromium (`apt-get install -y chromium`; `make test` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+RESULTS = Path(__file__).parents[1] / "results"
+ADMIN = ("admin", "browser-test-pw")
+
+
+HOLDOUT = 0.3
+
+
+def seed_ratings(db: Path) -> tuple[int, int]:
+    """A small earlier data set (user "seed"), so a run has held-out examples of both kinds for the gate."""
+    from aligner.data import is_heldout
+    from feedback_store import FeedbackStore
+
+    store = FeedbackStore(db)
+    conv = store.new_conversation("seed")
+    split: dict[tuple[bool, bool], int] = {}
+    i = 0
+    while i < 8 or min(split.get(k, 0) for k in ((True, True), (True, False), (False, True), (False, False))) < 1:
+        up = i % 2 == 0
+        m = store.add_user_message(conv, f"seed question {i}")
+        a = store.add_answer(conv, m, [{"role": "user", "content": f"seed question {i}"}],
+                             f"A helpful answer to question {i}." if up else "no", adapter="base")
+        store.rate("seed", a, "up" if up else "down")
+        key = (up, is_heldout(a, HOLDOUT))
+        split[key] = split.get(key, 0) + 1
+        i += 1
+    c = store.counts()
+    store.close()
+    return c["up"], c["down"]
+
+
+@pytest.fixture(scope="module")
+def app_proc(tiny_model_dir, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: apt-get install -y chromium")
+    data = tmp_path_factory.mktemp("app-data")
+    seeded = seed_ratings(data / "feedback.duckdb")
+    port = free_port()
+    env = dict(os.environ, KTO_LOOP_ADMIN_PASSWORD=ADMIN[1], KTO_LOOP_MAX_TOKENS="24",
+               KTO_LOOP_ALIGN_EXTRA_ARGS=os.environ.get(
+                   "KTO_TEST_ALIGN_ARGS", f"--max-steps 2 --batch-size 4 --holdout-fraction {HOLDOUT}"),
+               KTO_LOOP_LORA_RANK="8", KTO_LOOP_PROMOTE_MIN_GAIN="-1000", KTO_LOOP_RATINGS_PER_MINUTE="1000")
+    cmd = [sys.executable, "-m", "app.cli", "run", "--model-dir", str(tiny_model_dir), "--data-dir", str(data),
+           "--port", str(port), "--vllm-port", "0"]
+    log = open(data / "app.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("app exited during start-up:\n" + (data / "app.log").read_text()[-3000:])
+        try:
+            if httpx.get(url + "api/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("app did not come up:\n" + (data / "app.log").read_text()[-3000:])
+    yield proc, url, data, seeded
+    if proc.poll() is None:
+        _stop(proc)
+    log.close()
+
+
+def _stop(proc: subprocess.Popen) -> list[int]:
+    """Ctrl-C the app; return the pids of any descendants still alive afterwards (must be none)."""
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    time.sleep(1)
+    return [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+
+
+def _stats(url: str) -> dict:
+    return httpx.get(url + "api/admin/stats", auth=ADMIN, timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def _save(page, name: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(RESULTS / name), full_page=True)
+
+
+def test_chat_rate_realign_in_the_browser(app_proc, browser):
+    from playwright.sync_api import expect
+
+    proc, url, data, (seed_up, seed_down) = app_proc
+    page = browser.new_page(viewport={"width": 1200, "height": 950})
+    page.goto(url)
+    chat = page.locator("#kto-chat")
+
+    def thumb(name):
+        return chat.get_by_role("button", name=name, exact=True).last
+
+    # bad input gets a friendly message, never a traceback
+    page.fill("#kto-input textarea", "   ")
+    page.click("#kto-send")
+    expect(page.locator("#kto-notice")).to_contain_text("type a message", timeout=10_000)
+
+    # 1. a streamed answer: the bot bubble grows, then the thumbs appear when it is stored
+    page.fill("#kto-input textarea", "Hello! What is the capital of France?")
+    page.click("#kto-send")
+    expect(chat.get_by_label("user's message: Hello! What is the capital of France?")).to_be_visible(timeout=10_000)
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by base", timeout=60_000)
+    first_text = chat.locator("[aria-label^=\"bot's message\"]").last.inner_text()
+    assert first_text.strip()
+
+    # 2. thumbs-up, withdraw, thumbs-down with a reason and a comment
+    thumb("Like").click()
+    expect(page.locator("#kto-notice")).to_contain_text("Thanks for the", timeout=10_000)
+    thumb("Liked").click()
+    expect(page.locator("#kto-notice")).to_contain_text("withdrawn", timeout=10_000)
+    thumb("Dislike").click()
+    expect(page.locator("#kto-down-panel").first).to_be_visible(timeout=10_000)
+    page.locator("#kto-reason").get_by_label("inaccurate").check()
+    page.fill("#kto-comment textarea", "not the right city")
+    page.click("#kto-send-comment")
+    expect(page.locator("#kto-notice")).to_contain_text("feedback was saved", timeout=10_000)
+
+    # 3. regenerate: a new answer replaces the view; the old one keeps its thumbs-down in the store
+    page.click("#kto-regen")
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by", timeout=60_000)
+    thumb("Like").click()
+    expect(page.locator("#kto-notice")).to_contain_text("Thanks for the", timeout=10_000)
+
+    # 4. a second turn rated down, so a run has both classes
+    page.fill("#kto-input textarea", "Tell me a joke.")
+    page.click("#kto-send")
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by", timeout=60_000)
+    expect(chat.get_by_role("button", name="Dislike", exact=True)).to_have_count(2, timeout=10_000)
+    thumb("Dislike").click()
+    expect(page.locator("#kto-down-panel").first).to_be_visible(timeout=10_000)
+    _save(page, "chat.png")
+
+    s = _stats(url)
+    assert (s["up"], s["down"]) == (seed_up + 1, seed_down + 2), s
+
+    # 5. a non-admin cannot open the console or its API
+    anon = browser.new_context()
+    assert anon.request.get(url + "admin/").status == 401
+    assert anon.request.post(url + "api/admin/align", data={}).status == 401
+    anon.close()
+
+    # 6. the operator sees the counts, realigns, and a new adapter version gets served
+    admin = browser.new_context(viewport={"width": 1280, "height": 1000},
+                                http_credentials={"username": ADMIN[0], "password": ADMIN[1]})
+    console = admin.new_page()
+    console.goto(url + "admin/")
+    summary = console.locator("#kto-summary")
+    expect(summary).to_contain_text(f"n_D = {seed_up + 1}, n_U = {seed_down + 2}", timeout=20_000)
+    console.click("#kto-realign")
+    expect(console.locator("#kto-realign-msg")).to_contain_text("started", timeout=20_000)
+    console.click("#kto-realign")  # a second trigger during the run is refused
+    expect(console.locator("#kto-realign-msg")).to_contain_text("Not started", timeout=20_000)
+    expect(summary).to_contain_text("promoted as kto-v1", timeout=300_000)
+    expect(summary).to_contain_text("kto-v1", timeout=10_000)
+    assert _stats(url)["served"] == "kto-v1"
+    console.get_by_role("tab", name="Runs").click()
+    expect(console.locator("#kto-runs")).to_contain_text("promoted", timeout=10_000)
+    console.get_by_role("tab", name="Dashboard").click()
+    time.sleep(4)
+    _save(console, "dashboard.png")
+
+    # the next answer comes from the new version
+    page.click("#kto-new")
+    page.fill("#kto-input textarea", "Hi again")
+    page.click("#kto-send")
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by kto-v1", timeout=60_000)
+    thumb("Like").click()
+    expect(page.locator("#kto-notice")).to_contain_text("Thanks for the", timeout=10_000)
+    admin.close()
+
+    # 7. Ctrl-C stops everything (no orphan vLLM), then the DuckDB file holds exactly the final ratings
+    assert _stop(proc) == []
+    con = duckdb.connect(str(data / "feedback.duckdb"), read_only=True)
+    rows = con.execute("""SELECT r.value, r.reason, r.comment, a.adapter, a.text FROM ratings r
+                          JOIN answers a ON a.id = r.answer_id WHERE r.user_id != 'seed'
+                          ORDER BY r.created_at""").fetchall()
+    n_answers = con.execute("SELECT count(*) FROM answers a JOIN conversations c ON c.id = a.conversation_id "
+                            "WHERE c.user_id != 'seed'").fetchone()[0]
+    runs = con.execute("SELECT status, adapter_version FROM runs").fetchall()
+    con.close()
+    assert [r[0] for r in rows] == ["down", "up", "down", "up"]
+    assert rows[0][1:3] == ("inaccurate", "not the right city") and rows[0][4].strip() == first_text.strip()
+    assert [r[3] for r in rows] == ["base", "base", "base", "kto-v1"]
+    assert n_answers == 4  # first answer, its regenerated sibling, the joke, the answer from kto-v1
+    assert runs == [("promoted", "kto-v1")]
+
