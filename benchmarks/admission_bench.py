@@ -13,23 +13,21 @@ Users chat through a client sharing the same Admission, as in the app. For each 
 the users' time to first token (median, p90) and their streamed tokens/s. Then, with nobody chatting, the probe
 through the same Admission, which must run as fast as without it (all at once). Medians quoted.
 
-Run: `.venv/bin/python benchmarks/admission_bench.py` (about 12 minutes on 2 cores). Writes
-benchmarks/results/admission_bench.json.
+Run: `.venv/bin/python -m benchmarks.admission_bench` (about 12 minutes on 2 cores). Writes
+benchmarks/results/admission_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from probe_priority_bench import (  # noqa: E402
+from app.loop.capability import http_ask, load_capability, probe
+from benchmarks.harness import machine, result_path, write_result
+from benchmarks.probe_priority_bench import (
     TOKENS,
     USERS,
     Users,
@@ -38,11 +36,8 @@ from probe_priority_bench import (  # noqa: E402
     medians,
     served_and_candidate,
 )
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.loop.capability import http_ask, load_capability, probe  # noqa: E402
-from serving.admission import Admission  # noqa: E402
-from serving.server import PRIORITY_BACKGROUND  # noqa: E402
+from serving.admission import Admission
+from serving.server import PRIORITY_BACKGROUND
 
 CONDITIONS = {"no_admission": None, "admission_2": 2, "admission_4": 4}
 
@@ -52,7 +47,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path,
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "admission_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("admission_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     questions = load_capability()

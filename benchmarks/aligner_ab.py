@@ -1,6 +1,6 @@
 """A/B of aligner flags on one snapshot: the same aligner subprocess the app runs, arms interleaved, medians.
 
-    .venv/bin/python benchmarks/aligner_ab.py --snapshot RUN_DIR/snapshot.parquet \\
+    .venv/bin/python -m benchmarks.aligner_ab --snapshot RUN_DIR/snapshot.parquet \\
         --arm every-step="--trim-every 1" --arm phases-only="--trim-every 0" [--steps 24] [--repeats 2] --out OUT.json
 
 Each arm adds its flags to `--max-steps S --checkpoints 0 --anchor-weight 2` (the anchor term is what the simulator
@@ -23,12 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import machine, write_result
 
 KEYS = ("wall_s", "train_s_per_step", "cpu_s", "user_s", "sys_s", "peak_rss_mib")
 

@@ -9,7 +9,7 @@ TRL, ours, ...) so a drift in machine load hits both sides alike; each run recor
 and its CPU seconds (user + sys), a figure less sensitive than wall time to other processes on the machine. The
 result file is rewritten after every completed pair, so a bench cut short still leaves its medians.
 
-    .venv/bin/python benchmarks/aligner_bench.py [--model-dir DIR] [--examples 64] [--epochs 1] [--repeats 2]
+    .venv/bin/python -m benchmarks.aligner_bench [--model-dir DIR] [--examples 64] [--epochs 1] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from benchmarks.harness import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "aligner_bench.json"
@@ -57,7 +58,6 @@ def make_snapshot(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def count_tokens(snapshot: Path, model_dir: str) -> int:
-    sys.path.insert(0, str(ROOT))
     from aligner.data import read_snapshot, tokenize_pair
     from aligner.model import load_tokenizer
 
@@ -67,7 +67,6 @@ def count_tokens(snapshot: Path, model_dir: str) -> int:
 
 
 def worker_ours(snapshot: str, model_dir: str, epochs: int, out: str) -> float:
-    sys.path.insert(0, str(ROOT))
     from aligner.train import TrainConfig, run
 
     t = time.time()
@@ -109,9 +108,9 @@ def run_worker(name: str, snapshot: Path, model_dir: str, epochs: int) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         res = Path(tmp) / "res.json"
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", name, "--snapshot", str(snapshot),
-                                 "--model-dir", model_dir, "--epochs", str(epochs), "--out", str(Path(tmp) / "out"),
-                                 "--result", str(res)], cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.aligner_bench", "--worker", name,
+                                 "--snapshot", str(snapshot), "--model-dir", model_dir, "--epochs", str(epochs),
+                                 "--out", str(Path(tmp) / "out"), "--result", str(res)], cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{name} worker failed")
@@ -121,24 +120,11 @@ def run_worker(name: str, snapshot: Path, model_dir: str, epochs: int) -> dict:
 
 
 def _ours_grad_tokens() -> int:
-    sys.path.insert(0, str(ROOT))
     from aligner.train import TrainConfig
 
     return TrainConfig.__dataclass_fields__["grad_tokens"].default
 
 
-def machine() -> dict:
-    import psutil
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_avg_at_start": os.getloadavg()}
 
 
 def main() -> None:

@@ -4,26 +4,20 @@ Runs the aligner (the same subprocess command the app runs) on a saved simulator
 writes the manifest's `phase_seconds` with seconds per sequence for each forward-only pass, so the cost of a full
 run's reference pass (matched + KL pairs) can be read off without a 25-minute run:
 
-    python benchmarks/aligner_phases.py --snapshot RUN_DIR/snapshot.parquet [--max-steps 3]
+    .venv/bin/python -m benchmarks.aligner_phases --snapshot RUN_DIR/snapshot.parquet [--max-steps 3]
 
-Writes benchmarks/results/aligner_phases.json.
+Writes benchmarks/results/aligner_phases/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lr_sweep import train  # noqa: E402
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import machine, result_path, train, write_result
 
 
 def main() -> None:
@@ -31,7 +25,7 @@ def main() -> None:
     ap.add_argument("--snapshot", type=Path, required=True)
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--max-steps", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aligner_phases.json")
+    ap.add_argument("--out", type=Path, default=result_path("aligner_phases"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

@@ -2,41 +2,31 @@
 
 Brings up the real stack (`build_stack`: vLLM child + DuckDB + registry + realigner), seeds rated answers, then
 sends the same chat requests through the app's ChatService (a) with nothing else going on and (b) while the
-aligner subprocess trains. Prints the ratios and writes benchmarks/results/app_latency.json.
+aligner subprocess trains. Prints the ratios and writes benchmarks/results/app_latency_bench/<date>_<cpu>.json.
 
-    .venv/bin/python benchmarks/app_latency_bench.py [--model-dir DIR] [--requests 12] [--align-args "..."]
+    .venv/bin/python -m benchmarks.app_latency_bench [--model-dir DIR] [--requests 12] [--align-args "..."]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from app.config import Config, config_from
 from app.main import build_stack, sampling_for
 from app.web.chat import ChatService
+from benchmarks.harness import machine, result_path
 
 PROMPTS = ["What is the capital of France?", "Give me three tips for sleeping better.",
            "Explain what a hash table is.", "Write a haiku about autumn.", "How do plants make food?",
            "What is 17 times 23?"]
 
 
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
 def one_chat(service: ChatService, i: int) -> tuple[float, float]:
@@ -64,7 +54,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--align-args", default="--max-steps 30")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "app_latency.json")
+    ap.add_argument("--out", type=Path, default=result_path("app_latency_bench"))
     args = ap.parse_args()
 
     base = config_from(None)

@@ -14,13 +14,14 @@ differs. Three measurements, one run, the default model:
    for bit), and each backward's gradient error relative to a float32 run (bf16 autocast where the CPU has native
    bf16, as the aligner runs; float32 otherwise).
 
-    .venv/bin/python benchmarks/attention_bench.py [--snapshot RUN_DIR/snapshot.parquet] [--steps 12] [--repeats 2]
+    .venv/bin/python -m benchmarks.attention_bench [--snapshot RUN_DIR/snapshot.parquet] [--steps 12] [--repeats 2]
 
-Writes benchmarks/results/attention_bench.json (rewritten after every run, so a cut-short bench keeps its data).
+Writes benchmarks/results/attention_bench/<date>_<cpu>.json (rewritten after every run, so a cut-short bench
+keeps its data).
 
 `--crossover` instead times one forward + backward of the default model on 2048-token batches of 96 to 512-token
 sequences with each backward (ours forced at every length), interleaved, median of 5: where ours stops paying,
-which sets `aligner.attention.MAX_MATMUL_LENGTH`. Writes benchmarks/results/attention_crossover.json.
+which sets `aligner.attention.MAX_MATMUL_LENGTH`. Writes benchmarks/results/attention_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -34,14 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import aligner_ab  # noqa: E402
-from aligner_bench import make_snapshot  # noqa: E402
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
+from app.config import config_from
+from benchmarks import aligner_ab
+from benchmarks.aligner_bench import make_snapshot
+from benchmarks.harness import machine, result_path, write_result
 
 ARMS = ("flash", "matmul")
 
@@ -134,12 +131,11 @@ def main() -> None:
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir
-    results = Path(__file__).parent / "results"
     if args.crossover:
         write_result({"benchmark": "attention_crossover", "machine": machine(), **crossover(model_dir)},
-                     args.out or results / "attention_crossover.json", t_all)
+                     args.out or result_path("attention_bench", "crossover"), t_all)
         return
-    args.out = args.out or results / "attention_bench.json"
+    args.out = args.out or result_path("attention_bench")
     result: dict = {"benchmark": "attention_bench", "machine": machine(), "steps": args.steps,
                     "snapshot": str(args.snapshot) if args.snapshot else "synthetic (aligner_bench.make_snapshot)"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@ run.
 
 vLLM's prefix cache reuses whole blocks only, so with 128-token blocks a chat's earlier turns and the system prompt
 are computed again on every turn unless they fill a block. Two servers, started the same way but for --block-size,
-both up, passes interleaved stock/ours/ours/stock (benchmarks/ab_servers.py). A pass runs:
+both up, passes interleaved stock/ours/ours/stock (benchmarks/harness.py). A pass runs:
 
 Every pass asks fresh questions (serving_bench.fresh: each chat's question starts with a new numbered tag), so
 the prefix cache can only reuse what a real server could: the system prompt and a chat's own earlier turns, never
@@ -17,7 +17,7 @@ each question with its pass and chat: the same property.)
    24 in flight, 16-token answers: tokens/s and median time to first token;
 3. `decode_16`: 16 chats decoding 64 tokens each (the serving benchmark's workload), base and adapter: tokens/s.
 
-    python benchmarks/block_size_bench.py [--rounds 1] [--out ...block_size_bench.json]
+    .venv/bin/python -m benchmarks.block_size_bench [--rounds 1] [--out ...block_size_bench.json]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -34,16 +33,21 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
-from sampler_bench import prompts as shipped_prompts  # noqa: E402
-from serving_bench import MAX_TOKENS, PROMPTS, fresh, machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.server import VLLMServer  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import (
+    MAX_TOKENS,
+    PROMPTS,
+    ab_servers,
+    fresh,
+    interleaved,
+    machine,
+    median_tok_s,
+    result_path,
+    write_result,
+)
+from benchmarks.sampler_bench import prompts as shipped_prompts
+from serving.client import ChatClient, SamplingParams
+from serving.server import VLLMServer
 
 BLOCKS = {"stock": 128, "ours": 32}
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}  # the product's default (app/config.py)
@@ -118,7 +122,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=1, help="rounds of four passes: stock/ours/ours/stock, then the "
                     "mirror order")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "block_size_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("block_size_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

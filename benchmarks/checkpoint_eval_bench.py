@@ -6,9 +6,9 @@ copies each given run's adapter directory (the run itself is left as it is), run
 and sets its cost beside what eager evaluation pays in every run: one held-out pass per checkpoint, estimated as
 the checkpoints' count × the run's own final held-out pass (`phase_seconds.heldout_new`, same pairs):
 
-    python benchmarks/checkpoint_eval_bench.py RUN_DIR/adapter [RUN_DIR/adapter ...]
+    .venv/bin/python -m benchmarks.checkpoint_eval_bench RUN_DIR/adapter [RUN_DIR/adapter ...]
 
-Writes benchmarks/results/checkpoint_eval_bench.json.
+Writes benchmarks/results/checkpoint_eval_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, write_result  # noqa: E402
+from benchmarks.harness import machine, result_path, write_result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapters", type=Path, nargs="+", help="adapter directories of lazy runs (checkpoints pending)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "checkpoint_eval_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("checkpoint_eval_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     runs = []

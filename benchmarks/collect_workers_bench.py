@@ -8,10 +8,10 @@ weight reads for more tokens: more chats in flight, more tokens per second, unti
 (the cycle-2 case), at each worker count in turn, the counts' order reversed each repeat, and reports the
 collection wall time (median over repeats) and its ratio against the first count.
 
-    python benchmarks/collect_workers_bench.py [--workers 32 64 128] [--ratings 200] [--repeats 2]
+    .venv/bin/python -m benchmarks.collect_workers_bench [--workers 32 64 128] [--ratings 200] [--repeats 2]
                                                [--adapter ADAPTER_DIR] [--max-tokens 128]
 
-Writes benchmarks/results/collect_workers_bench.json.
+Writes benchmarks/results/collect_workers_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -19,18 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, make_adapter, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
-from app.sim import run as sim  # noqa: E402
+from app.config import config_from
+from app.sim import run as sim
+from benchmarks.harness import machine, make_adapter, result_path, write_result
 
 
 def main() -> int:
@@ -42,7 +37,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--adapter", type=Path, default=None,
                     help="adapter to serve for the second half (default: a random rank-16 all-linear one)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "collect_workers_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("collect_workers_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     from app.main import build_stack, sampling_for

@@ -6,18 +6,17 @@ one run (serving/vllm_cpu/ops.py).
    one's mean absolute error against the same computation in float64.
 2. Two servers, started the same way but for KTO_LOOP_STOCK_OPS=1 on one: 1 and 16 chats decoding 64 tokens each
    (greedy, ignore_eos, the serving_bench prompts), on the base model and on a rank-16 adapter; rounds
-   interleaved stock/ours/ours/stock (benchmarks/ab_servers.py). Tokens/s; and how many of the 16 greedy answers
+   interleaved stock/ours/ours/stock (benchmarks/harness.py). Tokens/s; and how many of the 16 greedy answers
    come out the same on both servers (the kernels round differently from the native code, which can flip a
    near-tie between two tokens and the rest of the answer with it).
 
-    python benchmarks/cpu_ops_bench.py [--rounds 2] [--out benchmarks/results/cpu_ops_bench.json]
+    .venv/bin/python -m benchmarks.cpu_ops_bench [--rounds 2] [--out benchmarks/results/cpu_ops_bench/<date>_<cpu>.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +24,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
-from serving_bench import MAX_TOKENS, PROMPTS, machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.vllm_cpu import ops as cpu_ops  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import (
+    MAX_TOKENS,
+    PROMPTS,
+    ab_servers,
+    interleaved,
+    machine,
+    median_tok_s,
+    result_path,
+    write_result,
+)
+from serving.client import ChatClient, SamplingParams
+from serving.vllm_cpu import ops as cpu_ops
 
 HIDDEN, HEADS, KV_HEADS, HEAD = 576, 9, 3, 64
 EPS = 1e-5
@@ -118,7 +121,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of four passes: stock/ours/ours/stock, then the "
                     "mirror order")
     ap.add_argument("--calls", type=int, default=2000, help="function calls per kernel and row count")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_ops_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("cpu_ops_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

@@ -6,8 +6,9 @@
 3. vLLM (our LoRA-enabled server, as served) in each dtype: time to the first token of a new 37-token chat prompt,
    the median gap between streamed tokens of one chat, and tokens/s with 16 concurrent chats of 48 tokens.
 
-Run alone: `.venv/bin/python benchmarks/dtype_bench.py` (about 6-10 minutes on 2 cores, most of it the emulated
-bf16 step where bf16 is not native). Writes benchmarks/results/dtype_bench.json with the machine description.
+Run alone: `.venv/bin/python -m benchmarks.dtype_bench` (about 6-10 minutes on 2 cores, most of it the emulated
+bf16 step where bf16 is not native). Writes
+benchmarks/results/dtype_bench/<date>_<cpu>.json with the machine description.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +25,9 @@ from pathlib import Path
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serving_bench import machine  # noqa: E402
-
-from aligner.model import completion_logps, load_policy, resolve_dtype  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec  # noqa: E402
+from aligner.model import completion_logps, load_policy, resolve_dtype
+from benchmarks.harness import machine, result_path
+from serving.server import VLLMServer, VLLMServerSpec
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -92,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path,
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dtype_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("dtype_bench"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     res: dict = {"benchmark": "dtype", "machine": machine(), "auto_picks": str(resolve_dtype("auto"))}

@@ -12,8 +12,8 @@ The ratio of the first two is an upper bound on "vLLM over HF static batch at 16
 a server that spent nothing on attention, norms, sampling, scheduling or HTTP would reach it. The served tokens/s from
 serving_bench's JSON, if given, is printed beside it, to show how much of a step that other work takes.
 
-Run: `.venv/bin/python benchmarks/gemm_floor.py [--served benchmarks/results/serving_bench_avx512bf16.json]`
-(about 3 minutes). Writes benchmarks/results/gemm_floor.json.
+Run: `.venv/bin/python -m benchmarks.gemm_floor [--served benchmarks/results/serving_bench_avx512bf16.json]`
+(about 3 minutes). Writes benchmarks/results/gemm_floor/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import MAX_TOKENS, PROMPTS, hf_batch_tok_s, hf_model, machine, write_result  # noqa: E402
-
-from aligner.model import resolve_dtype  # noqa: E402
+from aligner.model import resolve_dtype
+from benchmarks.harness import MAX_TOKENS, PROMPTS, hf_batch_tok_s, hf_model, machine, result_path, write_result
 
 HEAD_TILE = 4096  # rows of the LM head reused in the cache-hot step (49152 = 12 tiles)
 
@@ -117,7 +113,7 @@ def main() -> None:
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
     ap.add_argument("--reps", type=int, default=9, help="interleaved passes")
     ap.add_argument("--served", type=Path, default=None, help="a serving_bench JSON to quote beside the floor")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gemm_floor.json")
+    ap.add_argument("--out", type=Path, default=result_path("gemm_floor"))
     args = ap.parse_args()
     import torch
     from transformers import AutoConfig

@@ -6,28 +6,24 @@ over at most `aligner.model.LM_HEAD_KEEP_POSITIONS` completion positions now kee
 aligner (`aligner.train.run`, in this process, the product's flags cut to a few steps) on one snapshot, alternating
 the two settings, and reports per-step seconds (median, step 1 left out: it has no KL pass) and the ratio:
 
-    python benchmarks/lm_head_bench.py --snapshot RUN_DIR/snapshot.parquet [--first-lora-layer 15] [--rounds 1]
+    .venv/bin/python -m benchmarks.lm_head_bench --snapshot RUN_DIR/snapshot.parquet [--first-lora-layer 15] \
+        [--rounds 1]
 
-Writes benchmarks/results/lm_head_bench.json.
+Writes benchmarks/results/lm_head_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, write_result  # noqa: E402
-
-from aligner import model as model_mod  # noqa: E402
-from aligner.train import TrainConfig, run  # noqa: E402
-from app.config import config_from  # noqa: E402
+from aligner import model as model_mod
+from aligner.train import TrainConfig, run
+from app.config import config_from
+from benchmarks.harness import machine, result_path, write_result
 
 SETTINGS = {"keep": 1 << 30, "recompute": 0}
 
@@ -41,7 +37,7 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--anchor-weight", type=float, default=7.0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm_head_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("lm_head_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

@@ -9,27 +9,22 @@ and per step (× 30), medians; the largest difference between the two paths' out
 hot swap (a new version written into one slot while the other serves): caches rebuilt for every slot against for
 the written slot only.
 
-    python benchmarks/lora_kernel_bench.py [--out benchmarks/results/lora_kernel_bench.json]
+    .venv/bin/python -m benchmarks.lora_kernel_bench [--out benchmarks/results/lora_kernel_bench/<date>_<cpu>.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, write_result  # noqa: E402
-
-from aligner.model import resolve_dtype  # noqa: E402
-from serving.vllm_cpu import lora as cpu_lora  # noqa: E402
+from aligner.model import resolve_dtype
+from benchmarks.harness import machine, result_path, write_result
+from serving.vllm_cpu import lora as cpu_lora
 
 LAYERS, RANK, SLOTS = 30, 16, 3
 PROJECTIONS = {"qkv": (576, (576, 192, 192)), "o": (576, (576,)), "gate_up": (576, (1536, 1536)),
@@ -130,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="timed steps per path and row count")
     ap.add_argument("--swap-reps", type=int, default=20, help="timed post-swap steps per kind")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lora_kernel_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("lora_kernel_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     assert cpu_lora._onednn() is not None, "this vLLM build has no oneDNN matmul"

@@ -6,12 +6,12 @@ at every step: the reference pass keeps each sequence's layer-K input (aligner.m
 aligner, the same subprocess the app runs, on one real snapshot with the product's flags cut to a few steps, once
 per K in the order given, and reports per-step seconds (median), phase seconds and the ratios against K = 0:
 
-    python benchmarks/prefix_bench.py --snapshot RUN_DIR/snapshot.parquet [--layers 0 15] [--max-steps 5]
+    .venv/bin/python -m benchmarks.prefix_bench --snapshot RUN_DIR/snapshot.parquet [--layers 0 15] [--max-steps 5]
 
 `--head-ab` also runs each K with `--no-shared-head` (every sequence from its first token instead of the chat
 template's common head once per pass, model.SharedHead) and reports those ratios too (`K=k head`).
 
-Writes benchmarks/results/prefix_bench.json.
+Writes benchmarks/results/prefix_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -19,18 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lr_sweep import train  # noqa: E402
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import machine, result_path, train, write_result
 
 
 def main() -> None:
@@ -42,7 +36,7 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=200)
     ap.add_argument("--anchor-weight", type=float, default=7.0, help="the product's γ in the #7 runs (0 = none)")
     ap.add_argument("--head-ab", action="store_true", help="each K also with --no-shared-head, right after it")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "prefix_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("prefix_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

@@ -13,8 +13,8 @@ p90 of the chats started in it) and their streamed tokens per second. Then the p
 a time vs all at once), which is what a realignment cycle waits for. Each probe condition runs twice, interleaved;
 medians quoted.
 
-Run: `.venv/bin/python benchmarks/probe_priority_bench.py` (about 5 minutes on 2 cores). Writes
-benchmarks/results/probe_priority_bench.json.
+Run: `.venv/bin/python -m benchmarks.probe_priority_bench` (about 5 minutes on 2 cores). Writes
+benchmarks/results/probe_priority_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
@@ -22,22 +22,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import PROMPTS, machine, make_adapter, write_result  # noqa: E402
-
-from app.loop.capability import http_ask, load_capability, probe  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.registry import AdapterRegistry  # noqa: E402
-from serving.server import PRIORITY_BACKGROUND, VLLMServer, VLLMServerSpec  # noqa: E402
+from app.loop.capability import http_ask, load_capability, probe
+from benchmarks.harness import PROMPTS, machine, make_adapter, result_path, write_result
+from serving.client import ChatClient, SamplingParams
+from serving.registry import AdapterRegistry
+from serving.server import PRIORITY_BACKGROUND, VLLMServer, VLLMServerSpec
 
 USERS = 8
 TOKENS = 32
@@ -152,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path,
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "probe_priority_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("probe_priority_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     questions = load_capability()

@@ -1,27 +1,22 @@
 """Base desirable rate of each example rater: the base model's answers to the held-out prompts and every third
 training prompt (2 samples each; temperature 0.7, top-p 0.95, 128 tokens, the app's system prompt), rated.
 
-Run: `.venv/bin/python benchmarks/rater_base_rates.py` (starts its own vLLM server, ~6 min on 2 cores), or
-`--answers FILE` to re-rate saved answers. Writes benchmarks/results/rater_base_rates.json and the answers
-(benchmarks/results/rater_base_answers.jsonl) so the figures in app/sim/raters.py can be checked.
+Run: `.venv/bin/python -m benchmarks.rater_base_rates` (starts its own vLLM server, ~6 min on 2 cores), or
+`--answers FILE` to re-rate saved answers. Writes benchmarks/results/rater_base_rates/<date>_<cpu>.json and the answers
+(benchmarks/results/rater_base_rates/<date>_<cpu>.jsonl) so the figures in app/sim/raters.py can be checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app.sim import raters  # noqa: E402
-from app.sim.run import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts, machine_info  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from app.sim import raters
+from app.sim.run import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts
+from benchmarks.harness import machine, result_path
 
 
 def generate(model_dir: Path) -> list[dict]:
@@ -47,15 +42,17 @@ def main() -> None:
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
     ap.add_argument("--answers", type=Path, help="rate these saved answers (.jsonl) instead of generating")
     args = ap.parse_args()
+    out_path = result_path("rater_base_rates")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     if args.answers:
         rows = [json.loads(line) for line in args.answers.read_text().splitlines() if line.strip()]
     else:
         rows = generate(args.model_dir)
-        with open(RESULTS / "rater_base_answers.jsonl", "w") as f:
+        with open(out_path.with_name(out_path.stem + "_answers.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     heldout = set(load_prompts(DEFAULT_HOLDOUT))
     out: dict = {"benchmark": "rater_base_rates", "answers": len(rows),
-                 "machine": {**machine_info(), "loadavg": os.getloadavg()},
+                 "machine": machine(),
                  "settings": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 128, "samples_per_prompt": 2},
                  "answers_file": str(args.answers) if args.answers else "generated in this run",
                  "raters": {}}
@@ -67,7 +64,7 @@ def main() -> None:
         out["raters"][name] = res
         print(f"{name:9s} all {res['all']['rate']:.1%} of {res['all']['rated']}   "
               f"held-out {res['heldout']['rate']:.1%} of {res['heldout']['rated']}")
-    (RESULTS / "rater_base_rates.json").write_text(json.dumps(out, indent=2))
+    out_path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

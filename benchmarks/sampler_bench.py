@@ -9,7 +9,7 @@
 3. `collect`: the simulator's workload on the same two servers: 96 chats of shipped prompts, 32 in flight, the
    product's system prompt, answers of their own length up to 128 tokens; completion tokens/s over the wall time.
 
-    python benchmarks/sampler_bench.py [--parts function,server,collect] [--out ...sampler_bench.json]
+    .venv/bin/python -m benchmarks.sampler_bench [--parts function,server,collect] [--out ...sampler_bench.json]
 """
 
 from __future__ import annotations
@@ -18,21 +18,15 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ab_servers import ab_servers, interleaved, median_tok_s  # noqa: E402
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.vllm_cpu import sampler as cpu_sampler  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import ab_servers, interleaved, machine, median_tok_s, result_path, write_result
+from serving.client import ChatClient, SamplingParams
+from serving.vllm_cpu import sampler as cpu_sampler
 
 TEMPERATURE, TOP_P, TOKENS = 0.7, 0.95, 64
 PROMPTS_FILE = Path(__file__).resolve().parent.parent / "app" / "sim" / "data" / "prompts.jsonl"
@@ -127,7 +121,7 @@ def main() -> None:
                     "mirror order")
     ap.add_argument("--calls", type=int, default=40, help="function calls per batch size")
     ap.add_argument("--parts", default="function,server,collect", help="comma-separated: function, server, collect")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sampler_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("sampler_bench"))
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     t_all = time.perf_counter()

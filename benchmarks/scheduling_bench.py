@@ -11,28 +11,24 @@ temperature 0) on the base model and on a rank-16 adapter; then serving_bench's 
 requests, 24 at a time, 3 promotes): failures, load call -> version live (load + warm-up), load call -> first token
 of a chat sent right after the switch, and the time to first token of the load's own requests. Medians quoted.
 
-Run: `.venv/bin/python benchmarks/scheduling_bench.py` (about 15 minutes on 2 cores). Writes
-benchmarks/results/scheduling_bench.json.
+Run: `.venv/bin/python -m benchmarks.scheduling_bench` (about 15 minutes on 2 cores). Writes
+benchmarks/results/scheduling_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import PROMPTS, machine, make_adapter, swap_under_load, write_result  # noqa: E402
-
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.registry import AdapterRegistry  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec, usable_cores, vllm_reserved_cpus, vllm_token_budget  # noqa: E402
+from benchmarks.harness import PROMPTS, machine, make_adapter, result_path, write_result
+from benchmarks.serving_bench import swap_under_load
+from serving.client import ChatClient, SamplingParams
+from serving.registry import AdapterRegistry
+from serving.server import VLLMServer, VLLMServerSpec, usable_cores, vllm_reserved_cpus, vllm_token_budget
 
 CONFIGS = {
     "vllm_defaults": {"reserved_cpus": 1, "max_num_batched_tokens": 2048, "scheduling_policy": "fcfs"},
@@ -84,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path,
                     default=Path("~/.cache/kto-loop/models/SmolLM2-135M-Instruct").expanduser())
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scheduling_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("scheduling_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     result: dict = {"benchmark": "scheduling", "machine": {**machine(), "usable_cores": usable_cores()},

@@ -1,14 +1,14 @@
 """Where a served decode step goes, timed inside vLLM's worker (benchmarks/serve_step_launch.py), with vLLM's
 native RMSNorm and rotary (KTO_LOOP_STOCK_OPS=1) and with the C++ kernels serving/vllm_cpu/ops.py puts in, one run.
 
-Two servers, both up, passes interleaved stock/ours/ours/stock (benchmarks/ab_servers.py). A pass serves 16 chats
+Two servers, both up, passes interleaved stock/ours/ours/stock (benchmarks/harness.py). A pass serves 16 chats
 decoding 64 tokens each (greedy, ignore_eos, the serving_bench prompts), first on the base model, then on a
 rank-16 adapter, for --seconds each; the worker's timing windows (100 forwards each) that fall inside a phase are
 kept, and the medians over all of a server's windows are quoted, per category in ms a step. Derived:
 `between_steps` (a step's wall time outside execute_model: scheduling, IPC, detokenizing, streaming) and
 `forward_glue` (the model's forward outside the leaf categories timed: residual adds, views, the layers' Python).
 
-    python benchmarks/serve_step_profile.py [--seconds 30] [--rounds 2] [--out ...serve_step_profile.json]
+    .venv/bin/python -m benchmarks.serve_step_profile [--seconds 30] [--rounds 2] [--out ...serve_step_profile.json]
 """
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ab_servers import ab_servers, interleaved  # noqa: E402
-from serving_bench import MAX_TOKENS, PROMPTS, machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import MAX_TOKENS, PROMPTS, ab_servers, interleaved, machine, result_path, write_result
+from serving.client import ChatClient, SamplingParams
 
 LINEAR = ("MergedQKVParallelLinearWithLoRA", "MergedColumnParallelLinearWithLoRA", "RowParallelLinearWithLoRA")
 LEAVES = {"linear_with_lora (incl. GEMM)": [f"module:{c}" for c in LINEAR], "attention_layer": ["module:Attention"],
@@ -73,7 +67,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each phase of a pass")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of four passes: stock/ours/ours/stock, then the "
                     "mirror order")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_step_profile.json")
+    ap.add_argument("--out", type=Path, default=result_path("serve_step_profile"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

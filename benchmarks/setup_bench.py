@@ -1,7 +1,7 @@
 """Fresh-machine set-up cost: `make setup` in a new clone with a new venv, an empty pip cache and a new project
 home (so the model is downloaded and converted too), then the same command again (the idempotent path).
 
-    .venv/bin/python benchmarks/setup_bench.py      # ~5 min; writes benchmarks/results/setup_bench.json
+    .venv/bin/python -m benchmarks.setup_bench      # ~5 min; writes benchmarks/results/setup_bench/<date>_<cpu>.json
 """
 
 from __future__ import annotations

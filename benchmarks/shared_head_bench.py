@@ -7,25 +7,20 @@ pass and one forward + backward over the same batches, head on and off alternate
 machine's speed drifts within minutes; alternating keeps the drift out of the ratio). Medians, and ratios
 off / on.
 
-    python benchmarks/shared_head_bench.py --snapshot RUN_DIR/snapshot.parquet [--batches 6] [--repeats 5]
+    .venv/bin/python -m benchmarks.shared_head_bench --snapshot RUN_DIR/snapshot.parquet [--batches 6] [--repeats 5]
 
-Writes benchmarks/results/shared_head_bench.json.
+Writes benchmarks/results/shared_head_bench/<date>_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import machine, result_path, write_result
 
 
 def main() -> None:
@@ -40,7 +35,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6, help="micro-batches of 8, spread over the length range")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--first-lora-layer", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "shared_head_bench.json")
+    ap.add_argument("--out", type=Path, default=result_path("shared_head_bench"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     model_dir = args.model_dir or config_from().resolved().model_dir

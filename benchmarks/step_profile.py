@@ -4,7 +4,7 @@ GEMM rate a matrix of the model's MLP shape reaches alone, in one run.
 One forward + backward of `completion_logps` (the aligner's hot path) on 8 random sequences shaped like the
 simulator's snapshots (40 prompt tokens, 60-127 answer tokens), base weights in the dtype `--dtype auto` picks.
 
-    python benchmarks/step_profile.py [--out benchmarks/results/step_profile.json]
+    .venv/bin/python -m benchmarks.step_profile [--out benchmarks/results/step_profile/<date>_<cpu>.json]
 """
 
 from __future__ import annotations
@@ -12,22 +12,17 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from serving_bench import machine, write_result  # noqa: E402
-
-from app.config import config_from  # noqa: E402
+from app.config import config_from
+from benchmarks.harness import machine, result_path, write_result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_profile.json")
+    ap.add_argument("--out", type=Path, default=result_path("step_profile"))
     args = ap.parse_args()
     t_all = time.perf_counter()
     import torch

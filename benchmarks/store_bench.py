@@ -1,6 +1,7 @@
 """Feedback-store benchmark: ratings/s (one thread, 16 threads, batched) and dashboard latency at 100k / 1M.
 
-Run: .venv/bin/python benchmarks/store_bench.py [--sizes 100000 1000000] [--out benchmarks/results/store_bench.json]
+Run: .venv/bin/python -m benchmarks.store_bench [--sizes 100000 1000000]
+(writes benchmarks/results/store_bench/<date>_<cpu>.json unless --out)
 Synthetic rows are bulk-loaded with INSERT ... SELECT FROM range() (not through the API), then every dashboard
 query is timed through FeedbackStore. Figures are medians; the machine is shared, so the load average is recorded.
 """
@@ -8,12 +9,9 @@ query is timed through FeedbackStore. Figures are medians; the machine is shared
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -21,22 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
-import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from feedback_store import FeedbackStore  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    def ver(p: str) -> str:
-        try:
-            return md.version(p)
-        except md.PackageNotFoundError:
-            return "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": ver("torch"), "duckdb": duckdb.__version__,
-            "pyarrow": ver("pyarrow"), "platform": platform.platform(), "loadavg_start": os.getloadavg()}
+from benchmarks.harness import machine, result_path
+from feedback_store import FeedbackStore
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
@@ -239,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "store_bench.json"))
+    ap.add_argument("--out", default=str(result_path("store_bench")))
     args = ap.parse_args()
     result: dict = {"machine": machine()}
     with tempfile.TemporaryDirectory() as d:
