@@ -1,0 +1,160 @@
+"""The store's plumbing: one DuckDB connection under one write lock, a read cursor per thread, strictly increasing
+timestamps, and the input checks every part shares."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Self
+
+import duckdb
+
+from feedback_store.errors import InvalidInput, ReadOnlyStore, SchemaError, StoreError, StoreLocked
+from feedback_store.schema import SCHEMA_VERSION, file_version, migrate
+
+BASE = "base"
+
+# writable stores open per file in this process: DuckDB shares one database between them, so the rows another
+# store writes are invisible to this one's rating cache; with two or more open, nobody trusts the cache
+_WRITERS: dict[str, int] = {}
+_WRITERS_LOCK = threading.Lock()
+MAX_ID = 256
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form every TIMESTAMP column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _naive_utc(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _check_str(name: str, value: Any, max_len: int = MAX_ID, *, optional: bool = False,
+               error: type[StoreError] = InvalidInput) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > max_len:
+        raise error(f"{name} is longer than {max_len} characters")
+
+
+class StoreCore:
+    """The connection, its lock and the per-thread read cursors that every part of FeedbackStore goes through."""
+
+    def __init__(self, path: str | Path, deployment: str = "default", *, read_only: bool = False,
+                 clock: Callable[[], datetime] = utcnow):
+        _check_str("deployment", deployment)
+        self.path = Path(path)
+        self.deployment = deployment
+        self.read_only = read_only
+        self._clock = clock
+        self._last_ts = datetime.min
+        if read_only and not self.path.exists():
+            raise StoreError(f"no feedback database at {self.path}")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StoreLocked(f"{self.path} is in use by another process (is the kto-loop app running?); "
+                                  "DuckDB allows one process to open it for writing") from None
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        self._lock = threading.Lock()          # guards self._conn: every write, and cursor creation
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._closed = False
+        try:
+            if read_only:
+                version = file_version(self._conn)
+                if version != SCHEMA_VERSION:
+                    raise SchemaError(f"{self.path} has schema version {version}, this code needs "
+                                      f"{SCHEMA_VERSION}; open it once read-write (start the app) to upgrade")
+            else:
+                self.migrated_from, _ = migrate(self._conn, self._now)
+                # only this process writes the file: a run still 'running' was cut off by a crash or restart
+                self._conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error = "
+                                   "'interrupted: the app stopped during the run' WHERE status = 'running' "
+                                   "AND deployment = ?", [self._now(), self.deployment])
+        except BaseException:
+            self._conn.close()
+            raise
+        self._key = str(self.path.resolve())
+        if not read_only:
+            with _WRITERS_LOCK:
+                _WRITERS[self._key] = _WRITERS.get(self._key, 0) + 1
+
+    def _now(self) -> datetime:
+        """Strictly increasing per store, so creation order is also time order."""
+        t = _naive_utc(self._clock())
+        if t <= self._last_ts:
+            t = self._last_ts + timedelta(microseconds=1)
+        self._last_ts = t
+        return t
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            if self._closed:
+                raise StoreError("the feedback store is closed")
+            with self._lock:
+                cur = self._conn.cursor()
+                self._cursors.append(cur)
+            self._local.cursor = cur
+        return cur
+
+    def _read(self, sql: str, params: list | None = None) -> list[tuple]:
+        return self._cursor().execute(sql, params or []).fetchall()
+
+    def _read_dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        cur = self._cursor().execute(sql, params or [])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    @contextmanager
+    def _tx(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction on the shared connection: all of it commits or none of it does."""
+        if self.read_only:
+            raise ReadOnlyStore(f"{self.path} is open read-only")
+        with self._lock:
+            if self._closed:
+                raise StoreError("the feedback store is closed")
+            self._conn.execute("BEGIN TRANSACTION")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        """Closes the read cursors and the file; a second call does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self.read_only:
+                with _WRITERS_LOCK:
+                    _WRITERS[self._key] -= 1
+            for cur in self._cursors:
+                cur.close()
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT max(version) FROM schema_version")[0][0])
