@@ -76,6 +76,20 @@ class Config:
     max_message_chars: int = _opt(4000, "longest user message accepted")
     ratings_per_minute: int = _opt(60, "per-user rating rate limit")
 
+    # Raters: who they are and how much one of them, or one client address, can do (0 = no limit).
+    trusted_proxies: str = _opt("", "comma-separated addresses/networks of reverse proxies whose X-Forwarded-For "
+                                    "(and sign-in header) are believed; empty = none: the socket peer is the client")
+    rater_user_header: str = _opt("", "header a trusted proxy sets to the signed-in rater's name (e.g. "
+                                      "X-Forwarded-User); ratings are then recorded as user:NAME; empty = "
+                                      "anonymous raters only")
+    messages_per_minute: int = _opt(20, "per-rater limit on messages and regenerations")
+    address_messages_per_minute: int = _opt(60, "per-client-address limit on messages and regenerations")
+    address_ratings_per_minute: int = _opt(120, "per-client-address rating rate limit")
+    address_new_ids_per_hour: int = _opt(10, "new anonymous rater ids one client address gets per hour (also the "
+                                             "burst); what stops one address from being many raters")
+    sessions_per_address: int = _opt(20, "chat sessions kept per client address; a new one past it replaces that "
+                                         "address's least recently used one, never another address's")
+
     # Alignment and schedule.
     schedule_interval_minutes: int = _opt(0, "realign every N minutes (0 = no interval schedule)")
     schedule_cron: str = _opt("", "crontab expression for realignment, e.g. '0 3 * * *' (empty = none)")

@@ -90,7 +90,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         settings = SettingsStore(cfg.data_dir, default_settings(cfg))
         guard = None
         if cfg.promote_max_capability_drop >= 0:
-            from app.loop.capability import CapabilityGuard, http_ask, load_capability
+            from app.loop.gate import CapabilityGuard, http_ask, load_capability
 
             ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
                            priority=server.spec.priority("background"), admission=admission)
@@ -127,8 +127,8 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     from fastapi.responses import JSONResponse
 
     from app.loop.scheduler import RealignScheduler
-    from app.web.auth import AuthMiddleware
-    from app.web.chat import CSS, ChatService, build_chat_ui
+    from app.web.auth import MAX_PUBLIC_BODY, SECRET_FILE, AuthMiddleware, raters_for
+    from app.web.chat import CSS, ChatService, Limits, PromptTokens, build_chat_ui
     from app.web.console import Operator, build_console
 
     cfg = st.cfg
@@ -137,10 +137,17 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
                           sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,
                           ratings_per_minute=cfg.ratings_per_minute,
-                          health=lambda: st.server.is_healthy(timeout=2.0))
+                          health=lambda: st.server.is_healthy(timeout=2.0),
+                          limits=Limits(messages_per_minute=cfg.messages_per_minute,
+                                        address_messages_per_minute=cfg.address_messages_per_minute,
+                                        address_ratings_per_minute=cfg.address_ratings_per_minute,
+                                        sessions_per_address=cfg.sessions_per_address),
+                          context_tokens=cfg.vllm_max_model_len, count_tokens=PromptTokens(cfg.model_dir))
+    raters = raters_for(Path(cfg.data_dir) / SECRET_FILE, trusted_proxies=cfg.trusted_proxies,
+                        user_header=cfg.rater_user_header, new_ids_per_hour=cfg.address_new_ids_per_hour)
 
     app = FastAPI(title="kto-loop", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(AuthMiddleware, admin_user=cfg.admin_user, admin_password=admin_password)
+    app.add_middleware(AuthMiddleware, admin_user=cfg.admin_user, admin_password=admin_password, raters=raters)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
@@ -191,9 +198,9 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
             raise HTTPException(400, str(e)) from None
 
     console = build_console(op, refresh_s=console_refresh_s)
-    chat = build_chat_ui(service)
+    chat = build_chat_ui(service, raters)
     app = gr.mount_gradio_app(app, console, path="/admin", css=CSS, footer_links=[])
-    app = gr.mount_gradio_app(app, chat, path="/", css=CSS, footer_links=[])
+    app = gr.mount_gradio_app(app, chat, path="/", css=CSS, footer_links=[], max_file_size=MAX_PUBLIC_BODY)
     return app, scheduler
 
 
@@ -215,6 +222,7 @@ def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.
         scheduler.start()
         port = cfg.port or _free_port(cfg.host)
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=port, log_level="warning",
+                                               proxy_headers=False,  # the client address is ours to derive
                                                timeout_graceful_shutdown=5))
         runtime = Path(st.cfg.data_dir) / RUNTIME_FILE
         url = f"http://{cfg.host}:{port}"

@@ -3,6 +3,10 @@
 `ChatService` holds the logic and knows nothing about Gradio, so tests drive it directly; `build_chat_ui` wires
 it to Gradio components. Each browser session owns a server-side `ChatSession` whose turns carry the stored
 answer id, so a rating always lands on the answer the user saw, whatever undo/regenerate did to the list.
+
+What one visitor can make it do is bounded: messages and ratings per rater and per client address, sessions per
+address (a flood from one address replaces that address's own sessions, nobody else's), and the prompt trimmed to
+the model's context window. A user message is stored together with its answer, so failed tries leave nothing.
 """
 
 from __future__ import annotations
@@ -15,21 +19,28 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from app.web.auth import USER_COOKIE, RateLimiter, user_id_from_cookie
+from app.web.auth import NO_IDENTITY, Raters, TokenBuckets
 
 log = logging.getLogger("kto_loop.chat")
 
 REASONS = ["inaccurate", "unhelpful", "off-topic", "unsafe", "too long", "too short", "other"]
 MAX_COMMENT_CHARS = 1000
-MAX_SESSIONS = 5000
+MAX_SESSIONS = 5000               # all addresses together; past it the busiest address loses its oldest session
+TEMPLATE_TOKENS = 64              # chat-template tokens outside the messages (markers, a template's default prompt)
+MESSAGE_TOKENS = 8                # chat-template tokens around each message
 
 
 class InputError(ValueError):
     """A user-facing problem with what was typed; the message is shown as is."""
+
+
+class Refused(InputError):
+    """A budget is spent (too many messages from this rater or address); shown as is, nothing stored."""
 
 
 class RatingError(ValueError):
@@ -44,11 +55,22 @@ class Turn:
     rating: str | None = None     # "up" | "down" | None, as last stored
     stopped: bool = False
     adapter: str | None = None    # the served version that produced an answer
+    dropped: int = 0              # earliest messages left out of this answer's prompt to fit the context window
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Budgets per minute (0 = none): per rater and per client address; sessions kept per address."""
+    messages_per_minute: int = 0
+    address_messages_per_minute: int = 0
+    address_ratings_per_minute: int = 0
+    sessions_per_address: int = 0
 
 
 @dataclass
 class ChatSession:
     user_id: str
+    addr: str | None = None       # the client address of the latest event (None: an in-process caller)
     conv_id: str | None = None
     turns: list[Turn] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -84,6 +106,74 @@ def clean_comment(text: str | None) -> str | None:
     return text or None
 
 
+def byte_bound(messages: list[dict[str, str]]) -> int:
+    """Tokens a prompt can take at most, without its tokenizer: byte-level BPE and byte-fallback tokenizers never
+    make more tokens than UTF-8 bytes; plus the chat template's markers."""
+    return TEMPLATE_TOKENS + sum(len(m["content"].encode()) + MESSAGE_TOKENS for m in messages)
+
+
+def fit_context(system: list[dict[str, str]], turns: list[dict[str, str]], budget: int,
+                count: Callable[[list[dict[str, str]]], int]) -> tuple[list[dict[str, str]], int]:
+    """The prompt to send: the system message and the latest turns that fit in `budget` tokens, the oldest
+    exchanges left out first (a kept part always starts at a user message). Returns (messages, how many turns were
+    left out); raises InputError when the last user message alone does not fit."""
+    if count(system + turns) <= budget:
+        return system + turns, 0
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
+
+    def fits(i: int) -> bool:
+        return count(system + turns[i:]) <= budget
+
+    if not starts or not fits(starts[-1]):
+        raise InputError(f"Your message is too long for the model, which reads at most about {budget:,} tokens "
+                         "(with the system prompt). Please shorten it.")
+    lo, hi = 0, len(starts) - 1                      # the earliest start that fits; fewer turns never take more
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return system + turns[starts[lo]:], starts[lo]
+
+
+class PromptTokens:
+    """A prompt's length in the served model's tokens: its own tokenizer and chat template once loaded (in the
+    background, so neither start-up nor the first chat waits), the byte bound before that or if it cannot load."""
+
+    MARGIN = 16   # a template rendered here and in vLLM may differ by a marker or two
+
+    def __init__(self, model_dir: Path | str | None = None):
+        self._tokenizer: Any = None
+        if model_dir is not None and (Path(model_dir) / "tokenizer_config.json").exists():
+            threading.Thread(target=self._load, args=(Path(model_dir),), name="chat-tokenizer", daemon=True).start()
+
+    def _load(self, model_dir: Path) -> None:
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+            _template_len(tok, [{"role": "user", "content": "hi"}])
+        except Exception as e:  # no template, broken files: the bound still keeps prompts inside the window
+            log.warning("chat: counting prompt tokens by bytes (tokenizer of %s not usable: %r)", model_dir, e)
+            return
+        self._tokenizer = tok
+
+    def __call__(self, messages: list[dict[str, str]]) -> int:
+        tok = self._tokenizer
+        if tok is not None:
+            try:
+                return _template_len(tok, messages) + self.MARGIN
+            except Exception:
+                pass
+        return byte_bound(messages)
+
+
+def _template_len(tok: Any, messages: list[dict[str, str]]) -> int:
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def _consume_stream(stream: Iterator[Any]) -> Iterator[tuple[str | None, Any]]:
     """Yield (chunk, None) per text chunk, then (None, ChatResult) once (yielded last or returned)."""
     result = None
@@ -105,25 +195,57 @@ class ChatService:
 
     def __init__(self, store, client, registry, *, system_prompt: Callable[[], str],
                  sampling: Callable[[], Any], max_chars: int, ratings_per_minute: int,
-                 health: Callable[[], bool] | None = None):
+                 health: Callable[[], bool] | None = None, limits: Limits = Limits(),
+                 context_tokens: int = 0, count_tokens: Callable[[list[dict[str, str]]], int] = byte_bound):
+        """context_tokens: the model's window (prompt + answer), 0 = never trim; count_tokens: a prompt's length."""
         self.store, self.client, self.registry = store, client, registry
         self.system_prompt, self.sampling = system_prompt, sampling
         self.max_chars = max_chars
-        self.limiter = RateLimiter(ratings_per_minute, 60.0)
+        self.limits = limits
+        self.limiter = TokenBuckets(ratings_per_minute, 60.0)
+        self.address_ratings = TokenBuckets(limits.address_ratings_per_minute, 60.0)
+        self.messages = TokenBuckets(limits.messages_per_minute, 60.0)
+        self.address_messages = TokenBuckets(limits.address_messages_per_minute, 60.0)
+        self.context_tokens, self.count_tokens = context_tokens, count_tokens
         self.health = health
-        self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
+        self._sessions: dict[tuple[str, str], tuple[ChatSession, str | None]] = {}   # → (session, address opened from)
+        self._by_addr: dict[str | None, OrderedDict[tuple[str, str], None]] = {}   # least recent first
         self._lock = threading.Lock()
 
     # ---- sessions
-    def session(self, key: str, user_id: str) -> ChatSession:
+    def session(self, key: str, user_id: str, addr: str | None = None) -> ChatSession:
+        """The session `key` of this user (a key is only ever looked up with its own user's id)."""
+        skey = (user_id, key)
         with self._lock:
-            sess = self._sessions.get(key)
-            if sess is None:
-                sess = self._sessions[key] = ChatSession(user_id=user_id)
-                while len(self._sessions) > MAX_SESSIONS:
-                    self._sessions.popitem(last=False)
-            self._sessions.move_to_end(key)
+            found = self._sessions.get(skey)
+            if found is not None:
+                sess, home = found
+                self._by_addr[home].move_to_end(skey)
+                if addr is not None:
+                    sess.addr = addr
+                return sess
+            sess = ChatSession(user_id=user_id, addr=addr)
+            self._sessions[skey] = (sess, addr)
+            mine = self._by_addr.setdefault(addr, OrderedDict())
+            mine[skey] = None
+            cap = self.limits.sessions_per_address
+            while addr is not None and cap > 0 and len(mine) > cap:
+                self._evict(addr)
+            while len(self._sessions) > MAX_SESSIONS:
+                self._evict(max(self._by_addr, key=lambda a: len(self._by_addr[a])))
             return sess
+
+    def _evict(self, addr: str | None) -> None:
+        """Under self._lock: drop the least recently used session of `addr` (counted where it was opened)."""
+        per = self._by_addr[addr]
+        skey, _ = per.popitem(last=False)
+        del self._sessions[skey]
+        if not per:
+            del self._by_addr[addr]
+
+    def session_count(self, addr: str | None = None) -> int:
+        with self._lock:
+            return len(self._by_addr.get(addr, ()))
 
     def server_ok(self) -> bool:
         if self.health is None:
@@ -134,15 +256,19 @@ class ChatService:
             return False
 
     # ---- chat
+    def _charge_message(self, sess: ChatSession) -> None:
+        """Take one message from the rater's and the address's budgets, or refuse."""
+        if not self.messages.allow(sess.user_id):
+            raise Refused("You're sending messages very quickly; please wait a moment and try again.")
+        if sess.addr is not None and not self.address_messages.allow(sess.addr):
+            raise Refused("Too many messages from your network right now; please wait a moment and try again.")
+
     def send(self, sess: ChatSession, text: str) -> Iterator[str]:
-        """Store the user message and stream the answer; yields the growing answer text."""
+        """Stream the answer to a new user message (stored with the answer); yields the growing answer text."""
         text = clean_message(text, self.max_chars)
+        self._charge_message(sess)
         with sess.lock:
-            if sess.conv_id is None:
-                sess.conv_id = self.store.new_conversation(sess.user_id, system_prompt=self.system_prompt())
-            parent = next((t.msg_id for t in reversed(sess.turns) if t.role == "assistant"), None)
-            msg_id = self.store.add_user_message(sess.conv_id, text, parent_id=parent)
-            user_turn = Turn("user", text, msg_id)
+            user_turn = Turn("user", text)
             sess.turns.append(user_turn)
         try:
             yield from self._answer(sess)
@@ -158,6 +284,8 @@ class ChatService:
             last_user = max((i for i, t in enumerate(sess.turns) if t.role == "user"), default=None)
             if last_user is None:
                 raise InputError("There is nothing to regenerate yet.")
+        self._charge_message(sess)
+        with sess.lock:
             del sess.turns[last_user + 1:]
         yield from self._answer(sess)
 
@@ -175,18 +303,36 @@ class ChatService:
         with sess.lock:
             sess.conv_id, sess.turns = None, []
 
-    def _prompt(self, sess: ChatSession) -> list[dict[str, str]]:
+    def _prompt(self, sess: ChatSession, sampling: Any) -> tuple[list[dict[str, str]], int]:
+        """The messages to send, trimmed to the context window less the answer's room; and how many were left out."""
         system = self.system_prompt()
         msgs = [{"role": "system", "content": system}] if system else []
-        return msgs + [{"role": t.role, "content": t.content} for t in sess.turns]
+        turns = [{"role": t.role, "content": t.content} for t in sess.turns]
+        if self.context_tokens <= 0:
+            return msgs + turns, 0
+        budget = self.context_tokens - (_max_tokens(sampling) or 0)
+        return fit_context(msgs, turns, budget, self.count_tokens)
+
+    def _store_user_turns(self, sess: ChatSession, user_turn: Turn) -> None:
+        """Under sess.lock: store the conversation and the user messages up to `user_turn` not stored yet (only
+        once an answer to them is about to be stored, so failed tries leave no orphan messages)."""
+        upto = next(i for i, t in enumerate(sess.turns) if t is user_turn)
+        for i, t in enumerate(sess.turns[:upto + 1]):
+            if t.role != "user" or t.msg_id is not None:
+                continue
+            if sess.conv_id is None:
+                sess.conv_id = self.store.new_conversation(sess.user_id, system_prompt=self.system_prompt())
+            prev = sess.turns[i - 1] if i else None
+            parent = prev.msg_id if prev is not None and prev.role == "assistant" else None  # None: the latest turn
+            t.msg_id = self.store.add_user_message(sess.conv_id, t.content, parent_id=parent)
 
     def _answer(self, sess: ChatSession) -> Iterator[str]:
-        prompt = self._prompt(sess)
-        parent_id = sess.turns[-1].msg_id
-        model = self.registry.current()
         sampling = self.sampling()
+        prompt, dropped = self._prompt(sess, sampling)
+        user_turn = sess.turns[-1]
+        model = self.registry.current()
         sess.stop.clear()
-        turn = Turn("assistant", "")
+        turn = Turn("assistant", "", dropped=dropped)
         sess.turns.append(turn)
         t0 = time.perf_counter()
         result, parts, stopped, stream = None, [], False, None
@@ -203,29 +349,31 @@ class ChatService:
                     stopped = True
                     _close(stream)
                     break
+            result = result or getattr(stream, "result", None)
+            text = "".join(parts)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            turn.stopped = stopped
+            turn.adapter = getattr(result, "model", None) or model
+            if stopped and not text:  # stopped before the first token: nothing to keep or rate
+                with sess.lock:
+                    sess.turns.remove(turn)
+                return
+            with sess.lock:
+                self._store_user_turns(sess, user_turn)
+            turn.msg_id = self.store.add_answer(
+                sess.conv_id, parent_id=user_turn.msg_id, prompt_messages=prompt, text=text,
+                adapter=turn.adapter,
+                sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {}),
+                prompt_tokens=getattr(result, "prompt_tokens", None),
+                completion_tokens=getattr(result, "completion_tokens", None),
+                latency_ms=latency_ms,
+            )
         except BaseException:  # failure, or the browser went away (GeneratorExit): abort the vLLM request
             _close(stream)
             with sess.lock:
                 if turn in sess.turns:
                     sess.turns.remove(turn)
             raise
-        result = result or getattr(stream, "result", None)
-        text = "".join(parts)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        turn.stopped = stopped
-        turn.adapter = getattr(result, "model", None) or model
-        if stopped and not text:  # stopped before the first token: nothing to keep or rate
-            with sess.lock:
-                sess.turns.remove(turn)
-            return
-        turn.msg_id = self.store.add_answer(
-            sess.conv_id, parent_id=parent_id, prompt_messages=prompt, text=text,
-            adapter=turn.adapter,
-            sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {}),
-            prompt_tokens=getattr(result, "prompt_tokens", None),
-            completion_tokens=getattr(result, "completion_tokens", None),
-            latency_ms=latency_ms,
-        )
         yield text
 
     # ---- ratings
@@ -242,11 +390,17 @@ class ChatService:
         value = {True: "up", False: "down"}.get(liked) if isinstance(liked, bool) else None
         if value == turn.rating:
             return turn
-        if not self.limiter.allow(sess.user_id):
-            raise RatingError("You're rating very quickly; please wait a moment and try again.")
+        self._charge_rating(sess)
         self.store.rate(sess.user_id, turn.msg_id, value)
         turn.rating = value
         return turn
+
+    def _charge_rating(self, sess: ChatSession) -> None:
+        """Take one rating from the rater's and the address's budgets, or refuse."""
+        if not self.limiter.allow(sess.user_id):
+            raise RatingError("You're rating very quickly; please wait a moment and try again.")
+        if sess.addr is not None and not self.address_ratings.allow(sess.addr):
+            raise RatingError("Too many ratings from your network right now; please wait a moment and try again.")
 
     def comment(self, sess: ChatSession, answer_id: str, reason: str | None, comment: str | None) -> None:
         """Attach a reason tag and comment to this user's thumbs-down on `answer_id`."""
@@ -256,8 +410,7 @@ class ChatService:
         if reason is not None and reason not in REASONS:
             raise InputError("Please pick one of the listed reasons.")
         comment = clean_comment(comment)
-        if not self.limiter.allow(sess.user_id):
-            raise RatingError("You're rating very quickly; please wait a moment and try again.")
+        self._charge_rating(sess)
         self.store.rate(sess.user_id, answer_id, "down", reason=reason, comment=comment)
         turn.rating = "down"
 
@@ -280,6 +433,12 @@ def _text_of(value: Any) -> str:
     if isinstance(value, list):
         return "".join(_text_of(v) for v in value)
     return ""
+
+
+def _max_tokens(sampling: Any) -> int | None:
+    """The answer's token allowance in whatever form the sampling settings come."""
+    value = sampling.get("max_tokens") if isinstance(sampling, dict) else getattr(sampling, "max_tokens", None)
+    return value if isinstance(value, int) else None
 
 
 def _sampling_dict(sampling: Any) -> dict[str, Any]:
@@ -306,24 +465,19 @@ footer {display:none !important}
 """
 
 
-def _user_id(request: gr.Request | None) -> str:
-    if request is not None:
-        try:
-            uid = user_id_from_cookie(request.cookies.get(USER_COOKIE))
-        except Exception:
-            uid = None
-        if uid:
-            return uid
-        if getattr(request, "session_hash", None):
-            return f"session-{request.session_hash}"
-    return "anonymous"
+def trimmed_notice(dropped: int) -> str:
+    return (f" ℹ️ This conversation is longer than the model can read at once: its {dropped} earliest "
+            "message(s) were left out of this answer. Start a new conversation for a fresh context.")
 
 
-def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Blocks:
-    """The chat Blocks; mount it at "/"."""
+def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop chat") -> gr.Blocks:
+    """The chat Blocks; mount it at "/". Every event is refused unless `raters` knows who sent it."""
 
     def sess_of(key: str, request: gr.Request | None) -> ChatSession:
-        return service.session(key, _user_id(request))
+        rater = raters.of_request(request)
+        if rater.user_id is None:
+            raise InputError(NO_IDENTITY)
+        return service.session(str(key), rater.user_id, rater.addr)
 
     def view(sess: ChatSession):
         return gr.update(value=sess.history(), feedback_value=sess.feedback())
@@ -362,7 +516,8 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
                     yield view(sess), "", gr.update(), gr.update()
                 last = sess.turns[-1] if sess.turns else None
                 done = (f"Answered by `{last.adapter}`{' (stopped)' if last.stopped else ''}. "
-                        "Rate it with 👍 / 👎." if last is not None and last.role == "assistant" else "")
+                        "Rate it with 👍 / 👎." + (trimmed_notice(last.dropped) if last.dropped else "")
+                        if last is not None and last.role == "assistant" else "")
                 yield view(sess), "", done, gr.update(value="", visible=False)
             except InputError as e:
                 yield view(sess), restore, f"⚠️ {e}", gr.update()
@@ -375,7 +530,11 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
                         gr.update()
 
         def on_send(text: str, k: str, request: gr.Request):
-            sess = sess_of(k, request)
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                yield gr.update(), text, f"⚠️ {e}", gr.update()
+                return
             try:
                 clean_message(text, service.max_chars)
             except InputError as e:
@@ -386,24 +545,40 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
             yield from stream(sess, service.send(sess, text), restore=text)
 
         def on_regen(k: str, request: gr.Request):
-            sess = sess_of(k, request)
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                yield gr.update(), "", f"⚠️ {e}", gr.update()
+                return
             yield from stream(sess, service.regenerate(sess))
 
         def on_stop(k: str, request: gr.Request):
-            sess_of(k, request).stop.set()
+            try:
+                sess_of(k, request).stop.set()
+            except InputError:
+                pass
 
         def on_undo(k: str, request: gr.Request):
-            sess = sess_of(k, request)
+            try:
+                sess = sess_of(k, request)
+            except InputError:
+                return gr.update(), gr.update()
             text = service.undo(sess)
             return view(sess), text
 
         def on_new(k: str, request: gr.Request):
-            sess = sess_of(k, request)
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                return gr.update(), f"⚠️ {e}", gr.update(visible=False), None
             service.new_conversation(sess)
             return view(sess), "", gr.update(visible=False), None
 
         def on_like(k: str, data: gr.LikeData, request: gr.Request):
-            sess = sess_of(k, request)
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                return gr.update(), f"⚠️ {e}", gr.update(visible=False), None
             try:
                 turn = service.rate(sess, data.index, data.liked, data.value)
             except (RatingError, InputError) as e:
@@ -417,7 +592,10 @@ def build_chat_ui(service: ChatService, title: str = "kto-loop chat") -> gr.Bloc
             return view(sess), msg, gr.update(visible=False), None
 
         def on_comment(k: str, answer_id: str | None, why: str | None, text: str, request: gr.Request):
-            sess = sess_of(k, request)
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                return f"⚠️ {e}", gr.update(), gr.update(), why, text
             if not answer_id:
                 return "⚠️ Pick 👎 on an answer first.", gr.update(), gr.update(), None, None
             try:

@@ -17,7 +17,7 @@ from app.loop.realign import Realigner, RunInProgress
 from app.loop.scheduler import RealignScheduler, validate_schedule
 from app.main import Stack, create_app, default_settings
 from app.operator_settings import SettingsStore
-from app.web.auth import USER_COOKIE, RateLimiter, basic_header, check_basic
+from app.web.auth import USER_COOKIE, TokenBuckets, basic_header, check_basic
 from feedback_store import FeedbackStore
 
 
@@ -163,8 +163,10 @@ def test_check_basic_and_rate_limiter():
     assert not check_basic(basic_header("a", "c"), "a", "b")
     assert not check_basic("Basic !!!", "a", "b")
     assert not check_basic(basic_header("a", ""), "a", "")     # empty password never matches
-    rl = RateLimiter(2, 60)
-    assert rl.allow("u", 0) and rl.allow("u", 1) and not rl.allow("u", 2) and rl.allow("u", 61)
+    rl = TokenBuckets(2, 60)                    # a burst of 2, then one more every 30 s
+    assert rl.allow("u", 0) and rl.allow("u", 1) and not rl.allow("u", 2) and rl.allow("u", 31)
+    assert not rl.allow("u", 32) and rl.allow("v", 32)
+    assert all(TokenBuckets(0).allow("u", 0) for _ in range(100))   # 0 = no limit
 
 
 def test_runtime_file_is_private(tmp_path):
