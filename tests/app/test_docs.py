@@ -1,0 +1,92 @@
+"""The README stays a user's page and no link in the docs points nowhere."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README_MAX_LINES = 300
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+CODE = re.compile(r"`[^`\n]*`")
+RESULT_PATH = re.compile(r"benchmarks/results/[A-Za-z0-9_./\-]+\.(?:jsonl|json|png)\b")
+
+
+def doc_files() -> list[Path]:
+    """README.md, docs/*.md and docs/experiments/*.md: the pages a reader follows links through."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "experiments").glob("*.md"))]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = CODE.sub(lambda m: m.group(0)[1:-1], heading.strip()).lower()
+    text = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
+    return text.replace(" ", "-")
+
+
+def anchors(markdown: str) -> set[str]:
+    """Every anchor the headings of a page define (outside code fences)."""
+    text = FENCE.sub("", markdown)
+    return {slug(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M)}
+
+
+def links(markdown: str) -> list[str]:
+    """Relative link targets of a page, code fences and code spans left out."""
+    text = CODE.sub("", FENCE.sub("", markdown))
+    return [t for t in LINK.findall(text) if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]
+
+
+def broken_links(page: Path) -> list[str]:
+    """The links of one page whose file or heading does not exist."""
+    bad = []
+    for target in links(page.read_text()):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            bad.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+            bad.append(f"{target} (no such heading)")
+    return bad
+
+
+def test_readme_is_short_and_opens_with_what_it_is_and_a_screenshot():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; keep it under {README_MAX_LINES}"
+    opening = "\n".join(lines[:15])
+    assert lines[0].startswith("# kto-loop")
+    assert "chat app" in opening.lower() and "KTO" in opening
+    shot = re.search(r"!\[[^\]]*\]\((docs/screenshots/[^)]+\.png)\)", opening)
+    assert shot and (ROOT / shot.group(1)).exists()
+
+
+@pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page: Path):
+    assert broken_links(page) == []
+
+
+@pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_cited_result_file_exists(page: Path):
+    missing = sorted({p for p in RESULT_PATH.findall(page.read_text()) if not (ROOT / p).exists()})
+    assert missing == []
+
+
+def test_experiments_index_lists_every_page():
+    folder = ROOT / "docs" / "experiments"
+    index = (folder / "README.md").read_text()
+    dated = sorted(p.name for p in folder.glob("*.md") if re.match(r"\d{4}-\d{2}-\d{2}-[a-z0-9-]+\.md$", p.name))
+    assert dated, "docs/experiments has no dated pages"
+    assert [n for n in dated if f"({n})" not in index] == []
+    others = sorted(p.name for p in folder.glob("*.md") if p.name not in dated and p.name != "README.md")
+    assert others == ["simulator.md"], "experiment pages are named YYYY-MM-DD-topic.md"
+
+
+def test_the_checker_catches_a_broken_link_and_a_missing_heading(tmp_path: Path):
+    (tmp_path / "there.md").write_text("# A heading with `code`\n")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](there.md) [ok](there.md#a-heading-with-code) [web](https://example.org/x)\n"
+                    "`[not a link](nowhere.md)`\n[gone](nowhere.md) [bad](there.md#no-such)\n")
+    assert broken_links(page) == ["nowhere.md (no such file)", "there.md#no-such (no such heading)"]
