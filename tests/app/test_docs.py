@@ -18,7 +18,8 @@ RESULT_PATH = re.compile(r"benchmarks/results/[A-Za-z0-9_./\-]+\.(?:jsonl|json|p
 
 def doc_files() -> list[Path]:
     """README.md, docs/*.md and docs/experiments/*.md: the pages a reader follows links through."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs" / "experiments").glob("*.md"))]
+    docs = ROOT / "docs"
+    return [ROOT / "README.md", *sorted(docs.glob("*.md")), *sorted((docs / "experiments").glob("*.md"))]
 
 
 def slug(heading: str) -> str:
