@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from app.config import config_from
+from app.sim import inputs
 from app.sim import run as sim
 from benchmarks.harness import machine, make_adapter, result_path, write_result
 
@@ -43,8 +44,8 @@ def main() -> int:
     from app.main import build_stack, sampling_for
     from app.web.chat import ChatService
 
-    rater_name, rater = sim.load_rater(args.rater)
-    prompts = sim.load_prompts(sim.DEFAULT_PROMPTS)
+    rater_name, rater = inputs.load_rater(args.rater)
+    prompts = inputs.load_prompts(inputs.DEFAULT_PROMPTS)
     result: dict = {"benchmark": "collect_workers", "machine": machine(), "rater": rater_name,
                     "ratings": args.ratings, "max_tokens": args.max_tokens, "workers": args.workers,
                     "repeats": args.repeats, "quoted": "median collection seconds over repeats", "runs": {}}

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from app.sim import raters
-from app.sim.run import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts
+from app.sim.inputs import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts
 from benchmarks.harness import machine, result_path
 
 

@@ -15,6 +15,7 @@ HELP = ("closed-loop simulation: simulated users chat and rate through the real 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from app.sim import inputs
     from app.sim import run as sim
 
     parser.add_argument("--rater", action="append", metavar="RATER",
@@ -23,12 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "store and server); default: the three example raters")
     parser.add_argument("--cycles", type=int, default=2, help="realignment cycles per rater")
     parser.add_argument("--ratings-per-cycle", type=int, default=400, help="thumbs collected before each cycle")
-    parser.add_argument("--prompts", type=Path, default=sim.DEFAULT_PROMPTS,
+    parser.add_argument("--prompts", type=Path, default=inputs.DEFAULT_PROMPTS,
                         help="training prompts (.jsonl with 'prompt', or one per line)")
-    parser.add_argument("--holdout", type=Path, default=sim.DEFAULT_HOLDOUT,
+    parser.add_argument("--holdout", type=Path, default=inputs.DEFAULT_HOLDOUT,
                         help="held-out prompts, never sent during collection")
     parser.add_argument("--holdout-limit", type=int, default=0, help="use N evenly spaced held-out prompts (0 = all)")
-    parser.add_argument("--capability", type=Path, default=sim.DEFAULT_CAPABILITY,
+    parser.add_argument("--capability", type=Path, default=inputs.DEFAULT_CAPABILITY,
                         help="capability probe (.jsonl with 'question' and accepted 'answers')")
     parser.add_argument("--samples-per-prompt", type=int, default=2,
                         help="answers sampled per held-out prompt at the served temperature")
@@ -56,19 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(doc: dict, json_path: Path, png: Path) -> None:
-    from app.sim import run as sim
+    from app.sim import report
 
     for r in doc["runs"]:
         s = r["summary"]
-        print(f"{r.get('label', r['rater'])}: desirable {sim.pct(s['base_desirable_rate'])} → "
-              f"{sim.pct(s['final_desirable_rate'])} (best gain {s['best_gain_points']} points), capability "
-              f"≥ {sim.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
+        print(f"{r.get('label', r['rater'])}: desirable {report.pct(s['base_desirable_rate'])} → "
+              f"{report.pct(s['final_desirable_rate'])} (best gain {s['best_gain_points']} points), capability "
+              f"≥ {report.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
     for g in doc.get("repeats", []):
         if g["n_runs"] > 1:
-            name = sim.recipe_name(g["rater"], g["group"])
+            name = report.recipe_name(g["rater"], g["group"])
             print(f"{name}: {g['n_runs']} repeats, gain median {g['median_best_gain_points']:+.1f} points "
                   f"(each {', '.join(f'{x:+.1f}' for x in g['best_gain_points'])}), final-cycle gain median "
-                  f"{sim.points(g['median_final_gain_points'])}, all goals met in {g['runs_meeting_all_goals']} "
+                  f"{report.points(g['median_final_gain_points'])}, all goals met in {g['runs_meeting_all_goals']} "
                   f"of {g['n_runs']}")
     print(f"wrote {json_path} and {png}")
 
@@ -76,7 +77,7 @@ def _report(doc: dict, json_path: Path, png: Path) -> None:
 def _combine(args: argparse.Namespace, png: Path) -> int:
     import json
 
-    from app.sim import run as sim
+    from app.sim import inputs, report
 
     try:
         sources = []
@@ -87,18 +88,19 @@ def _combine(args: argparse.Namespace, png: Path) -> int:
             try:
                 sources.append((path, json.loads(Path(path).read_text()), label.strip() or None if label else None))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise sim.SimulationError(f"{path}: cannot read it as JSON ({e})") from e
-        doc = sim.combine(sources)
-    except sim.SimulationError as e:
+                raise inputs.SimulationError(f"{path}: cannot read it as JSON ({e})") from e
+        doc = report.combine(sources)
+    except inputs.SimulationError as e:
         print(f"kto-loop simulate: {e}", file=sys.stderr)
         return 2
-    sim.write_json(doc, args.json)
-    sim.plot(doc, png)
+    report.write_json(doc, args.json)
+    report.plot(doc, png)
     _report(doc, args.json, png)
     return 0
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    from app.sim import inputs, report
     from app.sim import run as sim
 
     png = args.plot or args.json.with_suffix(".png")
@@ -107,20 +109,20 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
         for flag in ("cycles", "ratings_per_cycle", "samples_per_prompt", "capability_repeats", "workers"):
             if getattr(args, flag) < 1:
-                raise sim.SimulationError(f"--{flag.replace('_', '-')} must be at least 1")
-        raters = [sim.load_rater(r) for r in (args.rater or ["concise", "bullets", "examples"])]
+                raise inputs.SimulationError(f"--{flag.replace('_', '-')} must be at least 1")
+        raters = [inputs.load_rater(r) for r in (args.rater or ["concise", "bullets", "examples"])]
         names = [n for n, _ in raters]
         if len(set(names)) != len(names):
-            raise sim.SimulationError(f"rater names must be distinct, got {names}")
-        prompts = sim.load_prompts(args.prompts)
-        holdout = sim.load_prompts(args.holdout)
-        holdout = sim.evenly_spaced(holdout, args.holdout_limit)
+            raise inputs.SimulationError(f"rater names must be distinct, got {names}")
+        prompts = inputs.load_prompts(args.prompts)
+        holdout = inputs.load_prompts(args.holdout)
+        holdout = inputs.evenly_spaced(holdout, args.holdout_limit)
         overlap = set(prompts) & set(holdout)
         if overlap:
-            raise sim.SimulationError(f"{len(overlap)} held-out prompt(s) also in the training prompts, "
+            raise inputs.SimulationError(f"{len(overlap)} held-out prompt(s) also in the training prompts, "
                                       f"e.g. {next(iter(overlap))!r}")
-        capability = sim.load_capability(args.capability)
-    except sim.SimulationError as e:
+        capability = inputs.load_capability(args.capability)
+    except inputs.SimulationError as e:
         print(f"kto-loop simulate: {e}", file=sys.stderr)
         return 2
     specs = [sim.SimSpec(name, fn, cycles=args.cycles, ratings_per_cycle=args.ratings_per_cycle, prompts=prompts,
@@ -130,12 +132,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     work_dir = args.work_dir or Path(cfg.data_dir) / "simulations" / time.strftime("%Y%m%d-%H%M%S")
 
     def save(doc: dict) -> None:  # after every measurement: an interrupted run still leaves its numbers
-        sim.write_json(doc, args.json)
-        sim.plot(doc, png)
+        report.write_json(doc, args.json)
+        report.plot(doc, png)
 
     try:
-        doc = sim.simulate(cfg, specs, work_dir, log=sim.stderr_log, on_update=save)
-    except sim.SimulationError as e:
+        doc = sim.simulate(cfg, specs, work_dir, log=report.stderr_log, on_update=save)
+    except inputs.SimulationError as e:
         print(f"kto-loop simulate: {e}", file=sys.stderr)
         return 1
     save(doc)

@@ -46,7 +46,7 @@ def test_bucket_kl_is_zero_at_the_reference_bounded_by_the_full_kl_and_exact_wit
 def test_shipped_anchor_prompts_are_disjoint_from_what_we_measure():
     """The anchor set must not contain the capability probe's questions, the held-out prompts or the simulator's
     training prompts: anchoring them would inflate (or fight) exactly what the gate and the simulator report."""
-    from app.sim.run import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_capability, load_prompts
+    from app.sim.inputs import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_capability, load_prompts
 
     anchors = {p.strip().lower() for p in anchor.load_prompts(None)}
     assert len(anchors) >= 32

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from app.cli import simulate as cmd
 from app.config import config_from
+from app.loop import gate
+from app.sim import inputs, measure, report
 from app.sim import run as sim
 from serving.client import SamplingParams
 from serving.server import VLLMServerSpec, request_priority
@@ -22,95 +24,95 @@ from serving.server import VLLMServerSpec, request_priority
 
 
 def test_wilson_known_values():
-    lo, hi = sim.wilson(5, 10)
+    lo, hi = measure.wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = sim.wilson(0, 10)
+    lo, hi = measure.wilson(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    assert sim.wilson(0, 0) == (0.0, 1.0)
-    assert sim.wilson(4, 4)[1] == 1.0 and sim.wilson(0, 4)[0] == 0.0  # not 0.9999999999999999: the e2e run had 4/4
+    assert measure.wilson(0, 0) == (0.0, 1.0)
+    assert measure.wilson(4, 4)[1] == 1.0 and measure.wilson(0, 4)[0] == 0.0  # exactly, not 0.9999999999999999
 
 
 @given(st.integers(1, 5000), st.data())
 def test_wilson_contains_estimate_and_shrinks_with_n(n, data):
     k = data.draw(st.integers(0, n))
-    lo, hi = sim.wilson(k, n)
+    lo, hi = measure.wilson(k, n)
     assert 0.0 <= lo <= k / n <= hi <= 1.0  # exactly: the plot's error bars are estimate minus/plus bound
-    lo4, hi4 = sim.wilson(4 * k, 4 * n)
+    lo4, hi4 = measure.wilson(4 * k, 4 * n)
     assert hi4 - lo4 < hi - lo
 
 
 def test_is_correct_matches_whole_words_only():
-    assert sim.is_correct("The capital of France is Paris.", ["Paris"])
-    assert sim.is_correct("5 + 3 = 8.", ["8", "eight"])
-    assert not sim.is_correct("It is 18.", ["8"])
-    assert not sim.is_correct("Parisian food is great.", ["Paris"])
-    assert sim.is_correct("It is made of H2O molecules", ["h2o"])
+    assert gate.is_correct("The capital of France is Paris.", ["Paris"])
+    assert gate.is_correct("5 + 3 = 8.", ["8", "eight"])
+    assert not gate.is_correct("It is 18.", ["8"])
+    assert not gate.is_correct("Parisian food is great.", ["Paris"])
+    assert gate.is_correct("It is made of H2O molecules", ["h2o"])
 
 
 # ---------------------------------------------------------------- inputs
 
 
 def test_load_rater_forms(tmp_path):
-    name, fn = sim.load_rater("concise")
+    name, fn = inputs.load_rater("concise")
     assert name == "concise" and fn("q", "short answer") is True
-    name, fn = sim.load_rater("app.sim.raters:bullets")
+    name, fn = inputs.load_rater("app.sim.raters:bullets")
     assert name == "bullets" and fn("How?", "- a\n- b\n- c") is True
     f = tmp_path / "my_rater.py"
     f.write_text("def likes_paris(prompt, answer):\n    return 'Paris' in answer\n")
-    name, fn = sim.load_rater(f"{f}:likes_paris")
+    name, fn = inputs.load_rater(f"{f}:likes_paris")
     assert name == "likes_paris" and fn("q", "Paris!") is True and fn("q", "Rome") is False
     for bad in ["nope", "app.sim.raters:missing", "no_such_module_xyz:f", f"{tmp_path}/absent.py:f"]:
-        with pytest.raises(sim.SimulationError):
-            sim.load_rater(bad)
+        with pytest.raises(inputs.SimulationError):
+            inputs.load_rater(bad)
 
 
 def test_call_rater_rejects_non_bool_and_wraps_errors():
-    assert sim.call_rater(lambda p, a: None, "p", "a") is None
-    with pytest.raises(sim.SimulationError, match="True, False or None"):
-        sim.call_rater(lambda p, a: 1, "p", "a")
-    with pytest.raises(sim.SimulationError, match="ZeroDivisionError"):
-        sim.call_rater(lambda p, a: 1 / 0, "p", "a")
+    assert inputs.call_rater(lambda p, a: None, "p", "a") is None
+    with pytest.raises(inputs.SimulationError, match="True, False or None"):
+        inputs.call_rater(lambda p, a: 1, "p", "a")
+    with pytest.raises(inputs.SimulationError, match="ZeroDivisionError"):
+        inputs.call_rater(lambda p, a: 1 / 0, "p", "a")
 
 
 def test_load_prompts_jsonl_and_text(tmp_path):
     j = tmp_path / "p.jsonl"
     j.write_text('{"prompt": "Hello?"}\n\n{"prompt": " Why? ", "category": "x"}\n')
-    assert sim.load_prompts(j) == ["Hello?", "Why?"]
+    assert inputs.load_prompts(j) == ["Hello?", "Why?"]
     t = tmp_path / "p.txt"
     t.write_text("one\n\ntwo\n")
-    assert sim.load_prompts(t) == ["one", "two"]
+    assert inputs.load_prompts(t) == ["one", "two"]
     j.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
-    with pytest.raises(sim.SimulationError, match=r"p.jsonl:2"):
-        sim.load_prompts(j)
-    with pytest.raises(sim.SimulationError, match="not found"):
-        sim.load_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(inputs.SimulationError, match=r"p.jsonl:2"):
+        inputs.load_prompts(j)
+    with pytest.raises(inputs.SimulationError, match="not found"):
+        inputs.load_prompts(tmp_path / "missing.jsonl")
 
 
 # ---------------------------------------------------------------- shipped data
 
 
 def test_shipped_prompts_are_many_diverse_and_disjoint_from_holdout():
-    train, hold = sim.load_prompts(sim.DEFAULT_PROMPTS), sim.load_prompts(sim.DEFAULT_HOLDOUT)
+    train, hold = inputs.load_prompts(inputs.DEFAULT_PROMPTS), inputs.load_prompts(inputs.DEFAULT_HOLDOUT)
     assert len(train) >= 300 and len(hold) >= 40
     assert len(set(train)) == len(train) and len(set(hold)) == len(hold)
     assert not set(train) & set(hold)
-    cats = [json.loads(line)["category"] for line in sim.DEFAULT_PROMPTS.read_text().splitlines()]
+    cats = [json.loads(line)["category"] for line in inputs.DEFAULT_PROMPTS.read_text().splitlines()]
     assert len(set(cats)) >= 8 and max(cats.count(c) for c in set(cats)) < 0.25 * len(cats)
 
 
 def test_shipped_split_is_reproducible():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("build_prompts", sim.DATA_DIR / "build_prompts.py")
+    spec = importlib.util.spec_from_file_location("build_prompts", inputs.DATA_DIR / "build_prompts.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rows = mod.all_prompts()
-    assert [r["prompt"] for r in rows if not mod.is_holdout(r["prompt"])] == sim.load_prompts(sim.DEFAULT_PROMPTS)
-    assert [r["prompt"] for r in rows if mod.is_holdout(r["prompt"])] == sim.load_prompts(sim.DEFAULT_HOLDOUT)
+    assert [r["prompt"] for r in rows if not mod.is_holdout(r["prompt"])] == inputs.load_prompts(inputs.DEFAULT_PROMPTS)
+    assert [r["prompt"] for r in rows if mod.is_holdout(r["prompt"])] == inputs.load_prompts(inputs.DEFAULT_HOLDOUT)
 
 
 def test_shipped_capability_set():
-    qs = sim.load_capability()
+    qs = inputs.load_capability()
     assert 20 <= len(qs) <= 40
     assert len({q.question for q in qs}) == len(qs)
     assert all(q.answers and all(a.strip() for a in q.answers) for q in qs)
@@ -183,15 +185,15 @@ def test_collect_stores_answers_and_ratings_like_the_ui(store, tmp_path):
 
 def test_measure_rates_and_capability():
     client = CannedClient()
-    caps = [sim.Question("What is the capital of France?", ("Paris",)), sim.Question("2+2?", ("4",))]
-    out = sim.measure(client, "kto-v1", holdout=["a list", "no"], rater=lambda p, a: a.startswith("- "),
+    caps = [gate.Question("What is the capital of France?", ("Paris",)), gate.Question("2+2?", ("4",))]
+    out = measure.measure(client, "kto-v1", holdout=["a list", "no"], rater=lambda p, a: a.startswith("- "),
                       capability=caps, sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 256},
                       system_prompt="sys", samples=3, workers=2)
     assert out["n_samples"] == 6 and out["n_rated"] == 6 and out["n_up"] == 3
-    assert out["desirable_rate"] == 0.5 and out["ci95"] == list(sim.wilson(3, 6))
+    assert out["desirable_rate"] == 0.5 and out["ci95"] == list(measure.wilson(3, 6))
     assert out["capability_accuracy"] == 0.5 and out["capability_n"] == 2
     greedy = [s for q, _, s in client.calls if q.endswith("?")]
-    assert all(s["temperature"] == 0.0 and s["max_tokens"] == sim.CAPABILITY_MAX_TOKENS for s in greedy)
+    assert all(s["temperature"] == 0.0 and s["max_tokens"] == gate.CAPABILITY_MAX_TOKENS for s in greedy)
     assert all(m == "kto-v1" for _, m, _ in client.calls)
     assert client.kinds == ["background"] * 8  # the product's own traffic: gives way to people chatting
 
@@ -215,9 +217,9 @@ def test_measure_averages_repeated_capability_probes_spread_through_the_sampling
             yield from super().stream_chat(messages, model, sampling, kind)
 
     client = FlakyClient()
-    caps = [sim.Question("What is the capital of France?", ("Paris",)),
-            sim.Question("Which planet is the Red Planet?", ("Mars",)), sim.Question("2+2?", ("4",))]
-    out = sim.measure(client, "kto-v1", holdout=["a list", "no"], rater=lambda p, a: a.startswith("- "),
+    caps = [gate.Question("What is the capital of France?", ("Paris",)),
+            gate.Question("Which planet is the Red Planet?", ("Mars",)), gate.Question("2+2?", ("4",))]
+    out = measure.measure(client, "kto-v1", holdout=["a list", "no"], rater=lambda p, a: a.startswith("- "),
                       capability=caps, sampling={"temperature": 0.7}, system_prompt=None, samples=3, workers=1,
                       capability_repeats=3)
     # workers=1 keeps the order: each probe follows a third of the 6 sampled answers
@@ -230,23 +232,23 @@ def test_measure_averages_repeated_capability_probes_spread_through_the_sampling
     assert out["capability_wrong"] == [
         {"question": "Which planet is the Red Planet?", "answer": "The Red Planet is a planet.", "right": 2, "of": 3},
         {"question": "2+2?", "answer": ("word " * 80)[:200], "right": 0, "of": 3}]
-    with pytest.raises(sim.SimulationError, match="at least 1"):
-        sim.measure(client, "kto-v1", holdout=["no"], rater=lambda p, a: True, capability=caps, sampling={},
+    with pytest.raises(inputs.SimulationError, match="at least 1"):
+        measure.measure(client, "kto-v1", holdout=["no"], rater=lambda p, a: True, capability=caps, sampling={},
                     system_prompt=None, samples=1, capability_repeats=0)
 
 
 def test_measure_sends_its_priority_without_changing_the_sampling():
     client = CannedClient()
-    caps = [sim.Question("2+2?", ("4",))]
-    sim.measure(client, "kto-v1", holdout=["a list"], rater=lambda p, a: True, capability=caps,
+    caps = [gate.Question("2+2?", ("4",))]
+    measure.measure(client, "kto-v1", holdout=["a list"], rater=lambda p, a: True, capability=caps,
                 sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 256}, system_prompt=None, samples=2,
                 workers=2, priority=1)
     sent = [s for _, _, s in client.calls]
     assert len(sent) == 3 and all(s["priority"] == 1 for s in sent)
     assert sorted(s["temperature"] for s in sent) == [0.0, 0.7, 0.7]
-    params = sim.with_priority(SamplingParams(temperature=0.7, extra={"ignore_eos": True}), 1)
+    params = measure.with_priority(SamplingParams(temperature=0.7, extra={"ignore_eos": True}), 1)
     assert params.to_request()["priority"] == 1 and params.to_request()["ignore_eos"] is True
-    assert sim.with_priority(params, None) is params
+    assert measure.with_priority(params, None) is params
 
 
 def test_background_priority_comes_from_the_server_spec(tmp_path):
@@ -261,7 +263,7 @@ def test_background_priority_comes_from_the_server_spec(tmp_path):
 
 def fake_doc(ablation: bool = True) -> dict:
     def ev(rate, cap):
-        return {"desirable_rate": rate, "ci95": list(sim.wilson(round(rate * 100), 100)),
+        return {"desirable_rate": rate, "ci95": list(measure.wilson(round(rate * 100), 100)),
                 "capability_accuracy": cap}
 
     runs = []
@@ -279,32 +281,32 @@ def fake_doc(ablation: bool = True) -> dict:
 def test_summary_goals():
     doc = fake_doc()
     r = doc["runs"][1]
-    s = sim.summarize(r["base"], r["cycles"])
+    s = report.summarize(r["base"], r["cycles"])
     assert s["best_gain_points"] == pytest.approx(35.0)
     assert s["min_capability_ratio"] == pytest.approx(0.97)
     assert s["goals"] == {"gain_ge_30_points": True, "capability_ge_95pct_of_base": True, "cycles_le_10_min": True}
     r["cycles"][0]["cycle_seconds"] = 601
-    assert not sim.summarize(r["base"], r["cycles"])["goals"]["cycles_le_10_min"]
-    assert sim.summarize(doc["runs"][0]["base"], doc["runs"][0]["cycles"])["ablation_pinned_final_desirable_rate"] \
+    assert not report.summarize(r["base"], r["cycles"])["goals"]["cycles_le_10_min"]
+    assert report.summarize(doc["runs"][0]["base"], doc["runs"][0]["cycles"])["ablation_pinned_final_desirable_rate"] \
         == 0.1
 
 
 def test_plot_and_json_are_written(tmp_path):
     png = tmp_path / "out" / "sim.png"
-    sim.plot(fake_doc(), png)
+    report.plot(fake_doc(), png)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     edges = fake_doc()  # a rater at 0% and 100%: the error bars must still be drawable
-    edges["runs"][0]["base"]["desirable_rate"], edges["runs"][0]["base"]["ci95"] = 0.0, list(sim.wilson(0, 3))
-    edges["runs"][0]["cycles"][1]["eval"].update(desirable_rate=1.0, ci95=list(sim.wilson(4, 4)))
-    sim.plot(edges, png)
-    sim.write_json({"x": 1.5, "p": sim.DATA_DIR, "t": (1, 2)}, tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5, "p": str(sim.DATA_DIR), "t": [1, 2]}
+    edges["runs"][0]["base"]["desirable_rate"], edges["runs"][0]["base"]["ci95"] = 0.0, list(measure.wilson(0, 3))
+    edges["runs"][0]["cycles"][1]["eval"].update(desirable_rate=1.0, ci95=list(measure.wilson(4, 4)))
+    report.plot(edges, png)
+    report.write_json({"x": 1.5, "p": inputs.DATA_DIR, "t": (1, 2)}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"x": 1.5, "p": str(inputs.DATA_DIR), "t": [1, 2]}
 
 
 def _results_file(path, runs, **settings):
     doc = fake_doc()
-    doc["runs"] = [dict(r, summary=sim.summarize(r["base"], r["cycles"])) for r in doc["runs"] if r["rater"] in runs]
+    doc["runs"] = [dict(r, summary=report.summarize(r["base"], r["cycles"])) for r in doc["runs"] if r["rater"] in runs]
     doc.update(kind="kto-loop simulate", settings=settings, machine={"cpu": "test"}, started_at="2026-12-02T10:00:00",
                code="abc1234")
     path.write_text(json.dumps(doc))
@@ -357,7 +359,7 @@ def test_files_given_one_label_are_repeats_quoted_by_their_median(tmp_path, caps
         run = doc["runs"][0]
         run["seed"] = seed
         run["cycles"][0]["eval"]["desirable_rate"], run["cycles"][1]["eval"]["desirable_rate"] = up1, up2
-        run["summary"] = sim.summarize(run["base"], run["cycles"])
+        run["summary"] = report.summarize(run["base"], run["cycles"])
         (tmp_path / f"s{seed}.json").write_text(json.dumps(doc))
         files.append(tmp_path / f"s{seed}.json")
     other = _results_file(tmp_path / "other.json", {"concise"}, first_lora_layer="20")
@@ -387,7 +389,7 @@ def test_files_given_one_label_are_repeats_quoted_by_their_median(tmp_path, caps
     assert [r["label"] for r in doc["runs"]] == ["concise, K15 (s0)", "concise, K15 (s1)", "concise, K15 (s2)"]
     assert [(g["group"], g["n_runs"]) for g in doc["repeats"]] == [("K15", 3)]
     # without labels, identical settings make repeats too
-    doc = sim.combine([(str(f), json.loads(f.read_text()), None) for f in files])
+    doc = report.combine([(str(f), json.loads(f.read_text()), None) for f in files])
     assert [(g["n_runs"], g["median_best_gain_points"]) for g in doc["repeats"]] == [(3, 35.0)]
     assert [r["label"] for r in doc["runs"]] == ["concise (seed 0)", "concise (seed 1)", "concise (seed 2)"]
 
@@ -424,9 +426,9 @@ def test_fresh_config_never_points_at_the_production_store(tmp_path):
 def test_simulate_refuses_a_used_work_dir(tmp_path):
     (tmp_path / "concise").mkdir()
     (tmp_path / "concise" / "feedback.duckdb").write_text("x")
-    spec = sim.SimSpec("concise", sim.load_rater("concise")[1])
+    spec = sim.SimSpec("concise", inputs.load_rater("concise")[1])
     cfg = config_from(argparse.Namespace(), environ={})
-    with pytest.raises(sim.SimulationError, match="not empty"):
+    with pytest.raises(inputs.SimulationError, match="not empty"):
         sim.simulate(cfg, [spec], tmp_path, log=lambda m: None, build_stack=lambda c: pytest.fail("started"))
 
 
@@ -444,7 +446,7 @@ def test_command_bad_input_is_a_one_line_error(tmp_path, capsys):
     assert cmd.run(parse(["--cycles", "0", "--json", str(out)]), cfg) == 2
     assert "--cycles must be at least 1" in capsys.readouterr().err
     overlap = tmp_path / "h.jsonl"
-    overlap.write_text(sim.DEFAULT_PROMPTS.read_text().splitlines()[0] + "\n")
+    overlap.write_text(inputs.DEFAULT_PROMPTS.read_text().splitlines()[0] + "\n")
     assert cmd.run(parse(["--holdout", str(overlap), "--json", str(out)]), cfg) == 2
     assert "also in the training prompts" in capsys.readouterr().err
     assert not out.exists()
@@ -454,7 +456,7 @@ def test_parallel_map_keeps_order_and_does_not_run_the_queue_after_an_error():
     import threading
     import time
 
-    assert sim.parallel_map(lambda x: x * x, list(range(20)), 4) == [x * x for x in range(20)]
+    assert measure.parallel_map(lambda x: x * x, list(range(20)), 4) == [x * x for x in range(20)]
     started: list[int] = []
     lock = threading.Lock()
 
@@ -467,7 +469,7 @@ def test_parallel_map_keeps_order_and_does_not_run_the_queue_after_an_error():
         return i
 
     with pytest.raises(KeyboardInterrupt):
-        sim.parallel_map(job, list(range(200)), 2)
+        measure.parallel_map(job, list(range(200)), 2)
     time.sleep(0.3)
     assert len(started) < 50  # the queued chats were cancelled, not all 200 run
 
@@ -502,9 +504,9 @@ def test_refused_candidate_is_the_final_adapter_even_when_a_checkpoint_was_promo
 
 def test_evenly_spaced_keeps_every_part_of_the_list():
     items = [f"p{i}" for i in range(58)]
-    picked = sim.evenly_spaced(items, 40)
+    picked = inputs.evenly_spaced(items, 40)
     assert len(picked) == 40 == len(set(picked)) and picked[0] == "p0" and picked[-1] in items[-3:]
-    assert sim.evenly_spaced(items, 0) == items and sim.evenly_spaced(items, 100) == items
+    assert inputs.evenly_spaced(items, 0) == items and inputs.evenly_spaced(items, 100) == items
 
 
 def test_collect_refills_unrated_answers_at_full_concurrency_and_never_overshoots():
@@ -563,15 +565,15 @@ def test_results_name_the_code_that_made_them(tmp_path):
         return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
                               check=True, capture_output=True, text=True).stdout.strip()
 
-    assert sim.code_version(tmp_path) is None  # not a checkout
+    assert report.code_version(tmp_path) is None  # not a checkout
     git("init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
     git("add", "a.py")
     git("commit", "-q", "-m", "one")
     head = git("rev-parse", "--short", "HEAD")
-    assert sim.code_version(tmp_path) == head
+    assert report.code_version(tmp_path) == head
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert sim.code_version(tmp_path) == head + "-dirty"
+    assert report.code_version(tmp_path) == head + "-dirty"
 
 
 def test_the_code_version_is_the_one_the_run_started_with(tmp_path, monkeypatch):
@@ -579,7 +581,7 @@ def test_the_code_version_is_the_one_the_run_started_with(tmp_path, monkeypatch)
     import contextlib
 
     versions = iter(["abc1234", "def5678-dirty"])
-    monkeypatch.setattr(sim, "code_version", lambda root=sim.SOURCE_ROOT: next(versions))
+    monkeypatch.setattr(sim, "code_version", lambda root=report.SOURCE_ROOT: next(versions))
 
     def one_run(stack, spec, log, checkpoint):
         rec = {"rater": spec.rater_name, "base": {}, "cycles": []}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.config import config_from
+from app.sim import inputs, report
 from app.sim import run as sim
 
 CYCLE_KEYS = {"cycle", "n_D", "n_U", "lambda_D", "lambda_U", "z0_pre_clamp", "z0", "train_seconds", "promoted",
@@ -39,7 +40,7 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     prompts = [f"Tell me about topic number {i}." for i in range(12)] + ["Skip this one, please."]
     spec = sim.SimSpec("coin", coin_rater, cycles=1, ratings_per_cycle=32, prompts=prompts,
                        holdout=["Say something nice.", "What is a tree?"],
-                       capability=sim.load_capability()[:3], samples_per_prompt=2, capability_repeats=2,
+                       capability=inputs.load_capability()[:3], samples_per_prompt=2, capability_repeats=2,
                        ablation=True, workers=4, seed=3)
     logs: list[str] = []
     updates: list[dict] = []
@@ -47,8 +48,8 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     # partial documents after the base measurement and after the cycle, then the complete one
     assert [len(u["runs"][0]["cycles"]) for u in updates] == [0, 1, 1]
     assert [u["runs"][0]["complete"] for u in updates] == [False, False, True]
-    sim.write_json(doc, tmp_path / "r.json")
-    sim.plot(doc, tmp_path / "r.png")
+    report.write_json(doc, tmp_path / "r.json")
+    report.plot(doc, tmp_path / "r.png")
     doc = json.loads((tmp_path / "r.json").read_text())  # what is checked is what was written
 
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
