@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.loop.capability import http_ask, load_capability, probe
+from app.loop.gate import http_ask, load_capability, probe
 from benchmarks.harness import machine, result_path, write_result
 from benchmarks.probe_priority_bench import (
     TOKENS,

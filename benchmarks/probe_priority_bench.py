@@ -1,6 +1,6 @@
 """What the promotion gate's capability probe costs the people chatting, and how long it takes, side by side in one run.
 
-Before an adapter is served, the capability guard (app/loop/capability.py) asks it the 33 shipped factual questions
+Before an adapter is served, the capability guard (app/loop/gate.py) asks it the 33 shipped factual questions
 (greedy, up to 64 tokens). This benchmark runs that probe on one vLLM server (kto-loop's spec: priority
 scheduling) while simulated users chat, in four ways:
 1. `old`: 8 questions at a time at the users' priority (0), the guard as it was;
@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.loop.capability import http_ask, load_capability, probe
+from app.loop.gate import http_ask, load_capability, probe
 from benchmarks.harness import PROMPTS, machine, make_adapter, result_path, write_result
 from serving.client import ChatClient, SamplingParams
 from serving.registry import AdapterRegistry

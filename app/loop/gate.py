@@ -1,34 +1,31 @@
-"""Promotion gate: does a freshly trained adapter beat the served one on the aligner's held-out set?
-
-Pure function, no I/O. Inputs are the `heldout.new` / `heldout.served` dicts of the aligner manifest:
-`{"margin", "frac_correct_side", "loss"}` where margin = mean implied reward on held-out desirable answers minus
-the mean on undesirable ones, and frac_correct_side = share of held-out examples whose reward has the sign of
-their label. Both adapters are scored on the same held-out examples against the same reference, so the numbers
-are comparable.
-
-The rule (all must hold):
-1. the new metrics exist and are finite;
-2. margin gain: new.margin - served.margin > min_gain;
-3. no significant regression on the side test. With per-example `correct_side` lists (same held-out examples,
-   same order), an exact sign test on the examples that changed side (McNemar's test for paired data, exact
-   form): refuse when the new adapter moved significantly more examples to the wrong side than to the right one
-   (one-sided p <= alpha, 0.05). A fixed tolerance on the share cannot work for small held-out sets: with 21
-   examples, 0.05 is less than one example, so any two flips refused a candidate with a large margin gain.
-   Without the lists (older manifests): new.frac_correct_side >= served.frac_correct_side - frac_tolerance.
-When nothing is served yet (`served` is None or empty) the base model is the comparison: its margin against
-itself is 0 and rule 3 is skipped. When the held-out set holds one class only (a heavily imbalanced snapshot can
-leave no held-out thumbs-up), the margin is undefined; the gate then compares that class's mean reward instead
-(lower on undesirable answers, higher on desirable ones), with the same threshold and sign test.
+"""The promotion gate: a trained adapter is served only if it beats the served one on the aligner's held-out set
+(margin test), keeps the base model's factual answers (capability guard), and, when a run's final adapter fails,
+the run's earlier checkpoints are offered newest first (checkpoint fallback). The decisions are pure functions; the
+I/O (asking vLLM, loading an adapter, evaluating checkpoints) is passed in. Measurements behind the rules:
+docs/experiments/2026-11-23-simulator-defaults.md, docs/experiments/2026-12-02-examples-learning-rate-seeds.md.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import json
 import math
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serving.admission import Admission
 
 FRAC_TOLERANCE = 0.05
 SIGN_TEST_ALPHA = 0.05
+DEFAULT_CAPABILITY = Path(__file__).parent / "data" / "capability.jsonl"
+CAPABILITY_MAX_TOKENS = 64
 
+
+# ---------------------------------------------------------------- margin test
 
 def sign_test_p(worse: int, better: int) -> float:
     """One-sided exact sign test: P(at least `worse` of the `worse + better` changed examples went the wrong way)
@@ -70,7 +67,10 @@ def _score(d: dict[str, Any]) -> tuple[float | None, str]:
 
 def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, min_gain: float,
                    frac_tolerance: float = FRAC_TOLERANCE, alpha: float = SIGN_TEST_ALPHA) -> tuple[bool, str]:
-    """(promote?, human-readable reason); the reason is recorded with the run either way."""
+    """(promote?, reason) from the manifest's `heldout.new`/`heldout.served`: the score must gain more than
+    `min_gain`, and no significantly more held-out examples may move to the wrong side than to the right one (an
+    exact sign test on paired `correct_side` lists; a share tolerance for manifests without them). Nothing served:
+    the base model, whose score against itself is 0, is the comparison."""
     if not new:
         return False, "not promoted: the new adapter has no held-out metrics"
     new_score, what = _score(new)
@@ -103,3 +103,212 @@ def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, mi
                        f"(tolerance {frac_tolerance:.2f}) despite {what} gain {gain:+.4f}")
     return True, (f"promoted: {what} gain {gain:+.4f} (new {new_score:+.4f}, served {served_score:+.4f}) "
                   f"> {min_gain:+.4f}")
+
+
+# ---------------------------------------------------------------- capability guard
+
+class CapabilityError(ValueError):
+    """The capability file is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: tuple[str, ...]
+
+
+def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
+    """The factual questions (all answered correctly by the base model) a candidate must keep answering."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapabilityError(f"capability file not found: {path}")
+    items = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append(Question(str(row["question"]), tuple(str(a) for a in row["answers"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CapabilityError(f"{path}:{i}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
+    if not items:
+        raise CapabilityError(f"no questions in {path}")
+    return items
+
+
+def is_correct(answer: str, accepted: Sequence[str]) -> bool:
+    """An accepted answer appears as a whole word/phrase (case-insensitive): "8" does not match "18"."""
+    low = answer.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(a.lower()) + r"(?!\w)", low) for a in accepted)
+
+
+Ask = Callable[[str, str], str]  # (model, question) -> answer text, greedy
+
+
+@dataclass
+class ProbeResult:
+    model: str
+    correct: int
+    n: int
+    wrong: list[dict[str, str]]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 0) -> ProbeResult:
+    """Ask every question of `model` at once (`workers` = 0): vLLM batches them into the same engine steps,
+    about twice as fast as eight at a time on 2 cores (docs/experiments/2026-11-30-probe-priority-and-admission.md)."""
+    with cf.ThreadPoolExecutor(max(1, workers or len(questions))) as ex:
+        answers = list(ex.map(lambda q: ask(model, q.question), questions))
+    wrong = [{"question": q.question, "answer": a[:200]} for q, a in zip(questions, answers, strict=True)
+             if not is_correct(a, q.answers)]
+    return ProbeResult(model, len(questions) - len(wrong), len(questions), wrong)
+
+
+def capability_ok(candidate: ProbeResult, floor: ProbeResult, max_drop: float) -> bool:
+    """The held-out margin cannot see forgetting; a candidate may lose at most `max_drop` of the questions."""
+    return candidate.accuracy >= floor.accuracy - max_drop - 1e-9
+
+
+class CapabilityGuard:
+    """`guard(candidate, served) -> (ok, reason)`, the registry's check between loading and switching. The floor is
+    the base model's score when `base` is given (a per-cycle floor against the served version would ratchet down a
+    question a cycle, and a lucky served score would raise it); the served version is probed for the record.
+    Probes are cached: the served version's while it is served, the base model's for good."""
+
+    def __init__(self, ask: Ask, questions: Sequence[Question], max_drop: float, workers: int = 0,
+                 base: str | None = None) -> None:
+        if not questions:
+            raise CapabilityError("the capability guard needs at least one question")
+        self.ask, self.questions, self.max_drop, self.workers = ask, list(questions), max_drop, workers
+        self.base = base
+        self._served: dict[str, ProbeResult] = {}
+        self._base: ProbeResult | None = None
+        self.last: dict[str, Any] | None = None
+
+    def __call__(self, candidate: str, served: str) -> tuple[bool, str]:
+        old = self._served.get(served) or probe(self.ask, served, self.questions, self.workers)
+        self._served = {served: old}
+        if self.base is not None and self._base is None:
+            self._base = old if served == self.base else probe(self.ask, self.base, self.questions, self.workers)
+        new = probe(self.ask, candidate, self.questions, self.workers)
+        self._served[candidate] = new  # becomes the served one if promoted
+        floor = old if self._base is None else self._base
+        ok = capability_ok(new, floor, self.max_drop)
+        self.last = {"candidate": candidate, "served": served, "candidate_correct": new.correct,
+                     "served_correct": old.correct, "n": new.n, "max_drop": self.max_drop, "ok": ok,
+                     "candidate_wrong": new.wrong}
+        what = f"capability probe {new.correct}/{new.n} vs {floor.correct}/{floor.n} for {floor.model}"
+        if floor.model != served:
+            self.last["base_correct"] = floor.correct
+            what += f", served {served} {old.correct}/{old.n}"
+        what += f" (allowed drop {self.max_drop:.0%})"
+        return ok, (what if ok else f"not promoted: {what}")
+
+
+def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = None,
+             timeout: float = 120.0, priority: int | None = None, admission: Admission | None = None) -> Ask:
+    """An `Ask` over vLLM's OpenAI API: greedy, CAPABILITY_MAX_TOKENS, the app's system prompt; `priority` and
+    `admission` keep the probe behind users' chats (serving.server, serving.admission)."""
+    import httpx
+
+    from serving.admission import slot
+
+    def ask(model: str, question: str) -> str:
+        sp = system_prompt() if system_prompt else None
+        messages = ([{"role": "system", "content": sp}] if sp else []) + [{"role": "user", "content": question}]
+        body = {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": CAPABILITY_MAX_TOKENS}
+        if priority is not None:
+            body["priority"] = priority
+        with slot(admission, "background"):
+            r = httpx.post(f"{base_url.rstrip('/')}/v1/chat/completions", timeout=timeout, json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"] or ""
+
+    return ask
+
+
+# ---------------------------------------------------------------- checkpoint fallback
+
+@dataclass
+class Candidate:
+    """One adapter a run offers: its final one, or a checkpoint whose held-out metrics may still be pending."""
+    name: str
+    step: int | None
+    dir: Path
+    heldout_new: dict[str, Any] | None
+    pending: bool = False
+
+
+@dataclass
+class Attempt:
+    """What loading one candidate gave: the version it serves as (None if refused), the refusal, the probe record."""
+    version: str | None
+    refused: str | None = None
+    guard: dict[str, Any] | None = None
+
+
+@dataclass
+class GateResult:
+    promoted: bool
+    reason: str
+    version: str | None
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every verdict, for the run record
+    capability_guard: dict[str, Any] | None = None
+    promoted_checkpoint: dict[str, Any] | None = None
+
+
+def candidates(out: Path, manifest: dict[str, Any]) -> list[Candidate]:
+    """The run's final adapter, then its saved checkpoints newest first (a run that moved too far has usually
+    passed a safe point on the way)."""
+    final = Candidate("final", None, out, (manifest.get("heldout") or {}).get("new"))
+    earlier = [Candidate(f"step {c['step']}/{c['steps']}", c["step"], out / c["path"], c.get("heldout_new"),
+                         bool(c.get("heldout_pending")))
+               for c in reversed(manifest.get("checkpoints") or []) if (out / c["path"]).is_dir()]
+    return [final, *earlier]
+
+
+def decide(cands: Sequence[Candidate], manifest: dict[str, Any], min_gain: float,
+           attempt: Callable[[Candidate], Attempt],
+           evaluate_pending: Callable[[list[Candidate]], None]) -> GateResult:
+    """Offer each candidate in turn to the margin test and, if it passes, to `attempt` (load, capability guard,
+    switch); the first served one wins. `evaluate_pending` fills the checkpoints' metrics, once, only when a
+    checkpoint is reached (a promoted final adapter never pays for them)."""
+    served_metrics = (manifest.get("heldout") or {}).get("served")
+    pending = [c for c in cands if c.pending]
+    verdicts: list[dict[str, Any]] = []
+    result = GateResult(False, "", None, verdicts)
+    for cand in cands:
+        if cand.pending:
+            evaluate_pending(pending)
+        ok, reason = should_promote(cand.heldout_new, served_metrics, min_gain)
+        if cand.heldout_new is None and manifest.get("checkpoint_eval_error"):
+            reason = f"not promoted: {manifest['checkpoint_eval_error']}"
+        verdict: dict[str, Any] = {"candidate": cand.name, "step": cand.step, "promoted": False}
+        verdicts.append(verdict)
+        tried = Attempt(None)
+        if ok:
+            tried = attempt(cand)
+            if tried.refused is not None:
+                ok, reason = False, tried.refused
+            guard = tried.guard
+            if guard is not None:
+                verdict["capability_guard"] = result.capability_guard = guard
+                if ok:
+                    reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
+                               f"(served {guard['served_correct']}/{guard['n']})")
+        # a refused candidate keeps the name it was loaded under (vLLM cannot forget it): record that too
+        verdict.update(reason=reason, promoted=ok, version=tried.version or (tried.guard or {}).get("candidate"))
+        if ok:
+            if cand is not cands[0]:
+                result.promoted_checkpoint = {"step": cand.step, "heldout_new": cand.heldout_new}
+                verdict["reason"] = (f"{reason} [checkpoint {cand.name} of the run; the final adapter was refused: "
+                                     f"{verdicts[0]['reason']}]")
+            result.promoted, result.reason, result.version = True, verdict["reason"], verdict["version"]
+            return result
+    result.reason = verdicts[0]["reason"]
+    if len(verdicts) > 1:
+        result.reason += f" (so were the run's {len(verdicts) - 1} earlier checkpoint{'s' * (len(verdicts) > 2)})"
+    return result

@@ -29,6 +29,7 @@ from typing import Any
 
 from aligner.layers import parse_first_layer
 from app.config import ANCHOR_TOKENS_MAX
+from app.loop import gate
 
 Progress = Callable[[dict[str, Any]], None]
 MODES = ("continue", "fresh")
@@ -99,7 +100,7 @@ class Realigner:
         self.anchor_cache = Path(anchor_cache) if anchor_cache is not None else Path(work_dir) / "anchor-cache"
         self.store, self.registry = store, registry
         self.mode = mode
-        self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/loop/capability.py
+        self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/loop/gate.py
         self.model_dir, self.work_dir = Path(model_dir), Path(work_dir)
         self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
         self.max_examples = max_examples
@@ -196,71 +197,35 @@ class Realigner:
 
     def _gate(self, out: Path, manifest: dict[str, Any], current: str | None, continued: bool, run_id: str,
               progress: Progress | None) -> tuple[bool, str, str | None]:
-        """Offer the final adapter, then the run's earlier checkpoints (newest first), to the held-out gate and the
-        capability guard; promote the first that passes both. Returns (promoted?, reason, version).
-
-        Why fall back: a run that moved too far (the guard saw it forget facts) has usually passed through a
-        safe point on the way; serving that point now beats serving nothing new until the next run. Every
-        candidate faces the same two tests against the served version, and every verdict lands in the manifest
-        (`candidates`), so the record shows what was refused and why.
-        """
-        from app.loop.gate import should_promote
+        """Run the promotion gate (app/loop/gate.py) on this run's adapters; every verdict lands in the manifest."""
         from serving.registry import AdapterRejected
 
-        final = {"name": "final", "step": None, "dir": out, "heldout_new": (manifest.get("heldout") or {}).get("new")}
-        earlier = [{"name": f"step {c['step']}/{c['steps']}", "step": c["step"], "dir": out / c["path"],
-                    "heldout_new": c.get("heldout_new"), "pending": bool(c.get("heldout_pending"))}
-                   for c in reversed(manifest.get("checkpoints") or []) if (out / c["path"]).is_dir()]
-        served_metrics = (manifest.get("heldout") or {}).get("served")
-        verdicts: list[dict[str, Any]] = []
-        for cand in [final, *earlier]:
-            if cand.get("pending"):  # the final adapter was refused: now the checkpoints' metrics are worth a pass
-                self._evaluate_checkpoints(out, manifest, earlier, progress)
-            ok, reason = should_promote(cand["heldout_new"], served_metrics, self.min_gain)
-            if cand["heldout_new"] is None and manifest.get("checkpoint_eval_error"):
-                reason = f"not promoted: {manifest['checkpoint_eval_error']}"
-            verdict: dict[str, Any] = {"candidate": cand["name"], "step": cand["step"], "promoted": False}
-            verdicts.append(verdict)
-            version, guard = None, None
-            if ok:
-                self._emit(progress, event="phase", phase="promote")
-                if hasattr(self.capability_guard, "last"):
-                    self.capability_guard.last = None  # only this candidate's verdict is recorded
-                try:
-                    version = self._promote(cand["dir"], current if continued else None, run_id)
-                except AdapterRejected as e:
-                    ok, reason = False, str(e)
-                guard = getattr(self.capability_guard, "last", None)
-                if guard is not None:
-                    verdict["capability_guard"] = manifest["capability_guard"] = guard
-                    if ok:
-                        reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
-                                   f"(served {guard['served_correct']}/{guard['n']})")
-            # a refused candidate keeps the name it was loaded under (vLLM cannot forget it): record that too
-            verdict.update(reason=reason, promoted=ok, version=version or (guard or {}).get("candidate"))
-            if ok:
-                if cand is not final:
-                    manifest["promoted_checkpoint"] = {"step": cand["step"], "heldout_new": cand["heldout_new"]}
-                    reason = (f"{reason} [checkpoint {cand['name']} of the run; the final adapter was refused: "
-                              f"{verdicts[0]['reason']}]")
-                    verdict["reason"] = reason
-                break
-        manifest["candidates"] = verdicts
-        last = verdicts[-1]
-        if last["promoted"]:
-            return True, last["reason"], last["version"]
-        reason = verdicts[0]["reason"]
-        if len(verdicts) > 1:
-            reason += f" (so were the run's {len(verdicts) - 1} earlier checkpoint{'s' * (len(verdicts) > 2)})"
-        return False, reason, None
+        def attempt(cand: gate.Candidate) -> gate.Attempt:
+            self._emit(progress, event="phase", phase="promote")
+            if hasattr(self.capability_guard, "last"):
+                self.capability_guard.last = None  # only this candidate's verdict is recorded
+            try:
+                version, refused = self._promote(cand.dir, current if continued else None, run_id), None
+            except AdapterRejected as e:
+                version, refused = None, str(e)
+            return gate.Attempt(version, refused, getattr(self.capability_guard, "last", None))
 
-    def _evaluate_checkpoints(self, out: Path, manifest: dict[str, Any], earlier: list[dict[str, Any]],
+        result = gate.decide(gate.candidates(out, manifest), manifest, self.min_gain, attempt,
+                             lambda pending: self._evaluate_checkpoints(out, manifest, pending, progress))
+        manifest["candidates"] = result.candidates
+        if result.capability_guard is not None:
+            manifest["capability_guard"] = result.capability_guard
+        if result.promoted_checkpoint is not None:
+            manifest["promoted_checkpoint"] = result.promoted_checkpoint
+        return result.promoted, result.reason, result.version
+
+    def _evaluate_checkpoints(self, out: Path, manifest: dict[str, Any], earlier: list[gate.Candidate],
                               progress: Progress | None) -> None:
         """Run `python -m aligner.checkpoints` on a lazy run's adapter (all its pending checkpoints in one child:
         the model loads once) and copy the metrics it wrote into `manifest` and the candidates. A failure is
         recorded; the candidates then stay without metrics, which the gate refuses with that reason."""
         for c in earlier:
-            c["pending"] = False
+            c.pending = False
         self._emit(progress, event="phase", phase="checkpoint_eval")
         cmd = self._niced([sys.executable, "-m", "aligner.checkpoints", str(out)])
         log_path = out.parent / "checkpoints_eval.log"
@@ -283,7 +248,7 @@ class Realigner:
             return
         by_step = {c["step"]: c for c in fresh.get("checkpoints") or []}
         for c in earlier:
-            c["heldout_new"] = (by_step.get(c["step"]) or {}).get("heldout_new")
+            c.heldout_new = (by_step.get(c.step) or {}).get("heldout_new")
         manifest["checkpoints"] = fresh.get("checkpoints")
         manifest["checkpoint_eval_seconds"] = round(time.monotonic() - t0, 3)  # child start-up and model load too
 

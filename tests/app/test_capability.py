@@ -1,4 +1,4 @@
-"""The capability probe and the promotion gate's capability guard (app/loop/capability.py), with scripted answers."""
+"""The capability probe and the promotion gate's capability guard (app/loop/gate.py), with scripted answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from app.loop.capability import (
+from app.loop.gate import (
     CapabilityError,
     CapabilityGuard,
     Question,

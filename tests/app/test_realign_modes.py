@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app.loop.gate import Candidate
 from app.loop.realign import Realigner
 from feedback_store import FeedbackStore
 
@@ -204,7 +205,7 @@ def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Pa
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_capability_guard_refusal_keeps_the_served_version_and_is_recorded(tiny_model_dir: Path, tmp_path: Path):
-    from app.loop.capability import CapabilityGuard, Question
+    from app.loop.gate import CapabilityGuard, Question
 
     questions = [Question(f"Capital of land {i}?", (f"Town{i}",)) for i in range(10)]
     knows = {"base": 10, "kto-v1": 6}  # the candidate forgot 4 of 10 answers
@@ -257,7 +258,7 @@ def test_a_promoted_final_adapter_never_pays_for_its_checkpoints(tiny_model_dir:
 def test_refused_final_adapter_falls_back_to_the_newest_safe_checkpoint(tiny_model_dir: Path, tmp_path: Path):
     """The final adapter forgot facts; the run's earlier checkpoints are offered newest first, each loaded under a
     new name and probed; the first that keeps the facts is served and the record says which and why."""
-    from app.loop.capability import CapabilityGuard, Question
+    from app.loop.gate import CapabilityGuard, Question
 
     questions = [Question(f"Capital of land {i}?", (f"Town{i}",)) for i in range(10)]
     # run 1 loads kto-v1 (final), kto-v2 (step 2/3), kto-v3 (step 1/3); run 2 loads kto-v4, kto-v5, kto-v6
@@ -314,11 +315,11 @@ def test_a_failed_checkpoint_evaluation_is_recorded_and_offers_nothing(tmp_path:
     out = tmp_path / "runs" / "run-x" / "adapter"
     out.mkdir(parents=True)
     manifest: dict = {}
-    earlier = [{"step": 2, "pending": True, "heldout_new": None}, {"step": 1, "pending": True, "heldout_new": None}]
+    earlier = [Candidate(f"step {s}/3", s, out / f"checkpoints/step-{s}", None, pending=True) for s in (2, 1)]
     rl._evaluate_checkpoints(out, manifest, earlier, None)
     err = manifest["checkpoint_eval_error"]
     assert err.startswith("checkpoint evaluation failed: exit code 2") and "holds no manifest.json" in err
-    assert all(c["heldout_new"] is None and not c["pending"] for c in earlier)  # tried once, not per candidate
+    assert all(c.heldout_new is None and not c.pending for c in earlier)  # tried once, not per candidate
     assert (out.parent / "checkpoints_eval.log").is_file()
     store.close()
 

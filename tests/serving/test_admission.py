@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.loop.capability import http_ask
+from app.loop.gate import http_ask
 from serving.admission import Admission
 from serving.client import ChatClient, SamplingParams
 
