@@ -9,7 +9,6 @@ process outlives the app.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shlex
 import socket
@@ -18,12 +17,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-from fastapi import Body
+from typing import Any
 
 from app.config import Config
-from app.loop.realign import Realigner, RunInProgress
+from app.loop.realign import Realigner
 from app.operator_settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
 
 
@@ -123,10 +120,10 @@ def sampling_for(cfg: Config):
 def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0):
     """FastAPI app with chat at "/", console at "/admin", operator API at "/api/admin"; returns (app, scheduler)."""
     import gradio as gr
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI
 
     from app.loop.scheduler import RealignScheduler
+    from app.web.admin_api import AdminRequestGuard, admin_router
     from app.web.auth import MAX_PUBLIC_BODY, SECRET_FILE, AuthMiddleware, raters_for
     from app.web.chat import CSS, ChatService, Limits, PromptTokens, build_chat_ui
     from app.web.console import Operator, build_console
@@ -147,67 +144,20 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
                         user_header=cfg.rater_user_header, new_ids_per_hour=cfg.address_new_ids_per_hour)
 
     app = FastAPI(title="kto-loop", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AdminRequestGuard)  # added first, so AuthMiddleware (outermost) answers 401 first
     app.add_middleware(AuthMiddleware, admin_user=cfg.admin_user, admin_password=admin_password, raters=raters)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
         return {"ok": True, "server_ok": service.server_ok(), "served": st.registry.current()}
 
-    @app.get("/api/admin/stats")
-    def stats() -> dict[str, Any]:
-        s = op.summary()
-        return JSONResponse(_jsonable(s))
-
-    @app.post("/api/admin/align")
-    def align(body: Annotated[dict | None, Body()] = None):
-        body = body or {}
-        try:
-            msg = op.realign_now(trigger=str(body.get("trigger", "operator")))
-        except RunInProgress as e:
-            raise HTTPException(409, str(e)) from None
-        if body.get("wait"):
-            scheduler.wait()
-        return {"message": msg, "run": st.realigner.status.as_dict()}
-
-    @app.get("/api/admin/run")
-    def run_status():
-        return st.realigner.status.as_dict()
-
-    @app.get("/api/admin/schedule")
-    def get_schedule():
-        return dataclasses.asdict(st.settings.load()) | {"next_run": scheduler.next_run_time()}
-
-    @app.post("/api/admin/schedule")
-    def set_schedule(body: Annotated[dict, Body()]):
-        allowed = {"interval_minutes", "cron", "min_new_ratings", "max_examples", "enabled"}
-        unknown = set(body) - allowed
-        if unknown:
-            raise HTTPException(400, f"unknown schedule fields: {sorted(unknown)}")
-        try:
-            s = scheduler.update(**body)
-        except (ValueError, TypeError) as e:
-            raise HTTPException(400, str(e)) from None
-        return dataclasses.asdict(s) | {"next_run": scheduler.next_run_time()}
-
-    @app.post("/api/admin/rollback")
-    def rollback(body: Annotated[dict | None, Body()] = None):
-        body = body or {}
-        try:
-            return {"message": op.rollback(body.get("version")), "served": st.registry.current()}
-        except Exception as e:
-            raise HTTPException(400, str(e)) from None
+    app.include_router(admin_router(st, op, scheduler))
 
     console = build_console(op, refresh_s=console_refresh_s)
     chat = build_chat_ui(service, raters)
     app = gr.mount_gradio_app(app, console, path="/admin", css=CSS, footer_links=[])
     app = gr.mount_gradio_app(app, chat, path="/", css=CSS, footer_links=[], max_file_size=MAX_PUBLIC_BODY)
     return app, scheduler
-
-
-def _jsonable(obj: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
 
 
 def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:

@@ -2,7 +2,8 @@
 working on the data dir directly when it is not.
 
 The app writes DATA_DIR/app_runtime.json (mode 0600: URL, pid, admin credentials) while it runs, so an operator
-on the same machine needs no extra flags.
+on the same machine needs no extra flags. Every request carries the operator API's custom header, which a web page
+cannot make a browser send: that is what tells the app an admin change comes from here and not from a forged form.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 
 from app.config import Config
 from app.operator_settings import RUNTIME_FILE
+from app.web.admin_api import admin_headers
 from app.web.auth import basic_header
 
 
@@ -54,7 +56,10 @@ def call(cfg: Config, method: str, path: str, body: dict | None = None, timeout:
     if info is None:
         raise AppNotRunning("the app is not running")
     password = cfg.admin_password or info.get("admin_password", "")
-    headers = {"Authorization": basic_header(cfg.admin_user, password)}
+    # JSON body (httpx sets the content type) plus the admin header: what the app's forgery guard asks of a
+    # mutation (app/web/admin_api.py); GETs carry them too, harmlessly.
+    headers = {"Authorization": basic_header(cfg.admin_user, password), "Content-Type": "application/json",
+               **admin_headers()}
     try:
         r = httpx.request(method, info["url"] + path, json=body, headers=headers, timeout=timeout)
     except httpx.ConnectError:

@@ -60,16 +60,14 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _offline(cfg: Config, ch: dict) -> dict:
-    from app.loop.scheduler import validate_schedule
+    """No app running: check and persist the changes here (nothing is written when one is bad)."""
     from app.main import default_settings
     from app.operator_settings import SettingsStore
 
     store = SettingsStore(cfg.data_dir, default_settings(cfg))
     s = store.load()
-    merged = dataclasses.asdict(s) | ch
-    validate_schedule(int(merged["interval_minutes"]), str(merged["cron"]))
-    if merged["min_new_ratings"] < 0 or merged["max_examples"] < 1:
-        raise ValueError("min new ratings must be ≥ 0 and max examples ≥ 1")
+    if store.error:
+        print(f"kto-loop: {store.error}", file=sys.stderr)
     if ch:
         s = store.update(**ch)
     return dataclasses.asdict(s) | {"note": "app not running; applied at next start"}

@@ -1,37 +1,44 @@
 """Scheduled realignment inside the app process (APScheduler BackgroundScheduler).
 
 The schedule (interval or cron, minimum new ratings, maximum examples) lives in the persisted operator settings,
-so it survives restarts. A scheduled tick only starts a run when enough new ratings arrived since the last run
-and no run is going; runs happen on a worker thread, so a tick never blocks the scheduler.
+and the job's next run time in DATA_DIR/schedule_state.json, both surviving restarts: a restart (or saving an
+unrelated setting) keeps the next run where it was instead of counting a fresh interval from "now", so a daily
+schedule with daily restarts still fires, and a run time missed while the app was down gives one catch-up run
+at start (coalesced, however many were missed; no misfire grace limit, so a busy moment never skips a tick).
+
+A scheduled tick only starts a run when enough new ratings arrived since the last run, no run is going, and the
+last runs did not fail: after N failed runs in a row the schedule waits BACKOFF_BASE_S·2^(N-1) (capped at
+BACKOFF_CAP_S) from the last failure before trying again, instead of failing again on every tick. Runs happen on
+a worker thread, so a tick never blocks the scheduler; an operator can always start a run by hand.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_SUBMITTED
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from app.loop.realign import Realigner, RunInProgress
-from app.operator_settings import OperatorSettings, SettingsStore
+from app.operator_settings import OperatorSettings, SettingsStore, validate_schedule, write_json_atomic
+
+__all__ = ["RealignScheduler", "backoff_until", "failure_streak", "first_run_time", "validate_schedule"]
+
+log = logging.getLogger(__name__)
 
 JOB_ID = "realign"
-
-
-def validate_schedule(interval_minutes: int, cron: str) -> None:
-    """Raise ValueError with a clear message for a schedule APScheduler would refuse."""
-    if interval_minutes < 0:
-        raise ValueError("interval must be 0 (off) or a positive number of minutes")
-    if interval_minutes and cron.strip():
-        raise ValueError("choose either an interval or a cron expression, not both")
-    if cron.strip():
-        try:
-            CronTrigger.from_crontab(cron.strip())
-        except ValueError as e:
-            raise ValueError(f"bad cron expression {cron!r}: {e}") from None
+STATE_FILE = "schedule_state.json"
+BACKOFF_BASE_S = 600.0          # first wait after a failed run: 10 minutes
+BACKOFF_CAP_S = 24 * 3600.0     # never more than a day between tries
 
 
 def new_ratings(store) -> int:
@@ -47,14 +54,84 @@ def new_ratings(store) -> int:
     return int(getattr(got, "total", 0) or (getattr(got, "up", 0) + getattr(got, "down", 0)))
 
 
+# ---------------------------------------------------------------- pure rules
+
+def schedule_key(s: OperatorSettings) -> dict[str, Any]:
+    """What identifies a schedule: a persisted next run belongs to it only while these stay the same."""
+    return {"interval_minutes": s.interval_minutes, "cron": s.cron.strip()}
+
+
+def first_run_time(trigger, state: Mapping[str, Any] | None, key: Mapping[str, Any], now: datetime) -> datetime | None:
+    """When the job fires first after the schedule is (re)applied at `now`.
+
+    The persisted next run when it belongs to this same schedule (if it is already past, the job is due at once:
+    one catch-up run); otherwise the trigger's first time after `now`.
+    """
+    if state and state.get("schedule") == dict(key) and state.get("next_run"):
+        try:
+            at = datetime.fromisoformat(str(state["next_run"]))
+        except ValueError:
+            at = None
+        if at is not None and at.tzinfo is not None:
+            return at
+    return trigger.get_next_fire_time(None, now)
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, datetime):   # the store keeps naive UTC
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    try:
+        return _epoch(datetime.fromisoformat(str(value)))
+    except ValueError:
+        return None
+
+
+def failure_streak(runs: list[Mapping[str, Any]]) -> tuple[int, float | None]:
+    """How many of the newest runs (newest first) failed in a row, and when the newest of those ended (epoch s).
+
+    A running or cancelled run neither counts nor breaks the streak; any other outcome ends it.
+    """
+    n, last = 0, None
+    for r in runs:
+        status = r.get("status")
+        if status in ("running", "cancelled"):
+            continue
+        if status != "failed":
+            break
+        if last is None:
+            last = _epoch(r.get("finished_at")) or _epoch(r.get("started_at"))
+        n += 1
+    return n, last
+
+
+def backoff_until(failures: int, last_failed_at: float | None, base_s: float = BACKOFF_BASE_S,
+                  cap_s: float = BACKOFF_CAP_S) -> float:
+    """Epoch seconds before which a scheduled run must not start after `failures` failed runs in a row."""
+    if failures <= 0 or last_failed_at is None:
+        return 0.0
+    return last_failed_at + min(cap_s, base_s * 2 ** min(failures - 1, 32))
+
+
+# ---------------------------------------------------------------- the scheduler
+
 class RealignScheduler:
     """Owns the BackgroundScheduler; `apply()` re-reads the persisted settings and reschedules."""
 
-    def __init__(self, realigner: Realigner, store, settings: SettingsStore):
+    def __init__(self, realigner: Realigner, store, settings: SettingsStore, *, clock: Callable[[], float] = time.time,
+                 backoff: tuple[float, float] = (BACKOFF_BASE_S, BACKOFF_CAP_S)):
         self.realigner, self.store, self.settings = realigner, store, settings
-        self.scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
+        self.clock, self.backoff = clock, backoff
+        self.state_path = Path(settings.path).parent / STATE_FILE
+        self.scheduler = BackgroundScheduler(daemon=True, job_defaults={
+            "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+        self.scheduler.add_listener(self._persist_next_run, EVENT_JOB_SUBMITTED | EVENT_JOB_MAX_INSTANCES)
         self.last_tick: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
+        self._apply_lock = threading.Lock()
 
     def start(self) -> None:
         self.scheduler.start()
@@ -65,24 +142,26 @@ class RealignScheduler:
             self.scheduler.shutdown(wait=False)
 
     def update(self, **changes: Any) -> OperatorSettings:
-        s = self.settings.load()
-        merged = {"interval_minutes": s.interval_minutes, "cron": s.cron} | {
-            k: v for k, v in changes.items() if k in ("interval_minutes", "cron")}
-        validate_schedule(int(merged["interval_minutes"]), str(merged["cron"]))
-        for k in ("min_new_ratings", "max_examples"):
-            if k in changes and int(changes[k]) < (0 if k == "min_new_ratings" else 1):
-                raise ValueError(f"{k.replace('_', ' ')} must be {'≥ 0' if k == 'min_new_ratings' else '≥ 1'}")
+        """Check and persist schedule changes (SettingsError, nothing written, on a bad value), then reschedule."""
         s = self.settings.update(**changes)
         self.apply()
         return s
 
     def apply(self) -> None:
-        s = self.settings.load()
-        if self.scheduler.get_job(JOB_ID):
-            self.scheduler.remove_job(JOB_ID)
-        trigger = self.trigger_for(s)
-        if trigger is not None and self.scheduler.running:
-            self.scheduler.add_job(self.tick, trigger, id=JOB_ID, replace_existing=True)
+        with self._apply_lock:
+            s = self.settings.load()
+            if self.scheduler.get_job(JOB_ID):
+                self.scheduler.remove_job(JOB_ID)
+            trigger = self.trigger_for(s)
+            if trigger is None:
+                self._write_state(None)
+                return
+            if not self.scheduler.running:
+                return
+            key = schedule_key(s)
+            first = first_run_time(trigger, self._read_state(), key, datetime.now(self.scheduler.timezone))
+            self.scheduler.add_job(self.tick, trigger, id=JOB_ID, replace_existing=True, next_run_time=first)
+            self._write_state({"schedule": key, "next_run": first.isoformat() if first else None})
 
     @staticmethod
     def trigger_for(s: OperatorSettings):
@@ -98,18 +177,33 @@ class RealignScheduler:
         job = self.scheduler.get_job(JOB_ID) if self.scheduler.running else None
         return job.next_run_time.isoformat(timespec="seconds") if job and job.next_run_time else None
 
+    def backoff_state(self) -> dict[str, Any]:
+        """Failed runs in a row and until when scheduled runs wait because of them (epoch s; 0 = no wait)."""
+        failures, last = failure_streak(self.store.runs(limit=64))
+        until = backoff_until(failures, last, *self.backoff)
+        return {"failures_in_a_row": failures, "wait_until": until if until > self.clock() else 0.0}
+
     def tick(self) -> dict[str, Any]:
-        """One scheduled check: start a run on a worker thread if enough new ratings arrived."""
+        """One scheduled check: start a run on a worker thread if enough new ratings arrived and no backoff holds."""
         s = self.settings.load()
         n = new_ratings(self.store)
-        info: dict[str, Any] = {"at": time.time(), "new_ratings": n, "min_new_ratings": s.min_new_ratings}
+        now = self.clock()
+        info: dict[str, Any] = {"at": now, "new_ratings": n, "min_new_ratings": s.min_new_ratings}
+        wait = self.backoff_state()
         if self.realigner.running:
             info["started"], info["why"] = False, "a run is already in progress"
+        elif wait["wait_until"]:
+            at = datetime.fromtimestamp(wait["wait_until"], UTC).isoformat(timespec="seconds")
+            info["started"], info["why"] = False, (
+                f"backing off after {wait['failures_in_a_row']} failed run(s) in a row: next try after {at}")
         elif n < s.min_new_ratings:
             info["started"], info["why"] = False, f"only {n} new ratings (need {s.min_new_ratings})"
         else:
             info["started"], info["why"] = True, f"{n} new ratings"
-            self.start_run("schedule", max_examples=s.max_examples)
+            try:
+                self.start_run("schedule", max_examples=s.max_examples)
+            except RunInProgress as e:
+                info["started"], info["why"] = False, str(e)
         self.last_tick = info
         return info
 
@@ -137,3 +231,33 @@ class RealignScheduler:
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+    # -- the persisted next run -----------------------------------------------------------------------------
+    def _persist_next_run(self, event) -> None:
+        """After each firing: the job's new next run (APScheduler updates it before it reports the submission)."""
+        if getattr(event, "job_id", None) != JOB_ID:
+            return
+        job = self.scheduler.get_job(JOB_ID)
+        state = self._read_state() or {}
+        if job is None or job.next_run_time is None or not state.get("schedule"):
+            return
+        self._write_state({"schedule": state["schedule"], "next_run": job.next_run_time.isoformat()})
+
+    def _read_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("%s is unreadable (%s): the schedule starts afresh", self.state_path, e)
+            return None
+        return state if isinstance(state, dict) else None
+
+    def _write_state(self, state: dict[str, Any] | None) -> None:
+        try:
+            if state is None:
+                self.state_path.unlink(missing_ok=True)
+            else:
+                write_json_atomic(self.state_path, state)
+        except OSError as e:  # the schedule still runs; only a restart would lose its place
+            log.error("could not persist the schedule's next run to %s: %s", self.state_path, e)

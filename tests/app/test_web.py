@@ -81,7 +81,7 @@ def test_chat_page_is_public_and_gives_a_stable_anonymous_id(web):
 
 def test_admin_api_schedule_validation_and_persistence(web, stack):
     client, scheduler = web
-    ok = {"Authorization": basic_header("admin", "s3cret")}
+    ok = {"Authorization": basic_header("admin", "s3cret"), "X-KTO-Loop-Admin": "1"}
     r = client.post("/api/admin/schedule", json={"cron": "not a cron"}, headers=ok)
     assert r.status_code == 400 and "cron" in r.json()["detail"]
     r = client.post("/api/admin/schedule", json={"bogus": 1}, headers=ok)

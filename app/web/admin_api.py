@@ -1,0 +1,169 @@
+"""The operator JSON API under /api/admin (the headless CLI's way into a running app), and the guard that keeps a
+web page the operator happens to visit from driving it or the console with the browser's cached credentials.
+
+A browser sends basic-auth credentials along with any request to the site, including a form or a `fetch` another
+site makes it send (cross-site request forgery). Such a request can only be "simple" unless the target agrees to
+it first (CORS preflight, which we never grant): a form's or a no-CORS fetch's content type, no custom headers.
+So every admin mutation here must be non-simple and same-origin:
+- `Content-Type: application/json` on every POST/PUT/PATCH/DELETE under /admin and /api/admin (the Gradio
+  console's own calls are JSON already);
+- the custom header ADMIN_HEADER on the JSON API as well (the CLI sends it; a browser page cannot without a
+  preflight);
+- an `Origin` (or `Sec-Fetch-Site`) that the browser attached must name this site: the request's Host, or the
+  X-Forwarded-Host a reverse proxy set (a page cannot set that header either).
+Authentication stays AuthMiddleware's job (app/web/auth.py): it runs first, so an unauthenticated request still
+gets 401.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Body, HTTPException
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.loop.realign import NotCancellable, RunInProgress
+from app.operator_settings import SettingsError
+from app.web.auth import is_admin_path
+
+ADMIN_HEADER = "X-KTO-Loop-Admin"
+API_PREFIX = "/api/admin"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SCHEDULE_FIELDS = frozenset({"interval_minutes", "cron", "min_new_ratings", "max_examples", "enabled"})
+_DEFAULT_PORT = {"http": 80, "https": 443}
+
+
+def admin_headers() -> dict[str, str]:
+    """What a legitimate non-browser client (the CLI) adds to every admin request."""
+    return {ADMIN_HEADER: "1"}
+
+
+def _host_port(netloc: str, scheme: str) -> tuple[str, int | None] | None:
+    try:
+        parts = urlsplit(f"{scheme}://{netloc.strip()}")
+        return (parts.hostname or "").lower(), parts.port or _DEFAULT_PORT.get(scheme)
+    except ValueError:
+        return None
+
+
+def same_origin(origin: str, hosts: list[str]) -> bool:
+    """Whether an Origin header (`scheme://host[:port]`) names one of `hosts` (Host / X-Forwarded-Host values)."""
+    try:
+        o = urlsplit(origin.strip())
+        want = ((o.hostname or "").lower(), o.port or _DEFAULT_PORT.get(o.scheme))
+    except ValueError:
+        return False
+    if not want[0] or o.scheme not in _DEFAULT_PORT:
+        return False
+    return any(_host_port(h, o.scheme) == want for h in hosts if h.strip())
+
+
+def admin_refusal(method: str, path: str, headers: Mapping[str, str] | Headers) -> str | None:
+    """Why this admin request must be refused as possibly forged (None: let it through). Pure; headers as sent."""
+    if method.upper() in SAFE_METHODS or not is_admin_path(path):
+        return None
+    get = headers.get
+    site = (get("sec-fetch-site") or "").strip().lower()
+    if site and site not in ("same-origin", "none"):
+        return f"cross-site admin request refused (Sec-Fetch-Site: {site})"
+    origin = get("origin")
+    if origin is not None:
+        hosts = [get("host") or ""] + (get("x-forwarded-host") or "").split(",")
+        if not same_origin(origin, hosts):
+            return f"admin request from another origin refused (Origin: {origin[:200]})"
+    ctype = (get("content-type") or "").split(";")[0].strip().lower()
+    if not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
+        return "admin changes need Content-Type: application/json"
+    if (path == API_PREFIX or path.startswith(API_PREFIX + "/")) and not get(ADMIN_HEADER.lower()):
+        return f"the operator API needs the {ADMIN_HEADER} header (the kto-loop CLI sends it)"
+    return None
+
+
+class AdminRequestGuard:
+    """ASGI middleware: 403 for an admin mutation `admin_refusal` refuses. Add it before AuthMiddleware (so that
+    authentication, added later and therefore outermost, answers first)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            why = admin_refusal(scope.get("method", "GET"), scope.get("path", ""), Headers(scope=scope))
+            if why is not None:
+                await PlainTextResponse(why, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
+    """The /api/admin routes on a Stack (`st`), its console Operator (`op`) and RealignScheduler."""
+    router = APIRouter(prefix=API_PREFIX)
+
+    def schedule_view(s: Any) -> dict[str, Any]:
+        return dataclasses.asdict(s) | {"next_run": scheduler.next_run_time(), "settings_error": st.settings.error,
+                                        "backoff": scheduler.backoff_state()}
+
+    @router.get("/stats")
+    def stats() -> JSONResponse:
+        return JSONResponse(_jsonable(op.summary()))
+
+    @router.post("/align")
+    def align(body: Annotated[dict | None, Body()] = None):
+        body = body or {}
+        try:
+            msg = op.realign_now(trigger=str(body.get("trigger", "operator")))
+        except RunInProgress as e:
+            raise HTTPException(409, str(e)) from None
+        if body.get("wait") is True:
+            scheduler.wait()
+        return {"message": msg, "run": st.realigner.status.as_dict()}
+
+    @router.get("/run")
+    def run_status():
+        return st.realigner.status.as_dict()
+
+    @router.post("/cancel")
+    def cancel():
+        try:
+            return {"message": op.cancel_run(), "run": st.realigner.status.as_dict()}
+        except NotCancellable as e:
+            raise HTTPException(409, str(e)) from None
+
+    @router.get("/schedule")
+    def get_schedule():
+        return schedule_view(st.settings.load())
+
+    @router.post("/schedule")
+    def set_schedule(body: Annotated[dict, Body()]):
+        unknown = set(body) - SCHEDULE_FIELDS
+        if unknown:
+            raise HTTPException(400, f"unknown schedule fields: {sorted(unknown)} (known: {sorted(SCHEDULE_FIELDS)})")
+        try:
+            s = scheduler.update(**body)
+        except SettingsError as e:
+            raise HTTPException(400, str(e)) from None
+        return schedule_view(s)
+
+    @router.post("/rollback")
+    def rollback(body: Annotated[dict | None, Body()] = None):
+        body = body or {}
+        version = body.get("version")
+        if version is not None and not isinstance(version, str):
+            raise HTTPException(400, f"version must be a string, got {version!r}")
+        try:
+            return {"message": op.rollback(version), "served": st.registry.current()}
+        except Exception as e:
+            raise HTTPException(400, str(e)) from None
+
+    return router
