@@ -13,7 +13,16 @@ from typing import Any, Self
 
 import duckdb
 
-from feedback_store.errors import InvalidInput, ReadOnlyStore, SchemaError, StoreError, StoreLocked
+from feedback_store.errors import (
+    CorruptStore,
+    InvalidInput,
+    ReadOnlyStore,
+    SchemaError,
+    StorageFull,
+    StoreError,
+    StoreLocked,
+    StoreWriteError,
+)
 from feedback_store.schema import SCHEMA_VERSION, file_version, migrate
 
 BASE = "base"
@@ -48,17 +57,63 @@ def _check_str(name: str, value: Any, max_len: int = MAX_ID, *, optional: bool =
         raise error(f"{name} is longer than {max_len} characters")
 
 
+# what the OS says when a write does not fit: ENOSPC (disk full), EFBIG (file-size limit), EDQUOT (quota)
+_FULL = ("no space left on device", "file too large", "disk quota exceeded", "not enough space")
+
+
+def write_error(path: Path, e: duckdb.Error) -> StoreWriteError:
+    """The typed error for a failed write, so the caller can tell the user what happened ("disk full")."""
+    text = str(e)
+    if any(s in text.lower() for s in _FULL):
+        return StorageFull(f"the disk holding the feedback database ({path}) is full: nothing was saved "
+                           f"({text.splitlines()[0]})")
+    return StoreWriteError(f"the feedback database ({path}) could not be written: {type(e).__name__}: "
+                           f"{text.splitlines()[0] if text else ''}")
+
+
+def damaged(e: duckdb.Error) -> bool:
+    """Whether DuckDB's error says the file itself is unreadable (bad header, checksum, short read)."""
+    text = str(e).lower()
+    return any(s in text for s in ("not a valid duckdb database file", "corrupt database file", "checksum",
+                                   "could not read enough bytes"))
+
+
+def read_every_block(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Read every column of every table (DuckDB verifies each block's checksum on read), so damage anywhere in
+    the file shows now, as one clear error, instead of later in whichever query touches it; row counts per table."""
+    tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = "
+                                        "current_database() ORDER BY 1").fetchall()]
+    counts = {}
+    for t in tables:
+        cols = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = ? "
+                                          "AND database_name = current_database()", [t]).fetchall()]
+        reads = ", ".join(f'max(length("{c}"::VARCHAR))' for c in cols)
+        counts[t] = con.execute(f'SELECT count(*), {reads} FROM "{t}"').fetchone()[0]
+    return counts
+
+
+def rollback(conn: duckdb.DuckDBPyConnection) -> None:
+    """ROLLBACK after a failure; a failed COMMIT has already ended the transaction, and its error is the one
+    that matters, so "no transaction is active" here must never replace it."""
+    try:
+        conn.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
 class StoreCore:
     """The connection, its lock and the per-thread read cursors that every part of FeedbackStore goes through."""
 
     def __init__(self, path: str | Path, deployment: str = "default", *, read_only: bool = False,
-                 clock: Callable[[], datetime] = utcnow):
+                 clock: Callable[[], datetime] = utcnow, backup_dir: str | Path | None = None,
+                 verify: bool = False):
         _check_str("deployment", deployment)
         self.path = Path(path)
         self.deployment = deployment
         self.read_only = read_only
         self._clock = clock
         self._last_ts = datetime.min
+        self._backup_dir = backup_dir     # named in the error when the file turns out damaged
         if read_only and not self.path.exists():
             raise StoreError(f"no feedback database at {self.path}")
         if not read_only:
@@ -69,12 +124,20 @@ class StoreCore:
             if "lock" in str(e).lower():
                 raise StoreLocked(f"{self.path} is in use by another process (is the kto-loop app running?); "
                                   "DuckDB allows one process to open it for writing") from None
+            if damaged(e):
+                raise self._corrupt(e) from None
+            raise StoreError(f"cannot open {self.path}: {e}") from None
+        except duckdb.Error as e:
+            if damaged(e):
+                raise self._corrupt(e) from None
             raise StoreError(f"cannot open {self.path}: {e}") from None
         self._lock = threading.Lock()          # guards self._conn: every write, and cursor creation
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._closed = False
         try:
+            if verify:       # the app at start-up: a damaged file stops it here, with the way back in the message
+                read_every_block(self._conn)
             if read_only:
                 version = file_version(self._conn)
                 if version != SCHEMA_VERSION:
@@ -86,13 +149,24 @@ class StoreCore:
                 self._conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error = "
                                    "'interrupted: the app stopped during the run' WHERE status = 'running' "
                                    "AND deployment = ?", [self._now(), self.deployment])
-        except BaseException:
+        except BaseException as e:
             self._conn.close()
+            if isinstance(e, duckdb.Error) and damaged(e):
+                raise self._corrupt(e) from None
             raise
         self._key = str(self.path.resolve())
         if not read_only:
             with _WRITERS_LOCK:
                 _WRITERS[self._key] = _WRITERS.get(self._key, 0) + 1
+
+    def _corrupt(self, e: duckdb.Error) -> CorruptStore:
+        from feedback_store.backup import corrupt_message, default_backup_dir
+        d = Path(self._backup_dir) if self._backup_dir is not None else default_backup_dir(self.path)
+        return CorruptStore(corrupt_message(self.path, str(e).splitlines()[0], d))
+
+    def _db_error(self, e: duckdb.Error) -> StoreError:
+        """The typed error for a failed statement: a damaged file, a full disk, or another refused write."""
+        return self._corrupt(e) if damaged(e) else write_error(self.path, e)
 
     def _now(self) -> datetime:
         """Strictly increasing per store, so creation order is also time order."""
@@ -114,12 +188,18 @@ class StoreCore:
         return cur
 
     def _read(self, sql: str, params: list | None = None) -> list[tuple]:
-        return self._cursor().execute(sql, params or []).fetchall()
+        try:
+            return self._cursor().execute(sql, params or []).fetchall()
+        except duckdb.Error as e:
+            raise (self._corrupt(e) if damaged(e) else e) from None
 
     def _read_dicts(self, sql: str, params: list | None = None) -> list[dict]:
-        cur = self._cursor().execute(sql, params or [])
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        try:
+            cur = self._cursor().execute(sql, params or [])
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        except duckdb.Error as e:
+            raise (self._corrupt(e) if damaged(e) else e) from None
 
     @contextmanager
     def _tx(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -133,8 +213,10 @@ class StoreCore:
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+            except BaseException as e:
+                rollback(self._conn)
+                if isinstance(e, duckdb.Error):
+                    raise self._db_error(e) from e
                 raise
 
     def close(self) -> None:

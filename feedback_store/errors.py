@@ -52,3 +52,15 @@ class StoreLocked(StoreError):
 
 class ReadOnlyStore(StoreError):
     """A write was attempted on a store opened with read_only=True."""
+
+
+class StoreWriteError(StoreError):
+    """The database refused a write (I/O error, damaged file); the message carries DuckDB's own reason."""
+
+
+class StorageFull(StoreWriteError):
+    """The disk (or the file-size limit) holding the database is full: nothing of the failed write was kept."""
+
+
+class CorruptStore(StoreError):
+    """The database file cannot be read; the message names the newest backup and the restore command."""

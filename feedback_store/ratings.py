@@ -18,7 +18,7 @@ from typing import Any
 
 import duckdb
 
-from feedback_store.core import _WRITERS, StoreCore, _check_str, _new_id
+from feedback_store.core import _WRITERS, StoreCore, _check_str, _new_id, rollback
 from feedback_store.errors import InvalidRating, ReadOnlyStore, StoreError, UnknownAnswer, WrongDeployment
 
 RATING_VALUES = ("up", "down", None)
@@ -27,9 +27,11 @@ MAX_REASON, MAX_COMMENT = 200, 4000
 _RATING_COLUMNS = tuple((n, "VARCHAR") for n in ("answer_id", "user_id", "id", "deployment", "adapter", "value",
                                                 "reason", "comment")) + (("created_at", "TIMESTAMP"),
                                                                          ("updated_at", "TIMESTAMP"),
-                                                                         ("audited", "BOOLEAN"))
+                                                                         ("audited", "BOOLEAN"),
+                                                                         ("client_addr", "VARCHAR"))
 _EVENT_COLUMNS = tuple((n, "VARCHAR") for n in ("id", "rating_id", "deployment", "answer_id", "user_id", "value",
-                                               "reason", "comment")) + (("event_at", "TIMESTAMP"),)
+                                               "reason", "comment")) + (("event_at", "TIMESTAMP"),
+                                                                        ("client_addr", "VARCHAR"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class _Item:
     value: str | None
     reason: str | None
     comment: str | None
+    client_addr: str | None = None   # where the rating came from: the per-address share cap groups by it
     adapter: str = ""          # filled from the answer when the batch is validated
 
 
@@ -78,7 +81,8 @@ class Ratings(StoreCore):
         self._last_released = 0                # callers the last commit released (they often rate again)
         self._answers: OrderedDict[str, tuple[str, str]] = OrderedDict()   # id -> (deployment, adapter)
         self._answer_cache_size = answer_cache_size
-        # answer id -> {user_id: [rating id, value, reason, comment, rowid or None]}: every rating of that answer
+        # answer id -> {user_id: [rating id, value, reason, comment, rowid or None, created_at, audited,
+        # client_addr]}: every rating of that answer
         # (exact because this process is the only writer; changed only under self._lock, after a COMMIT)
         self._rated: OrderedDict[str, dict[str, list]] = OrderedDict()
         self._queued_items = 0                 # ratings in self._queue (rate_async blocks above max_pending)
@@ -115,20 +119,21 @@ class Ratings(StoreCore):
             self._rated.popitem(last=False)
 
     def rate(self, user_id: str, answer_id: str, value: str | None, reason: str | None = None,
-             comment: str | None = None) -> RateResult:
+             comment: str | None = None, client_addr: str | None = None) -> RateResult:
         """Set the user's current rating of an answer ("up", "down", or None = withdraw). Idempotent: the same
-        value again changes nothing (reason/comment None keep the stored ones). Durable when it returns."""
-        return self._submit([self._item(user_id, answer_id, value, reason, comment)])[0]
+        value again changes nothing (reason/comment None keep the stored ones). Durable when it returns.
+        client_addr: the rater's network address, recorded with each change (None: unknown)."""
+        return self._submit([self._item(user_id, answer_id, value, reason, comment, client_addr)])[0]
 
     def rate_many(self, items: Iterable[tuple | dict]) -> list[RateResult]:
         """Several ratings in one transaction (all or none), applied in order; items are (user_id, answer_id,
-        value[, reason[, comment]]) tuples or dicts with those keys."""
+        value[, reason[, comment[, client_addr]]]) tuples or dicts with those keys."""
         parsed = [self._item(**it) if isinstance(it, dict) else self._item(*it) for it in items]
         return self._submit(parsed) if parsed else []
 
     @staticmethod
     def _item(user_id: str, answer_id: str, value: str | None, reason: str | None = None,
-              comment: str | None = None) -> _Item:
+              comment: str | None = None, client_addr: str | None = None) -> _Item:
         _check_str("user_id", user_id, error=InvalidRating)
         if not isinstance(answer_id, str) or not answer_id:
             raise UnknownAnswer(f"unknown answer {answer_id!r}")
@@ -137,15 +142,16 @@ class Ratings(StoreCore):
         _check_str("reason", reason, MAX_REASON, optional=True, error=InvalidRating)
         if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_COMMENT):
             raise InvalidRating(f"comment must be a string of at most {MAX_COMMENT} characters")
-        return _Item(user_id, answer_id, value, reason, comment)
+        _check_str("client_addr", client_addr, optional=True, error=InvalidRating)
+        return _Item(user_id, answer_id, value, reason, comment, client_addr)
 
     def rate_async(self, user_id: str, answer_id: str, value: str | None, reason: str | None = None,
-                   comment: str | None = None) -> Future:
+                   comment: str | None = None, client_addr: str | None = None) -> Future:
         """rate() without waiting: returns a Future of the RateResult, resolved by a background committer only
         after the COMMIT that made the rating durable (or failed with the typed error rate() would raise). A
         malformed value raises here, at once. Ratings of one caller are applied in the order submitted. Blocks
         while more than max_pending ratings are queued, so a runaway producer cannot grow memory without bound."""
-        item = self._item(user_id, answer_id, value, reason, comment)
+        item = self._item(user_id, answer_id, value, reason, comment, client_addr)
         if self.read_only:
             raise ReadOnlyStore(f"{self.path} is open read-only")
         pending = _Pending([item], future=Future())
@@ -259,16 +265,16 @@ class Ratings(StoreCore):
 
     def _read_batch(self, batch: list[_Pending], use_cache: bool) -> tuple[
             dict[str, tuple[str, str]], dict[tuple[str, str], list], dict[str, dict[str, list]], bool]:
-        """What a batch needs to know: (deployment, adapter) of its answers, and the current rows of every
-        (answer, user) it rates, as {key: [id, value, reason, comment, rowid, created_at, audited, None]} (the
+        """What a batch needs to know: (deployment, adapter) of its answers, and the current rows of every (answer,
+        user) it rates, as {key: [id, value, reason, comment, rowid, created_at, audited, client_addr, None]} (the
         last field is set when the row changes); plus, per answer, every rating row it has (the batch's answers'
-        rating cache after the commit). Answers whose ratings are all in memory need no read; the others take
-        one statement that filters on one-column indexes (answers.id, ratings.answer_id), a lookup at any size
-        (`answer_id = ? AND user_id = ?` would scan). A cached row written by this process has no rowid yet; an
-        item on such a row makes its answer read again. As the file's only writer (under self._lock) the read
-        needs no transaction: nothing can change the rows before this batch writes, and the UPDATE checks each
-        rowid's key anyway. Without the cache (another writable store shares the file, or a retry) the read opens
-        the batch's transaction first (returned True), so the rowids read are the rows the UPDATE will change."""
+        rating cache after the commit). Answers whose ratings are all in memory need no read; the others take one
+        statement that filters on one-column indexes (answers.id, ratings.answer_id), a lookup at any size
+        (`answer_id = ? AND user_id = ?` would scan). A cached row written by this process has no rowid yet; an item
+        on such a row makes its answer read again. As the file's only writer (under self._lock) the read needs no
+        transaction: nothing can change the rows before this batch writes, and the UPDATE checks each rowid's key
+        anyway. Without the cache (another writable store shares the file, or a retry) the read opens the batch's
+        transaction first (returned True), so the rowids read are the rows the UPDATE will change."""
         keys = {(it.answer_id, it.user_id) for p in batch for it in p.items}
         answer_ids = sorted({a for a, _ in keys})
         infos = {a: self._answers[a] for a in answer_ids if a in self._answers}
@@ -283,12 +289,12 @@ class Ratings(StoreCore):
         full: dict[str, dict[str, list]] = {a: {u: list(r) for u, r in rows.items()} for a, rows in known.items()}
         in_tx = bool(to_read or misses) and not use_cache
         if to_read or misses:
-            sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment, created_at, audited
+            sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment, created_at, audited, client_addr
                 FROM ratings WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
             params: list = [to_read]
             if misses:     # answers added by this process are cached (add_answer), so usually skipped
                 sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL, NULL::TIMESTAMP,
-                    NULL::BOOLEAN FROM answers WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
+                    NULL::BOOLEAN, NULL FROM answers WHERE id IN (SELECT unnest(?::VARCHAR[])) UNION ALL """ + sql
                 params.insert(0, misses)
             for a in to_read:
                 full[a] = {}
@@ -298,14 +304,14 @@ class Ratings(StoreCore):
                 rows = self._conn.execute(sql, params).fetchall()
             except BaseException:
                 if in_tx:
-                    self._conn.execute("ROLLBACK")
+                    rollback(self._conn)
                 raise
-            for kind, a, u, rid, rowid, v, r, cm, created_at, audited in rows:
+            for kind, a, u, rid, rowid, v, r, cm, created_at, audited, addr in rows:
                 if kind == 0:                        # a: answer id, u: deployment, rid: adapter
                     infos[a] = (u, rid)
                     self._remember_answer(a, u, rid)
                 else:
-                    full[a][u] = [rid, v, r, cm, rowid, created_at, audited]
+                    full[a][u] = [rid, v, r, cm, rowid, created_at, audited, addr]
         state = {(a, u): [*full[a][u], None] for a, u in keys if u in full.get(a, {})}
         return infos, state, full, in_tx
 
@@ -355,11 +361,12 @@ class Ratings(StoreCore):
                             p.results.append(RateResult(None, None, False))
                             continue
                         now = self._now()
-                        state[key] = [_new_id(), it.value, it.reason, it.comment, None, now, False, now]
+                        state[key] = [_new_id(), it.value, it.reason, it.comment, None, now, False, it.client_addr,
+                                      now]
                         created.add(key)
                         p.results.append(RateResult(state[key][0], it.value, True))
                         continue                           # its creation event is implied by the row
-                    before = tuple(cur[1:4])
+                    before, before_addr = tuple(cur[1:4]), cur[7]
                     if cur[1] == it.value:                 # same thumb (or withdrawn again): only new text counts
                         new = (cur[2] if it.reason is None else it.reason,
                                cur[3] if it.comment is None else it.comment)
@@ -367,22 +374,24 @@ class Ratings(StoreCore):
                             p.results.append(RateResult(cur[0], cur[1], False))
                             continue
                         now = self._now()
-                        cur[2:4], cur[7] = new, now
+                        cur[2:4], cur[7:9] = new, [it.client_addr, now]
                     else:
                         now = self._now()
-                        cur[1:4], cur[7] = (it.value, it.reason, it.comment), now
+                        cur[1:4], cur[7:9] = (it.value, it.reason, it.comment), [it.client_addr, now]
                     if not cur[6]:                         # first change: write the implied creation event
-                        events.append((cur[0], cur[0], self.deployment, it.answer_id, it.user_id, *before, cur[5]))
+                        events.append((cur[0], cur[0], self.deployment, it.answer_id, it.user_id, *before, cur[5],
+                                       before_addr))
                         cur[6] = True
                     p.results.append(RateResult(cur[0], cur[1], True))
-                    events.append((_new_id(), cur[0], self.deployment, it.answer_id, it.user_id, *cur[1:4], now))
+                    events.append((_new_id(), cur[0], self.deployment, it.answer_id, it.user_id, *cur[1:4], now,
+                                   cur[7]))
             inserts, updates = [], []
-            for (a, u), (rid, v, r, cm, rowid, created_at, audited, updated) in state.items():
+            for (a, u), (rid, v, r, cm, rowid, created_at, audited, addr, updated) in state.items():
                 if (a, u) in created:
                     inserts.append((a, u, rid, self.deployment, adapters[(a, u)], v, r, cm, created_at, updated,
-                                    audited))
+                                    audited, addr))
                 elif updated is not None:
-                    updates.append((rowid, a, u, v, r, cm, updated, audited))
+                    updates.append((rowid, a, u, v, r, cm, updated, audited, addr))
             if (updates or events) and not in_tx:
                 c.execute("BEGIN TRANSACTION")
                 in_tx = True
@@ -390,10 +399,11 @@ class Ratings(StoreCore):
                 self._insert_rows(c, "ratings", _RATING_COLUMNS, inserts)
             if updates:     # rowid finds the row; the key check catches a cached rowid that went stale
                 n = c.execute("""UPDATE ratings SET value = v.value, reason = v.reason, comment = v.comment,
-                    updated_at = v.updated_at, audited = v.audited FROM (SELECT unnest(?) AS rid,
+                    updated_at = v.updated_at, audited = v.audited, client_addr = v.addr FROM (SELECT unnest(?) AS rid,
                     unnest(?::VARCHAR[]) AS a, unnest(?::VARCHAR[]) AS u, unnest(?::VARCHAR[]) AS value,
                     unnest(?::VARCHAR[]) AS reason, unnest(?::VARCHAR[]) AS comment,
-                    unnest(?::TIMESTAMP[]) AS updated_at, unnest(?::BOOLEAN[]) AS audited) v
+                    unnest(?::TIMESTAMP[]) AS updated_at, unnest(?::BOOLEAN[]) AS audited,
+                    unnest(?::VARCHAR[]) AS addr) v
                     WHERE ratings.rowid = v.rid AND ratings.answer_id = v.a AND ratings.user_id = v.u""",
                               [list(col) for col in zip(*updates, strict=True)]).fetchone()[0]
                 if n != len(updates):
@@ -407,21 +417,19 @@ class Ratings(StoreCore):
                 c.execute("COMMIT")   # nothing written (all no-ops, or all bad): no WAL write, no fsync
         except BaseException as e:
             if in_tx:
-                try:
-                    c.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass
+                rollback(c)
             self._rated.clear()       # whatever happened, memory must not claim rows the file may not have
             if retry:
                 for p in good:
                     p.results = []
                 raise
-            err = e if isinstance(e, StoreError) else StoreError(f"rating not stored: {e}")
+            err = (e if isinstance(e, StoreError) else self._db_error(e) if isinstance(e, duckdb.Error)
+                   else StoreError(f"rating not stored: {e}"))
             for p in good:
                 p.error, p.results = err, []
         else:
             for (a, u), row in state.items():     # the committed rows; new ones have no rowid yet
-                full.setdefault(a, {})[u] = row[:7]
+                full.setdefault(a, {})[u] = row[:8]
             for a in {a for a, _ in state} | set(full):
                 if a in infos:
                     self._remember_ratings(a, full.get(a, {}))

@@ -66,6 +66,7 @@ class Runs(Conversations):
     def _decode_run(r: dict) -> dict:
         r["params"] = json.loads(r["params"]) if r["params"] else {}
         r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
+        r["snapshot_caps"] = json.loads(r["snapshot_caps"]) if r.get("snapshot_caps") else None
         return r
 
     def get_run(self, run_id: str) -> dict:
@@ -124,6 +125,26 @@ class Runs(Conversations):
                       [now, self.deployment, version])
             self._event(c, "promoted", prev, version, reason, now)
 
+    def begin_promotion(self, version: str, reason: str | None = None) -> None:
+        """Before the switch: `version` is about to serve. What serves changes only with mark_promoted; an
+        interrupted promotion stays pending (pending_promotions) until mark_promoted or abort_promotion."""
+        with self._tx() as c:
+            self._check_adapter(c, version)
+            self._event(c, "promoting", self._current(c), version, reason, self._now())
+
+    def abort_promotion(self, version: str, reason: str | None = None) -> None:
+        """The promotion of `version` did not happen (or was undone): close its pending record."""
+        with self._tx() as c:
+            self._event(c, "aborted", self._current(c), version, reason, self._now())
+
+    def pending_promotions(self) -> list[str]:
+        """Versions whose promotion began but was neither completed nor aborted (the app stopped in between)."""
+        return [r[0] for r in self._read(
+            """SELECT e.to_version FROM adapter_events e WHERE e.deployment = ? AND e.event = 'promoting'
+               AND NOT EXISTS (SELECT 1 FROM adapter_events f WHERE f.deployment = e.deployment
+                   AND f.to_version = e.to_version AND f.event IN ('promoted', 'aborted') AND f.event_at >= e.event_at)
+               ORDER BY e.event_at""", [self.deployment])]
+
     def record_rollback(self, from_version: str, to_version: str, reason: str | None = None) -> None:
         """Serving went back from `from_version` to `to_version` (an older adapter or "base")."""
         with self._tx() as c:
@@ -137,8 +158,8 @@ class Runs(Conversations):
             self._event(c, "rollback", from_version, to_version, reason, now)
 
     def _current(self, c: duckdb.DuckDBPyConnection) -> str:
-        row = c.execute("SELECT to_version FROM adapter_events WHERE deployment = ? ORDER BY event_at DESC LIMIT 1",
-                        [self.deployment]).fetchone()
+        row = c.execute("SELECT to_version FROM adapter_events WHERE deployment = ? AND event IN ('promoted', "
+                        "'rollback') ORDER BY event_at DESC LIMIT 1", [self.deployment]).fetchone()
         return row[0] if row else BASE
 
     def current_adapter(self) -> str:

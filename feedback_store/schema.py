@@ -87,6 +87,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             UNION ALL SELECT id, id, deployment, answer_id, user_id, value, reason, comment, created_at
             FROM ratings WHERE NOT audited""",
     )),
+    # provenance for the anti-poisoning share caps: the network address each rating (and each change) came from,
+    # and, per run, the caps its snapshot applied with what they dropped
+    Migration(5, "client address of ratings and rating events; snapshot caps of runs", (
+        "ALTER TABLE ratings ADD COLUMN client_addr VARCHAR",
+        "ALTER TABLE rating_events ADD COLUMN client_addr VARCHAR",
+        """CREATE OR REPLACE VIEW rating_audit AS
+            SELECT id, rating_id, deployment, answer_id, user_id, value, reason, comment, event_at, client_addr
+            FROM rating_events
+            UNION ALL SELECT id, id, deployment, answer_id, user_id, value, reason, comment, created_at, client_addr
+            FROM ratings WHERE NOT audited""",
+        "ALTER TABLE runs ADD COLUMN snapshot_caps VARCHAR",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -116,6 +128,9 @@ def migrate(conn: duckdb.DuckDBPyConnection, now, target: int = SCHEMA_VERSION) 
                 conn.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [m.version, m.description, now()])
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except duckdb.Error:   # a failed COMMIT ended the transaction: keep its error, not this one
+                    pass
                 raise
     return old, max(old, min(target, SCHEMA_VERSION))

@@ -1,19 +1,26 @@
 """The training snapshot: final non-withdrawn ratings joined with their answers, written as the aligner's Parquet
-contract (or TRL's unpaired KTO format), and what a run trains on, recorded for lineage."""
+contract (or TRL's unpaired KTO format), capped so no one identity or address dominates it, and what a run trains
+on, recorded for lineage."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import EllipsisType
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from feedback_store import files
+from feedback_store.caps import CapReport, cap_shares, check_share, top_shares
 from feedback_store.core import _naive_utc
 from feedback_store.errors import InvalidInput, UnknownAdapter
 from feedback_store.runs import Runs
+
+Share = float | None | EllipsisType    # ... = the store's setting (max_user_share / max_addr_share)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class SnapshotInfo:
     since: datetime | None = None
     until: datetime | None = None
     run_id: str | None = None
+    caps: dict | None = None     # CapReport.as_dict(): the caps applied and the rows each identity/address lost
 
     @property
     def n_examples(self) -> int:
@@ -34,16 +42,54 @@ class SnapshotInfo:
 class Snapshots(Runs):
     """What the next run would train on, and its export (recorded on the run it feeds)."""
 
-    def training_counts(self, since: datetime | str | None = None, max_examples: int | None = None
-                        ) -> tuple[int, int]:
-        """(n_desirable, n_undesirable) that export_snapshot with the same arguments would write."""
-        where, params = self._snapshot_filter(self._resolve_since(since), None)
-        sql = f"SELECT value FROM ratings r WHERE {where} ORDER BY updated_at DESC"
+    def __init__(self, *args: Any, max_user_share: float | None = None, max_addr_share: float | None = None,
+                 **kwargs: Any):
+        self.max_user_share = self.max_addr_share = None
+        self.set_share_caps(max_user_share, max_addr_share)
+        super().__init__(*args, **kwargs)
+
+    def set_share_caps(self, max_user_share: float | None, max_addr_share: float | None) -> None:
+        """The caps every snapshot of this store applies unless a call names its own (None: no cap); the
+        operator may change them while the app runs."""
+        try:
+            check_share("max_user_share", max_user_share)
+            check_share("max_addr_share", max_addr_share)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        self.max_user_share, self.max_addr_share = max_user_share, max_addr_share
+
+    def _shares(self, user: Share, addr: Share) -> tuple[float | None, float | None]:
+        u = self.max_user_share if user is ... else user
+        a = self.max_addr_share if addr is ... else addr
+        try:
+            check_share("max_user_share", u)
+            check_share("max_addr_share", a)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        return u, a  # type: ignore[return-value]
+
+    def _candidates(self, columns: str, since: datetime | str | None, max_examples: int | None,
+                    until: datetime | None, join_answers: bool) -> pa.Table:
+        """The rows a snapshot starts from, newest first (max_examples = the newest N), before any cap."""
+        if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                         or max_examples < 0):
+            raise InvalidInput("max_examples must be a non-negative int or None")
+        where, params = self._snapshot_filter(self._resolve_since(since), until)
+        join = "JOIN answers a ON a.id = r.answer_id" if join_answers else ""
+        sql = f"SELECT {columns} FROM ratings r {join} WHERE {where} ORDER BY r.updated_at DESC, r.id"
         if max_examples is not None:
             sql += " LIMIT ?"
-            params.append(int(max_examples))
-        return tuple(self._read(f"SELECT count(*) FILTER (WHERE value = 'up'), count(*) FILTER "
-                                f"(WHERE value = 'down') FROM ({sql})", params)[0])  # type: ignore[return-value]
+            params.append(max_examples)
+        return self._cursor().sql(sql, params=params).to_arrow_table()
+
+    @staticmethod
+    def _cap(table: pa.Table, user: float | None, addr: float | None) -> tuple[pa.Table, CapReport, list[bool]]:
+        """Apply the share caps to candidate rows (columns user_id and client_addr); drops client_addr."""
+        users, addrs = table.column("user_id").to_pylist(), table.column("client_addr").to_pylist()
+        keep, report = cap_shares(users, addrs, user, addr)
+        if report.n_kept < table.num_rows:
+            table = table.filter(pa.array(keep, pa.bool_()))
+        return table.drop_columns(["client_addr"]), report, keep
 
     def _resolve_since(self, since: datetime | str | None) -> datetime | None:
         """None, a time, "last_run", or an adapter version: the ratings that version has not seen."""
@@ -70,33 +116,61 @@ class Snapshots(Runs):
             params.append(until)
         return where, params
 
+    def training_counts(self, since: datetime | str | None = None, max_examples: int | None = None, *,
+                        max_user_share: Share = ..., max_addr_share: Share = ...) -> tuple[int, int]:
+        """(n_desirable, n_undesirable) that export_snapshot with the same arguments would write."""
+        user, addr = self._shares(max_user_share, max_addr_share)
+        table = self._candidates("r.value, r.user_id, r.client_addr", since, max_examples, None, False)
+        if user is not None or addr is not None:
+            table = self._cap(table, user, addr)[0]
+        n_d = pc.sum(pc.equal(table.column("value"), "up")).as_py() or 0
+        return int(n_d), table.num_rows - int(n_d)
+
     def snapshot_table(self, since: datetime | str | None = None, max_examples: int | None = None,
-                       until: datetime | None = None) -> pa.Table:
-        """Final non-withdrawn ratings joined with their answers, newest first, in the snapshot schema."""
-        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 0):
-            raise InvalidInput("max_examples must be a non-negative int or None")
-        where, params = self._snapshot_filter(self._resolve_since(since), until)
-        sql = f"""SELECT r.id AS example_id, r.answer_id, a.prompt_messages AS messages, a.text AS completion,
-                r.value = 'up' AS label, r.user_id, r.adapter, r.updated_at AS rated_at
-            FROM ratings r JOIN answers a ON a.id = r.answer_id
-            WHERE {where} ORDER BY r.updated_at DESC, r.id"""
-        if max_examples is not None:
-            sql += " LIMIT ?"
-            params.append(max_examples)
-        return files.to_snapshot_table(self._cursor().sql(sql, params=params).to_arrow_table())
+                       until: datetime | None = None, *, max_user_share: Share = ...,
+                       max_addr_share: Share = ...) -> pa.Table:
+        """Final non-withdrawn ratings joined with their answers, newest first, in the snapshot schema: the newest
+        max_examples, then the share caps (each over-cap identity/address keeps its most recent ratings)."""
+        return self._snapshot(since, max_examples, until, max_user_share, max_addr_share)[0]
+
+    def _snapshot(self, since: datetime | str | None, max_examples: int | None, until: datetime | None,
+                  max_user_share: Share, max_addr_share: Share) -> tuple[pa.Table, CapReport]:
+        user, addr = self._shares(max_user_share, max_addr_share)
+        table = self._candidates("""r.id AS example_id, r.answer_id, a.prompt_messages AS messages,
+            a.text AS completion, r.value = 'up' AS label, r.user_id, r.adapter, r.updated_at AS rated_at,
+            r.client_addr""", since, max_examples, until, True)
+        table, report, _ = self._cap(table, user, addr)
+        return files.to_snapshot_table(table), report
+
+    def snapshot_shares(self, since: datetime | str | None = None, max_examples: int | None = None, top: int = 10,
+                        *, max_user_share: Share = ..., max_addr_share: Share = ...) -> dict:
+        """For the console: the top identities' and addresses' shares of the next snapshot (with these
+        arguments), and what the caps drop, per identity and per address."""
+        user, addr = self._shares(max_user_share, max_addr_share)
+        table = self._candidates("r.user_id, r.client_addr", since, max_examples, None, False)
+        users, addrs = table.column("user_id").to_pylist(), table.column("client_addr").to_pylist()
+        keep, report = cap_shares(users, addrs, user, addr)
+        return {**report.as_dict(),
+                "top_users": [{"user_id": r.pop("key"), **r} for r in
+                              top_shares(users, keep, report.dropped_by_user, top)],
+                "top_addrs": [{"client_addr": r.pop("key"), **r} for r in
+                              top_shares(addrs, keep, report.dropped_by_addr, top)]}
 
     def export_snapshot(self, path: str | Path, since: datetime | str | None = None,
-                        max_examples: int | None = None, run_id: str | None = None) -> SnapshotInfo:
+                        max_examples: int | None = None, run_id: str | None = None, *,
+                        max_user_share: Share = ..., max_addr_share: Share = ...) -> SnapshotInfo:
         """Write the aligner's Parquet snapshot atomically. With run_id, also record which ratings (and labels)
-        the run trains on and the snapshot cutoff, for lineage and "ratings since the last run"."""
+        the run trains on, the snapshot cutoff and what the share caps dropped, for lineage, "ratings since the
+        last run" and the console."""
         if run_id is not None:
             self.get_run(run_id)
         until = self._now()
         since_t = self._resolve_since(since)
-        table = self.snapshot_table(since_t, max_examples, until=until)
+        table, report = self._snapshot(since_t, max_examples, until, max_user_share, max_addr_share)
         digest = files.write_snapshot(Path(path), table)
         n_d = int(pc.sum(table.column("label")).as_py() or 0)
         n_u = table.num_rows - n_d
+        caps = report.as_dict()
         if run_id is not None:
             with self._tx() as c:
                 c.execute("DELETE FROM run_examples WHERE run_id = ?", [run_id])
@@ -105,18 +179,20 @@ class Snapshots(Runs):
                     c.execute("INSERT INTO run_examples SELECT ?, example_id, label, false FROM _examples", [run_id])
                 finally:
                     c.unregister("_examples")
-                c.execute("UPDATE runs SET snapshot_at = ?, snapshot_sha256 = ?, n_desirable = ?, n_undesirable = ? "
-                          "WHERE id = ?", [until, digest, n_d, n_u, run_id])
-        return SnapshotInfo(Path(path), n_d, n_u, digest, since_t, until, run_id)
+                c.execute("UPDATE runs SET snapshot_at = ?, snapshot_sha256 = ?, n_desirable = ?, n_undesirable = ?, "
+                          "snapshot_caps = ? WHERE id = ?", [until, digest, n_d, n_u, json.dumps(caps), run_id])
+        return SnapshotInfo(Path(path), n_d, n_u, digest, since_t, until, run_id, caps)
 
     def export_kto(self, path: str | Path, since: datetime | str | None = None,
-                   max_examples: int | None = None) -> SnapshotInfo:
+                   max_examples: int | None = None, *, max_user_share: Share = ...,
+                   max_addr_share: Share = ...) -> SnapshotInfo:
         """TRL's unpaired format (prompt messages, [assistant completion], label); .jsonl or .parquet."""
         try:
             files.kto_format(Path(path))
         except ValueError as e:
             raise InvalidInput(str(e)) from None
-        table = self.snapshot_table(since, max_examples)
+        table, report = self._snapshot(since, max_examples, None, max_user_share, max_addr_share)
         digest = files.write_kto(Path(path), files.kto_rows(table))
         n_d = int(pc.sum(table.column("label")).as_py() or 0)
-        return SnapshotInfo(Path(path), n_d, table.num_rows - n_d, digest, self._resolve_since(since), None)
+        return SnapshotInfo(Path(path), n_d, table.num_rows - n_d, digest, self._resolve_since(since), None,
+                            caps=report.as_dict())
