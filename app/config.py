@@ -122,6 +122,12 @@ class Config:
                                                     "not the served adapter (bounded over any number of cycles; "
                                                     "asked at temperature 0 before the swap; negative = off)")
     align_extra_args: str = _opt("", "extra flags passed verbatim to the aligner subprocess (e.g. '--max-steps 2')")
+    align_timeout_s: float = _opt(0.0, "an aligner or checkpoint-evaluation child still running after this many "
+                                       "seconds is stopped and the run fails (0 = scaled to the run: a start-up "
+                                       "allowance plus a bound per example and epoch, app/loop/realign.py)")
+    align_max_memory_gb: float = _opt(0.0, "an aligner child whose processes together hold more resident memory "
+                                           "than this is stopped and the run fails (0 = half the machine's memory; "
+                                           "negative = no cap)")
 
     # Operator console.
     admin_user: str = _opt("admin", "operator console user name")

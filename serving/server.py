@@ -1,7 +1,8 @@
 """Supervise vLLM's OpenAI-compatible server as a child process.
 
 One job: keep a server answering on `base_url`. The child runs in its own process group so that stop() can take
-down the API server, the engine core and the workers together (vLLM spawns them), leaving no orphan. A watchdog
+down the API server, the engine core and the workers together (vLLM spawns them), leaving no orphan; a watchdog in
+that group (serving/lifeline.py) takes it down when this process dies without stop(), even by SIGKILL. A watchdog
 thread restarts the server when it dies (or stops answering /health for `hang_timeout` seconds), with exponential
 backoff, then calls the restart hooks (the adapter registry reloads its adapters there: a fresh vLLM knows only
 the base model).
@@ -28,6 +29,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from serving.lifeline import lifeline
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +347,8 @@ class VLLMServer:
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n==== kto-loop: starting {' '.join(self.command())}\n".encode())
             logf.flush()
-            self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
+            # lifeline: the group dies with this process even on SIGKILL (vLLM's engine core and workers too)
+            self._proc = subprocess.Popen(lifeline(self.command()), stdin=subprocess.DEVNULL, stdout=logf,
                                           stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.info("vLLM starting (pid %s) on %s, log %s", self._proc.pid, self.base_url, self.log_path)
         deadline = time.monotonic() + s.start_timeout

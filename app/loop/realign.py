@@ -27,12 +27,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from aligner.layers import parse_first_layer
 from app.config import ANCHOR_TOKENS_MAX
 from app.loop import gate
+from serving.lifeline import lifeline
 
 Progress = Callable[[dict[str, Any]], None]
 MODES = ("continue", "fresh")
+
+# The default bound on an aligner child's run time: a start-up allowance (interpreter, torch, model load, the
+# reference pass's set-up) plus a bound per example and epoch. Measured on the 2-core AVX2 EPYC with the default
+# model, one example costs ~2.7 s in all (training 1.9 s at B=8, its reference log-probs 0.55 s, its share of the
+# two held-out passes ~0.25 s; benchmarks/results/aligner_phases/2026-11-30_epyc-avx2.json), and a 32-example run
+# took 67-136 s end to end (aligner_bench/2026-11-23_epyc.json): the bound is about 4x that, for a loaded machine.
+ALIGN_START_S = 600.0
+ALIGN_S_PER_EXAMPLE = 10.0
+OOM_SCORE_ADJ = 1000  # the kernel's OOM killer takes an aligner child first, never vLLM (its score stays 0)
+WATCH_INTERVAL_S = 0.5  # how often the watchdog checks a child's clock and memory
+
+
+def aligner_timeout(n_examples: int, epochs: int = 1) -> float:
+    """Seconds an aligner child may run on `n_examples` examples for `epochs` epochs (the default limit)."""
+    return ALIGN_START_S + ALIGN_S_PER_EXAMPLE * max(0, n_examples) * max(1, epochs)
+
+
+def epochs_of(args: Sequence[str], default: int = 1) -> int:
+    """The `--epochs N` (or `--epochs=N`) among the aligner's extra flags, else `default`."""
+    n = default
+    for i, a in enumerate(args):
+        if a == "--epochs" and i + 1 < len(args):
+            raw = args[i + 1]
+        elif a.startswith("--epochs="):
+            raw = a.partition("=")[2]
+        else:
+            continue
+        try:
+            n = int(raw)
+        except ValueError:
+            pass  # the aligner refuses it with its own message
+    return max(1, n)
+
+
+def default_memory_cap() -> int:
+    """Half the machine's memory: room for vLLM, the app and the page cache beside the aligner."""
+    return psutil.virtual_memory().total // 2
 
 
 class RunInProgress(RuntimeError):
@@ -41,6 +81,14 @@ class RunInProgress(RuntimeError):
 
 class RunFailed(RuntimeError):
     pass
+
+
+class RunCancelled(RuntimeError):
+    """The operator cancelled the run; it is recorded as "cancelled", not "failed"."""
+
+
+class NotCancellable(RuntimeError):
+    """No run to cancel, or it is past the point where cancelling is safe (promoting a version)."""
 
 
 @dataclass
@@ -77,6 +125,7 @@ class Realigner:
     def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
                  beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
+                 max_memory_bytes: int | None = 0,
                  mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
                  anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0,
                  anchor_cache: Path | None = None, lr_generation_decay: float = 1.0):
@@ -105,15 +154,39 @@ class Realigner:
         self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
         self.max_examples = max_examples
         self.extra_args = list(extra_args)
+        if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
+            raise ValueError(f"the aligner timeout must be a number of seconds ≥ 0 (0 = scaled), got {timeout_s!r}")
+        # timeout_s: None or 0 = aligner_timeout() of the run's examples; max_memory_bytes: 0 = default_memory_cap(),
+        # None or negative = no cap
         self.niceness, self.timeout_s = niceness, timeout_s
+        self.max_memory_bytes = default_memory_cap() if max_memory_bytes == 0 else (
+            None if max_memory_bytes is None or max_memory_bytes < 0 else int(max_memory_bytes))
+        self._run_timeout: float | None = None  # the limit of the run in progress (its children share it)
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._closing = False
+        self._child_lock = threading.Lock()  # orders spawning a child against cancel()
+        self._cancelled = False
+        self._cancellable = False  # True from the run's start until training (or checkpoint evaluation) is over
         self.status = RunStatus()
 
     @property
     def running(self) -> bool:
         return self._lock.locked()
+
+    def cancel(self) -> str:
+        """Operator's Cancel: stop the run's aligner child (its whole process group); the run is recorded as
+        cancelled. Refused (NotCancellable) when no run is going or it has reached promotion, which must finish."""
+        with self._child_lock:
+            if not self.running or not self._cancellable:
+                raise NotCancellable("no realignment run to cancel" if not self.running else
+                                     f"run {self.status.run_id} is past training ({self.status.phase}); it "
+                                     f"cannot be cancelled now and will finish shortly")
+            self._cancelled = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
+        return f"cancelling run {self.status.run_id} ({self.status.phase})"
 
     def close(self) -> None:
         """Stop a running aligner child (app shutdown); the run is recorded as failed."""
@@ -127,10 +200,13 @@ class Realigner:
         if not self._lock.acquire(blocking=False):
             raise RunInProgress(f"a realignment run is already in progress (run {self.status.run_id}, "
                                 f"{self.status.phase}); try again when it has finished")
+        with self._child_lock:
+            self._cancelled, self._cancellable = False, True
         try:
             return self._run(trigger, progress, max_examples or self.max_examples, since)
         finally:
-            self._proc = None
+            with self._child_lock:
+                self._proc, self._cancellable = None, False
             self._lock.release()
 
     # ------------------------------------------------------------------ internals
@@ -175,6 +251,8 @@ class Realigner:
                 raise RunFailed(f"need at least one thumbs-up and one thumbs-down to train "
                                 f"(have {snap.n_desirable} up, {snap.n_undesirable} down)")
             out = run_dir / "adapter"
+            self._run_timeout = self.timeout_s or aligner_timeout(snap.n_desirable + snap.n_undesirable,
+                                                                  epochs_of(self.extra_args))
             self._train(snap.path, out, served_dir, progress, resume_dir)
             manifest = json.loads((out / "manifest.json").read_text())
             self._emit(progress, event="phase", phase="gate")
@@ -183,13 +261,17 @@ class Realigner:
             self._finish(run_id, status, manifest=manifest, promoted=ok, reason=reason, version=version,
                          snap=snap)
             outcome = RunOutcome(run_id, status, bool(ok), reason, version, manifest)
+        except RunCancelled as e:
+            self._finish(run_id, "cancelled", manifest=manifest, promoted=False, reason=str(e), version=None,
+                         error=str(e))
+            outcome = RunOutcome(run_id, "cancelled", False, str(e), None, manifest)
         except Exception as e:
             err = str(e) or type(e).__name__
             self._finish(run_id, "failed", manifest=manifest, promoted=False, reason=err, version=None,
                          error=err)
             outcome = RunOutcome(run_id, "failed", False, err, None, manifest)
         self.status.running, self.status.finished_at = False, time.time()
-        self.status.phase = "failed" if outcome.status == "failed" else "done"
+        self.status.phase = outcome.status if outcome.status in ("failed", "cancelled") else "done"
         self.status.last = {"run_id": run_id, "status": outcome.status, "promoted": outcome.promoted,
                             "reason": outcome.reason, "version": outcome.version}
         self._emit(progress, event="finished", phase=self.status.phase, **self.status.last)
@@ -230,15 +312,16 @@ class Realigner:
         cmd = self._niced([sys.executable, "-m", "aligner.checkpoints", str(out)])
         log_path = out.parent / "checkpoints_eval.log"
         t0 = time.monotonic()
+        with self._child_lock:
+            self._cancellable = True  # nothing is promoted while the checkpoints are measured
         try:
             with open(log_path, "w") as log:
-                proc = self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-                try:
-                    rc = proc.wait(timeout=self.timeout_s or None)
-                except subprocess.TimeoutExpired:
-                    _kill_group(proc)
-                    rc = None
+                proc = self._spawn(cmd, stdout=log, stderr=subprocess.STDOUT)
+                watch = self._watch(proc, "checkpoint evaluation")
+                rc = proc.wait()
+                watch.stop()
+            self._why_stopped(watch, rc)
+            self._leave_cancellable()
             if rc != 0:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
                 raise RunFailed(f"exit code {rc}: {' | '.join(tail)[-800:] or 'no output'} (log: {log_path})")
@@ -285,22 +368,55 @@ class Realigner:
         nice = shutil.which("nice")
         return [nice, "-n", str(self.niceness), *cmd] if self.niceness and nice else cmd
 
+    def _spawn(self, cmd: list[str], **popen: Any) -> subprocess.Popen:
+        """Start an aligner child: its own process group, which dies with the app even on SIGKILL
+        (serving/lifeline.py), first in line for the kernel's OOM killer. Refused once cancelled or closing."""
+        with self._child_lock:
+            if self._cancelled:
+                raise RunCancelled("cancelled by the operator")
+            if self._closing:
+                raise RunFailed("the app is shutting down")
+            proc = self._proc = subprocess.Popen(lifeline(cmd, oom_score_adj=OOM_SCORE_ADJ), start_new_session=True,
+                                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), **popen)
+        return proc
+
+    def _watch(self, proc: subprocess.Popen, what: str) -> _Watchdog:
+        limit = self._run_timeout or self.timeout_s or aligner_timeout(0)
+        watch = _Watchdog(proc, what, limit, self.max_memory_bytes)
+        watch.start()
+        return watch
+
+    def _why_stopped(self, watch: _Watchdog, rc: int | None) -> None:
+        """Raise for a child that the operator, a watchdog or the app's shutdown stopped."""
+        if self._cancelled:
+            raise RunCancelled("cancelled by the operator")
+        if watch.tripped:
+            raise RunFailed(watch.tripped)
+        if rc != 0 and self._closing:
+            raise RunFailed("stopped because the app shut down")
+
+    def _leave_cancellable(self) -> None:
+        """Past this point the run goes on to promotion; a cancel that came first still wins."""
+        with self._child_lock:
+            self._cancellable = False
+            if self._cancelled:
+                raise RunCancelled("cancelled by the operator")
+
     def _train(self, snapshot: Path, out: Path, served_dir: Path | None, progress: Progress | None,
                resume_dir: Path | None = None) -> None:
-        """Run the aligner child, relay its JSON progress lines, fail with its last stderr lines."""
+        """Run the aligner child, relay its JSON progress lines, fail with its last stderr lines. A watchdog stops
+        it at the run's time limit or memory cap, whether or not it prints anything."""
         if self._closing:
             raise RunFailed("the app is shutting down")
         self._emit(progress, event="phase", phase="train", step=0, total=0)
         log_path = out.parent / "aligner.log"
         tail: deque[str] = deque(maxlen=20)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_path, "w", buffering=1) as log:  # line-buffered: progress can be followed live
-            proc = self._proc = subprocess.Popen(
-                self.command(snapshot, out, served_dir, resume_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, bufsize=1, env=env, start_new_session=True)
+            proc = self._spawn(self.command(snapshot, out, served_dir, resume_dir), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, bufsize=1)
+            watch = self._watch(proc, "aligner")
             err_thread = threading.Thread(target=_pump, args=(proc.stderr, log, tail), daemon=True)
             err_thread.start()
-            deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
@@ -311,18 +427,16 @@ class Realigner:
                 if isinstance(ev, dict) and ev.get("event") == "progress":
                     self._emit(progress, event="progress", phase="train", step=int(ev.get("step", 0)),
                                total=int(ev.get("total", 0)), loss=ev.get("loss"))
-                if deadline and time.monotonic() > deadline:
-                    _kill_group(proc)
-                    raise RunFailed(f"the aligner took longer than {self.timeout_s:.0f} s and was stopped")
             rc = proc.wait()
+            watch.stop()
             err_thread.join(timeout=5)
+        self._why_stopped(watch, rc)
         if rc != 0:
             last = " | ".join(line.strip() for line in tail if line.strip())[-1500:]
-            if self._closing:
-                raise RunFailed("stopped because the app shut down")
             raise RunFailed(f"aligner exited with code {rc}: {last or 'no error output'} (log: {log_path})")
         if not (out / "manifest.json").exists():
             raise RunFailed(f"aligner finished without writing {out / 'manifest.json'}")
+        self._leave_cancellable()
 
     def _promote(self, adapter_dir: Path, parent: str | None, run_id: str) -> str:
         version = self.registry.promote(adapter_dir, check=self.capability_guard)
@@ -368,15 +482,72 @@ def _pump(stream, log, tail: deque[str]) -> None:
         tail.append(line)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def limit_exceeded(what: str, elapsed_s: float, rss: int, timeout_s: float | None,
+                   max_rss: int | None) -> tuple[str, float] | None:
+    """Why a child must be stopped and the SIGTERM grace to give it, or None while it is within its limits.
+    Over memory it gets none: every second it keeps growing brings the kernel's OOM killer closer."""
+    if max_rss is not None and rss > max_rss:
+        return (f"the {what}'s processes held {rss / 2**30:.2f} GiB of memory, over the {max_rss / 2**30:.2f} GiB "
+                f"cap, and were stopped (align_max_memory_gb)"), 0.0
+    if timeout_s and elapsed_s > timeout_s:
+        return (f"the {what} ran past its time limit of {timeout_s:.0f} s and was stopped "
+                f"(align_timeout_s; 0 = scaled to the run's examples)"), 10.0
+    return None
+
+
+def _group_rss(pid: int) -> int:
+    """Resident memory of a child and everything it spawned."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            total += p.memory_info().rss
+        except psutil.Error:
             pass
+    return total
+
+
+class _Watchdog(threading.Thread):
+    """Stops a child past its time limit or over its memory cap, independent of what (or whether) it prints."""
+
+    def __init__(self, proc: subprocess.Popen, what: str, timeout_s: float | None, max_rss: int | None):
+        super().__init__(name=f"{what} watchdog", daemon=True)
+        self.proc, self.what, self.timeout_s, self.max_rss = proc, what, timeout_s, max_rss
+        self.tripped: str | None = None
+        self._done = threading.Event()
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self._done.wait(WATCH_INTERVAL_S) and self.proc.poll() is None:
+            rss = _group_rss(self.proc.pid) if self.max_rss is not None else 0
+            verdict = limit_exceeded(self.what, time.monotonic() - self._t0, rss, self.timeout_s, self.max_rss)
+            if verdict is not None:
+                self.tripped = verdict[0]
+                _kill_group(self.proc, grace=verdict[1])
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        if self is not threading.current_thread():
+            self.join(timeout=30)
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the child's process group, SIGKILL what is left after `grace` seconds (at once for 0)."""
+    try:
+        if grace > 0:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)  # what ignored SIGTERM, and anything the leader left in its group
+    except ProcessLookupError:
+        pass
     except PermissionError:
         proc.kill()
 

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from aligner.balance import auto_lambdas
-from app.loop.realign import Realigner, RunInProgress
+from app.loop.realign import NotCancellable, Realigner, RunInProgress
 from app.loop.scheduler import RealignScheduler, new_ratings
 from app.operator_settings import SettingsStore
 
@@ -163,6 +163,10 @@ class Operator:
             return f"Run {st.run_id} failed at once: {st.last.get('reason')}"
         return f"Run {st.run_id} started." if st.run_id else "Realignment started."
 
+    def cancel_run(self) -> str:
+        """Stop the run in progress (its aligner child); NotCancellable when there is none or it is promoting."""
+        return self.realigner.cancel()
+
     def rollback(self, version: str | None = None) -> str:
         before = self.registry.current()
         after = self.registry.rollback(version or None)
@@ -224,6 +228,12 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         except Exception as e:
             return f"⚠️ Could not start: {e}"
 
+    def cancel():
+        try:
+            return "🛑 " + op.cancel_run()
+        except NotCancellable as e:
+            return f"⚠️ Not cancelled: {e}."
+
     def save_schedule(interval, cron, min_new, max_ex, enabled):
         try:
             s = op.scheduler.update(interval_minutes=int(interval or 0), cron=(cron or "").strip(),
@@ -253,6 +263,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         summary = gr.Markdown(elem_id="kto-summary")
         with gr.Row():
             realign_btn = gr.Button("Realign now", variant="primary", elem_id="kto-realign", scale=1)
+            cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="kto-cancel", scale=1)
             realign_msg = gr.Markdown(elem_id="kto-realign-msg")
         with gr.Tab("Dashboard"):
             with gr.Row():
@@ -296,6 +307,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         gr.Timer(refresh_s).tick(refresh_with_adapter_table, None, full, concurrency_limit=None,
                                  show_progress="hidden")
         realign_btn.click(realign, None, realign_msg).then(refresh_with_adapter_table, None, full)
+        cancel_btn.click(cancel, None, realign_msg).then(refresh_with_adapter_table, None, full)
         save_btn.click(save_schedule, [interval, cron, min_new, max_ex, enabled], sched_msg)
         prompt_btn.click(save_prompt, [prompt], prompt_msg)
         rb_btn.click(do_rollback, [rb_version], rb_msg).then(refresh_with_adapter_table, None, full)

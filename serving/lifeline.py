@@ -1,0 +1,143 @@
+"""Children that die with the app, even when the app is killed with SIGKILL.
+
+`lifeline(cmd)` wraps a command so that, started with `start_new_session=True`, it runs as the leader of its own
+process group with a small watchdog process beside it. The watchdog holds a pidfd of the app; when the app
+terminates, however it ends, the watchdog sends SIGTERM to the whole group, then SIGKILL after a grace period, and so
+takes down everything the command spawned in that group (vLLM's engine core and workers, an aligner's helpers).
+When the command ends first, the watchdog ends too. The wrapper `exec`s the command, so the pid the app holds stays
+the command's own.
+
+Why not PR_SET_PDEATHSIG on the child: the kernel sends it when the *thread* that forked the child exits, and vLLM
+is restarted from the supervisor's watchdog thread or an operator request's worker thread, so a healthy server would
+die with a finished thread; and it reaches the direct child only, not the processes vLLM spawns itself.
+
+Optionally the wrapper raises the command's OOM score (/proc/self/oom_score_adj, inherited across fork and exec):
+an unprivileged process may raise it, and a higher score makes the kernel's OOM killer pick that command first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+SCRIPT = os.path.abspath(__file__)
+GRACE_S = 5.0  # SIGTERM → SIGKILL delay once the app is gone: vLLM's own shutdown takes about a second
+
+
+def lifeline(cmd: Sequence[str], *, parent: int | None = None, oom_score_adj: int | None = None,
+             grace_s: float = GRACE_S) -> list[str]:
+    """`cmd` wrapped so it dies with `parent` (default: this process); start it with start_new_session=True."""
+    out = [sys.executable, "-I", SCRIPT, "--parent", str(os.getpid() if parent is None else parent),
+           "--grace", f"{grace_s:g}"]
+    if oom_score_adj is not None:
+        out += ["--oom-score-adj", str(oom_score_adj)]
+    return [*out, "--", *cmd]
+
+
+def _open(pid: int) -> int | None:
+    """A pidfd for `pid`, or None where the kernel or Python has none (then the watchdog polls)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` has terminated (a zombie counts: it has ended, its parent just has not reaped it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False
+
+
+def _ended(pid: int, fd: int | None, timeout: float | None) -> bool:
+    """Whether `pid` terminates within `timeout` seconds (None: wait for it)."""
+    if fd is not None:
+        return bool(select.select([fd], [], [], timeout)[0])
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not _gone(pid):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def _watch(app: int, app_fd: int | None, cmd: int, grace_s: float) -> None:
+    """The watchdog's life: wait for the app or the command to end; if the app went first, take the group down."""
+    cmd_fd = _open(cmd)
+    while True:
+        if cmd_fd is not None and app_fd is not None:
+            ready = select.select([app_fd, cmd_fd], [], [])[0]
+            app_gone, cmd_gone = app_fd in ready, cmd_fd in ready
+        else:  # no pidfds: poll (our parent is the command, so getppid() tells when it has gone)
+            time.sleep(0.25)
+            app_gone, cmd_gone = _gone(app), os.getppid() != cmd
+        if cmd_gone and not app_gone:
+            return
+        if app_gone:
+            break
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's SIGTERM is for the others
+    os.killpg(0, signal.SIGTERM)
+    _ended(cmd, cmd_fd, grace_s)
+    os.killpg(0, signal.SIGKILL)  # the stragglers, and the watchdog itself
+
+
+def _detach_fds(keep: int | None) -> None:
+    """The watchdog lets go of the command's pipes, or a reader of them would wait for the watchdog's EOF too."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lifeline", description="run CMD in this process group; kill the group "
+                                                            "when PARENT terminates")
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--grace", type=float, default=GRACE_S)
+    p.add_argument("--oom-score-adj", type=int, default=None)
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        p.error("no command given")
+    app_fd = _open(args.parent)
+    if os.getppid() != args.parent:  # the app went before the pidfd was open: nothing to run for
+        return 1
+    if args.oom_score_adj is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(args.oom_score_adj))
+    me = os.getpid()
+    if os.getpgid(0) != me:  # started without start_new_session: lead a group of our own all the same
+        os.setpgid(0, 0)
+    if os.fork() == 0:
+        try:
+            _detach_fds(app_fd)
+            _watch(args.parent, app_fd, me, args.grace)
+        finally:
+            os._exit(0)
+    if app_fd is not None:
+        os.close(app_fd)
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as e:
+        print(f"lifeline: cannot run {cmd[0]!r}: {e}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
