@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import unicodedata
 from pathlib import Path
@@ -62,6 +63,14 @@ def test_readme_is_short_and_opens_with_what_it_is_and_a_screenshot():
     assert "chat app" in opening.lower() and "KTO" in opening
     shot = re.search(r"!\[[^\]]*\]\((docs/screenshots/[^)]+\.png)\)", opening)
     assert shot and (ROOT / shot.group(1)).exists()
+
+
+def test_readme_cli_table_lists_every_subcommand():
+    from app.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    table = re.findall(r"^\| `kto-loop (\w+)", (ROOT / "README.md").read_text(), re.M)
+    assert sorted(set(table)) == sorted(sub.choices)
 
 
 @pytest.mark.parametrize("page", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
