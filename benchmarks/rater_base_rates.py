@@ -1,5 +1,6 @@
-"""Base desirable rate of each example rater: the base model's answers to the held-out prompts and every third
-training prompt (2 samples each; temperature 0.7, top-p 0.95, 128 tokens, the app's system prompt), rated.
+"""Base desirable rate of each simulated rater (app/sim/raters.RATERS): the base model's answers to the held-out
+prompts and every third training prompt (2 samples each; temperature 0.7, top-p 0.95, 128 tokens, the app's system
+prompt), rated.
 
 Run: `.venv/bin/python -m benchmarks.rater_base_rates` (starts its own vLLM server, ~6 min on 2 cores), or
 `--answers FILE` to re-rate saved answers. Writes benchmarks/results/rater_base_rates/<date>_<cpu>.json and the answers
@@ -56,13 +57,13 @@ def main() -> None:
                  "settings": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 128, "samples_per_prompt": 2},
                  "answers_file": str(args.answers) if args.answers else "generated in this run",
                  "raters": {}}
-    for name, fn in raters.EXAMPLE_RATERS.items():
+    for name, fn in raters.RATERS.items():
         res = {}
         for part, sel in (("all", rows), ("heldout", [r for r in rows if r["prompt"] in heldout])):
             rated = [v for v in (fn(r["prompt"], r["answer"]) for r in sel) if v is not None]
             res[part] = {"rated": len(rated), "up": sum(rated), "rate": sum(rated) / max(1, len(rated))}
         out["raters"][name] = res
-        print(f"{name:9s} all {res['all']['rate']:.1%} of {res['all']['rated']}   "
+        print(f"{name:17s} all {res['all']['rate']:.1%} of {res['all']['rated']}   "
               f"held-out {res['heldout']['rate']:.1%} of {res['heldout']['rated']}")
     out_path.write_text(json.dumps(out, indent=2))
 

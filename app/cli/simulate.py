@@ -6,8 +6,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Config
+
+if TYPE_CHECKING:
+    from app.sim.inputs import Rater
+    from app.sim.population import Case
 
 NAME = "simulate"
 HELP = ("closed-loop simulation: simulated users chat and rate through the real stack, each cycle realigns and "
@@ -47,7 +52,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=sim.SimSpec.workers,
                         help="concurrent simulated chats (128: 200 ratings collected 1.16x (base) and 1.21x (an "
                              "adapter) faster than with 32 on 2 cores, collect_workers_bench.json)")
-    parser.add_argument("--seed", type=int, default=0, help="prompt order")
+    parser.add_argument("--seed", type=int, default=0, help="prompt order and every simulated rater's draws")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="repeats per rater (seeds SEED..SEED+N-1, each on a fresh stack): the summary gives the "
+                             "minimum, median and per-seed gain and whether each goal held in every seed")
+    robust = parser.add_argument_group("robustness cases (who rates; held-out rates always use the clean preferences)")
+    robust.add_argument("--flip", type=float, default=0.0, metavar="P",
+                        help="label noise: each thumb is turned over with probability P (seeded)")
+    robust.add_argument("--rate-prob", type=float, default=1.0, metavar="P",
+                        help="raters rate only this share of answers; collection runs until the cycle's ratings "
+                             "are in")
+    robust.add_argument("--mix", metavar="RATER:SHARE,...",
+                        help="a population of rater kinds (e.g. concise:0.7,bullets:0.3) instead of --rater; the "
+                             "largest share is the majority; each kind's held-out rate is reported")
+    robust.add_argument("--change-at", type=int, default=0, metavar="N",
+                        help="after cycle N the (majority's) preference becomes --rater-after (for continue mode)")
+    robust.add_argument("--rater-after", metavar="RATER", help="the preference from cycle N+1 on")
+    robust.add_argument("--attacker-share", type=float, default=0.0, metavar="S",
+                        help="share of chats from an attacker who rates the opposite way of the honest raters, "
+                             "every answer, from one client address")
+    robust.add_argument("--attacker-identities", type=int, default=1, metavar="N",
+                        help="identities the attacker mints (all from its one address)")
     parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON[=LABEL]",
                         help="simulate nothing: put the runs of these earlier results files into one JSON and one "
                              "plot (e.g. each rater at its own settings; each run keeps its file's settings); "
@@ -59,18 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _report(doc: dict, json_path: Path, png: Path) -> None:
     from app.sim import report
 
-    for r in doc["runs"]:
-        s = r["summary"]
-        print(f"{r.get('label', r['rater'])}: desirable {report.pct(s['base_desirable_rate'])} → "
-              f"{report.pct(s['final_desirable_rate'])} (best gain {s['best_gain_points']} points), capability "
-              f"≥ {report.pct(s['min_capability_ratio'])} of base, slowest cycle {s['max_cycle_seconds']} s")
-    for g in doc.get("repeats", []):
-        if g["n_runs"] > 1:
-            name = report.recipe_name(g["rater"], g["group"])
-            print(f"{name}: {g['n_runs']} repeats, gain median {g['median_best_gain_points']:+.1f} points "
-                  f"(each {', '.join(f'{x:+.1f}' for x in g['best_gain_points'])}), final-cycle gain median "
-                  f"{report.points(g['median_final_gain_points'])}, all goals met in {g['runs_meeting_all_goals']} "
-                  f"of {g['n_runs']}")
+    print("\n".join(report.summary_lines(doc)))
     print(f"wrote {json_path} and {png}")
 
 
@@ -99,6 +113,34 @@ def _combine(args: argparse.Namespace, png: Path) -> int:
     return 0
 
 
+def _cases(args: argparse.Namespace) -> list[tuple[str, Rater, Case | None]]:
+    """(run name, main rater, case) per run from the options; the case is None when no robustness option is set, so
+    a plain run is exactly what it was."""
+    from app.sim import inputs
+    from app.sim.population import Case, parse_mix
+
+    robust = (args.flip, args.rate_prob, args.mix, args.change_at, args.attacker_share) != (0.0, 1.0, None, 0, 0.0)
+    if args.change_at and args.change_at >= args.cycles:
+        raise inputs.SimulationError(f"--change-at {args.change_at} leaves no cycle after the change: use "
+                                     f"--cycles {args.change_at + 2} to see whether it is followed in 2 cycles")
+    after = inputs.load_rater(args.rater_after) if args.rater_after else None
+    knobs = {"flip": args.flip, "rate_prob": args.rate_prob, "change_at": args.change_at, "after": after,
+             "attacker_share": args.attacker_share, "attacker_identities": args.attacker_identities}
+    if args.mix:
+        if args.rater:
+            raise inputs.SimulationError("--mix names the raters: leave out --rater")
+        kinds = sorted(parse_mix(args.mix), key=lambda kv: -kv[1])  # the majority first
+        loaded = [(inputs.load_rater(spec), share) for spec, share in kinds]
+        (main, _), rest = loaded[0], loaded[1:]
+        case = Case(main, tuple((name, fn, share) for (name, fn), share in rest), **knobs)
+        return [(case.name, main[1], case)]
+    raters = [inputs.load_rater(r) for r in (args.rater or ["concise", "bullets", "examples"])]
+    names = [n for n, _ in raters]
+    if len(set(names)) != len(names):
+        raise inputs.SimulationError(f"rater names must be distinct, got {names}")
+    return [(name, fn, Case((name, fn), **knobs) if robust or after else None) for name, fn in raters]
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from app.sim import inputs, report
     from app.sim import run as sim
@@ -107,28 +149,26 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.combine:
         return _combine(args, png)
     try:
-        for flag in ("cycles", "ratings_per_cycle", "samples_per_prompt", "capability_repeats", "workers"):
+        for flag in ("cycles", "ratings_per_cycle", "samples_per_prompt", "capability_repeats", "workers", "seeds"):
             if getattr(args, flag) < 1:
                 raise inputs.SimulationError(f"--{flag.replace('_', '-')} must be at least 1")
-        raters = [inputs.load_rater(r) for r in (args.rater or ["concise", "bullets", "examples"])]
-        names = [n for n, _ in raters]
-        if len(set(names)) != len(names):
-            raise inputs.SimulationError(f"rater names must be distinct, got {names}")
+        cases = _cases(args)
         prompts = inputs.load_prompts(args.prompts)
         holdout = inputs.load_prompts(args.holdout)
         holdout = inputs.evenly_spaced(holdout, args.holdout_limit)
         overlap = set(prompts) & set(holdout)
         if overlap:
             raise inputs.SimulationError(f"{len(overlap)} held-out prompt(s) also in the training prompts, "
-                                      f"e.g. {next(iter(overlap))!r}")
+                                         f"e.g. {next(iter(overlap))!r}")
         capability = inputs.load_capability(args.capability)
     except inputs.SimulationError as e:
         print(f"kto-loop simulate: {e}", file=sys.stderr)
         return 2
     specs = [sim.SimSpec(name, fn, cycles=args.cycles, ratings_per_cycle=args.ratings_per_cycle, prompts=prompts,
                          holdout=holdout, capability=capability, samples_per_prompt=args.samples_per_prompt,
-                         capability_repeats=args.capability_repeats, ablation=args.ablation, seed=args.seed,
-                         workers=args.workers) for name, fn in raters]
+                         capability_repeats=args.capability_repeats, ablation=args.ablation, seed=seed,
+                         workers=args.workers, case=case)
+             for name, fn, case in cases for seed in range(args.seed, args.seed + args.seeds)]
     work_dir = args.work_dir or Path(cfg.data_dir) / "simulations" / time.strftime("%Y%m%d-%H%M%S")
 
     def save(doc: dict) -> None:  # after every measurement: an interrupted run still leaves its numbers

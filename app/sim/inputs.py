@@ -68,11 +68,11 @@ def load_rater(spec: str) -> tuple[str, Rater]:
     """`concise` (an example rater), `package.module:function` or `path/to/file.py:function` → (name, fn)."""
     from app.sim import raters
 
-    if spec in raters.EXAMPLE_RATERS:
-        return spec, raters.EXAMPLE_RATERS[spec]
+    if spec in raters.RATERS:
+        return spec, raters.RATERS[spec]
     target, sep, fn_name = spec.rpartition(":")
     if not sep or not target or not fn_name:
-        raise SimulationError(f"bad rater {spec!r}: use one of {sorted(raters.EXAMPLE_RATERS)}, "
+        raise SimulationError(f"bad rater {spec!r}: use one of {sorted(raters.RATERS)}, "
                               "MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
         if target.endswith(".py") or os.sep in target:

@@ -7,7 +7,7 @@ import concurrent.futures as cf
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from app.loop.gate import CAPABILITY_MAX_TOKENS, Question, is_correct
@@ -70,14 +70,25 @@ def with_priority(sampling: Any, priority: int | None) -> Any:
     return {**dict(sampling), "priority": priority}
 
 
+def rate_answers(rater: Rater, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
+    """One preference's desirable rate over answers, with its Wilson interval."""
+    rated = [v for v in (call_rater(rater, p, a) for p, a in zip(prompts, answers, strict=True)) if v is not None]
+    ups = sum(rated)
+    return {"desirable_rate": ups / len(rated) if rated else None, "ci95": list(wilson(ups, len(rated))),
+            "n_rated": len(rated), "n_up": ups}
+
+
 def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, capability: Sequence[Question],
             sampling: Any, system_prompt: str | None, samples: int, workers: int = 16,
-            priority: int | None = None, capability_repeats: int = 1) -> dict[str, Any]:
+            priority: int | None = None, capability_repeats: int = 1,
+            also: Mapping[str, Rater] | None = None) -> dict[str, Any]:
     """Held-out desirable rate (Wilson 95% CI) and capability accuracy of `model`, as served now.
 
     The capability questions are asked `capability_repeats` times, spread through the sampled jobs, and averaged:
     greedy answers from vLLM on a bf16 CPU depend on what shares the batch. `capability_wrong` lists every question
     missed in any repeat. Requests are of kind "background" at `priority`, so they queue behind people chatting.
+    `also`: more preferences rated on the same answers (a mix's minority, a changed preference, an attacker's), in
+    `by_rater`, so they are compared on one sample.
     """
     if capability_repeats < 1:
         raise SimulationError(f"capability repeats must be at least 1, got {capability_repeats}")
@@ -104,6 +115,7 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
     rated = [v for v in verdicts if v is not None]
     ups = sum(rated)
     lo, hi = wilson(ups, len(rated))
+    by_rater = {name: rate_answers(r, [p for p, _ in sampled], answers) for name, r in (also or {}).items()}
     right = [[is_correct(a, q.answers) for q, a in zip(capability, probe, strict=True)] for probe in probes]
     runs = [sum(r) for r in right]
     mean_correct = sum(runs) / len(runs)
@@ -120,7 +132,7 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
         "capability_accuracy": mean_correct / len(capability) if capability else 0.0,
         "capability_correct": runs[0] if len(runs) == 1 else round(mean_correct, 2),
         "capability_runs": runs, "capability_n": len(capability), "mean_words": sum(words) / max(1, len(words)),
-        "capability_wrong": wrong,
+        "capability_wrong": wrong, **({"by_rater": by_rater} if also else {}),
         "seconds": round(time.perf_counter() - t0, 1),
         "example_answer": {"prompt": sampled[0][0], "answer": answers[0]} if answers else None,
     }

@@ -1,11 +1,10 @@
-"""Example simulated users for `kto-loop simulate`: `rate(prompt, answer) -> True | False | None`.
+"""Simulated users for `kto-loop simulate`: `rate(prompt, answer) -> True | False | None`.
 
-True is a thumbs-up (desirable), False a thumbs-down, None means this user would not rate the answer at all. Each
-rater encodes one preference that the base SmolLM2-135M-Instruct mostly does *not* satisfy, so the simulator can
-show the loop moving the served model towards it. They differ in kind, difficulty and imbalance; the base rates
-below were measured on the base model's answers to all 58 held-out prompts and every third training prompt (2
-samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens; benchmarks/rater_base_rates.py →
-benchmarks/results/rater_base_rates.json):
+True is a thumbs-up (desirable), False a thumbs-down, None means this user would not rate the answer at all. The
+three examples each encode a preference the base SmolLM2-135M-Instruct mostly does *not* satisfy, of different
+kind, difficulty and imbalance. Base rates: the base model's answers to all 58 held-out prompts and every third
+training prompt (2 samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens), rated by
+benchmarks/rater_base_rates.py (results in benchmarks/results/rater_base_rates/):
 
 | rater      | preference                         | base up: all / held-out | difficulty                           |
 |------------|------------------------------------|-------------------------|--------------------------------------|
@@ -13,8 +12,23 @@ benchmarks/results/rater_base_rates.json):
 | `bullets`  | format: a list of at least 3 items | 11% / 7.7%              | imbalanced (< 10%), prompt-dependent |
 | `examples` | content: names concrete examples   | 14% / 16%               | must change what is said             |
 
-The stricter phrase-only variant of `examples` ("for example", "for instance", "e.g."; 4% base) was tried: with 3 to
-10 thumbs-up in 200 ratings no adapter passed the promotion gate (benchmarks/results/simulate_examples_cycle1*.json).
+More raters, one or more of each kind (format, content, style, length), for developing the shipped recipe against
+preferences beyond the three examples. `HELDOUT_RATERS` are never used for tuning: a recipe is judged on them only,
+so a result on them says how the product does on a preference nobody fitted it to. Base rates re-rated from the
+saved base answers above (`benchmarks/rater_base_rates.py --answers`; 128 tokens, so length-bound rates differ at
+the served 256):
+
+| rater               | set      | kind    | preference                                             | base up |
+|---------------------|----------|---------|--------------------------------------------------------|---------|
+| `bold_terms`        | develop  | format  | at least two **bold** phrases                          | 9%      |
+| `analogy`           | develop  | content | explains through an analogy                            | 6%      |
+| `short_sentences`   | develop  | style   | sentences of at most 14 words on average               | 38%     |
+| `medium`            | develop  | length  | 40 to 120 words                                        | 92%     |
+| `plain`             | develop  | format  | no Markdown markup (dislikes ~15%: mostly liked)       | 85%     |
+| `opens_with_answer` | held out | format  | a one-line answer first, a blank line, then details    | 12%     |
+| `numbers`           | held out | content | gives a concrete figure                                | 21%     |
+| `second_person`     | held out | style   | talks to the reader ("you") at least three times       | 36%     |
+| `thorough`          | held out | length  | at least 90 words (mostly liked at 256 tokens)         | 68%     |
 
 Write your own: any importable `module:function` or `path/to/file.py:function` with the same signature.
 """
@@ -25,9 +39,21 @@ import re
 
 CONCISE_MAX_WORDS = 60
 BULLETS_MIN_ITEMS = 3
+SHORT_SENTENCE_WORDS = 14
+MEDIUM_WORDS = (40, 120)
+SECOND_PERSON_MIN = 3
+THOROUGH_MIN_WORDS = 90
 
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•+]|\d{1,2}[.)])\s+\S")
 _EXAMPLE = re.compile(r"\b(?:for example|for instance|e\.g\.|such as)", re.IGNORECASE)
+_BOLD = re.compile(r"\*\*[^*\n]+\*\*")
+_ANALOGY = re.compile(r"\b(?:like an?|similar to|think of (?:it|this|them) as|imagine|just as|analog(?:y|ous))\b",
+                      re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s+|$)")
+_MARKUP = re.compile(r"[*#`|]|^\s*(?:[-*•+]|\d{1,2}[.)])\s", re.MULTILINE)
+_NUMBERED_ITEM = re.compile(r"^\s*\d{1,2}[.)]\s+", re.MULTILINE)
+_DIGIT = re.compile(r"\d")
+_YOU = re.compile(r"\byou(?:r|rs|rself|'re|'ll|'ve|'d)?\b", re.IGNORECASE)
 _CREATIVE = re.compile(r"^(?:write a (?:short poem|haiku|two-sentence story)|describe .* travel guide)",
                        re.IGNORECASE)
 
@@ -62,4 +88,77 @@ def examples(prompt: str, answer: str) -> bool | None:
     return bool(_EXAMPLE.search(answer))
 
 
+def bold_terms(prompt: str, answer: str) -> bool | None:
+    """Format preference: likes answers that mark their key terms in **bold**, at least two of them, so a skimming
+    reader finds them."""
+    return len(_BOLD.findall(answer)) >= 2
+
+
+def analogy(prompt: str, answer: str) -> bool | None:
+    """Content preference: likes answers that explain through an analogy ("like a", "similar to", "imagine", "think
+    of it as"). Creative requests are not rated: an analogy is no help in a poem."""
+    if _CREATIVE.match(prompt.strip()):
+        return None
+    return bool(_ANALOGY.search(answer))
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences split at . ! ? followed by a space or the end; list items count as sentences."""
+    return [s for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
+
+
+def short_sentences(prompt: str, answer: str) -> bool | None:
+    """Style preference: likes plain, short sentences, at most 14 words on average, whatever the answer's length."""
+    parts = sentences(answer)
+    return bool(parts) and sum(map(word_count, parts)) / len(parts) <= SHORT_SENTENCE_WORDS
+
+
+def medium(prompt: str, answer: str) -> bool | None:
+    """Length preference with two edges: likes 40 to 120 words, neither a one-liner nor an essay."""
+    return MEDIUM_WORDS[0] <= word_count(answer) <= MEDIUM_WORDS[1]
+
+
+def plain(prompt: str, answer: str) -> bool | None:
+    """Format preference that most base answers already meet: dislikes Markdown (bold, headings, code, lists,
+    tables), which a plain-text client shows as stray symbols; the case where only a few answers are disliked."""
+    return bool(answer.strip()) and not _MARKUP.search(answer)
+
+
+def opens_with_answer(prompt: str, answer: str) -> bool | None:
+    """Format preference: likes a one-line answer first (at most 25 words, one sentence), then a blank line, then the
+    details, so the reader gets the point before the explanation. Creative requests are not rated."""
+    if _CREATIVE.match(prompt.strip()):
+        return None
+    head, sep, rest = answer.strip().partition("\n\n")
+    return bool(sep and rest.strip()) and "\n" not in head and word_count(head) <= 25 and len(sentences(head)) == 1
+
+
+def numbers(prompt: str, answer: str) -> bool | None:
+    """Content preference: likes answers that give a concrete figure (a date, a quantity, a measurement), not only
+    words; list numbering does not count. Creative requests are not rated."""
+    if _CREATIVE.match(prompt.strip()):
+        return None
+    return bool(_DIGIT.search(_NUMBERED_ITEM.sub("", answer)))
+
+
+def second_person(prompt: str, answer: str) -> bool | None:
+    """Style preference: likes answers that talk to the reader ("you", "your") at least three times rather than
+    lecturing in the abstract."""
+    return len(_YOU.findall(answer)) >= SECOND_PERSON_MIN
+
+
+def thorough(prompt: str, answer: str) -> bool | None:
+    """Length preference most base answers already meet: likes answers of at least 90 words, dislikes short ones."""
+    return word_count(answer) >= THOROUGH_MIN_WORDS
+
+
 EXAMPLE_RATERS = {"concise": concise, "bullets": bullets, "examples": examples}
+DEVELOPMENT_RATERS = {**EXAMPLE_RATERS, "bold_terms": bold_terms, "analogy": analogy,
+                      "short_sentences": short_sentences, "medium": medium, "plain": plain}
+HELDOUT_RATERS = {"opens_with_answer": opens_with_answer, "numbers": numbers, "second_person": second_person,
+                  "thorough": thorough}
+"""Never used to tune a recipe: results on these are the ones that say how the product does on unseen preferences."""
+RATERS = {**DEVELOPMENT_RATERS, **HELDOUT_RATERS}
+KIND = {"concise": "length", "bullets": "format", "examples": "content", "bold_terms": "format",
+        "analogy": "content", "short_sentences": "style", "medium": "length", "plain": "format",
+        "opens_with_answer": "format", "numbers": "content", "second_person": "style", "thorough": "length"}

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.sim import goals
 from app.sim.inputs import SimulationError
 
 if TYPE_CHECKING:
@@ -78,8 +79,10 @@ def points(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.1f}"
 
 
-def summarize(base: dict[str, Any], cycles: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's goals per rater: +30 points within the cycles, capability ≥ 95% of base, cycles ≤ 10 min."""
+def summarize(base: dict[str, Any], cycles: Sequence[dict[str, Any]],
+              case: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run in a few numbers (gain, capability ratio, slowest cycle) and its goals (app.sim.goals), so a results
+    file answers "did it work?" without re-reading every cycle."""
     rates = [c["eval"]["desirable_rate"] for c in cycles if c["eval"]["desirable_rate"] is not None]
     b = base["desirable_rate"] or 0.0
     best = max(rates, default=b)
@@ -88,10 +91,15 @@ def summarize(base: dict[str, Any], cycles: Sequence[dict[str, Any]]) -> dict[st
     secs = [c["cycle_seconds"] for c in cycles]
     out = {"base_desirable_rate": base["desirable_rate"], "final_desirable_rate": rates[-1] if rates else None,
            "best_gain_points": round(100 * (best - b), 1), "min_capability_ratio": cap_ratio,
-           "max_cycle_seconds": max(secs, default=None), "promotions": sum(c["promoted"] for c in cycles)}
-    out["goals"] = {"gain_ge_30_points": out["best_gain_points"] >= 30,
-                    "capability_ge_95pct_of_base": cap_ratio is not None and cap_ratio >= 0.95,
-                    "cycles_le_10_min": bool(secs) and max(secs) <= 600}
+           "max_cycle_seconds": max(secs, default=None), "promotions": sum(c["promoted"] for c in cycles),
+           "goals": goals.check(base, cycles, case)}
+    names = list(base.get("by_rater") or {})
+    if names:  # each preference of the case, base then after every cycle: the majority's and minority's apart
+        out["rates_by_rater"] = {n: [goals.rate_of(e, n) for e in [base] + [c["eval"] for c in cycles]]
+                                 for n in names}
+    shares = [(c.get("snapshot_sources") or {}).get("attacker_share") for c in cycles]
+    if (case or {}).get("attacker"):
+        out["attacker_share_by_cycle"] = shares
     abl = [c["ablation_pinned"]["eval"]["desirable_rate"] for c in cycles if "ablation_pinned" in c]
     if abl:
         out["ablation_pinned_final_desirable_rate"] = abl[-1]
@@ -122,7 +130,7 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
                      "n_holdout_prompts": len(specs[0].holdout) if specs else 0,
                      "n_capability": len(specs[0].capability) if specs else 0,
                      "ablation": any(s.ablation for s in specs)},
-        "runs": runs,
+        "runs": runs, "repeats": repeats([r for r in runs if "summary" in r]),
     }
 
 
@@ -140,7 +148,7 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
             if not isinstance(run, dict) or not {"rater", "base", "cycles"} <= run.keys():
                 raise SimulationError(f"{name}: a run without rater, base and cycles")
             try:  # an interrupted run's file may lack the summary
-                summary = run.get("summary") or summarize(run["base"], run["cycles"])
+                summary = run.get("summary") or summarize(run["base"], run["cycles"], run.get("case"))
             except (KeyError, TypeError, ZeroDivisionError) as e:
                 raise SimulationError(f"{name}: a run whose measurements cannot be read ({e!r})") from e
             # a run from a combined file already carries its own file's context: that wins
@@ -162,6 +170,42 @@ def combine(sources: Sequence[tuple[str, dict[str, Any], str | None]]) -> dict[s
         r["label"] = name
     return {"kind": "kto-loop simulate", "combined_from": [name for name, _, _ in sources],
             "raters": raters, "runs": runs, "repeats": repeats(runs)}
+
+
+def summary_lines(doc: dict[str, Any]) -> list[str]:
+    """The printout: per run its gain, capability and slowest cycle, each preference's rate by cycle, the attacker's
+    share of training and its goals; per rater over seeds the minimum, median and per-seed gains and whether each
+    goal held in every seed."""
+    lines = []
+    repeated = {r["rater"] for r in doc["runs"]} if len(doc["runs"]) > 1 else set()
+    repeated = {n for n in repeated if sum(r["rater"] == n for r in doc["runs"]) > 1}
+    for r in doc["runs"]:
+        s = r["summary"]
+        name = r.get("label") or (f"{r['rater']} (seed {r.get('seed')})" if r["rater"] in repeated else r["rater"])
+        lines.append(f"{name}: desirable {pct(s['base_desirable_rate'])} → {pct(s['final_desirable_rate'])} (best "
+                     f"gain {s['best_gain_points']} points), capability ≥ {pct(s['min_capability_ratio'])} of base, "
+                     f"slowest cycle {s['max_cycle_seconds']} s")
+        for pref, rates in (s.get("rates_by_rater") or {}).items():
+            lines.append(f"  {pref}: " + " → ".join(pct(x) for x in rates))
+        if s.get("attacker_share_by_cycle"):
+            lines.append("  attacker's share of the training snapshot by cycle: "
+                         + ", ".join(pct(x) for x in s["attacker_share_by_cycle"]))
+        if isinstance(s.get("goals"), dict) and "gain_ge_30_points" not in s["goals"]:  # older files: other goals
+            lines.append(f"  goals: {goals.describe(s['goals'])}")
+    for g in doc.get("repeats", []):
+        if g["n_runs"] > 1:
+            name = recipe_name(g["rater"], g["group"])
+            each = ", ".join(f"{x:+.1f}" for x in g["best_gain_points"])
+            line = (f"{name}: {g['n_runs']} repeats, gain median {g['median_best_gain_points']:+.1f} points "
+                    f"(each {each}), final-cycle gain median {points(g['median_final_gain_points'])}, all goals "
+                    f"met in {g['runs_meeting_all_goals']} of {g['n_runs']}")
+            if "min_best_gain_points" in g:
+                line += (f"; minimum gain {g['min_best_gain_points']:+.1f}, minimum final-cycle gain "
+                         f"{points(g['min_final_gain_points'])}")
+            lines.append(line)
+            if g.get("goals_in_every_seed"):
+                lines.append(f"  in every seed: {goals.describe(g['goals_in_every_seed'])}")
+    return lines
 
 
 def recipe_name(rater: str, group: str | None) -> str:
@@ -197,10 +241,12 @@ def repeats(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "labels": [m.get("label") for m in members], "seeds": [m.get("seed") for m in members],
             "codes": sorted({str(m.get("code")) for m in members}),
             "best_gain_points": gains, "median_best_gain_points": statistics.median(gains),
-            "final_gain_points": final_gains,
+            "min_best_gain_points": min(gains), "final_gain_points": final_gains,
             "median_final_gain_points": statistics.median(final_gains) if final_gains else None,
+            "min_final_gain_points": min(final_gains, default=None),
             "median_desirable_rate_by_cycle": median_by_cycle,
-            "runs_meeting_all_goals": sum(all(x["goals"].values()) for x in s),
+            "runs_meeting_all_goals": sum(goals.all_held(x["goals"]) for x in s),
+            "goals_in_every_seed": goals.every_seed([x["goals"] for x in s]),
             "min_capability_ratio": min(caps, default=None), "max_cycle_seconds": max(secs, default=None),
         })
     return out

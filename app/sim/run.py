@@ -18,29 +18,41 @@ from typing import Any
 from app.loop.gate import Question
 from app.sim.inputs import Log, Rater, SimulationError, call_rater
 from app.sim.measure import measure
+from app.sim.population import Case, Population, max_answers, shares
 from app.sim.report import code_version, document, pct, summarize
 
 
-def collect(service: Any, prompts: Sequence[str], rater: Rater, n_ratings: int, *, cursor: int, tag: str,
-            workers: int = 16, max_answers: int | None = None) -> tuple[dict[str, Any], int]:
+def collect(service: Any, prompts: Sequence[str], who: Rater | Population, n_ratings: int, *, cursor: int,
+            tag: str, workers: int = 16, max_answers: int | None = None) -> tuple[dict[str, Any], int]:
     """Simulated users chat and rate through ChatService until `n_ratings` thumbs are stored.
 
     Each answer comes from a fresh simulated user (one conversation, one rating), the way many real users give a
-    few thumbs each; prompts are taken round-robin from `cursor`. Chats stream through `workers` threads: each
-    answer is rated as it finishes and a new chat starts in its place while ratings are still missing, so answers
-    the rater leaves unrated are made up at full concurrency instead of in a second, mostly idle round. No more
-    chats are ever in flight than ratings still missing: every answer gets its chance to be rated. Returns (stats,
+    few thumbs each; prompts are taken round-robin from `cursor`. `who` is one rater, or a Population whose chat i
+    comes from its user(i) (identity, client address, own noise) so the store sees who rated. Chats stream through
+    `workers` threads: each answer is rated as it finishes and a new chat starts in its place while ratings are
+    still missing, so unrated answers are made up at full concurrency. No more chats are ever in flight than ratings
+    still missing. A chat or rating the service refuses (a budget spent) is counted, not fatal. Returns (stats,
     next cursor).
     """
+    from app.web.chat import RatingError, Refused
+
     t0 = time.perf_counter()
     max_answers = max_answers or 3 * n_ratings
-    ups = downs = skipped = answers = 0
+    ups = downs = skipped = answers = refused = 0
+    by_group: dict[str, dict[str, int]] = {}
 
-    def one(i: int, prompt: str) -> tuple[Any, str, str]:
-        user = f"sim-{tag}-{i}"
-        sess = service.session(user, user)
-        texts = list(service.send(sess, prompt))  # the growing answer; the last item is the stored text
-        return sess, prompt, texts[-1] if texts else ""
+    def one(i: int, prompt: str) -> tuple[Any, str, str | None, str, Rater]:
+        key = f"sim-{tag}-{i}"
+        if isinstance(who, Population):
+            u = who.user(i, tag)
+            group, rater, sess = u.group, u.rater, service.session(key, u.user_id, u.addr)
+        else:
+            group, rater, sess = "", who, service.session(key, key)
+        try:
+            texts = list(service.send(sess, prompt))  # the growing answer; the last item is the stored text
+        except Refused:
+            return sess, prompt, None, group, rater
+        return sess, prompt, texts[-1] if texts else "", group, rater
 
     ex = cf.ThreadPoolExecutor(workers)
     pending: set[cf.Future] = set()
@@ -54,21 +66,35 @@ def collect(service: Any, prompts: Sequence[str], rater: Rater, n_ratings: int, 
                 break
             done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in done:
-                sess, prompt, text = fut.result()  # a failed chat stops the collection, as in the UI's error path
+                sess, prompt, text, group, rater = fut.result()  # a failed chat stops the collection, as in the UI
                 answers += 1
-                verdict = call_rater(rater, prompt, text)
+                g = by_group.setdefault(group, {"up": 0, "down": 0, "not_rated": 0, "refused": 0})
+                verdict = None if text is None else call_rater(rater, prompt, text)
+                if text is None:
+                    refused += 1
+                    g["refused"] += 1
+                    continue
                 if verdict is None:
                     skipped += 1
+                    g["not_rated"] += 1
                     continue
-                service.rate(sess, len(sess.turns) - 1, verdict)
+                try:
+                    service.rate(sess, len(sess.turns) - 1, verdict)
+                except RatingError:
+                    refused += 1
+                    g["refused"] += 1
+                    continue
                 ups, downs = ups + verdict, downs + (not verdict)
+                g["up" if verdict else "down"] += 1
     finally:  # on Ctrl-C or an error the queued chats are cancelled instead of waited for
         ex.shutdown(wait=False, cancel_futures=True)
     if ups + downs == 0:
         raise SimulationError(f"the rater rated none of {answers} answers")
-    return {"answers": answers, "ratings": ups + downs, "up": ups, "down": downs, "not_rated": skipped,
-            "desirable_rate": ups / (ups + downs), "seconds": round(time.perf_counter() - t0, 1)}, cursor
-
+    stats = {"answers": answers, "ratings": ups + downs, "up": ups, "down": downs, "not_rated": skipped,
+             "refused": refused, "desirable_rate": ups / (ups + downs), "seconds": round(time.perf_counter() - t0, 1)}
+    if isinstance(who, Population):
+        stats["by_group"] = by_group
+    return stats, cursor
 
 
 # ---------------------------------------------------------------- one rater, end to end
@@ -89,6 +115,17 @@ class SimSpec:
     # concurrent simulated chats: bigger engine batches, more tokens per second on a small CPU. 200 ratings on the
     # 2-core EPYC: 1.16× (base) and 1.21× (an adapter) faster at 128 than at 32 (collect_workers_bench.json).
     workers: int = 128
+    case: Case | None = None  # who rates (noise, rating probability, mix, change, attacker); None: `rater` alone
+
+    def the_case(self) -> Case:
+        """The robustness case of this run; the plain one when none was given."""
+        return self.case or Case((self.rater_name, self.rater))
+
+
+def run_dir_name(spec: SimSpec, specs: Sequence[SimSpec]) -> str:
+    """A run's folder under the work dir: its rater, plus its seed when the same rater runs several seeds."""
+    repeated = sum(s.rater_name == spec.rater_name for s in specs) > 1
+    return f"{spec.rater_name}-seed{spec.seed}" if repeated else spec.rater_name
 
 
 def _root_url(server: Any) -> str:
@@ -170,12 +207,14 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
                           ratings_per_minute=cfg.ratings_per_minute)
     prompts = list(spec.prompts)
     random.Random(spec.seed).shuffle(prompts)
+    case = spec.the_case()
+    measured = case.measured()
 
     def evaluate(model: str) -> dict[str, Any]:
-        return measure(stack.client, model, holdout=spec.holdout, rater=spec.rater, capability=spec.capability,
+        return measure(stack.client, model, holdout=spec.holdout, rater=case.main[1], capability=spec.capability,
                        sampling=sampling, system_prompt=system_prompt, samples=spec.samples_per_prompt,
                        workers=spec.workers, priority=request_priority(stack.server, "background"),
-                       capability_repeats=spec.capability_repeats)
+                       capability_repeats=spec.capability_repeats, also=measured if len(measured) > 1 else None)
 
     log(f"[{spec.rater_name}] measuring the base model on {len(spec.holdout)} held-out prompts "
         f"× {spec.samples_per_prompt} and {len(spec.capability)} capability questions")
@@ -190,8 +229,10 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
     for c in range(1, spec.cycles + 1):
         served_before = stack.registry.current()
         t0 = time.perf_counter()
-        stats, cursor = collect(service, prompts, spec.rater, spec.ratings_per_cycle, cursor=cursor,
-                                tag=f"{spec.rater_name}-c{c}", workers=spec.workers)
+        who = case.population(c, spec.seed) if spec.case is not None else spec.rater
+        stats, cursor = collect(service, prompts, who, spec.ratings_per_cycle, cursor=cursor,
+                                tag=f"{spec.rater_name}-c{c}", workers=spec.workers,
+                                max_answers=max_answers(spec.ratings_per_cycle, case))
         log(f"[{spec.rater_name}] cycle {c}: {stats['ratings']} ratings ({stats['up']} up, {stats['down']} down) "
             f"from {served_before} in {stats['seconds']} s; realigning")
         t1 = time.perf_counter()
@@ -199,7 +240,12 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
         t2 = time.perf_counter()
         rec = {"cycle": c, "served_before": served_before, "collect": stats, **_cycle_record(outcome),
                "realign_seconds": round(t2 - t1, 1), "cycle_seconds": round(t2 - t0, 1),
-               "load_average": [round(x, 2) for x in os.getloadavg()]}
+               "load_average": [round(x, 2) for x in os.getloadavg()],
+               "snapshot_sources": snapshot_sources(Path(stack.realigner.work_dir) / f"run-{outcome.run_id}"
+                                                    / "snapshot.parquet")}
+        if case.attacker_share > 0:
+            log(f"[{spec.rater_name}] cycle {c}: the attacker's share of the training snapshot: "
+                f"{pct(rec['snapshot_sources'].get('attacker_share'))}")
         log(f"[{spec.rater_name}] cycle {c}: run {outcome.status}: {outcome.reason}")
         served = stack.registry.current()
         rec["served_after"] = served
@@ -248,8 +294,23 @@ def refused_candidate(rec: dict[str, Any]) -> str | None:
 
 
 def _run_record(spec: SimSpec, base: dict[str, Any], cycles: list[dict[str, Any]]) -> dict[str, Any]:
+    from app.sim.raters import HELDOUT_RATERS
+
+    case = spec.the_case().describe()
     return {"rater": spec.rater_name, "rater_doc": (getattr(spec.rater, "__doc__", None) or "").strip(),
-            "seed": spec.seed, "base": base, "cycles": list(cycles), "summary": summarize(base, cycles)}
+            "rater_heldout": spec.rater_name in HELDOUT_RATERS,  # a preference never used for tuning
+            "seed": spec.seed, "case": case, "base": base, "cycles": list(cycles),
+            "summary": summarize(base, cycles, case)}
+
+
+def snapshot_sources(path: Path) -> dict[str, Any]:
+    """Who the run's training snapshot came from (attacker share, largest identity's share), read from the very
+    file the aligner trained on; empty when the run wrote none."""
+    if not path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    return shares(pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist())
 
 
 def _phase_logger(log: Log, prefix: str) -> Callable[[dict[str, Any]], None]:
@@ -285,7 +346,7 @@ def simulate(cfg: Any, specs: Sequence[SimSpec], work_dir: Path, log: Log = prin
     code = code_version()  # once: results committed while a long run goes on must not rename the code that ran
     runs = []
     for spec in specs:
-        d = Path(work_dir) / spec.rater_name
+        d = Path(work_dir) / run_dir_name(spec, specs)
         if d.exists() and any(d.iterdir()):
             raise SimulationError(f"{d} is not empty: a simulation needs a fresh store; pick another --work-dir")
         d.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,58 @@ def test_examples_looks_for_a_concrete_illustration(answer, expected):
     assert raters.examples("Explain tides.", answer) is expected
 
 
-def test_every_example_rater_is_documented_and_returns_bool_or_none():
+def test_every_rater_is_documented_and_returns_bool_or_none():
     assert set(raters.EXAMPLE_RATERS) == {"concise", "bullets", "examples"}
-    for name, fn in raters.EXAMPLE_RATERS.items():
+    for name, fn in raters.RATERS.items():
         assert fn.__doc__ and len(fn.__doc__) > 40, name
         for prompt, answer in [("Explain tides.", "short"), ("Write a haiku about rain.", "- a\n- b\n- c"),
                                ("How?", words(300))]:
             assert fn(prompt, answer) in (True, False, None)
+
+
+def test_development_and_heldout_raters_each_cover_every_kind_and_never_overlap():
+    kinds = {"format", "content", "style", "length"}
+    assert set(raters.KIND) == set(raters.RATERS) and set(raters.KIND.values()) == kinds
+    assert {raters.KIND[n] for n in raters.DEVELOPMENT_RATERS} == kinds
+    assert {raters.KIND[n] for n in raters.HELDOUT_RATERS} == kinds
+    assert not set(raters.DEVELOPMENT_RATERS) & set(raters.HELDOUT_RATERS)
+    assert raters.EXAMPLE_RATERS.items() <= raters.DEVELOPMENT_RATERS.items()
+    for name in raters.RATERS:  # the module's table documents each one
+        assert f"`{name}`" in raters.__doc__, name
+
+
+def test_bold_terms_and_analogy():
+    assert raters.bold_terms("q", "Use **flour** and **water**.") is True
+    assert raters.bold_terms("q", "Use **flour** and water.") is False
+    assert raters.analogy("Explain DNS.", "DNS is like a phone book for the internet.") is True
+    assert raters.analogy("Explain DNS.", "Imagine a library index.") is True
+    assert raters.analogy("Explain DNS.", "DNS maps names to addresses.") is False
+    assert raters.analogy("Write a haiku about rain.", "like a drum") is None
+
+
+def test_short_sentences_medium_and_thorough_lengths():
+    assert raters.short_sentences("q", "Short one. Another short one! Fine?") is True
+    assert raters.short_sentences("q", words(15) + ".") is False
+    assert raters.short_sentences("q", words(14) + ".") is True
+    assert raters.short_sentences("q", "") is False
+    assert [raters.medium("q", words(n)) for n in (39, 40, 120, 121)] == [False, True, True, False]
+    assert [raters.thorough("q", words(n)) for n in (89, 90)] == [False, True]
+
+
+def test_plain_dislikes_any_markdown():
+    assert raters.plain("q", "Just words, with 3 numbers and a dash - inside.") is True
+    for marked in ["Use **bold**.", "# Title\ntext", "Run `ls`.", "- one\n- two", "1. first", "| a | b |"]:
+        assert raters.plain("q", marked) is False, marked
+    assert raters.plain("q", "  ") is False
+
+
+def test_opens_with_answer_numbers_and_second_person():
+    assert raters.opens_with_answer("Why?", "Because of gravity.\n\nIn more detail, mass bends space.") is True
+    assert raters.opens_with_answer("Why?", "Because of gravity. Also mass.\n\nMore.") is False  # two sentences
+    assert raters.opens_with_answer("Why?", "Because of gravity.") is False  # no details after it
+    assert raters.opens_with_answer("Why?", words(26) + ".\n\nMore.") is False
+    assert raters.numbers("How far?", "About 384,400 km.") is True
+    assert raters.numbers("How?", "1. Mix\n2. Bake") is False  # list numbering is no figure
+    assert raters.numbers("Write a haiku about rain.", "3 drops") is None
+    assert raters.second_person("q", "You can do it; your plan works if you try.") is True
+    assert raters.second_person("q", "You can do it; the plan works.") is False

@@ -284,9 +284,10 @@ def test_summary_goals():
     s = report.summarize(r["base"], r["cycles"])
     assert s["best_gain_points"] == pytest.approx(35.0)
     assert s["min_capability_ratio"] == pytest.approx(0.97)
-    assert s["goals"] == {"gain_ge_30_points": True, "capability_ge_95pct_of_base": True, "cycles_le_10_min": True}
+    assert {k: v for k, v in s["goals"].items() if v is not None} == {
+        "gain_30_points_in_2_cycles": True, "capability_95pct_every_cycle": True, "cycle_10_min_every_cycle": True}
     r["cycles"][0]["cycle_seconds"] = 601
-    assert not report.summarize(r["base"], r["cycles"])["goals"]["cycles_le_10_min"]
+    assert report.summarize(r["base"], r["cycles"])["goals"]["cycle_10_min_every_cycle"] is False
     assert report.summarize(doc["runs"][0]["base"], doc["runs"][0]["cycles"])["ablation_pinned_final_desirable_rate"] \
         == 0.1
 
@@ -597,3 +598,167 @@ def test_the_code_version_is_the_one_the_run_started_with(tmp_path, monkeypatch)
     doc = sim.simulate(cfg, [sim.SimSpec("coin", lambda p, a: True)], tmp_path / "work",
                        build_stack=lambda c: contextlib.nullcontext(object()), on_update=updates.append)
     assert [u["code"] for u in updates] + [doc["code"]] == ["abc1234"] * 4
+
+
+# ---------------------------------------------------------------- robustness cases through the loop and the command
+
+
+def likes_lists(prompt, answer):
+    return answer.startswith("- ")
+
+
+def likes_long(prompt, answer):
+    return len(answer.split()) > 20
+
+
+def likes_short(prompt, answer):
+    return len(answer.split()) <= 20
+
+
+class FakeRealigner:
+    """Stands in for the aligner only: exports the store's snapshot as the real one does, then 'promotes'."""
+
+    def __init__(self, store, registry, work_dir):
+        self.store, self.registry, self.work_dir, self.runs = store, registry, work_dir, 0
+
+    def run(self, trigger, progress=None):
+        self.runs += 1
+        run_dir = self.work_dir / f"run-{self.runs}"
+        run_dir.mkdir(parents=True)
+        self.store.export_snapshot(run_dir / "snapshot.parquet")  # every rating so far, as a fresh-mode run
+        self.registry.name = f"kto-v{self.runs}"
+        return SimpleNamespace(run_id=str(self.runs), status="promoted", promoted=True, reason="promoted",
+                               version=self.registry.name, manifest={})
+
+
+def test_a_robustness_case_runs_through_the_loop_and_is_measured_per_preference(store, tmp_path):
+    from app.sim.population import Case
+
+    registry = FakeRegistry("base")
+    stack = SimpleNamespace(cfg=config_from(argparse.Namespace(), environ={}), store=store, client=CannedClient(),
+                            registry=registry, server=object(),
+                            settings=SimpleNamespace(load=lambda: SimpleNamespace(system_prompt="sys")),
+                            realigner=FakeRealigner(store, registry, tmp_path / "work"))
+    case = Case(("lists", likes_lists), (("long", likes_long, 0.3),), change_at=1, after=("short", likes_short),
+                attacker_share=0.25, attacker_identities=3)
+    spec = sim.SimSpec("lists70+long30", likes_lists, cycles=2, ratings_per_cycle=24,
+                       prompts=["give me a list", "explain tides", "a list again", "why?"], holdout=["a list", "no"],
+                       capability=[gate.Question("What is the capital of France?", ("Paris",))], samples_per_prompt=2,
+                       capability_repeats=1, workers=4, case=case)
+    rec = sim.simulate_one(stack, spec, log=lambda m: None)
+    assert rec["case"]["after"] == "short" and rec["case"]["attacker"] == "attacker (not lists)"
+    # every preference is measured on the same held-out answers, with the clean raters
+    assert set(rec["base"]["by_rater"]) == {"lists", "long", "short", "attacker (not lists)"}
+    assert rec["base"]["by_rater"]["lists"]["desirable_rate"] == rec["base"]["desirable_rate"] == 0.5
+    assert rec["base"]["by_rater"]["attacker (not lists)"]["desirable_rate"] == 0.5
+    c1, c2 = rec["cycles"]
+    # before the change the majority is `lists`; after cycle 1 it is `short`; the attacker opposes whichever holds
+    assert set(c1["collect"]["by_group"]) <= {"lists", "long", "attacker"} and "lists" in c1["collect"]["by_group"]
+    assert "short" in c2["collect"]["by_group"] and "lists" not in c2["collect"]["by_group"]
+    # the attacker's share of what each run trained on, read from the snapshot the run wrote
+    attacker_ratings = 0
+    for n, c in ((24, c1), (48, c2)):
+        g = c["collect"]["by_group"].get("attacker", {"up": 0, "down": 0})
+        attacker_ratings += g["up"] + g["down"]
+        assert c["snapshot_sources"]["n"] == n
+        assert c["snapshot_sources"]["attacker_share"] == pytest.approx(attacker_ratings / n)
+    assert attacker_ratings > 0
+    s = rec["summary"]
+    assert list(s["rates_by_rater"]) == ["lists", "long", "short", "attacker (not lists)"]
+    assert len(s["rates_by_rater"]["long"]) == 3 and len(s["attacker_share_by_cycle"]) == 2
+    # canned answers never change, so nothing moves: the goals say so
+    assert s["goals"]["gain_30_points_in_2_cycles"] is False
+    assert s["goals"]["follows_change_in_2_cycles"] is None  # one cycle after the change: not yet judged
+    assert s["goals"]["minorities_keep_half_their_rate"] is True and s["goals"]["not_toward_attacker"] is True
+    assert rec["rater_heldout"] is False
+
+
+def fake_simulate(captured):
+    """`simulate` without a stack: records the specs, returns a document of canned runs (one per spec)."""
+
+    def simulate(cfg, specs, work_dir, log=print, on_update=None):
+        captured.extend(specs)
+        base = fake_doc(ablation=False)["runs"][0]
+        runs = []
+        for i, spec in enumerate(specs):
+            cycles = [dict(c, eval=dict(c["eval"], desirable_rate=c["eval"]["desirable_rate"] - 0.1 * i))
+                      for c in base["cycles"]]
+            runs.append({"rater": spec.rater_name, "seed": spec.seed, "base": base["base"], "cycles": cycles,
+                         "summary": report.summarize(base["base"], cycles)})
+        return {"kind": "kto-loop simulate", "runs": runs, "repeats": report.repeats(runs)}
+
+    return simulate
+
+
+def test_command_builds_seeds_and_cases_and_reports_minimum_median_and_every_seed(tmp_path, monkeypatch, capsys):
+    cfg = config_from(argparse.Namespace(), environ={"KTO_LOOP_HOME": str(tmp_path / "home")})
+    out = tmp_path / "r.json"
+    specs: list = []
+    monkeypatch.setattr(sim, "simulate", fake_simulate(specs))
+    assert cmd.run(parse(["--rater", "concise", "--seeds", "3", "--seed", "5", "--json", str(out)]), cfg) == 0
+    assert [(s.rater_name, s.seed, s.case) for s in specs] == [("concise", 5, None), ("concise", 6, None),
+                                                               ("concise", 7, None)]  # plain: no case at all
+    printed = capsys.readouterr().out
+    # gains +40, +30, +20 over the three seeds (the canned cycles lowered by 10 points per seed)
+    assert "concise (seed 6): desirable 20.0% → 50.0%" in printed
+    assert "concise: 3 repeats, gain median +30.0 points (each +40.0, +30.0, +20.0)" in printed
+    assert "minimum gain +20.0" in printed
+    assert "in every seed: gain 30 points in 2 cycles: FAILED; capability 95pct every cycle: held" in printed
+    assert json.loads(out.read_text())["repeats"][0]["goals_in_every_seed"]["gain_30_points_in_2_cycles"] is False
+
+    specs.clear()
+    assert cmd.run(parse(["--mix", "bullets:0.3,concise:0.7", "--flip", "0.2", "--rate-prob", "0.33",
+                          "--json", str(out)]), cfg) == 0
+    (spec,) = specs
+    assert spec.rater_name == "concise70+bullets30" and spec.case.main[0] == "concise"
+    assert [(n, s) for n, _, s in spec.case.minorities] == [("bullets", 0.3)]
+    assert (spec.case.flip, spec.case.rate_prob) == (0.2, 0.33)
+
+    specs.clear()
+    assert cmd.run(parse(["--rater", "concise", "--rater", "plain", "--cycles", "4", "--change-at", "2",
+                          "--rater-after", "numbers", "--attacker-share", "0.3", "--attacker-identities", "50",
+                          "--json", str(out)]), cfg) == 0
+    assert [s.rater_name for s in specs] == ["concise", "plain"]
+    assert all(s.case.after[0] == "numbers" and s.case.change_at == 2 and s.case.attacker_share == 0.3
+               and s.case.attacker_identities == 50 for s in specs)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--mix", "concise:0.7,bullets:0.3", "--rater", "concise"], "leave out --rater"),
+    (["--mix", "concise:0.7,bullets:0.2"], "sum to 1"),
+    (["--change-at", "2", "--rater-after", "plain"], "leaves no cycle after the change"),
+    (["--rater-after", "plain"], "go together"),
+    (["--change-at", "1", "--rater-after", "concise", "--rater", "concise"], "must differ"),
+    (["--flip", "0.7"], "--flip"),
+    (["--rate-prob", "0"], "--rate-prob"),
+    (["--attacker-share", "0.3", "--attacker-identities", "0"], "--attacker-identities"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--rater-after", "nope", "--change-at", "1"], "bad rater"),
+])
+def test_command_refuses_bad_robustness_options_in_one_line(argv, says, tmp_path, capsys, monkeypatch):
+    cfg = config_from(argparse.Namespace(), environ={})
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: pytest.fail("started"))
+    out = tmp_path / "r.json"
+    assert cmd.run(parse([*argv, "--json", str(out)]), cfg) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_simulate_gives_each_seed_its_own_fresh_store(tmp_path, monkeypatch):
+    import contextlib
+
+    seen = []
+    monkeypatch.setattr(sim, "simulate_one", lambda stack, spec, log, checkpoint: {
+        "rater": spec.rater_name, "base": {}, "cycles": [], "seed": spec.seed})
+    monkeypatch.setattr(sim, "evidence", lambda stack: {})
+    monkeypatch.setattr(sim, "document", lambda cfg, specs, t0, runs, code: {"runs": runs})
+
+    def build(c):
+        seen.append(c.data_dir)
+        return contextlib.nullcontext(object())
+
+    cfg = config_from(argparse.Namespace(), environ={"KTO_LOOP_HOME": str(tmp_path / "home")})
+    specs = [sim.SimSpec("a", likes_lists, seed=s) for s in (0, 1)] + [sim.SimSpec("b", likes_lists)]
+    sim.simulate(cfg, specs, tmp_path / "w", build_stack=build)
+    assert seen == [tmp_path / "w" / "a-seed0", tmp_path / "w" / "a-seed1", tmp_path / "w" / "b"]
