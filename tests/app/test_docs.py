@@ -65,6 +65,21 @@ def test_readme_is_short_and_opens_with_what_it_is_and_a_screenshot():
     assert shot and (ROOT / shot.group(1)).exists()
 
 
+def test_architecture_package_map_names_files_that_exist():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    table = text.split("## Package map", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    assert rows, "docs/ARCHITECTURE.md has no package map"
+    missing = []
+    for row in rows:
+        where, job = row.split(" | ", 1)
+        dirs = [d for d in re.findall(r"`([^`]+)`", where) if d.endswith("/")] or [""]
+        for name in re.findall(r"`([\w/]+(?:\.py|\.jsonl|/))`", where + job):
+            if not any((ROOT / d / name).exists() for d in ["", *dirs]):
+                missing.append(name)
+    assert missing == []
+
+
 def test_readme_cli_table_lists_every_subcommand():
     from app.cli import build_parser
 
