@@ -160,8 +160,9 @@ class RealignScheduler:
                 return
             key = schedule_key(s)
             first = first_run_time(trigger, self._read_state(), key, datetime.now(self.scheduler.timezone))
-            self.scheduler.add_job(self.tick, trigger, id=JOB_ID, replace_existing=True, next_run_time=first)
+            # written before the job exists: once added it may fire at once, and its listener's newer time wins
             self._write_state({"schedule": key, "next_run": first.isoformat() if first else None})
+            self.scheduler.add_job(self.tick, trigger, id=JOB_ID, replace_existing=True, next_run_time=first)
 
     @staticmethod
     def trigger_for(s: OperatorSettings):
@@ -237,11 +238,12 @@ class RealignScheduler:
         """After each firing: the job's new next run (APScheduler updates it before it reports the submission)."""
         if getattr(event, "job_id", None) != JOB_ID:
             return
-        job = self.scheduler.get_job(JOB_ID)
-        state = self._read_state() or {}
-        if job is None or job.next_run_time is None or not state.get("schedule"):
-            return
-        self._write_state({"schedule": state["schedule"], "next_run": job.next_run_time.isoformat()})
+        with self._apply_lock:   # APScheduler reports events outside its job-store lock: no lock-order cycle
+            job = self.scheduler.get_job(JOB_ID)
+            state = self._read_state() or {}
+            if job is None or job.next_run_time is None or not state.get("schedule"):
+                return
+            self._write_state({"schedule": state["schedule"], "next_run": job.next_run_time.isoformat()})
 
     def _read_state(self) -> dict[str, Any] | None:
         try:
