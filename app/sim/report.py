@@ -116,12 +116,14 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
         "load_average_now": list(os.getloadavg()),  # other work on the machine slows every timing here
         "settings": {"model_dir": str(cfg.model_dir), "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_tokens": cfg.max_tokens, "lora_rank": cfg.lora_rank, "beta": cfg.beta,
-                     "anchor_weight": cfg.anchor_weight, "anchor_tokens": cfg.anchor_tokens,
+                     "anchor_weight": cfg.anchor_weight, "anchor_max_tokens": cfg.anchor_max_tokens,
                      "lr_generation_decay": cfg.lr_generation_decay,
                      "promote_min_gain": cfg.promote_min_gain,
                      "promote_max_capability_drop": cfg.promote_max_capability_drop,
                      "align_extra_args": cfg.align_extra_args, "align_mode": cfg.align_mode,
                      "max_examples": cfg.max_examples, "first_lora_layer": cfg.first_lora_layer,
+                     "max_user_share": getattr(cfg, "max_user_share", None),  # the snapshot's share caps
+                     "max_addr_share": getattr(cfg, "max_addr_share", None),
                      "cycles": specs[0].cycles if specs else 0,
                      "ratings_per_cycle": specs[0].ratings_per_cycle if specs else 0,
                      "samples_per_prompt": specs[0].samples_per_prompt if specs else 0,
@@ -297,6 +299,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             py = [ys[0]] + [100 * (e["desirable_rate"] or 0) for e in pinned]
             ax.plot(range(len(py)), py, linestyle="--", marker="x", color=color, alpha=0.7,
                     label=f"{name} (λ_D = λ_U = 1)")
+        main = (run.get("case") or {}).get("main")
+        for j, pref in enumerate(p for p in (run["base"].get("by_rater") or {}) if p != main):
+            ys_pref = [100 * (goals.rate_of(e, pref) or 0) for e in evals]  # the other preferences of the case
+            ax.plot(xs, ys_pref, linestyle=[":", "-.", (0, (1, 3))][j % 3], marker=".", color=color, alpha=0.8,
+                    label=f"{name}: {pref}")
         ax2.plot(xs, [100 * e["capability_accuracy"] for e in evals], marker="o", color=color, label=name)
         refused = [(c["cycle"], c["refused_candidate_eval"]) for c in run["cycles"] if "refused_candidate_eval" in c]
         if refused:  # hollow markers: what the guard kept from users, and what it would have cost

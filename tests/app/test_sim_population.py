@@ -196,6 +196,20 @@ def test_collect_counts_refused_ratings_instead_of_stopping(store):
     assert stats["by_group"]["attacker"]["up"] + stats["by_group"]["attacker"]["down"] == 3
 
 
+def test_collect_counts_refused_chats_instead_of_stopping(store):
+    """The attacker's one address runs out of its message budget: those chats are refused and counted."""
+    from app.web.chat import ChatService, Limits
+
+    service = ChatService(store, CannedClient(), Registry(), system_prompt=lambda: "", sampling=lambda: {},
+                          max_chars=4000, ratings_per_minute=1000, limits=Limits(address_messages_per_minute=2))
+    case = pop.Case(("lists", likes_lists), attacker_share=0.5, attacker_identities=10)
+    stats, _ = sim.collect(service, ["a list", "prose"], case.population(1, seed=0), 30, cursor=0, tag="t",
+                           workers=4)
+    attacker = stats["by_group"]["attacker"]
+    assert stats["ratings"] == 30 and attacker["refused"] > 0 and attacker["up"] + attacker["down"] == 2
+    assert stats["answers"] == 30 + stats["refused"] + stats["not_rated"]
+
+
 def test_collect_with_rating_probability_still_fills_the_cycle(store):
     case = pop.Case(("lists", likes_lists), rate_prob=0.25)
     stats, cursor = sim.collect(service_for(store), ["a list", "prose"], case.population(1, seed=1), 30, cursor=0,

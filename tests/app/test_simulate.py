@@ -297,6 +297,13 @@ def test_plot_and_json_are_written(tmp_path):
     report.plot(fake_doc(), png)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    mixed = fake_doc()  # a case's other preferences are drawn beside the main one
+    for r in mixed["runs"]:
+        r["case"] = {"main": r["rater"]}
+        for e in [r["base"]] + [c["eval"] for c in r["cycles"]]:
+            e["by_rater"] = {r["rater"]: {"desirable_rate": e["desirable_rate"]}, "minority": {"desirable_rate": 0.3}}
+    report.plot(mixed, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     edges = fake_doc()  # a rater at 0% and 100%: the error bars must still be drawable
     edges["runs"][0]["base"]["desirable_rate"], edges["runs"][0]["base"]["ci95"] = 0.0, list(measure.wilson(0, 3))
     edges["runs"][0]["cycles"][1]["eval"].update(desirable_rate=1.0, ci95=list(measure.wilson(4, 4)))
