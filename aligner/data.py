@@ -34,6 +34,7 @@ class Example:
     completion_ids: list[int]  # the answer tokens plus the end-of-turn token; the loss covers these only
     desirable: bool
     prompt_truncated: int = 0  # prompt tokens cut from the left to fit max_length
+    user_id: str | None = None  # who rated it (snapshots carry it): the gate's per-rater breakdown
 
 
 @dataclass
@@ -63,7 +64,7 @@ def read_snapshot(path: str | Path) -> list[dict[str, Any]]:
         raise SnapshotError(f"snapshot {path.name} lacks column(s) {', '.join(missing)}")
     if table.num_rows == 0:
         raise SnapshotError(f"snapshot {path.name} is empty: nothing to train on")
-    rows = table.select(list(REQUIRED_COLUMNS)).to_pylist()
+    rows = table.select([*REQUIRED_COLUMNS, *(["user_id"] if "user_id" in table.column_names else [])]).to_pylist()
     for i, row in enumerate(rows):
         if row["label"] is None or not isinstance(row["label"], bool):
             raise SnapshotError(f"row {i}: label must be a bool, got {row['label']!r}")
@@ -137,7 +138,8 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldo
                             "reason": "completion longer than max_length allows", "n_tokens": n_total})
             continue
         cut = max(0, n_total - max_length)
-        ex = Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut)
+        ex = Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut,
+                     row.get("user_id"))
         (heldout if is_heldout(row["answer_id"], heldout_fraction) else train).append(ex)
     added: list[str] = []
     if heldout_fraction > 0 and heldout_min > 0:

@@ -265,7 +265,7 @@ def _eval_heldout(policy: dict, ref: dict, heldout: list[Example], beta: float, 
     rewards = torch.tensor([policy[k] - ref[k] for k in matched])
     kl_rewards = torch.tensor([policy[k] - ref[k] for k in kl])
     desirable = torch.tensor([ex.desirable for ex in heldout])
-    return heldout_metrics(rewards, kl_rewards, desirable, beta, lam_d, lam_u)
+    return heldout_metrics(rewards, kl_rewards, desirable, beta, lam_d, lam_u, [ex.user_id for ex in heldout])
 
 
 def _keep_checkpoint(model: Any, d: Path, step: int, total: int, heldout: list[Example], h_keys: list,

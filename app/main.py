@@ -82,8 +82,10 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
         client = ChatClient(server.base_url, admission=admission)
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
-        registry.reload_after_restart()
-        server.add_restart_hook(registry.reload_after_restart)
+        from app.loop.served import reconcile
+
+        reconcile(store, registry)  # vLLM serves what the store says; a fallback is recorded there too
+        server.add_restart_hook(lambda: reconcile(store, registry))
         settings = SettingsStore(cfg.data_dir, default_settings(cfg))
         guard = None
         if cfg.promote_max_capability_drop >= 0:

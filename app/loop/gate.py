@@ -1,8 +1,9 @@
 """The promotion gate: a trained adapter is served only if it beats the served one on the aligner's held-out set
-(margin test), keeps the base model's factual answers (capability guard), and, when a run's final adapter fails,
-the run's earlier checkpoints are offered newest first (checkpoint fallback). The decisions are pure functions; the
-I/O (asking vLLM, loading an adapter, evaluating checkpoints) is passed in. Measurements behind the rules:
-docs/experiments/2026-11-23-simulator-defaults.md, docs/experiments/2026-12-02-examples-learning-rate-seeds.md.
+(margin test) without resting on one rater's answers (rater check) and keeps the base model's factual answers
+(capability guard); when a run's final adapter fails, its earlier checkpoints are offered newest first (checkpoint
+fallback). The decisions are pure functions; the I/O (asking vLLM, loading an adapter, evaluating checkpoints) is
+passed in. Measurements behind the rules: docs/experiments/2026-11-23-simulator-defaults.md,
+docs/experiments/2026-12-02-examples-learning-rate-seeds.md.
 """
 
 from __future__ import annotations
@@ -103,6 +104,59 @@ def should_promote(new: dict[str, Any] | None, served: dict[str, Any] | None, mi
                        f"(tolerance {frac_tolerance:.2f}) despite {what} gain {gain:+.4f}")
     return True, (f"promoted: {what} gain {gain:+.4f} (new {new_score:+.4f}, served {served_score:+.4f}) "
                   f"> {min_gain:+.4f}")
+
+
+# ---------------------------------------------------------------- one rater's weight
+
+def _without(m: dict[str, Any], who: str) -> dict[str, Any] | None:
+    """Held-out metrics as if `who` had rated none of the held-out answers (from the per-rater breakdown)."""
+    me = (m.get("per_rater") or {}).get(who)
+    n_d, n_u = m.get("n_desirable"), m.get("n_undesirable")
+    if not isinstance(me, dict) or not isinstance(n_d, int) or not isinstance(n_u, int):
+        return None
+
+    def rest(kind: str, n: int) -> float | None:
+        mine, mean_all, mean_me = me[f"n_{kind}"], _num(m, f"reward_{kind}"), me.get(f"reward_{kind}")
+        if n - mine <= 0:
+            return None
+        if mine == 0:
+            return mean_all
+        return (mean_all * n - mean_me * mine) / (n - mine) if mean_all is not None and mean_me is not None else None
+
+    r_d, r_u = rest("desirable", n_d), rest("undesirable", n_u)
+    return {"margin": r_d - r_u if r_d is not None and r_u is not None else None,
+            "reward_desirable": r_d, "reward_undesirable": r_u}
+
+
+def _gain(new: dict[str, Any] | None, served: dict[str, Any] | None) -> float | None:
+    if new is None:
+        return None
+    new_score, what = _score(new)
+    if not served:
+        return new_score
+    served_score, served_what = _score(served)
+    return None if new_score is None or served_score is None or served_what != what else new_score - served_score
+
+
+def rater_check(new: dict[str, Any] | None, served: dict[str, Any] | None,
+                min_gain: float) -> tuple[bool, str, dict[str, Any] | None]:
+    """Rule: with held-out answers from two or more raters, the gain must still exceed `min_gain` when the
+    rater whose removal lowers it most is left out (a gain that needs one identity is that identity's taste).
+    Returns (ok, reason if refused, record); the record is None when the breakdown is missing or has one rater."""
+    raters = (new or {}).get("per_rater")
+    if not isinstance(raters, dict) or len(raters) < 2 or (served and not isinstance(served.get("per_rater"), dict)):
+        return True, "", None
+    gains = {who: _gain(_without(new, who), _without(served, who) if served else None) for who in raters}
+    who = min(gains, key=lambda w: -math.inf if gains[w] is None else gains[w])
+    left, n = gains[who], sum(r["n"] for r in raters.values())
+    record = {"raters": len(raters), "most_influential": who, "n": raters[who]["n"], "n_heldout": n,
+              "gain": _gain(new, served), "gain_without": left, "min_gain": min_gain, "ok": left is not None and
+              left > min_gain}
+    if record["ok"]:
+        return True, "", record
+    shown = "not measurable" if left is None else f"{left:+.4f}, not above {min_gain:+.4f}"
+    return False, (f"not promoted: the held-out gain rests on one rater: without {who}'s {raters[who]['n']} of "
+                   f"{n} held-out answers it is {shown}"), record
 
 
 # ---------------------------------------------------------------- capability guard
@@ -257,6 +311,7 @@ class GateResult:
     version: str | None
     candidates: list[dict[str, Any]] = field(default_factory=list)  # every verdict, for the run record
     capability_guard: dict[str, Any] | None = None
+    rater_check: dict[str, Any] | None = None
     promoted_checkpoint: dict[str, Any] | None = None
 
 
@@ -273,9 +328,9 @@ def candidates(out: Path, manifest: dict[str, Any]) -> list[Candidate]:
 def decide(cands: Sequence[Candidate], manifest: dict[str, Any], min_gain: float,
            attempt: Callable[[Candidate], Attempt],
            evaluate_pending: Callable[[list[Candidate]], None]) -> GateResult:
-    """Offer each candidate in turn to the margin test and, if it passes, to `attempt` (load, capability guard,
-    switch); the first served one wins. `evaluate_pending` fills the checkpoints' metrics, once, only when a
-    checkpoint is reached (a promoted final adapter never pays for them)."""
+    """Offer each candidate in turn to the margin test and the rater check and, if it passes both, to `attempt`
+    (load, capability guard, switch); the first served one wins. `evaluate_pending` fills the checkpoints' metrics,
+    once, only when a checkpoint is reached (a promoted final adapter never pays for them)."""
     served_metrics = (manifest.get("heldout") or {}).get("served")
     pending = [c for c in cands if c.pending]
     verdicts: list[dict[str, Any]] = []
@@ -288,6 +343,12 @@ def decide(cands: Sequence[Candidate], manifest: dict[str, Any], min_gain: float
             reason = f"not promoted: {manifest['checkpoint_eval_error']}"
         verdict: dict[str, Any] = {"candidate": cand.name, "step": cand.step, "promoted": False}
         verdicts.append(verdict)
+        if ok:
+            ok, why, raters = rater_check(cand.heldout_new, served_metrics, min_gain)
+            if raters is not None:
+                verdict["rater_check"] = result.rater_check = raters
+            if not ok:
+                reason = why
         tried = Attempt(None)
         if ok:
             tried = attempt(cand)

@@ -31,7 +31,7 @@ import psutil
 
 from aligner.layers import parse_first_layer
 from app.config import ANCHOR_TOKENS_MAX
-from app.loop import gate
+from app.loop import gate, served
 from serving.lifeline import lifeline
 
 Progress = Callable[[dict[str, Any]], None]
@@ -222,7 +222,7 @@ class Realigner:
                 pass  # a broken progress callback must not break the run
 
     def _run(self, trigger: str, progress: Progress | None, max_examples: int, since: Any) -> RunOutcome:
-        current = self.registry.current()
+        current = self.store.current_adapter()  # the store's record, which the registry follows (served.py)
         served_dir = self._adapter_dir_of(current)
         resume_dir = served_dir if self.mode == "continue" else None
         if resume_dir is not None and since is None:
@@ -297,6 +297,8 @@ class Realigner:
         manifest["candidates"] = result.candidates
         if result.capability_guard is not None:
             manifest["capability_guard"] = result.capability_guard
+        if result.rater_check is not None:
+            manifest["rater_check"] = result.rater_check
         if result.promoted_checkpoint is not None:
             manifest["promoted_checkpoint"] = result.promoted_checkpoint
         return result.promoted, result.reason, result.version
@@ -439,13 +441,9 @@ class Realigner:
         self._leave_cancellable()
 
     def _promote(self, adapter_dir: Path, parent: str | None, run_id: str) -> str:
-        version = self.registry.promote(adapter_dir, check=self.capability_guard)
-        version = getattr(version, "name", version)
-        path = getattr(self.registry, "path_of", lambda v: None)(version) or adapter_dir
-        self.store.register_adapter(version, str(path), _sha256_of(adapter_dir), parent if parent != "base" else None,
-                                    run_id)
-        self.store.mark_promoted(version, reason="passed the held-out gate")
-        return str(version)
+        """Switch to the candidate with the store recording it around the switch (app/loop/served.py)."""
+        return served.promote(self.store, self.registry, adapter_dir, parent=parent, run_id=run_id,
+                              check=self.capability_guard)
 
     def _finish(self, run_id: str, status: str, *, manifest, promoted, reason, version, snap=None,
                 error=None) -> None:
@@ -458,7 +456,8 @@ class Realigner:
                 metrics={"heldout": m.get("heldout"), "z0_mean": m.get("z0_mean"),
                          "z0_pre_clamp_mean": m.get("z0_pre_clamp_mean"), "train_seconds": m.get("train_seconds"),
                          "checkpoint_eval_seconds": m.get("checkpoint_eval_seconds"),
-                         "capability_guard": m.get("capability_guard"), "candidates": m.get("candidates"),
+                         "capability_guard": m.get("capability_guard"), "rater_check": m.get("rater_check"),
+                         "candidates": m.get("candidates"),
                          "promoted_checkpoint": m.get("promoted_checkpoint"),
                          "promoted": promoted, "reason": reason, "version": version},
                 error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")))
@@ -550,13 +549,3 @@ def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         pass
     except PermissionError:
         proc.kill()
-
-
-def _sha256_of(adapter_dir: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(Path(adapter_dir) / "adapter_model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

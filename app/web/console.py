@@ -168,13 +168,10 @@ class Operator:
         return self.realigner.cancel()
 
     def rollback(self, version: str | None = None) -> str:
-        before = self.registry.current()
-        after = self.registry.rollback(version or None)
-        after = getattr(after, "name", after) or self.registry.current()
-        try:
-            self.store.record_rollback(before, str(after), reason="operator")
-        except Exception:
-            pass
+        """Serve an earlier version; a store that cannot record it undoes the switch and raises (served.py)."""
+        from app.loop.served import rollback
+
+        before, after = rollback(self.store, self.registry, version or None, reason="operator")
         return f"Now serving {after} (was {before})."
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.loop.gate import Candidate
+import app.loop.gate
+from app.loop.gate import Candidate, rater_check, should_promote
 from app.loop.realign import Realigner
 from feedback_store import FeedbackStore
 
@@ -63,6 +64,7 @@ def _gate_always_promotes(monkeypatch):
     import app.loop.gate
 
     monkeypatch.setattr(app.loop.gate, "should_promote", lambda new, served, min_gain: (True, "promoted: test"))
+    monkeypatch.setattr(app.loop.gate, "rater_check", lambda new, served, min_gain: (True, "", None))
 
 
 def _realigner(store, registry, tiny_model_dir: Path, tmp_path: Path, mode: str, **kw) -> Realigner:
@@ -150,6 +152,9 @@ def test_first_lora_layer_reaches_a_new_adapter_and_a_continued_one_keeps_its_la
     _rate(store, "a", 8, "base")
     first = rl.run("operator")
     assert first.promoted, first.reason
+    # the run record keeps the aligner's per-rater breakdown of the held-out metrics
+    held = store.get_run(first.run_id)["metrics"]["heldout"]["new"]
+    assert set(held["per_rater"]) == {"user-a"} and held["per_rater"]["user-a"]["n"] == len(held["correct_side"])
     assert first.manifest["prefix"]["layers"] == 1 and first.manifest["prefix"]["sequences"] > 0
     assert first.manifest["hyperparameters"]["first_lora_layer"] == 1
     _rate(store, "b", 8, "kto-v1")
@@ -359,3 +364,34 @@ def test_bad_lr_generation_decay_setting_stops_the_app_with_one_line(raw):
     with pytest.raises(SystemExit, match="lr_generation_decay must be in"):
         config_from(None, {"KTO_LOOP_LR_GENERATION_DECAY": raw})
     assert config_from(None, {"KTO_LOOP_LR_GENERATION_DECAY": "0.5"}).lr_generation_decay == 0.5
+
+
+def test_a_gain_resting_on_one_rater_is_refused_and_the_record_keeps_the_breakdown(tmp_path: Path, monkeypatch):
+    """Wiring: the aligner's manifest (here a stand-in's, hand-made) → the gate's rater check → the run record."""
+    monkeypatch.setattr(app.loop.gate, "should_promote", should_promote)
+    monkeypatch.setattr(app.loop.gate, "rater_check", rater_check)
+
+    def per(n_d, r_d, n_u, r_u):
+        return {"n": n_d + n_u, "n_desirable": n_d, "n_undesirable": n_u, "reward_desirable": r_d,
+                "reward_undesirable": r_u, "frac_correct_side": 0.5}
+
+    new = {"margin": 2.0, "reward_desirable": 1.0, "reward_undesirable": -1.0, "n_desirable": 4, "n_undesirable": 4,
+           "per_rater": {"ann": per(3, 0.0, 3, 0.0), "mallory": per(1, 4.0, 1, -4.0)}}
+    base = {"n_desirable": 4, "n_undesirable": 4, "margin": 0.0, "reward_desirable": 0.0, "reward_undesirable": 0.0,
+            "per_rater": {"ann": per(3, 0.0, 3, 0.0), "mallory": per(1, 0.0, 1, 0.0)}}
+
+    def fake_train(snapshot, out, *a, **k):
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text(json.dumps({"heldout": {"n": 8, "new": new, "served": base}}))
+
+    store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
+    rl = Realigner(store, reg, model_dir=tmp_path, work_dir=tmp_path / "runs")
+    monkeypatch.setattr(rl, "_train", fake_train)
+    _rate(store, "a", 4, "base")
+    out = rl.run("operator")
+    assert out.status == "rejected" and reg.current() == "base" and reg.paths == {}, out.reason  # never loaded
+    assert out.reason.startswith("not promoted: the held-out gain rests on one rater: without mallory's 2 of 8")
+    metrics = store.get_run(out.run_id)["metrics"]
+    assert metrics["rater_check"]["most_influential"] == "mallory" and not metrics["rater_check"]["ok"]
+    assert metrics["heldout"]["new"]["per_rater"]["mallory"]["n"] == 2
+    store.close()
