@@ -128,6 +128,17 @@ class Config:
     align_max_memory_gb: float = _opt(0.0, "an aligner child whose processes together hold more resident memory "
                                            "than this is stopped and the run fails (0 = half the machine's memory; "
                                            "negative = no cap)")
+    max_user_share: float = _opt(0.1, "the largest share of a training snapshot one rater identity may supply; an "
+                                      "over-cap rater keeps their newest ratings (0 = no cap). A tenth: one rater "
+                                      "cannot steer a run, and a population of 10+ raters loses nothing")
+    max_addr_share: float = _opt(0.2, "the largest share of a training snapshot one client address may supply "
+                                      "(0 = no cap); looser than per identity because an office or NAT puts "
+                                      "several honest raters behind one address")
+
+    # Backups of the feedback database.
+    backup_interval_hours: float = _opt(24.0, "take an online backup of the feedback database every N hours into "
+                                              "DATA_DIR/backups, counted from the newest one there (0 = off)")
+    backup_keep: int = _opt(7, "automatic backups kept; older ones are deleted")
 
     # Operator console.
     admin_user: str = _opt("admin", "operator console user name")

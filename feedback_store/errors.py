@@ -57,10 +57,16 @@ class ReadOnlyStore(StoreError):
 class StoreWriteError(StoreError):
     """The database refused a write (I/O error, damaged file); the message carries DuckDB's own reason."""
 
+    user_message = "the server could not save it"    # for a page shown to the public: no paths, no internals
+
 
 class StorageFull(StoreWriteError):
     """The disk (or the file-size limit) holding the database is full: nothing of the failed write was kept."""
 
+    user_message = "the server's disk is full, so nothing was saved"
+
 
 class CorruptStore(StoreError):
     """The database file cannot be read; the message names the newest backup and the restore command."""
+
+    user_message = "the server's database is damaged"

@@ -27,4 +27,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     except ModelFetchError as e:
         print(f"kto-loop: {e}", file=sys.stderr)
         return 2
-    return serve(cfg)
+    from feedback_store import StoreError
+
+    try:
+        return serve(cfg)
+    except StoreError as e:  # a damaged or locked database: what happened and the way back, not a traceback
+        print(f"kto-loop: {e}", file=sys.stderr)
+        return 2

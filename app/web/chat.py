@@ -391,7 +391,7 @@ class ChatService:
         if value == turn.rating:
             return turn
         self._charge_rating(sess)
-        self.store.rate(sess.user_id, turn.msg_id, value)
+        self.store.rate(sess.user_id, turn.msg_id, value, client_addr=sess.addr)
         turn.rating = value
         return turn
 
@@ -411,7 +411,7 @@ class ChatService:
             raise InputError("Please pick one of the listed reasons.")
         comment = clean_comment(comment)
         self._charge_rating(sess)
-        self.store.rate(sess.user_id, answer_id, "down", reason=reason, comment=comment)
+        self.store.rate(sess.user_id, answer_id, "down", reason=reason, comment=comment, client_addr=sess.addr)
         turn.rating = "down"
 
 
@@ -526,8 +526,8 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
                 if not service.server_ok():
                     yield view(sess), restore, "", gr.update(value=SERVER_DOWN, visible=True)
                 else:
-                    yield view(sess), restore, f"⚠️ The answer failed ({type(e).__name__}). Please try again.", \
-                        gr.update()
+                    why = getattr(e, "user_message", type(e).__name__)  # e.g. "the server's disk is full"
+                    yield view(sess), restore, f"⚠️ The answer failed ({why}). Please try again.", gr.update()
 
         def on_send(text: str, k: str, request: gr.Request):
             try:
@@ -584,7 +584,8 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
             except (RatingError, InputError) as e:
                 return view(sess), f"⚠️ {e}", gr.update(visible=False), None
             except Exception as e:
-                return view(sess), f"⚠️ Your rating could not be saved ({type(e).__name__}).", gr.update(), None
+                why = getattr(e, "user_message", type(e).__name__)  # e.g. "the server's disk is full"
+                return view(sess), f"⚠️ Your rating could not be saved ({why}).", gr.update(), None
             if turn.rating == "down":
                 return view(sess), "Thanks! Tell us what was wrong below (optional).", \
                     gr.update(visible=True), turn.msg_id
