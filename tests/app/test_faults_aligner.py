@@ -77,7 +77,7 @@ def _child(rl: Realigner, timeout: float = 30.0) -> subprocess.Popen:
     raise AssertionError(f"no aligner child after {timeout} s (phase {rl.status.phase})")
 
 
-def _gone(pids: list[int]) -> list[int]:
+def _alive(pids: list[int]) -> list[int]:
     """The pids among `pids` still running (a zombie has ended: only its parent has not reaped it yet)."""
     alive = []
     for pid in pids:
@@ -91,7 +91,7 @@ def _gone(pids: list[int]) -> list[int]:
 
 def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
-    while (alive := _gone(pids)) and time.monotonic() < deadline:
+    while (alive := _alive(pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return alive
 
@@ -141,6 +141,29 @@ def test_configured_timeout_wins_and_frees_a_silent_aligner(tmp_path: Path):
     out = _finish(rl, t, result, timeout=30)
     assert out.status == "failed" and "time limit of 2 s" in out.reason
     assert rl.status.phase == "failed" and not rl.running
+    store.close()
+
+
+def test_hung_checkpoint_evaluation_is_freed_at_the_default_limit_and_recorded(tmp_path: Path, monkeypatch):
+    """The checkpoint evaluator is an aligner child too: with no timeout configured the same watchdog frees it
+    (here at a 2 s start-up allowance), and its failure lands in the manifest."""
+    from app.loop.gate import Candidate
+
+    monkeypatch.setattr(realign, "ALIGN_START_S", 2.0)
+    store = _store(tmp_path / "f.duckdb")
+    rl = _aligner(tmp_path, store, HANG)
+    rl._niced = lambda cmd: [sys.executable, "-c", HANG]  # the evaluator's command, hung
+    out = tmp_path / "runs" / "run-x" / "adapter"
+    out.mkdir(parents=True)
+    manifest: dict = {}
+    earlier = [Candidate("step 1/2", 1, out / "checkpoints/step-1", None, pending=True)]
+    t = threading.Thread(target=rl._evaluate_checkpoints, args=(out, manifest, earlier, None), daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        rl.close()
+        raise AssertionError("the hung evaluator was still running after 30 s")
+    assert "checkpoint evaluation ran past its time limit of 2 s" in manifest["checkpoint_eval_error"]
     store.close()
 
 
@@ -293,6 +316,7 @@ def test_sigkilled_app_leaves_no_aligner_behind(tmp_path: Path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     app = subprocess.Popen([sys.executable, "-c", APP, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env,
                            cwd=REPO)
+    family: list[int] = []
     try:
         line = app.stdout.readline()
         assert line, "the app exited before starting its aligner"
@@ -305,3 +329,5 @@ def test_sigkilled_app_leaves_no_aligner_behind(tmp_path: Path):
     finally:
         if app.poll() is None:
             app.kill()
+        for pid in _alive(family):  # only when the guard failed: do not leave them running
+            os.kill(pid, signal.SIGKILL)
