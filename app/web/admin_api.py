@@ -166,4 +166,18 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
         except Exception as e:
             raise HTTPException(400, str(e)) from None
 
+    @router.post("/backup")
+    def backup(body: Annotated[dict | None, Body()] = None):
+        """An online backup of the feedback database (`kto-loop backup`): the app holds the file, so it copies."""
+        from feedback_store import InvalidInput, StoreError
+
+        to = (body or {}).get("to")
+        if to is not None and not isinstance(to, str):
+            raise HTTPException(400, f"to must be a file path, got {to!r}")
+        try:
+            info = st.store.backup(to) if to else st.store.backup_to_dir()
+        except StoreError as e:
+            raise HTTPException(400 if isinstance(e, InvalidInput) else 500, str(e)) from None
+        return {"path": str(info.path), "bytes": info.bytes, "seconds": round(info.seconds, 3)}
+
     return router
