@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -239,7 +239,3 @@ def _top(values: Sequence[str], n: int | None = None) -> tuple[str | None, float
     top = max(counts, key=lambda k: (counts[k], k))
     return top, counts[top] / (n or len(values))
 
-
-def rates_by_group(stats: Mapping[str, Mapping[str, int]]) -> dict[str, float | None]:
-    """Each group's share of thumbs-up among its collected ratings."""
-    return {g: (s["up"] / (s["up"] + s["down"]) if s["up"] + s["down"] else None) for g, s in stats.items()}
