@@ -181,7 +181,7 @@ class Case:
         groups = [Group(main[0], main[1], honest * (1 - minor))]
         groups += [Group(name, rater, honest * s) for name, rater, s in self.minorities]
         if self.attacker_share > 0:
-            groups.append(Group("attacker", opposite(main[1]), self.attacker_share,
+            groups.append(Group("attacker", opposite(self.main[1]), self.attacker_share,  # a fixed agenda
                                 identities=self.attacker_identities, addr=ATTACKER_ADDR, noisy=False))
         return Population(tuple(groups), self.flip, self.rate_prob, seed)
 

@@ -80,6 +80,8 @@ def test_population_draws_groups_by_share_and_gives_attackers_few_identities_one
 def test_a_changed_preference_takes_over_after_its_cycle():
     case = pop.Case(("lists", likes_lists), change_at=2, after=("long", likes_long))
     assert [case.population(c, 0).groups[0].name for c in (1, 2, 3, 4)] == ["lists", "lists", "long", "long"]
+    attacked = pop.Case(("lists", likes_lists), change_at=1, after=("long", likes_long), attacker_share=0.5)
+    assert attacked.population(2, 0).groups[-1].rater("q", "- a list") is False  # its agenda does not change
     assert list(case.measured()) == ["lists", "long"]
     assert case.describe()["change_at"] == 2 and case.describe()["after"] == "long"
 

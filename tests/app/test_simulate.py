@@ -659,7 +659,7 @@ def test_a_robustness_case_runs_through_the_loop_and_is_measured_per_preference(
     assert rec["base"]["by_rater"]["lists"]["desirable_rate"] == rec["base"]["desirable_rate"] == 0.5
     assert rec["base"]["by_rater"]["attacker (not lists)"]["desirable_rate"] == 0.5
     c1, c2 = rec["cycles"]
-    # before the change the majority is `lists`; after cycle 1 it is `short`; the attacker opposes whichever holds
+    # before the change the majority is `lists`, after cycle 1 `short`; the attacker keeps opposing `lists`
     assert set(c1["collect"]["by_group"]) <= {"lists", "long", "attacker"} and "lists" in c1["collect"]["by_group"]
     assert "short" in c2["collect"]["by_group"] and "lists" not in c2["collect"]["by_group"]
     # the attacker's share of what each run trained on, read from the snapshot the run wrote
