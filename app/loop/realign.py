@@ -45,6 +45,10 @@ MODES = ("continue", "fresh")
 ALIGN_START_S = 600.0
 ALIGN_S_PER_EXAMPLE = 10.0
 OOM_SCORE_ADJ = 1000  # the kernel's OOM killer takes an aligner child first, never vLLM (its score stays 0)
+# The memory cap is a watchdog on the resident memory of the child's processes (psutil). RLIMIT_AS would break
+# PyTorch's large virtual reservations; RLIMIT_DATA does work with torch on CPU (a 2 GB tensor under a 1.5 GB limit
+# fails with "can't allocate memory"), but it counts reserved, untouched writable mappings too (thread stacks,
+# malloc arenas), so the cap would follow the thread count rather than the memory the run actually uses.
 WATCH_INTERVAL_S = 0.5  # how often the watchdog checks a child's clock and memory
 
 
