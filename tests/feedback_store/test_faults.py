@@ -285,3 +285,19 @@ def test_periodic_backup_is_due_one_interval_after_the_newest_file_even_across_r
         time.sleep(0.2)
         pb.stop()
         assert newest_backup(d) == newest and pb.status()["last_error"] is None
+
+
+def test_periodic_backup_thread_takes_the_overdue_backup_at_start(tmp_path):
+    db = tmp_path / "feedback.duckdb"
+    _filled(db, 10)
+    d = default_backup_dir(db)
+    with FeedbackStore(db) as s:
+        pb = PeriodicBackup(s, d, interval_s=3600, keep=3).start()
+        try:
+            deadline = time.time() + 30
+            while not list_backups(d) and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            pb.stop()
+        assert len(list_backups(d)) == 1 and pb.due_at() == pytest.approx(time.time() + 3600, abs=60)
+        assert check_backup(newest_backup(d))["ratings"] == 10
