@@ -41,7 +41,10 @@ class Config:
     # Network.
     host: str = _opt("127.0.0.1", "address the Gradio app listens on")
     port: int = _opt(7860, "port of the Gradio app")
-    vllm_host: str = _opt("127.0.0.1", "address of the vLLM server (always started on loopback)")
+    vllm_host: str = _opt("127.0.0.1", "address the vLLM server listens on; loopback unless "
+                                       "vllm_allow_remote_host")
+    vllm_allow_remote_host: bool = _opt(False, "let vllm_host be a non-loopback address: whoever reaches it can "
+                                               "chat with every adapter (its API key still guards loading them)")
     vllm_port: int = _opt(8000, "port of the vLLM server (0 = pick a free one)")
 
     # vLLM server flags.
@@ -237,4 +240,10 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         raise SystemExit(f"kto-loop: anchor_tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {cfg.anchor_tokens}")
     if not 0 < cfg.lr_generation_decay <= 1:
         raise SystemExit(f"kto-loop: lr_generation_decay must be in (0, 1], got {cfg.lr_generation_decay}")
+    if not cfg.vllm_allow_remote_host:
+        from serving.server import is_loopback_host
+
+        if not is_loopback_host(cfg.vllm_host):
+            raise SystemExit(f"kto-loop: vllm_host {cfg.vllm_host} is not a loopback address and vLLM's API is for "
+                             "this app only; set --vllm-allow-remote-host true to listen there anyway")
     return cfg

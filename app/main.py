@@ -51,7 +51,8 @@ def server_spec(cfg: Config):
     from serving.server import VLLMServerSpec
 
     return VLLMServerSpec(
-        model_dir=Path(cfg.model_dir), host=cfg.vllm_host, port=cfg.vllm_port or _free_port(cfg.vllm_host),
+        model_dir=Path(cfg.model_dir), host=cfg.vllm_host, allow_remote=cfg.vllm_allow_remote_host,
+        port=cfg.vllm_port or _free_port(cfg.vllm_host),
         max_lora_rank=cfg.vllm_max_lora_rank, max_loras=cfg.vllm_max_loras,
         max_cpu_loras=cfg.vllm_max_cpu_loras, max_model_len=cfg.vllm_max_model_len,
         dtype=cfg.vllm_dtype, kvcache_gb=cfg.vllm_kvcache_gb, tensor_parallel=cfg.vllm_tensor_parallel,
@@ -87,7 +88,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         stack.callback(server.stop)  # registered first: a Ctrl-C during start-up still stops the child
         server.start()
         admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
-        client = ChatClient(server.base_url, admission=admission)
+        client = ChatClient(server.base_url, admission=admission, api_key=server.api_key)
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
         from app.loop.served import reconcile
 
@@ -99,7 +100,8 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             from app.loop.gate import CapabilityGuard, http_ask, load_capability
 
             ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
-                           priority=server.spec.priority("background"), admission=admission)
+                           priority=server.spec.priority("background"), admission=admission,
+                           api_key=server.api_key)
             guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop,
                                     base=server.spec.served_model_name)
         realigner = Realigner(

@@ -57,7 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="admission-bench-") as tmp:
         tmp = Path(tmp)
         with served_and_candidate(args.model_dir, tmp) as (server, client, served):
-            probe(http_ask(server.base_url), "candidate", questions)  # first use of the candidate, not timed
+            # first use of the candidate, not timed
+            probe(http_ask(server.base_url, api_key=server.api_key), "candidate", questions)
             runs: dict[str, list[dict]] = {k: [] for k in [*CONDITIONS, "no_probe"]}
             with Users(client, served) as users:
                 time.sleep(10)  # users reach a steady state
@@ -68,7 +69,8 @@ def main() -> None:
                         t_wait = time.perf_counter()  # as in the app, where it lives as long as the server:
                         while adm and adm.stats()["in_flight"]["user"] < USERS and time.perf_counter() - t_wait < 60:
                             time.sleep(0.1)  # every user's next chat has started under it
-                        ask = http_ask(server.base_url, priority=PRIORITY_BACKGROUND, admission=adm)
+                        ask = http_ask(server.base_url, api_key=server.api_key, priority=PRIORITY_BACKGROUND,
+                                       admission=adm)
                         t0 = time.perf_counter()
                         res = probe(ask, "candidate", questions)
                         t1 = time.perf_counter()
@@ -88,8 +90,8 @@ def main() -> None:
                 for name, limit in (("no_admission", None), ("admission_2", 2)):
                     adm = Admission(while_users=limit) if limit else None
                     t0 = time.perf_counter()
-                    probe(http_ask(server.base_url, priority=PRIORITY_BACKGROUND, admission=adm), "candidate",
-                          questions)
+                    probe(http_ask(server.base_url, api_key=server.api_key, priority=PRIORITY_BACKGROUND,
+                                   admission=adm), "candidate", questions)
                     idle[name].append(time.perf_counter() - t0)
             result["idle"] = {k: {"runs": v, "probe_s": statistics.median(v)} for k, v in idle.items()}
             print(f"  idle: probe without admission {result['idle']['no_admission']['probe_s']:.1f}s, with "

@@ -63,7 +63,8 @@ def vllm_figures(model_dir: Path, dtype: str, log_dir: Path) -> dict:
             body = {"model": "base", "messages": [{"role": "user", "content": prompt}], "max_tokens": n,
                     "temperature": 0.0, "stream": True, "ignore_eos": True}
             t0, times = time.perf_counter(), []
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600,
+                              headers=server.auth_headers()) as r:
                 r.raise_for_status()
                 for line in r.iter_lines():
                     if line.startswith("data:") and line.strip() != "data: [DONE]":

@@ -227,7 +227,7 @@ def ab_servers(model_dir: Path, tmp: Path, stock_env: dict[str, str], installed_
         out = {}
         for name in AB_NAMES:
             server = stack.enter_context(VLLMServer(specs[name]))
-            client = stack.enter_context(ChatClient(server.base_url, read_timeout=600))
+            client = stack.enter_context(ChatClient(server.base_url, read_timeout=600, api_key=server.api_key))
             installed = installed_line in Path(specs[name].log_path).read_text(errors="replace")
             assert installed == (name == "ours"), f"{name} server: '{installed_line}' in its log: {installed}"
             adapter = AdapterRegistry(server, tmp / f"registry-{name}.json", base_model_dir=model_dir).promote(

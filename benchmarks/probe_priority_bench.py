@@ -128,11 +128,12 @@ def served_and_candidate(model_dir: Path, tmp: Path) -> Iterator[tuple[VLLMServe
     make_adapter(model_dir, tmp / "served", seed=1)
     make_adapter(model_dir, tmp / "candidate", seed=2)
     spec = VLLMServerSpec(model_dir=model_dir, log_path=tmp / "vllm.log", auto_restart=False)
-    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600, api_key=server.api_key) as client:
         registry = AdapterRegistry(server, tmp / "registry.json", base_model_dir=model_dir)
         served = registry.promote(tmp / "served")
         r = httpx.post(f"{server.base_url.removesuffix('/v1')}/v1/load_lora_adapter",
-                       json={"lora_name": "candidate", "lora_path": str(tmp / "candidate")}, timeout=300)
+                       json={"lora_name": "candidate", "lora_path": str(tmp / "candidate")}, timeout=300,
+                       headers=server.auth_headers())
         r.raise_for_status()
         yield server, client, served
 
@@ -157,7 +158,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
         tmp = Path(tmp)
         with served_and_candidate(args.model_dir, tmp) as (server, client, served):
-            asks = {p: http_ask(server.base_url, priority=p or None) for p in {p for _, p in CONDITIONS.values()}}
+            asks = {p: http_ask(server.base_url, api_key=server.api_key, priority=p or None)
+                    for p in {p for _, p in CONDITIONS.values()}}
             timed_probe(asks[0], "candidate", questions, 0)  # first use of the candidate, not timed
             runs: dict[str, list[dict]] = {k: [] for k in [*CONDITIONS, "no_probe"]}
             with Users(client, served) as users:

@@ -29,7 +29,8 @@ def generate(model_dir: Path) -> list[dict]:
     sampling = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=128)
     with tempfile.TemporaryDirectory() as tmp:
         spec = VLLMServerSpec(model_dir=model_dir, log_path=Path(tmp) / "vllm.log", auto_restart=False)
-        with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client, \
+        with VLLMServer(spec) as server, \
+                ChatClient(server.base_url, read_timeout=600, api_key=server.api_key) as client, \
                 ThreadPoolExecutor(16) as pool:
             def one(p: str) -> dict:
                 msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": p}]

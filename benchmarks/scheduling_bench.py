@@ -57,7 +57,7 @@ def measure(name: str, overrides: dict, model_dir: Path, tmp: Path) -> dict:
                           "max_num_batched_tokens": vllm_token_budget(spec.max_num_batched_tokens),
                           "scheduling_policy": spec.scheduling_policy}}
     t0 = time.perf_counter()
-    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600, api_key=server.api_key) as client:
         out["start_s"] = time.perf_counter() - t0
         registry = AdapterRegistry(server, tmp / f"registry-{name}.json", base_model_dir=model_dir)
         adapter = registry.promote(tmp / "adapter-1")

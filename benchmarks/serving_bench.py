@@ -142,7 +142,7 @@ def measure_server(model_dir: Path, adapter: Path, stock: bool, reps: int, log_d
                           fast_cpu_lora=not stock, auto_restart=False)
     out: dict = {}
     t0 = time.perf_counter()
-    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600, api_key=server.api_key) as client:
         out["start_s"] = time.perf_counter() - t0
         registry = AdapterRegistry(server, log_dir / f"registry-{stock}.json", base_model_dir=model_dir)
         name = registry.promote(adapter)
@@ -171,7 +171,7 @@ def measure_no_lora_server(model_dir: Path, log_dir: Path) -> dict:
                           auto_restart=False)
     t0 = time.perf_counter()
     out: dict = {}
-    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600) as client:
+    with VLLMServer(spec) as server, ChatClient(server.base_url, read_timeout=600, api_key=server.api_key) as client:
         out["start_s"] = time.perf_counter() - t0
         for conc in (1, 16):
             runs = vllm_tok_s(client, "base", conc, 2)

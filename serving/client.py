@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from serving.admission import KINDS, Admission, slot
+from serving.server import auth_header
 
 
 class ChatError(RuntimeError):
@@ -159,8 +160,9 @@ class ChatStream:
 
 def _http_error(resp: httpx.Response) -> ChatError:
     try:
-        msg = resp.json().get("error", {}).get("message") or resp.text
-    except ValueError:
+        err = resp.json().get("error", {})
+        msg = (err.get("message") if isinstance(err, dict) else str(err)) or resp.text
+    except (ValueError, AttributeError):   # not JSON, or not an object ({"error": "Unauthorized"} is)
         msg = resp.text
     if resp.status_code >= 500:
         return ServerUnavailable(f"vLLM returned HTTP {resp.status_code}: {msg}")
@@ -168,16 +170,19 @@ def _http_error(resp: httpx.Response) -> ChatError:
 
 
 class ChatClient:
-    """Thread-safe (one pooled httpx.Client). `read_timeout` = longest silence between two chunks."""
+    """Thread-safe (one pooled httpx.Client). `read_timeout` = longest silence between two chunks. `api_key`: the
+    server's (VLLMServer.api_key), sent with every request; vLLM refuses /v1 requests without it."""
 
     def __init__(self, base_url: str, connect_timeout: float = 5.0, read_timeout: float = 120.0,
-                 total_timeout: float = 600.0, max_connections: int = 256, admission: Admission | None = None):
+                 total_timeout: float = 600.0, max_connections: int = 256, admission: Admission | None = None,
+                 api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.admission = admission
         self.total_timeout = total_timeout
         self._http = httpx.Client(
             timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=read_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32))
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
+            headers=auth_header(api_key))
 
     def stream_chat(self, messages: list[dict[str, str]], model: str, sampling: SamplingParams | None = None,
                     kind: str = "user") -> ChatStream:

@@ -12,6 +12,10 @@ base). In addition, when `adapter_config.base_model_name_or_path` (or the manife
 names an existing local directory other than the served one, its config.json must agree with the served
 config.json on the architecture fields in `_ARCH_KEYS`. Hub-style names are not compared (the same model has many
 names); the shape check decides.
+
+Weights are safetensors only: a pickle file (`.bin`, `.pt`, `.pth`, `.pkl`) anywhere in the adapter directory is
+refused, since vLLM would unpickle a `.bin`, running whatever code it carries. Every call to vLLM carries the
+server's API key (serving.server).
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from typing import Any
 import httpx
 
 from serving.model_fetch import sha256_file
-from serving.server import request_priority
+from serving.server import auth_header, request_priority
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_WEIGHTS = "adapter_model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "vocab_size")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
@@ -121,8 +126,11 @@ class AdapterRegistry:
     def __init__(self, base_url: Any, state_path: Path | str, max_lora_rank: int = 16,
                  base_model_dir: Path | str | None = None, name_prefix: str = "kto-v",
                  store_dir: Path | str | None = None, http_timeout: float = 300.0,
-                 warm_priority: int | None = None):
+                 warm_priority: int | None = None, api_key: str | None = None):
         self._server = None if isinstance(base_url, str) else base_url
+        if api_key is None:  # a VLLMServer's own key
+            api_key = getattr(self._server, "api_key", None)
+        self._headers = auth_header(api_key)
         self._base_url = base_url.rstrip("/") if isinstance(base_url, str) else None
         state_path = Path(state_path)
         if state_path.suffix != ".json":
@@ -195,9 +203,7 @@ class AdapterRegistry:
         if not d.is_dir():
             raise InvalidAdapter(f"adapter directory {d} does not exist")
         cfg = _read_json(d / "adapter_config.json")
-        weights = next((d / n for n in _WEIGHT_FILES if (d / n).is_file()), None)
-        if weights is None:
-            raise InvalidAdapter(f"no weights file in {d} (expected {' or '.join(_WEIGHT_FILES)})")
+        weights = _safetensors_weights(d)
         if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
             raise InvalidAdapter(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be served")
         if cfg.get("modules_to_save"):
@@ -242,8 +248,6 @@ class AdapterRegistry:
             if diff:
                 raise InvalidAdapter(f"adapter was trained on {other}, which differs from the served model "
                                      f"{self.base_model_dir} in {', '.join(diff)}")
-        if weights.suffix != ".safetensors":
-            return  # .bin needs unpickling to read shapes; the name check above is all we do
         try:
             lora = _safetensors_shapes(weights)
             base = _model_shapes(self.base_model_dir)
@@ -272,7 +276,7 @@ class AdapterRegistry:
     def _load_on_server(self, name: str, path: str) -> None:
         try:
             r = httpx.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
-                           timeout=self.http_timeout)
+                           headers=self._headers, timeout=self.http_timeout)
         except httpx.HTTPError as e:
             raise AdapterLoadError(f"could not reach vLLM to load {name}: {e}") from e
         if r.status_code != 200:
@@ -291,7 +295,8 @@ class AdapterRegistry:
         if self.warm_priority is not None:
             body["priority"] = self.warm_priority
         try:
-            r = httpx.post(f"{self.base_url}/v1/completions", json=body, timeout=self.http_timeout)
+            r = httpx.post(f"{self.base_url}/v1/completions", json=body, headers=self._headers,
+                           timeout=self.http_timeout)
         except httpx.HTTPError as e:
             raise AdapterLoadError(f"warm-up request on {name} failed: {e}") from e
         if r.status_code != 200:
@@ -299,7 +304,7 @@ class AdapterRegistry:
         return time.monotonic() - t0
 
     def loaded(self) -> list[str]:
-        r = httpx.get(f"{self.base_url}/v1/models", timeout=30)
+        r = httpx.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=30)
         r.raise_for_status()
         return [m["id"] for m in r.json().get("data", [])]
 
@@ -402,9 +407,9 @@ class AdapterRegistry:
     # -- helpers -------------------------------------------------------------------------------------------
     def _ensure_loaded(self, name: str) -> None:
         v = self._state["versions"][name]
-        weights = next((Path(v["path"]) / n for n in _WEIGHT_FILES if (Path(v["path"]) / n).is_file()), None)
-        if weights is None:
+        if not Path(v["path"]).is_dir():
             raise InvalidAdapter(f"the files of {name} are gone from {v['path']}")
+        weights = _safetensors_weights(Path(v["path"]))
         if v.get("sha256") and sha256_file(weights) != v["sha256"]:
             raise InvalidAdapter(f"the weights of {name} in {v['path']} changed since it was registered "
                                  "(sha256 mismatch)")
@@ -431,6 +436,19 @@ class AdapterRegistry:
                 shutil.copy2(f, tmp / f.name)
         os.replace(tmp, dest)
         return dest.resolve()
+
+
+def _safetensors_weights(d: Path) -> Path:
+    """The adapter's safetensors weights; InvalidAdapter when missing or when a pickle file sits beside them."""
+    pickles = sorted(f.name for f in d.iterdir() if f.is_file() and f.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise InvalidAdapter(f"{d} holds pickle files ({', '.join(pickles)}): adapters are loaded from "
+                             f"{_WEIGHTS} only (unpickling runs arbitrary code); save with PEFT's default "
+                             "safe_serialization=True")
+    weights = d / _WEIGHTS
+    if not weights.is_file():
+        raise InvalidAdapter(f"no weights file {_WEIGHTS} in {d}")
+    return weights
 
 
 def _error_message(r: httpx.Response) -> str:

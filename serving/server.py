@@ -6,14 +6,24 @@ that group (serving/lifeline.py) takes it down when this process dies without st
 thread restarts the server when it dies (or stops answering /health for `hang_timeout` seconds), with exponential
 backoff, then calls the restart hooks (the adapter registry reloads its adapters there: a fresh vLLM knows only
 the base model).
+
+vLLM's OpenAI API can load and unload adapters, so it is an admin surface: the server takes a random API key made
+once per VLLMServer (kept across restarts, so clients keep working), handed to the child in VLLM_API_KEY rather
+than as `--api-key` (a command line is readable by every local user in /proc and vLLM logs its arguments). vLLM
+then refuses every /v1 request without `Authorization: Bearer KEY` (`auth_headers()`); /health stays open. The
+server listens on loopback unless the spec opts in to another address (`allow_remote`). Readiness asks for proof
+that the server on the port is ours: /v1/models lists our served name with our key, and refuses no key and a
+wrong one, so a foreign server that happens to answer on the port is never taken for it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -157,6 +167,21 @@ class ServerStartError(RuntimeError):
     """The server did not become ready; the message ends with the last lines of its log."""
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` is only reachable from this machine ("localhost", 127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_header(api_key: str | None) -> dict[str, str]:
+    """The header vLLM wants with an API key; none without one (a server started elsewhere, a test stand-in)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 @dataclass
 class VLLMServerSpec:
     model_dir: Path | str
@@ -196,6 +221,8 @@ class VLLMServerSpec:
     hang_timeout: float = 120.0         # /health failing this long while the process lives = hung: restart
     stop_grace: float = 15.0            # SIGTERM, then SIGKILL after this many seconds
     env: dict[str, str] = field(default_factory=dict)
+    api_key: str = ""                   # "" = a random key made by each VLLMServer (see the module docstring)
+    allow_remote: bool = False          # listen on a non-loopback host: anyone who can reach it can chat with it
 
     def priority(self, kind: str) -> int | None:
         """The `priority` field for a request of this kind ("warm_up", "user", "background"), or None: vLLM
@@ -221,7 +248,12 @@ def _tail(path: Path, n: int = 40) -> str:
 
 class VLLMServer:
     def __init__(self, spec: VLLMServerSpec):
+        if not spec.allow_remote and not is_loopback_host(spec.host):
+            raise ValueError(f"vLLM host {spec.host!r} is not a loopback address: its API serves and loads adapters "
+                             "for whoever reaches it; pass allow_remote (kto-loop: --vllm-allow-remote-host) "
+                             "to listen there anyway")
         self.spec = spec
+        self.api_key = spec.api_key or secrets.token_urlsafe(32)
         self.port = spec.port or free_port(spec.host)
         self.log_path = Path(spec.log_path) if spec.log_path else (
             Path(tempfile.gettempdir()) / f"kto-loop-vllm-{self.port}.log")
@@ -237,6 +269,10 @@ class VLLMServer:
     @property
     def base_url(self) -> str:
         return f"http://{self.spec.host}:{self.port}"
+
+    def auth_headers(self) -> dict[str, str]:
+        """What every client of this server sends (the key is refused nowhere else)."""
+        return auth_header(self.api_key)
 
     @property
     def pid(self) -> int | None:
@@ -291,6 +327,7 @@ class VLLMServer:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env.update(s.env)
+        env["VLLM_API_KEY"] = self.api_key
         return env
 
     def start(self) -> VLLMServer:
@@ -370,12 +407,19 @@ class VLLMServer:
                                f"({self.log_path}):\n{_tail(self.log_path)}")
 
     def _ready(self) -> bool:
+        """Healthy, and ours: our key lists our served name, no key and a wrong key are refused (401)."""
+        url = f"{self.base_url}/v1/models"
         try:
             if httpx.get(f"{self.base_url}/health", timeout=2).status_code != 200:
                 return False
-            models = httpx.get(f"{self.base_url}/v1/models", timeout=2).json()
-            return any(m.get("id") == self.spec.served_model_name for m in models.get("data", []))
-        except (httpx.HTTPError, ValueError):
+            for wrong in ({}, auth_header(secrets.token_urlsafe(16))):
+                if httpx.get(url, headers=wrong, timeout=2).status_code != 401:
+                    return False
+            r = httpx.get(url, headers=self.auth_headers(), timeout=2)
+            if r.status_code != 200:
+                return False
+            return any(m.get("id") == self.spec.served_model_name for m in r.json().get("data", []))
+        except (httpx.HTTPError, ValueError, AttributeError):
             return False
 
     def _kill(self) -> None:

@@ -263,12 +263,16 @@ class CapabilityGuard:
 
 
 def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = None,
-             timeout: float = 120.0, priority: int | None = None, admission: Admission | None = None) -> Ask:
+             timeout: float = 120.0, priority: int | None = None, admission: Admission | None = None,
+             api_key: str | None = None) -> Ask:
     """An `Ask` over vLLM's OpenAI API: greedy, CAPABILITY_MAX_TOKENS, the app's system prompt; `priority` and
-    `admission` keep the probe behind users' chats (serving.server, serving.admission)."""
+    `admission` keep the probe behind users' chats (serving.server, serving.admission); `api_key` is the server's."""
     import httpx
 
     from serving.admission import slot
+    from serving.server import auth_header
+
+    headers = auth_header(api_key)
 
     def ask(model: str, question: str) -> str:
         sp = system_prompt() if system_prompt else None
@@ -277,7 +281,8 @@ def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = Non
         if priority is not None:
             body["priority"] = priority
         with slot(admission, "background"):
-            r = httpx.post(f"{base_url.rstrip('/')}/v1/chat/completions", timeout=timeout, json=body)
+            r = httpx.post(f"{base_url.rstrip('/')}/v1/chat/completions", timeout=timeout, json=body,
+                           headers=headers)
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"] or ""
 

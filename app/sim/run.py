@@ -185,7 +185,9 @@ def load_for_eval(server: Any, adapter_dir: Path, name: str) -> None:
     """Load an adapter into the running vLLM under `name` without touching the registry's served pointer."""
     import httpx
 
-    r = httpx.post(_root_url(server) + "/v1/load_lora_adapter",
+    from serving.server import auth_header
+
+    r = httpx.post(_root_url(server) + "/v1/load_lora_adapter", headers=auth_header(getattr(server, "api_key", None)),
                    json={"lora_name": name, "lora_path": str(adapter_dir)}, timeout=300)
     if r.status_code != 200:
         raise SimulationError(f"vLLM refused adapter {adapter_dir} (as {name}): {r.status_code} {r.text[:300]}")

@@ -38,7 +38,7 @@ def registry(vllm_server, default_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(vllm_server):
-    with ChatClient(vllm_server.base_url, read_timeout=300) as c:
+    with ChatClient(vllm_server.base_url, read_timeout=300, api_key=vllm_server.api_key) as c:
         yield c
 
 
