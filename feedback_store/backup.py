@@ -196,8 +196,9 @@ class Backups(StoreCore):
         return BackupInfo(path, path.stat().st_size, time.perf_counter() - t0, taken_at)
 
     def backup_to_dir(self, backup_dir: str | Path | None = None, keep: int | None = None) -> BackupInfo:
-        """A backup named by its time in `backup_dir` (default: next to the database), then prune to `keep`."""
-        d = Path(backup_dir) if backup_dir is not None else default_backup_dir(self.path)
+        """A backup named by its time in `backup_dir` (default: the store's backup_dir, else next to the database),
+        then prune to `keep`."""
+        d = Path(backup_dir or self._backup_dir or default_backup_dir(self.path))
         info = self.backup(d / backup_name(self.path, self._now()))
         if keep is not None:
             prune_backups(d, keep)
