@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aligner.config import HELDOUT_FLOOR_MAX_SHARE, HELDOUT_MIN_PER_CLASS
 from aligner.loss import rotation
 
 REQUIRED_COLUMNS = ("example_id", "answer_id", "messages", "completion", "label")
 MIN_PROMPT_TOKENS = 8  # below this the completion is judged without its question, so the example is dropped
-HELDOUT_MIN_PER_CLASS = 3  # the hash slice is topped up to this many answers of each kind (see hold_out_floor)
-HELDOUT_FLOOR_MAX_SHARE = 0.25  # ... but never takes more than this share of a kind from training
 
 
 class SnapshotError(ValueError):

@@ -23,14 +23,15 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from aligner import anchor, balance
-from aligner.data import HELDOUT_MIN_PER_CLASS, Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
+from aligner.config import TrainConfig
+from aligner.data import Dataset, Example, MicroBatch, SnapshotError, build_dataset, plan_epoch
 from aligner.evaluate import heldout_metrics
 from aligner.layers import first_layer, num_layers
 from aligner.loss import kto_loss, rotation
@@ -52,57 +53,6 @@ Progress = Callable[[dict[str, Any]], None]
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient or metric: the run stops and writes nothing."""
-
-
-@dataclass
-class TrainConfig:
-    snapshot: str
-    out: str
-    model_dir: str
-    resume_from: str | None = None
-    reference: str = "base"            # "base" (adapter disabled) or "previous" (the resumed adapter, frozen)
-    served_adapter: str | None = None  # held-out comparison target; None = the base model is served
-    lora_rank: int = 16
-    lora_alpha: float | None = None    # default 2 × rank
-    max_lora_rank: int = 16            # vLLM's --max-lora-rank: a larger adapter would be refused at load time
-    target_modules: list[str] | None = None  # fresh adapter's layers; None = model.LLAMA_LINEAR (all of them)
-    first_lora_layer: int | str = 0    # a fresh adapter in decoder layers k.. only (k, or "P%" of the depth:
-                                       # layers.first_layer); the layers below run once per sequence (model.Prefix)
-    prefix_cache_mb: int = 2048        # memory for those layers' outputs; sequences beyond it run the whole model
-    shared_head: bool = True           # the tokens every sequence starts with run once per pass (model.SharedHead)
-    epochs: int = 1                    # 1 epoch at 2.5e-4: see the next line
-    batch_size: int = 8                # per process, per micro-batch
-    grad_accum: int = 1
-    grad_tokens: int = 2048            # padded tokens per forward with gradient; a longer micro-batch is chunked
-    lr: float = 2.5e-4                 # 5e-4 and 1e-3 lost 1-7 facts (benchmarks/results/lr_sweep.json)
-    lr_generation_decay: float = 1.0   # a continued adapter trains at lr × this^generation (adapter_generation)
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    max_steps: int | None = None
-    checkpoints: int = 3               # earlier adapters kept for the gate to fall back to (see checkpoint_steps)
-    checkpoint_eval: str = "lazy"      # "lazy": their held-out metrics only when the gate needs them
-                                       # (evaluate_checkpoints); "eager": during the run, one pass each
-    beta: float = 0.1
-    lambda_d: float | None = None      # pin the weights (the other defaults to 1 when only one is given)
-    lambda_u: float | None = None
-    target_ratio: float | None = None  # λ_D·n_D/(λ_U·n_U); default balance.DEFAULT_TARGET_RATIO
-    preference: str | None = None      # balance.PREFERENCES
-    heldout_fraction: float = 0.1
-    heldout_min: int = HELDOUT_MIN_PER_CLASS  # held-out answers of each kind at least (data.hold_out_floor)
-    max_examples: int | None = None
-    seed: int = 0
-    threads: int | None = None
-    dtype: str = "auto"                # base weights: model.resolve_dtype (bf16 only where the CPU has it)
-    attention_backward: str = "matmul"  # attention.BACKWARDS: ours, or PyTorch's flash backward (same forward)
-    trim_every: int = 0                # return freed heap to the OS every N steps; 0 = only between phases
-                                       # (every step cost 1.12x a step, same peak RSS: trim_heap_ab.json)
-    anchor_weight: float = 0.0         # γ of the optional anchor term (aligner/anchor.py); 0 = plain KTO
-    anchor_prompts: str | None = None  # JSON lines of {"prompt"}; None = anchor.DEFAULT_PROMPTS
-    anchor_per_step: int = 4           # anchor answers per optimizer step (across all processes)
-    anchor_max_tokens: int = 24        # the reference's greedy anchor answers, cut here: their opening holds the facts
-    anchor_cache: str | None = None    # directory keeping the built anchors for later runs; None = build each run
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -690,7 +640,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             except FloatingPointError as e:
                 raise TrainingDiverged(str(e)) from e
         seconds["heldout_new"] = time.time() - t_phase
-        hp = {k: v for k, v in asdict(cfg).items() if k not in ("snapshot", "out", "extra")}
+        hp = {k: v for k, v in asdict(cfg).items() if k not in ("snapshot", "out")}
         hp.update(lora_rank=rank, lora_alpha=float(model.peft_config["default"].lora_alpha),
                   target_modules=sorted(model.peft_config["default"].target_modules), world_size=dist.world,
                   lambda_mode=lam_mode,

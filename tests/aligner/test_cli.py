@@ -338,3 +338,43 @@ def test_lr_generation_decay_outside_0_1_exits_2(snapshot, tiny_model_dir, tmp_p
     rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir),
                    *FAST, "--lr-generation-decay", "1.5"])
     assert rc == 2 and "--lr-generation-decay must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_every_flag_is_built_from_its_trainconfig_field():
+    from dataclasses import MISSING
+
+    from aligner.config import SETTINGS
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["--snapshot", "s", "--out", "o", "--model-dir", "m"])
+    values = vars(args)
+    assert values.pop("progress_json") is False
+    assert values == {n: f.default for n, f in SETTINGS.items() if f.default is not MISSING} | {
+        "snapshot": "s", "out": "o", "model_dir": "m"}
+    assert train_mod.TrainConfig(**values) == train_mod.TrainConfig(snapshot="s", out="o", model_dir="m")
+    flags = ["--snapshot", "s", "--out", "o", "--model-dir", "m"]
+    assert parser.parse_args([*flags, "--no-shared-head"]).shared_head is False  # bools: --x / --no-x
+    assert parser.parse_args([*flags, "--shared-head"]).shared_head is True
+    assert parser.parse_args([*flags, "--holdout-fraction", "0.3"]).heldout_fraction == 0.3  # the older spelling
+    assert parser.parse_args([*flags, "--target-modules", "q_proj", "v_proj"]).target_modules == ["q_proj", "v_proj"]
+    assert parser.parse_args([*flags, "--first-lora-layer", "50%"]).first_lora_layer == "50%"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "o", "--model-dir", "m"])  # a field without a default is a required flag
+    with pytest.raises(SystemExit):
+        parser.parse_args([*flags, "--reference", "other"])  # choices come from the field
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: 2048)" in text and "50% = the upper half" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-length", "16"], "--max-length must be ≥ 32"),
+    (["--checkpoints", "21"], "--checkpoints must be in [0, 20]"),
+    (["--heldout-fraction", "1"], "--heldout-fraction must be in [0, 1)"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--anchor-max-tokens", "513"], "--anchor-max-tokens must be in [1, 512]"),
+    (["--lora-rank", "32"], "--lora-rank must be in [1, --max-lora-rank]")])
+def test_declared_ranges_refuse_before_any_training(flags, message, snapshot, tiny_model_dir, tmp_path, capsys):
+    rc = cli.main(["--snapshot", str(snapshot), "--out", str(tmp_path / "o"), "--model-dir", str(tiny_model_dir),
+                   *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
