@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from aligner import config as aligner_config
 from aligner.layers import parse_first_layer
 
-ANCHOR_TOKENS_MAX = 512  # the aligner's --anchor-max-tokens limit
+ANCHOR_TOKENS_MAX = aligner_config.ANCHOR_MAX_TOKENS_LIMIT
 
 ENV_PREFIX = "KTO_LOOP_"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -25,6 +25,15 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+def _aligner(name: str, *, old_env: str | None = None) -> Any:
+    """A setting the app forwards to the aligner as its flag of the same name: default, help, choices and range
+    are the aligner's own declaration (aligner/config.py). `old_env`: an earlier env var name still read."""
+    meta = aligner_config.SETTINGS[name].metadata
+    return field(default=aligner_config.default(name),
+                 metadata={"help": meta["help"], "choices": meta["choices"], "secret": False, "aligner": name,
+                           "old_env": old_env})
 
 
 @dataclass
@@ -48,7 +57,8 @@ class Config:
     vllm_port: int = _opt(8000, "port of the vLLM server (0 = pick a free one)")
 
     # vLLM server flags.
-    vllm_max_lora_rank: int = _opt(16, "vLLM --max-lora-rank; adapters above it are refused")
+    vllm_max_lora_rank: int = _opt(aligner_config.default("max_lora_rank"),
+                                   "vLLM --max-lora-rank; adapters above it are refused")
     vllm_max_loras: int = _opt(3, "vLLM --max-loras: adapters in one batch (current, previous, incoming)")
     vllm_max_cpu_loras: int = _opt(8, "vLLM --max-cpu-loras: adapters kept in memory, so candidates a run loads "
                                       "and the gate refuses do not evict the current or previous version")
@@ -101,24 +111,12 @@ class Config:
                                        "seen (reference = base); fresh: a new adapter on all ratings",
                            choices=("continue", "fresh"))
     max_examples: int = _opt(2000, "most examples used by one run (newest first)")
-    lora_rank: int = _opt(16, "LoRA rank of trained adapters")
-    first_lora_layer: str = _opt("0", "a new adapter goes in decoder layers N.. only, or from P% of the depth up "
-                                      "(50% = the upper half, whatever the model): the layers below are computed "
-                                      "once per rated answer instead of in every training pass (aligner/model.py, "
-                                      "Prefix); a continued adapter keeps its own layers; 0 = every layer")
-    beta: float = _opt(0.1, "KTO beta")
-    anchor_weight: float = _opt(0.0, "γ of the aligner's optional anchor term: γ × per-token KL to the base model "
-                                     "along its own answers to shipped general prompts nobody rated, against the "
-                                     "facts a strong preference can cost (aligner/anchor.py); 0 = the paper's KTO "
-                                     "loss alone")
-    anchor_tokens: int = _opt(24, "the anchor term covers the first N tokens of the base model's anchor answers: "
-                                  "facts are lost in an answer's opening, a preference mostly lives after it "
-                                  "(benchmarks/results/anchor_sweep_examples_t24.json)")
-    lr_generation_decay: float = _opt(1.0, "in continue mode each later cycle trains the served adapter at the "
-                                           "aligner's learning rate × this^generation (the number of runs behind "
-                                           "it): an adapter earlier cycles already moved takes smaller steps, "
-                                           "against the facts a second cycle can cost (1 = the same rate every "
-                                           "cycle)")
+    lora_rank: int = _aligner("lora_rank")
+    first_lora_layer: str = _aligner("first_lora_layer")
+    beta: float = _aligner("beta")
+    anchor_weight: float = _aligner("anchor_weight")
+    anchor_max_tokens: int = _aligner("anchor_max_tokens", old_env="KTO_LOOP_ANCHOR_TOKENS")
+    lr_generation_decay: float = _aligner("lr_generation_decay")
     promote_min_gain: float = _opt(0.0, "promotion gate: held-out margin gain the new adapter must exceed")
     promote_max_capability_drop: float = _opt(0.05, "capability guard: the largest share of the shipped factual "
                                                     "questions a new adapter may lose against the base model, "
@@ -199,18 +197,27 @@ def _parse(tp: type, raw: str) -> Any:
     return tp(raw)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per Config field; defaults are left to `config_from`, so env vars still apply."""
+def add_config_arguments(parser: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """Add one flag per Config field; defaults are left to `config_from`, so env vars still apply.
+
+    A flag the command already has (`kto-loop align --beta`) is not added again: its value sets the setting too.
+    `hidden`: accepted but left out of the command's help."""
     hints = get_type_hints(Config)
     group = parser.add_argument_group("configuration (each flag also reads the env var shown)")
+    shared: dict[str, str] = {}
     for f in dataclasses.fields(Config):
+        own = parser._option_string_actions.get(_flag(f.name))
+        if own is not None:
+            shared[f.name] = own.dest
+            continue
         tp = _base_type(hints[f.name])
-        default = f.default
         group.add_argument(
-            _flag(f.name), dest=f"cfg_{f.name}", type=lambda raw, tp=tp: _parse(tp, raw), default=None,
+            _flag(f.name), dest=f"cfg_{f.name}", type=lambda raw, tp=tp: _parse(tp, raw), default=argparse.SUPPRESS,
             metavar=tp.__name__.upper(), choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} [env {_env(f.name)}; default {default!r}]".replace("%", "%%"),
+            help=argparse.SUPPRESS if hidden else
+            f"{f.metadata['help']} [env {_env(f.name)}; default {f.default!r}]".replace("%", "%%"),
         )
+    parser.set_defaults(_cfg_shared=shared)
 
 
 def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -220,13 +227,14 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         tp = _base_type(hints[f.name])
-        raw = environ.get(_env(f.name))
+        raw = environ.get(_env(f.name)) or environ.get(f.metadata.get("old_env") or _env(f.name))
         if raw is not None and raw != "":
             try:
                 values[f.name] = _parse(tp, raw)
             except ValueError as e:
                 raise SystemExit(f"kto-loop: bad value for {_env(f.name)}={raw!r}: {e}") from None
-        flag_value = getattr(args, f"cfg_{f.name}", None) if args is not None else None
+        dest = getattr(args, "_cfg_shared", {}).get(f.name, f"cfg_{f.name}")
+        flag_value = getattr(args, dest, None) if args is not None else None
         if flag_value is not None:
             values[f.name] = flag_value
     cfg = Config(**values).resolved()
@@ -234,16 +242,9 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         parse_first_layer(cfg.first_lora_layer)
     except ValueError as e:
         raise SystemExit(f"kto-loop: {e}") from None
-    if not (math.isfinite(cfg.anchor_weight) and cfg.anchor_weight >= 0):
-        raise SystemExit(f"kto-loop: anchor_weight must be a finite number ≥ 0, got {cfg.anchor_weight}")
-    if not 1 <= cfg.anchor_tokens <= ANCHOR_TOKENS_MAX:
-        raise SystemExit(f"kto-loop: anchor_tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {cfg.anchor_tokens}")
-    if not 0 < cfg.lr_generation_decay <= 1:
-        raise SystemExit(f"kto-loop: lr_generation_decay must be in (0, 1], got {cfg.lr_generation_decay}")
-    if not cfg.vllm_allow_remote_host:
-        from serving.server import is_loopback_host
-
-        if not is_loopback_host(cfg.vllm_host):
-            raise SystemExit(f"kto-loop: vllm_host {cfg.vllm_host} is not a loopback address and vLLM's API is for "
-                             "this app only; set --vllm-allow-remote-host true to listen there anyway")
+    forwarded = {f.metadata["aligner"]: (f.name, getattr(cfg, f.name))
+                 for f in dataclasses.fields(Config) if f.metadata.get("aligner")}
+    for aligner_name, rule in aligner_config.problems({k: v for k, (_, v) in forwarded.items()}):
+        name, value = forwarded[aligner_name]
+        raise SystemExit(f"kto-loop: {name} {rule}, got {value}")
     return cfg

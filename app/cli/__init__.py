@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
         for leaf in _leaf_parsers(p):
-            add_config_arguments(leaf)
+            add_config_arguments(leaf, hidden=getattr(module, "SETTINGS_HIDDEN_IN_HELP", False))
         p.set_defaults(_run=module.run)
     return parser
 

@@ -3,33 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
+from aligner import cli as aligner_cli
+from aligner.config import SETTINGS, flag
 from app.config import Config
 
 NAME = "align"
 HELP = ("train a LoRA KTO adapter from a snapshot (--snapshot FILE --out DIR ...), or run a full realignment "
         "now (--now) on the running app or, when it is not running, directly on the data dir")
+SETTINGS_HIDDEN_IN_HELP = True  # the aligner's own flags are what this help is for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--now", action="store_true",
-                        help="snapshot → train → gate → hot-swap now; other flags go to the aligner otherwise")
+                        help="snapshot → train → gate → hot-swap now, with the app's settings")
     parser.add_argument("--no-wait", action="store_true", help="with --now on a running app: return at once")
-    parser.add_argument("aligner_args", nargs=argparse.REMAINDER,
-                        help="without --now: the aligner's flags (--snapshot FILE --out DIR --model-dir DIR ...)")
+    aligner_cli.add_arguments(parser.add_argument_group(
+        "the aligner's flags (without --now)",
+        "--model-dir defaults to the app's model; the settings the app forwards to the aligner (--lora-rank, --beta, "
+        "--first-lora-layer, --anchor-weight, --anchor-max-tokens, --lr-generation-decay) default to the app's, "
+        "so their KTO_LOOP_* env vars apply"), optional=True)
+    parser.epilog = ("kto-loop's start-up settings (--home DIR, --data-dir DIR, ...; see `kto-loop run --help` and "
+                     "docs/configuration.md) are accepted too.")
+
+
+def _given(args: argparse.Namespace) -> dict[str, object]:
+    """The aligner flags on the command line (they have no argparse default, so absent ones are not set)."""
+    return {name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}
+
+
+def aligner_values(args: argparse.Namespace, cfg: Config) -> dict[str, object]:
+    """The aligner's settings for this command line: its flags, else the app's forwarded settings, else its own."""
+    forwarded = {f.metadata["aligner"]: getattr(cfg, f.name)
+                 for f in dataclasses.fields(Config) if f.metadata.get("aligner")}
+    return {**forwarded, "model_dir": str(cfg.model_dir), **_given(args)}
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if not args.now:
-        from aligner.cli import main as aligner_main
-
-        argv = list(args.aligner_args)
-        if "--model-dir" not in argv and argv and argv[0] not in ("-h", "--help"):
-            argv += ["--model-dir", str(cfg.model_dir)]
-        return int(aligner_main(argv) or 0)
+        missing = [flag(n) for n in ("snapshot", "out") if not hasattr(args, n)]
+        if missing:
+            print(f"kto-loop align: {' and '.join(missing)} needed (or --now for a full realignment)",
+                  file=sys.stderr)
+            return 2
+        return aligner_cli.train(aligner_values(args, cfg), progress_json=getattr(args, "progress_json", False))
+    app_settings = {f.name for f in dataclasses.fields(Config)}
+    only_aligner = [flag(n) for n in _given(args) if n not in app_settings]
+    if only_aligner:
+        print(f"kto-loop align: {' '.join(only_aligner)} apply to the aligner alone, not to --now (which runs with "
+              f"the app's settings; pass aligner flags to it with --align-extra-args)", file=sys.stderr)
+        return 2
     return align_now(cfg, wait=not args.no_wait)
 
 

@@ -170,10 +170,12 @@ def test_bad_anchor_weight_setting_stops_the_app_with_one_line(raw):
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "513"])
-def test_bad_anchor_tokens_setting_stops_the_app_with_one_line(raw):
+def test_bad_anchor_max_tokens_setting_stops_the_app_with_one_line(raw):
     from app.config import config_from
 
-    with pytest.raises(SystemExit, match=r"anchor_tokens must be in \[1, 512\]"):
-        config_from(None, {"KTO_LOOP_ANCHOR_TOKENS": raw})
-    assert config_from(None, {"KTO_LOOP_ANCHOR_TOKENS": "16"}).anchor_tokens == 16
-    assert config_from(None, {}).anchor_tokens == 24
+    with pytest.raises(SystemExit, match=r"anchor_max_tokens must be in \[1, 512\]"):
+        config_from(None, {"KTO_LOOP_ANCHOR_MAX_TOKENS": raw})
+    with pytest.raises(SystemExit, match=r"anchor_max_tokens must be in \[1, 512\]"):
+        config_from(None, {"KTO_LOOP_ANCHOR_TOKENS": raw})  # the earlier name still reads
+    assert config_from(None, {"KTO_LOOP_ANCHOR_TOKENS": "16"}).anchor_max_tokens == 16
+    assert config_from(None, {}).anchor_max_tokens == 24
