@@ -366,7 +366,7 @@ def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
                         dtype=resolve_dtype(hp["dtype"]), attention_backward=hp["attention_backward"])
     model.eval()
     pad_id = tok.pad_token_id
-    prefix = Prefix(shared_prefix_layers(model), hp.get("prefix_cache_mb", 2048) << 20)
+    prefix = Prefix(shared_prefix_layers(model), hp.get("prefix_cache_mb", TrainConfig.prefix_cache_mb) << 20)
     n_head = (manifest.get("prefix") or {}).get("head_tokens") or 0  # the run's head, so its numbers are the run's
     set_shared_head(model, heldout[0].prompt_ids[:n_head] if n_head and heldout else None)
     with model.disable_adapter():

@@ -29,8 +29,9 @@ from typing import Any
 
 import psutil
 
+from aligner.config import TrainConfig
 from aligner.layers import parse_first_layer
-from app.config import ANCHOR_TOKENS_MAX
+from app.config import ANCHOR_TOKENS_MAX, Config
 from app.loop import gate, served
 from serving.lifeline import lifeline
 
@@ -126,13 +127,15 @@ class RunStatus:
 class Realigner:
     """Owns the one-at-a-time lock and the aligner child process."""
 
-    def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = 16,
-                 beta: float = 0.1, min_gain: float = 0.0, max_examples: int = 2000,
+    def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = TrainConfig.lora_rank,
+                 beta: float = TrainConfig.beta, min_gain: float = Config.promote_min_gain,
+                 max_examples: int = Config.max_examples,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  max_memory_bytes: int | None = 0,
-                 mode: str = "continue", capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
-                 anchor_weight: float = 0.0, anchor_tokens: int = 24, first_lora_layer: str | int = 0,
-                 anchor_cache: Path | None = None, lr_generation_decay: float = 1.0):
+                 mode: str = Config.align_mode, capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
+                 anchor_weight: float = TrainConfig.anchor_weight, anchor_tokens: int = TrainConfig.anchor_max_tokens,
+                 first_lora_layer: str | int = TrainConfig.first_lora_layer, anchor_cache: Path | None = None,
+                 lr_generation_decay: float = TrainConfig.lr_generation_decay):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):

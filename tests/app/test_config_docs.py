@@ -209,3 +209,35 @@ def test_config_command_prints_the_resolved_settings_and_the_page(capsys, tmp_pa
     assert (shown["beta"], shown["home"], shown["admin_password"]) == (0.25, str(tmp_path), "***")
     assert main(["config", "--markdown", "--beta", "0.25"]) == 0
     assert capsys.readouterr().out == markdown()  # declarations only: no flag or env var leaks into the page
+
+
+def test_the_realigners_defaults_are_the_declared_ones():
+    import inspect
+
+    from app.loop.realign import Realigner
+
+    tree = ast.parse((ROOT / "app" / "loop" / "realign.py").read_text())
+    realigner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Realigner")
+    init = next(n for n in realigner.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    declared = {"lora_rank": "lora_rank", "beta": "beta", "anchor_weight": "anchor_weight",
+                "anchor_tokens": "anchor_max_tokens", "first_lora_layer": "first_lora_layer",
+                "lr_generation_decay": "lr_generation_decay", "min_gain": "promote_min_gain",
+                "max_examples": "max_examples", "mode": "align_mode"}
+    params = inspect.signature(Realigner.__init__).parameters
+    for arg, node in zip(init.args.kwonlyargs, init.args.kw_defaults, strict=True):
+        if arg.arg in declared:
+            assert not isinstance(node, ast.Constant), f"Realigner retypes the default of {arg.arg}"
+            assert params[arg.arg].default == CONFIG_FIELDS[declared[arg.arg]].default, arg.arg
+
+
+def test_kto_loop_align_trains_a_real_adapter(tmp_path, tiny_model_dir, capsys):
+    from tests.aligner.support import synthetic_rows, write_snapshot
+
+    snap = write_snapshot(tmp_path / "s.parquet", synthetic_rows(10, 8, seed=1))
+    out = tmp_path / "v1"
+    assert main(["align", "--snapshot", str(snap), "--out", str(out), "--model-dir", str(tiny_model_dir),
+                 "--max-length", "128", "--batch-size", "4", "--max-steps", "1", "--checkpoints", "0",
+                 "--beta", "0.2", "--progress-json"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["beta"] == 0.2 and manifest["hyperparameters"]["max_steps"] == 1
+    assert '"event": "done"' in capsys.readouterr().out
