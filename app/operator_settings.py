@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from app.config import Config
+
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "operator_settings.json"
@@ -30,12 +32,13 @@ MAX_SYSTEM_PROMPT_CHARS = 4000
 
 @dataclass
 class OperatorSettings:
-    interval_minutes: int = 0          # 0 = no interval trigger
-    cron: str = ""                     # crontab expression; "" = none
-    min_new_ratings: int = 50          # a scheduled run waits for this many new ratings
-    max_examples: int = 2000           # newest-first cap per run
-    enabled: bool = True               # pause scheduling without losing the settings
-    system_prompt: str = "You are a helpful assistant."
+    # The start-up settings seed these (their defaults are app/config.py's); the operator changes them at run time.
+    interval_minutes: int = Config.schedule_interval_minutes  # 0 = no interval trigger
+    cron: str = Config.schedule_cron                           # crontab expression; "" = none
+    min_new_ratings: int = Config.min_new_ratings              # a scheduled run waits for this many new ratings
+    max_examples: int = Config.max_examples                    # newest-first cap per run
+    enabled: bool = True                                       # pause scheduling without losing the settings
+    system_prompt: str = Config.system_prompt
 
 
 FIELD_TYPES: dict[str, type] = {"interval_minutes": int, "cron": str, "min_new_ratings": int, "max_examples": int,

@@ -241,3 +241,14 @@ def test_kto_loop_align_trains_a_real_adapter(tmp_path, tiny_model_dir, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["beta"] == 0.2 and manifest["hyperparameters"]["max_steps"] == 1
     assert '"event": "done"' in capsys.readouterr().out
+
+
+def test_operator_settings_default_to_the_start_up_settings():
+    from app.operator_settings import OperatorSettings
+
+    body = _class_defaults(ROOT / "app" / "operator_settings.py", "OperatorSettings")
+    seeded = {"interval_minutes": "schedule_interval_minutes", "cron": "schedule_cron",
+              "min_new_ratings": "min_new_ratings", "max_examples": "max_examples", "system_prompt": "system_prompt"}
+    for name, setting in seeded.items():
+        assert not isinstance(body[name], ast.Constant), f"OperatorSettings retypes the default of {name}"
+        assert getattr(OperatorSettings(), name) == CONFIG_FIELDS[setting].default
