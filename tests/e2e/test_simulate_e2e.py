@@ -98,3 +98,34 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     # KTO_LOOP_FIRST_LORA_LAYER=50% reached the aligner: every adapter the run trained sits in layer 1 only
     configs = [json.loads(p.read_text()) for p in (tmp_path / "work").rglob("adapter_config.json")]
     assert configs and all(c["layers_to_transform"] == [1] for c in configs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_attacker_is_held_to_the_stores_share_cap_through_the_real_loop(tiny_model_dir: Path, tmp_path: Path):
+    """Most chats come from an attacker with five identities on one address, rating against the honest rater; the
+    real store's per-address cap bounds what the real aligner trained on, and the results say so."""
+    from app.sim.population import Case
+
+    cfg = config_from(argparse.Namespace(), environ={
+        "KTO_LOOP_HOME": str(tmp_path / "home"), "KTO_LOOP_MODEL_DIR": str(tiny_model_dir),
+        "KTO_LOOP_MAX_TOKENS": "16", "KTO_LOOP_VLLM_KVCACHE_GB": "1", "KTO_LOOP_PROMOTE_MIN_GAIN": "-1e9",
+        "KTO_LOOP_ALIGN_EXTRA_ARGS": "--max-steps 1 --batch-size 4 --holdout-fraction 0.4",
+        "KTO_LOOP_MAX_ADDR_SHARE": "0.2", "KTO_LOOP_MAX_USER_SHARE": "0.1",
+    })
+    case = Case(("coin", coin_rater), attacker_share=0.6, attacker_identities=5)
+    spec = sim.SimSpec("coin", coin_rater, cycles=1, ratings_per_cycle=40,
+                       prompts=[f"Tell me about topic number {i}." for i in range(12)], holdout=["What is a tree?"],
+                       capability=inputs.load_capability()[:1], samples_per_prompt=2, capability_repeats=1,
+                       workers=4, case=case)
+    doc = sim.simulate(cfg, [spec], tmp_path / "work", log=lambda m: None)
+    (run,) = doc["runs"]
+    (cycle,) = run["cycles"]
+    collected = cycle["collect"]["by_group"]["attacker"]
+    assert (collected["up"] + collected["down"]) / cycle["collect"]["ratings"] > 0.4  # it sent most of the thumbs
+    trained = cycle["snapshot_sources"]
+    assert 0 < trained["attacker_share"] <= 0.2 + 1e-9  # ... and supplied at most the cap of what was trained on
+    assert trained["n"] < cycle["collect"]["ratings"]
+    assert run["summary"]["attacker_share_by_cycle"] == [trained["attacker_share"]]
+    assert set(run["base"]["by_rater"]) == {"coin", "attacker (not coin)"}
+    assert doc["settings"]["max_addr_share"] == 0.2
