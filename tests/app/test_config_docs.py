@@ -120,22 +120,36 @@ def test_no_setting_has_two_declarations_of_its_default():
                            for a in node.args), f"{path}:{node.lineno} declares a flag outside TrainConfig"
 
 
-def test_readme_settings_table_quotes_the_declared_defaults():
-    readme = (ROOT / "README.md").read_text()
-    assert "](docs/configuration.md)" in readme
+def _same(shown: str, declared: object) -> bool:
+    try:
+        return float(shown) == float(declared)
+    except (TypeError, ValueError):
+        return shown == str(declared)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/performance.md"])
+def test_hand_written_settings_tables_quote_the_declared_defaults(doc):
+    """A table row naming flags and backquoted defaults (`--a` / `--b` | `1` / `2`) must say what is declared."""
     checked = 0
-    for line in readme.splitlines():
+    for line in (ROOT / doc).read_text().splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) < 3 or not cells[0].startswith("`--"):
+        flags = re.findall(r"(the aligner's )?`--([\w-]+)`", cells[0]) if cells else []
+        if len(cells) < 3 or not flags:
             continue
-        flags = re.findall(r"`--([\w-]+)`", cells[0])
-        defaults = [d.strip() for d in cells[2].split(" / ")]
-        for name, shown in zip(flags, defaults, strict=False):
-            f = CONFIG_FIELDS.get(name.replace("-", "_"))
-            if f is not None and len(flags) == len(defaults) and re.fullmatch(r"`[^`]*`", shown):
-                assert shown.strip("`") == str(f.default), f"README's default for --{name}: {shown} vs {f.default!r}"
+        defaults = [d.strip() for d in cells[2 if doc == "README.md" else 1].split(" / ")]
+        if len(flags) != len(defaults):
+            continue
+        for (aligner, name), shown in zip(flags, defaults, strict=True):
+            key = name.replace("-", "_")
+            f = SETTINGS.get(key) if aligner or ("the aligner's" in cells[0] and key not in CONFIG_FIELDS) \
+                else CONFIG_FIELDS.get(key)
+            assert f is not None, f"{doc}: --{name} is no declared setting"
+            if re.fullmatch(r"`[^`]*`", shown):
+                assert _same(shown.strip("`"), f.default), f"{doc}: --{name} shown as {shown}, declared {f.default!r}"
                 checked += 1
     assert checked >= 3
+    if doc == "README.md":
+        assert "](docs/configuration.md)" in (ROOT / doc).read_text()
 
 
 def test_sections_cover_every_field_once():
