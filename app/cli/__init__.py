@@ -17,6 +17,15 @@ def _command_modules() -> list[ModuleType]:
     return [importlib.import_module(f"app.cli.{n}") for n in names]
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """An option's default in its help only where it says something (never "(default: None)" or a switch's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """The parsers that see the last arguments: config flags go there (`kto-loop model fetch --home X`)."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -29,14 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kto-loop",
         description="Chat, collect thumbs up/down, and keep aligning the served model with KTO.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _command_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_Help)
         module.add_arguments(p)
         for leaf in _leaf_parsers(p):
+            leaf.formatter_class = _Help
             add_config_arguments(leaf, hidden=getattr(module, "SETTINGS_HIDDEN_IN_HELP", False))
         p.set_defaults(_run=module.run)
     return parser

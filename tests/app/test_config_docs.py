@@ -177,6 +177,14 @@ def test_align_help_shows_the_aligners_flags_not_the_shared_ones(capsys):
     assert "(default: None)" not in _help(capsys, "run", "--help")
 
 
+def test_no_command_help_says_default_none():
+    from app.cli import _leaf_parsers
+
+    for leaf in _leaf_parsers(build_parser()):
+        text = leaf.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, leaf.prog
+
+
 def test_kto_loop_align_trains_with_its_flags_the_home_model_and_the_apps_forwarded_settings(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(aligner_cli, "train", lambda values, progress_json=False: calls.append(values) or 0)
