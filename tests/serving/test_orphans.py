@@ -114,6 +114,19 @@ def test_lifeline_leaves_with_its_command_and_keeps_the_exit_code():
         raise AssertionError("the lifeline watchdog outlived its command")
 
 
+def test_what_the_command_leaves_in_its_group_goes_when_it_ends():
+    """The command dies (a crash, a SIGKILL) and leaves children behind: the watchdog takes them down too."""
+    leave = "import os, subprocess, sys; print(subprocess.Popen(['sleep', '600']).pid, flush=True); os._exit(3)"
+    proc = subprocess.Popen(lifeline([sys.executable, "-c", leave], grace_s=1), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    left = int(proc.stdout.readline())
+    try:
+        assert proc.wait(30) == 3
+        assert _wait_gone([left], 10) == [], "the command's child outlived it"
+    finally:
+        _kill_family([left])
+
+
 def test_lifeline_raises_the_oom_score_only_when_asked():
     show = [sys.executable, "-c", "print(open('/proc/self/oom_score_adj').read().strip())"]
     mine = Path("/proc/self/oom_score_adj").read_text().strip()
@@ -146,3 +159,39 @@ def test_sigkilled_app_leaves_no_vllm_process(tiny_model_dir: Path, tmp_path: Pa
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+ENGINE_LEFT = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import psutil
+    from serving.server import VLLMServer, VLLMServerSpec
+    server = VLLMServer(VLLMServerSpec(model_dir=sys.argv[1], log_path=sys.argv[2], max_loras=1, max_model_len=512,
+                                       kvcache_gb=1, auto_restart=False))
+    server.start()
+    engine = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+    os.kill(server.pid, signal.SIGKILL)  # the API server alone; the supervisor's stop() is not called
+    print(json.dumps(engine), flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_engine_goes_when_its_api_server_is_killed(tiny_model_dir: Path, tmp_path: Path):
+    """vLLM's engine core and worker outlive a SIGKILLed API server on their own (a minute and more, measured);
+    in the lifeline's group they go within its grace period."""
+    import json
+
+    parent = subprocess.Popen([sys.executable, "-c", ENGINE_LEFT, str(tiny_model_dir), str(tmp_path / "vllm.log")],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    engine: list[int] = []
+    try:
+        line = parent.stdout.readline()
+        assert line, "the parent exited before vLLM was ready"
+        engine = json.loads(line)
+        assert len(engine) >= 2  # the engine core and its worker (and the lifeline watchdog)
+        assert _wait_gone(engine, 30) == [], "vLLM's engine outlived its API server"
+    finally:
+        parent.kill()
+        parent.wait(10)
+        _kill_family(engine)
