@@ -255,6 +255,27 @@ def test_admin_api_cancel_behind_the_admin_request_guard(tmp_path: Path):
     store.close()
 
 
+def test_console_cancel_button_cancels_the_run(tmp_path: Path):
+    """The console's "Cancel run" button calls the same cancel and says what happened."""
+    from app.config import Config
+    from app.main import default_settings
+    from app.operator_settings import SettingsStore
+    from app.web.console import Operator, build_console
+
+    store = _store(tmp_path / "f.duckdb")
+    rl = _aligner(tmp_path, store, HANG, timeout_s=600)
+    settings = SettingsStore(tmp_path, default_settings(Config(data_dir=tmp_path).resolved()))
+    demo = build_console(Operator(store, Registry(), rl, None, settings))
+    button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "kto-cancel")
+    press = next(f.fn for f in demo.fns.values() if (button._id, "click") in f.targets)
+    assert press().startswith("⚠️ Not cancelled: no realignment run")
+    t, result = _start(rl)
+    _child(rl)
+    assert press().startswith("🛑 cancelling run")
+    assert _finish(rl, t, result, timeout=30).status == "cancelled"
+    store.close()
+
+
 def test_kto_loop_cancel_reaches_the_running_app(tmp_path: Path):
     """`kto-loop cancel` finds the app through its runtime file and cancels over the authenticated API."""
     import uvicorn
