@@ -17,8 +17,6 @@ from typing import Any, get_type_hints
 from aligner import config as aligner_config
 from aligner.layers import parse_first_layer
 
-ANCHOR_TOKENS_MAX = aligner_config.ANCHOR_MAX_TOKENS_LIMIT
-
 ENV_PREFIX = "KTO_LOOP_"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 

@@ -108,7 +108,8 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,
             extra_args=shlex.split(cfg.align_extra_args), mode=cfg.align_mode, capability_guard=guard,
-            anchor_weight=cfg.anchor_weight, anchor_tokens=cfg.anchor_max_tokens, first_lora_layer=cfg.first_lora_layer,
+            anchor_weight=cfg.anchor_weight, anchor_max_tokens=cfg.anchor_max_tokens,
+            first_lora_layer=cfg.first_lora_layer,
             anchor_cache=Path(cfg.home) / "cache" / "anchors", lr_generation_decay=cfg.lr_generation_decay,
             timeout_s=cfg.align_timeout_s, max_memory_bytes=memory_cap_bytes(cfg.align_max_memory_gb))
         stack.callback(realigner.close)

@@ -29,9 +29,9 @@ from typing import Any
 
 import psutil
 
-from aligner.config import TrainConfig
+from aligner.config import ANCHOR_MAX_TOKENS_LIMIT, TrainConfig
 from aligner.layers import parse_first_layer
-from app.config import ANCHOR_TOKENS_MAX, Config
+from app.config import Config
 from app.loop import gate, served
 from serving.lifeline import lifeline
 
@@ -133,15 +133,16 @@ class Realigner:
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  max_memory_bytes: int | None = 0,
                  mode: str = Config.align_mode, capability_guard: Callable[[str, str], tuple[bool, str]] | None = None,
-                 anchor_weight: float = TrainConfig.anchor_weight, anchor_tokens: int = TrainConfig.anchor_max_tokens,
+                 anchor_weight: float = TrainConfig.anchor_weight,
+                 anchor_max_tokens: int = TrainConfig.anchor_max_tokens,
                  first_lora_layer: str | int = TrainConfig.first_lora_layer, anchor_cache: Path | None = None,
                  lr_generation_decay: float = TrainConfig.lr_generation_decay):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
             raise ValueError(f"the anchor weight must be a finite number ≥ 0, got {anchor_weight!r}")
-        if not 1 <= anchor_tokens <= ANCHOR_TOKENS_MAX:
-            raise ValueError(f"anchor tokens must be in [1, {ANCHOR_TOKENS_MAX}], got {anchor_tokens!r}")
+        if not 1 <= anchor_max_tokens <= ANCHOR_MAX_TOKENS_LIMIT:
+            raise ValueError(f"anchor tokens must be in [1, {ANCHOR_MAX_TOKENS_LIMIT}], got {anchor_max_tokens!r}")
         if not 0 < lr_generation_decay <= 1:
             raise ValueError(f"the learning-rate decay per generation must be in (0, 1], got {lr_generation_decay!r}")
         self.lr_generation_decay = lr_generation_decay  # a continued adapter: lr × this^generation (aligner.train)
@@ -150,7 +151,7 @@ class Realigner:
         self.first_lora_layer = str(first_lora_layer).strip()
         self._all_layers = parse_first_layer(self.first_lora_layer)[0] == 0  # ValueError names the accepted forms
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
-        self.anchor_tokens = anchor_tokens  # how much of each base-model anchor answer the term covers
+        self.anchor_max_tokens = anchor_max_tokens  # how much of each base-model anchor answer the term covers
         # The base model's anchor answers, keyed by a hash of the model's files and the settings: the app keeps
         # them per machine (home/cache/anchors), so a new data directory or simulation does not build them again.
         self.anchor_cache = Path(anchor_cache) if anchor_cache is not None else Path(work_dir) / "anchor-cache"
@@ -239,7 +240,7 @@ class Realigner:
                   "mode": self.mode, "resume_from": current if resume_dir is not None else None,
                   "reference": "base", "since": str(since) if since is not None else None,
                   "anchor_weight": self.anchor_weight,
-                  "anchor_tokens": self.anchor_tokens if self.anchor_weight > 0 else None,
+                  "anchor_max_tokens": self.anchor_max_tokens if self.anchor_weight > 0 else None,
                   "first_lora_layer": self.first_lora_layer if resume_dir is None else None,
                   "lr_generation_decay": self.lr_generation_decay if resume_dir is not None else None}
         run_id = str(self.store.start_run(trigger, params))
@@ -368,7 +369,7 @@ class Realigner:
         elif not self._all_layers:
             cmd += ["--first-lora-layer", self.first_lora_layer]
         if self.anchor_weight > 0:
-            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_tokens),
+            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_max_tokens),
                     "--anchor-cache", str(self.anchor_cache)]
         return self._niced(cmd + self.extra_args)
 

@@ -242,10 +242,11 @@ def test_the_realigners_defaults_are_the_declared_ones():
     realigner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Realigner")
     init = next(n for n in realigner.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     declared = {"lora_rank": "lora_rank", "beta": "beta", "anchor_weight": "anchor_weight",
-                "anchor_tokens": "anchor_max_tokens", "first_lora_layer": "first_lora_layer",
+                "anchor_max_tokens": "anchor_max_tokens", "first_lora_layer": "first_lora_layer",
                 "lr_generation_decay": "lr_generation_decay", "min_gain": "promote_min_gain",
                 "max_examples": "max_examples", "mode": "align_mode"}
     params = inspect.signature(Realigner.__init__).parameters
+    assert set(declared) <= set(params), "the Realigner names each setting as it is declared"
     for arg, node in zip(init.args.kwonlyargs, init.args.kw_defaults, strict=True):
         if arg.arg in declared:
             assert not isinstance(node, ast.Constant), f"Realigner retypes the default of {arg.arg}"

@@ -134,7 +134,7 @@ def test_unknown_mode_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="anchor weight must be a finite number ≥ 0"):
         Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=-1.0)
     with pytest.raises(ValueError, match="anchor tokens must be in"):
-        Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=2.0, anchor_tokens=0)
+        Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, anchor_weight=2.0, anchor_max_tokens=0)
     for bad_decay in (0.0, 1.5):
         with pytest.raises(ValueError, match="learning-rate decay per generation must be in"):
             Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, lr_generation_decay=bad_decay)
@@ -173,7 +173,7 @@ def test_first_lora_layer_reaches_a_new_adapter_and_a_continued_one_keeps_its_la
 
 @pytest.mark.timeout(600)
 def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Path, tmp_path: Path):
-    """The operator's `anchor_weight` and `anchor_tokens` settings train with the anchor term (on the shipped anchor
+    """The operator's `anchor_weight` and `anchor_max_tokens` settings train with the anchor term (on the shipped anchor
     prompts, along that many tokens of each base-model answer) and are recorded with the run; the default weight, 0,
     passes no anchor flag at all, so runs stay the paper's plain KTO."""
     plain = _realigner(None, Registry(), tiny_model_dir, tmp_path, "fresh").command(
@@ -181,7 +181,7 @@ def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Pa
     assert "--anchor-weight" not in plain and "--anchor-max-tokens" not in plain
     store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
     rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
-                   extra_args=TRAIN_ARGS, lora_rank=8, anchor_weight=2.5, anchor_tokens=8)
+                   extra_args=TRAIN_ARGS, lora_rank=8, anchor_weight=2.5, anchor_max_tokens=8)
     _rate(store, "a", 8, "base")
     out = rl.run("operator")
     assert out.promoted, out.reason
@@ -191,14 +191,14 @@ def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Pa
     assert len(list((tmp_path / "runs" / "anchor-cache").glob("anchors-*.pt"))) == 1  # the next run reuses them
     params = store.get_run(out.run_id)["params"]
     params = json.loads(params) if isinstance(params, str) else params
-    assert params["anchor_weight"] == 2.5 and params["anchor_tokens"] == 8
+    assert params["anchor_weight"] == 2.5 and params["anchor_max_tokens"] == 8
     assert out.manifest["hyperparameters"]["anchor_max_tokens"] == 8
     assert anchor["answer_tokens"] <= 8 * anchor["n_answers"]  # every base-model anchor answer cut at 8 tokens
     store.close()
     # another data directory (a new deployment, a simulation) given the same cache: the answers are not rebuilt
     store2 = FeedbackStore(tmp_path / "g.duckdb")
     other = Realigner(store2, Registry(), model_dir=tiny_model_dir, work_dir=tmp_path / "elsewhere", min_gain=-1e9,
-                      extra_args=TRAIN_ARGS, lora_rank=8, anchor_weight=2.5, anchor_tokens=8,
+                      extra_args=TRAIN_ARGS, lora_rank=8, anchor_weight=2.5, anchor_max_tokens=8,
                       anchor_cache=tmp_path / "runs" / "anchor-cache")
     _rate(store2, "a", 8, "base")
     again = other.run("operator")
