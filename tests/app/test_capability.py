@@ -58,15 +58,16 @@ def test_probe_sends_every_question_at_once():
 def test_http_ask_is_greedy_and_sends_the_priority_it_is_given(monkeypatch, priority):
     sent = []
 
-    def post(url, timeout, json):
-        sent.append((url, json))
+    def post(url, timeout, json, headers):
+        sent.append((url, json, headers))
         return httpx.Response(200, json={"choices": [{"message": {"content": "Paris."}}]},
                               request=httpx.Request("POST", url))
 
     monkeypatch.setattr(httpx, "post", post)
-    ask = http_ask("http://127.0.0.1:9/", lambda: "Be brief.", priority=priority)
+    ask = http_ask("http://127.0.0.1:9/", lambda: "Be brief.", priority=priority, api_key="k3y")
     assert ask("kto-v2", "What is the capital of France?") == "Paris."
-    url, body = sent[0]
+    url, body, headers = sent[0]
+    assert headers == {"Authorization": "Bearer k3y"}  # vLLM refuses the probe without the server's key
     assert url == "http://127.0.0.1:9/v1/chat/completions" and body["model"] == "kto-v2"
     assert body["temperature"] == 0.0 and body["messages"][0] == {"role": "system", "content": "Be brief."}
     assert body.get("priority") == priority and (priority is not None or "priority" not in body)

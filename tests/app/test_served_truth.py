@@ -63,6 +63,7 @@ class FakeVLLM:
         self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
         self.thread.start()
         self.spec = SimpleNamespace(model_dir=None)
+        self.api_key = None  # the stand-in checks no key (tests/serving/test_vllm_guard.py covers the real one)
         self.hooks: list = []
 
     # the parts of serving.server.VLLMServer that build_stack uses
