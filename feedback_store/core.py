@@ -229,7 +229,10 @@ class StoreCore:
                 with _WRITERS_LOCK:
                     _WRITERS[self._key] -= 1
             for cur in self._cursors:
-                cur.close()
+                try:
+                    cur.close()
+                except duckdb.Error:  # a reader thread is mid-query at shutdown: stop it, the file closes anyway
+                    cur.interrupt()
             self._conn.close()
 
     def __enter__(self) -> Self:
