@@ -263,6 +263,7 @@ def test_ratings_are_limited_per_address_across_identities(make_app):
     assert [("Thanks" in n) for n in notices] == [True, True, True, False, False, False], notices
     assert all("your network" in n for n in notices[3:])
     assert sql(st.store, "SELECT count(*) FROM ratings")[0][0] == 2
+    assert sql(st.store, "SELECT DISTINCT client_addr FROM ratings") == [(A,)]   # recorded for the share cap
 
 
 # ---------------------------------------------------------------- hole 5: bounded work

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 import duckdb
 import pytest
 
-from app.web.chat import ChatService, InputError, RatingError, clean_message
+from app.web.chat import (
+    ChatService,
+    InputError,
+    Limits,
+    PromptTokens,
+    RatingError,
+    Refused,
+    byte_bound,
+    clean_message,
+    fit_context,
+)
 from feedback_store import FeedbackStore
 
 
@@ -192,3 +202,84 @@ def test_server_failure_removes_the_pending_turn(store):
     with pytest.raises(ConnectionError):
         list(svc.send(sess, "hello"))
     assert sess.turns == [] and not svc.server_ok()
+
+
+# ---------------------------------------------------------------- bounded work
+
+def test_fit_context_leaves_out_the_oldest_exchanges_first():
+    def count(msgs):                            # one token per character: easy to reason about
+        return sum(len(m["content"]) for m in msgs)
+
+    system = [{"role": "system", "content": "S" * 10}]
+    turns = [
+        {"role": "user", "content": "a" * 20}, {"role": "assistant", "content": "b" * 20},
+        {"role": "user", "content": "c" * 20}, {"role": "assistant", "content": "d" * 20},
+        {"role": "user", "content": "e" * 20}]
+    assert fit_context(system, turns, 110, count) == (system + turns, 0)          # fits: untouched
+    msgs, dropped = fit_context(system, turns, 109, count)
+    assert (msgs, dropped) == (system + turns[2:], 2)                             # one whole exchange out
+    msgs, dropped = fit_context(system, turns, 50, count)
+    assert (msgs, dropped) == (system + turns[4:], 4)                             # down to the last message
+    with pytest.raises(InputError, match="too long for the model"):
+        fit_context(system, turns, 29, count)
+
+
+def test_prompt_tokens_uses_the_served_model_tokenizer_and_the_byte_bound_before(default_model_dir):
+    import time
+
+    from transformers import AutoTokenizer
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How far is the moon? " * 20}]
+    assert PromptTokens(None)(msgs) == byte_bound(msgs)
+    counter = PromptTokens(default_model_dir)
+    deadline = time.monotonic() + 60
+    while counter._tokenizer is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    exact = len(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"])
+    assert counter(msgs) == exact + PromptTokens.MARGIN < byte_bound(msgs)
+
+
+def test_trimmed_answer_is_stored_with_the_prompt_the_model_saw(store):
+    svc = ChatService(store, ScriptedClient(), Registry(), system_prompt=lambda: "Be brief.",
+                      sampling=lambda: {"max_tokens": 50}, max_chars=500, ratings_per_minute=60,
+                      context_tokens=450)
+    sess = svc.session("k", "u1")
+    for i in range(6):
+        list(svc.send(sess, f"question {i} " + "x" * 80))
+    sent = svc.client.calls[-1][0]
+    assert byte_bound(sent) <= 450 - 50 and sent[-1]["content"].startswith("question 5")
+    last = sess.turns[-1]
+    assert last.dropped > 0 and last.dropped % 2 == 0
+    assert store.get_answer(last.msg_id)["prompt_messages"] == sent
+
+
+# ---------------------------------------------------------------- limits and sessions
+
+def test_regenerate_is_charged_like_a_message(store):
+    svc = ChatService(store, ScriptedClient(), Registry(), system_prompt=lambda: "", sampling=lambda: None,
+                      max_chars=50, ratings_per_minute=60, limits=Limits(messages_per_minute=2))
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "hi"))
+    list(svc.regenerate(sess))
+    with pytest.raises(Refused, match="very quickly"):
+        list(svc.regenerate(sess))
+    assert len(svc.client.calls) == 2 and len(sess.turns) == 2
+
+
+def test_a_session_key_belongs_to_its_user(store):
+    svc = make_service(store)
+    mine = svc.session("k", "u1", "203.0.113.7")
+    list(svc.send(mine, "private"))
+    theirs = svc.session("k", "u2", "203.0.113.7")      # the same page key under another id: not my session
+    assert theirs is not mine and theirs.turns == []
+    assert svc.session("k", "u1") is mine
+
+
+def test_in_process_callers_have_no_per_address_session_cap(store):
+    svc = ChatService(store, ScriptedClient(), Registry(), system_prompt=lambda: "", sampling=lambda: None,
+                      max_chars=50, ratings_per_minute=60, limits=Limits(sessions_per_address=2))
+    sims = [svc.session(f"sim-{i}", f"sim-{i}") for i in range(5)]       # the simulator passes no address
+    assert all(svc.session(f"sim-{i}", f"sim-{i}") is s for i, s in enumerate(sims))
+    web = [svc.session(f"w{i}", "u", "198.51.100.9") for i in range(3)]
+    assert svc.session_count("198.51.100.9") == 2 and svc.session("w0", "u", "198.51.100.9") is not web[0]
