@@ -99,6 +99,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             FROM ratings WHERE NOT audited""",
         "ALTER TABLE runs ADD COLUMN snapshot_caps VARCHAR",
     )),
+    # client applications' keys for the OpenAI-compatible API: only the SHA-256 of each key is kept
+    Migration(6, "API keys of client applications", (
+        """CREATE TABLE api_keys (
+            id VARCHAR NOT NULL PRIMARY KEY, deployment VARCHAR NOT NULL, name VARCHAR NOT NULL,
+            key_sha256 VARCHAR NOT NULL UNIQUE, prefix VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
+            revoked_at TIMESTAMP)""",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
