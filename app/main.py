@@ -170,6 +170,12 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
         return {"ok": True, "server_ok": service.server_ok(), "served": st.registry.current()}
 
     app.include_router(admin_router(st, op, scheduler))
+    from app.web.metrics import metrics_router
+    from app.web.openai_api import keys_router, openai_router
+
+    app.include_router(openai_router(st.store, service, raters))   # OpenAI-compatible API for client apps
+    app.include_router(keys_router(st.store))
+    app.include_router(metrics_router(st, cfg.admin_user, admin_password))
 
     console = build_console(op, refresh_s=console_refresh_s)
     chat = build_chat_ui(service, raters)
