@@ -101,9 +101,9 @@ def serve_app(st: Stack):
         t.join(timeout=10)
 
 
-@pytest.fixture
-def make_app(tmp_path):
-    """make_app(**config overrides) -> (url, store, scripted client): the app on a scripted model."""
+@contextlib.contextmanager
+def scripted_apps(tmp_path: Path):
+    """Yields make(**config overrides) -> (url, store, scripted client): the app on a scripted model."""
     with contextlib.ExitStack() as stack:
         def make(**overrides):
             cfg = Config(data_dir=tmp_path, model_dir=tmp_path / "model", admin_user=ADMIN[0],
@@ -116,6 +116,12 @@ def make_app(tmp_path):
                        SettingsStore(tmp_path, default_settings(cfg)), cfg)
             url = stack.enter_context(serve_app(st))
             return url, store, client
+        yield make
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    with scripted_apps(tmp_path) as make:
         yield make
 
 
