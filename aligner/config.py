@@ -62,7 +62,7 @@ class TrainConfig:
     grad_tokens: int = _arg(2048, "padded tokens per forward with gradient: bounds training memory; a longer "
                                   "micro-batch is chunked, same result", check=_at_least(1))
     lr: float = _arg(2.5e-4, "learning rate; higher rates moved the rater faster but lost facts "
-                             "(benchmarks/results/lr_sweep.json)", check=((lambda v: v > 0), "must be > 0"))
+                             "(docs/experiments/2026-11-23-simulator-defaults.md)", check=((lambda v: v > 0), "must be > 0"))
     lr_generation_decay: float = _arg(
         1.0, "a continued adapter (--resume-from) trains at lr × D^g, g = how many runs before this one trained it "
              "(its manifest's generation + 1): each cycle moves an already-moved adapter in smaller steps, against "
@@ -114,7 +114,7 @@ class TrainConfig:
                                    "numbers, for comparison)")
     trim_every: int = _arg(0, "give freed heap memory back to the OS every N optimizer steps (0: only between "
                               "phases; trimming every step re-faults each step's activations: 1.12x slower steps, "
-                              "same peak RSS, benchmarks/results/trim_heap_ab.json)")
+                              "same peak RSS, docs/experiments/2026-12-01-aligner-trim-heap.md)")
     # The optional anchor term (aligner/anchor.py).
     anchor_weight: float = _arg(0.0, "γ of the optional anchor term: γ × per-token KL(base ‖ policy) along the base "
                                      "model's own answers to shipped general prompts nobody rated, against the "

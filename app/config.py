@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,4 +246,15 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
     for aligner_name, rule in aligner_config.problems({k: v for k, (_, v) in forwarded.items()}):
         name, value = forwarded[aligner_name]
         raise SystemExit(f"kto-loop: {name} {rule}, got {value}")
+    for proxy in filter(None, (p.strip() for p in cfg.trusted_proxies.split(","))):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError as e:
+            raise SystemExit(f"kto-loop: trusted_proxies: {e}") from None
+    if not cfg.vllm_allow_remote_host:
+        from serving.server import is_loopback_host
+
+        if not is_loopback_host(cfg.vllm_host):
+            raise SystemExit(f"kto-loop: vllm_host {cfg.vllm_host} is not a loopback address and vLLM's API is for "
+                             "this app only; set --vllm-allow-remote-host true to listen there anyway")
     return cfg

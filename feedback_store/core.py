@@ -4,6 +4,7 @@ timestamps, and the input checks every part shares."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -228,12 +229,22 @@ class StoreCore:
             if not self.read_only:
                 with _WRITERS_LOCK:
                     _WRITERS[self._key] -= 1
-            for cur in self._cursors:
+            pending = list(self._cursors)
+            deadline = time.monotonic() + 5.0
+            while True:
+                for cur in list(pending):
+                    try:
+                        cur.close()
+                        pending.remove(cur)
+                    except duckdb.Error:  # a reader thread is mid-query at shutdown: stop it, then close again
+                        cur.interrupt()
                 try:
-                    cur.close()
-                except duckdb.Error:  # a reader thread is mid-query at shutdown: stop it, the file closes anyway
-                    cur.interrupt()
-            self._conn.close()
+                    self._conn.close()
+                    return
+                except duckdb.Error:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
 
     def __enter__(self) -> Self:
         return self
