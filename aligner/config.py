@@ -62,7 +62,8 @@ class TrainConfig:
     grad_tokens: int = _arg(2048, "padded tokens per forward with gradient: bounds training memory; a longer "
                                   "micro-batch is chunked, same result", check=_at_least(1))
     lr: float = _arg(2.5e-4, "learning rate; higher rates moved the rater faster but lost facts "
-                             "(docs/experiments/2026-11-23-simulator-defaults.md)", check=((lambda v: v > 0), "must be > 0"))
+                             "(docs/experiments/2026-11-23-simulator-defaults.md)",
+                     check=((lambda v: v > 0), "must be > 0"))
     lr_generation_decay: float = _arg(
         1.0, "a continued adapter (--resume-from) trains at lr × D^g, g = how many runs before this one trained it "
              "(its manifest's generation + 1): each cycle moves an already-moved adapter in smaller steps, against "

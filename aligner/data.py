@@ -154,7 +154,8 @@ def hold_out_floor(train: list[Example], heldout: list[Example], minimum: int,
 
     Why: the promotion gate compares mean rewards on held-out thumbs-up and thumbs-down. A 10% hash slice of a
     snapshot with ~20 thumbs-up holds 0 or 1 of them 39% of the time (0.9^20 + 20·0.1·0.9^19), and a margin
-    that rests on one answer refused adapters that had tripled the desirable rate (docs/experiments/2026-12-02-upper-third-adapter.md).
+    that rests on one answer refused adapters that had tripled the desirable rate
+    (docs/experiments/2026-12-02-upper-third-adapter.md).
     Hash order keeps the choice stable: with a fixed `minimum`, adding ratings can only lower the hash of the
     last answer taken, so an answer is not held out by one run after an earlier run trained on it, except when
     the kind is still small enough for `max_share` to bind or old ratings leave the `max_examples` window; then a

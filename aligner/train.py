@@ -168,7 +168,8 @@ _LIBC: Any = None
 
 def _trim_heap() -> None:
     """Give freed heap pages back to the OS (glibc keeps them): between phases, and every `trim_every` steps if
-    asked. Not every step by default: the next step faults the same pages in again (docs/experiments/2026-12-01-aligner-trim-heap.md)."""
+    asked. Not every step by default: the next step faults the same pages in again
+    (docs/experiments/2026-12-01-aligner-trim-heap.md)."""
     global _LIBC
     if _LIBC is None:
         name = ctypes.util.find_library("c")
