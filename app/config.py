@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,14 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
     for aligner_name, rule in aligner_config.problems({k: v for k, (_, v) in forwarded.items()}):
         name, value = forwarded[aligner_name]
         raise SystemExit(f"kto-loop: {name} {rule}, got {value}")
+    if cfg.lora_rank > cfg.vllm_max_lora_rank:
+        raise SystemExit(f"kto-loop: lora_rank {cfg.lora_rank} is above vllm_max_lora_rank {cfg.vllm_max_lora_rank}: "
+                         "vLLM would refuse every adapter")
+    if not (math.isfinite(cfg.align_timeout_s) and cfg.align_timeout_s >= 0):
+        raise SystemExit(f"kto-loop: align_timeout_s must be a number of seconds ≥ 0 (0 = scaled to the run), "
+                         f"got {cfg.align_timeout_s}")
+    if not math.isfinite(cfg.align_max_memory_gb):
+        raise SystemExit(f"kto-loop: align_max_memory_gb must be a finite number, got {cfg.align_max_memory_gb}")
     for proxy in filter(None, (p.strip() for p in cfg.trusted_proxies.split(","))):
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -106,7 +106,8 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
                                     base=server.spec.served_model_name)
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
-            lora_rank=cfg.lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain, max_examples=cfg.max_examples,
+            lora_rank=cfg.lora_rank, max_lora_rank=cfg.vllm_max_lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain,
+            max_examples=cfg.max_examples,
             extra_args=shlex.split(cfg.align_extra_args), mode=cfg.align_mode, capability_guard=guard,
             anchor_weight=cfg.anchor_weight, anchor_max_tokens=cfg.anchor_max_tokens,
             first_lora_layer=cfg.first_lora_layer,

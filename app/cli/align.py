@@ -82,7 +82,7 @@ def align_now(cfg: Config, wait: bool = True) -> int:
             last = line
         if not st["running"]:
             print(json.dumps(st.get("last", {})))
-            return 1 if st.get("last", {}).get("status") == "failed" else 0
+            return 1 if st.get("last", {}).get("status") in ("failed", "cancelled") else 0
         time.sleep(2)
 
 
@@ -103,4 +103,4 @@ def _align_offline(cfg: Config) -> int:
         out = st.realigner.run("operator", progress=show, max_examples=s.max_examples)
     print(json.dumps({"run_id": out.run_id, "status": out.status, "promoted": out.promoted,
                       "reason": out.reason, "version": out.version}))
-    return 1 if out.status == "failed" else 0
+    return 1 if out.status in ("failed", "cancelled") else 0

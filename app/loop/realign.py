@@ -128,7 +128,8 @@ class Realigner:
     """Owns the one-at-a-time lock and the aligner child process."""
 
     def __init__(self, store, registry, *, model_dir: Path, work_dir: Path, lora_rank: int = TrainConfig.lora_rank,
-                 beta: float = TrainConfig.beta, min_gain: float = Config.promote_min_gain,
+                 max_lora_rank: int = TrainConfig.max_lora_rank, beta: float = TrainConfig.beta,
+                 min_gain: float = Config.promote_min_gain,
                  max_examples: int = Config.max_examples,
                  extra_args: Sequence[str] = (), niceness: int = 10, timeout_s: float | None = None,
                  max_memory_bytes: int | None = 0,
@@ -160,6 +161,7 @@ class Realigner:
         self.capability_guard = capability_guard  # (candidate, served) -> (ok, reason); see app/loop/gate.py
         self.model_dir, self.work_dir = Path(model_dir), Path(work_dir)
         self.lora_rank, self.beta, self.min_gain = lora_rank, beta, min_gain
+        self.max_lora_rank = max_lora_rank  # the vLLM server's --max-lora-rank: the aligner refuses a larger adapter
         self.max_examples = max_examples
         self.extra_args = list(extra_args)
         if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
@@ -359,6 +361,7 @@ class Realigner:
                 resume_dir: Path | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "aligner", "--snapshot", str(snapshot), "--out", str(out),
                "--model-dir", str(self.model_dir), "--lora-rank", str(self.lora_rank),
+               "--max-lora-rank", str(self.max_lora_rank),
                "--beta", str(self.beta), "--progress-json"]
         if served_dir is not None:
             cmd += ["--served-adapter", str(served_dir)]

@@ -1,0 +1,30 @@
+"""Start-up refuses settings that would only fail later, inside a run or at an adapter load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import config_from
+from app.loop.realign import Realigner
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"KTO_LOOP_LORA_RANK": "32"}, "vllm_max_lora_rank"),
+    ({"KTO_LOOP_ALIGN_TIMEOUT_S": "-1"}, "align_timeout_s"),
+    ({"KTO_LOOP_ALIGN_TIMEOUT_S": "nan"}, "align_timeout_s"),
+    ({"KTO_LOOP_ALIGN_MAX_MEMORY_GB": "inf"}, "align_max_memory_gb"),
+    ({"KTO_LOOP_TRUSTED_PROXIES": "10.0.0.0/8,not-an-address"}, "trusted_proxies"),
+])
+def test_a_setting_that_can_only_fail_later_stops_the_start(env, says):
+    with pytest.raises(SystemExit, match=says):
+        config_from(environ=env)
+
+
+def test_the_aligner_is_told_the_servers_rank_limit(tmp_path: Path):
+    cfg = config_from(environ={"KTO_LOOP_LORA_RANK": "32", "KTO_LOOP_VLLM_MAX_LORA_RANK": "64"})
+    r = Realigner(None, None, model_dir=tmp_path, work_dir=tmp_path, lora_rank=cfg.lora_rank,
+                  max_lora_rank=cfg.vllm_max_lora_rank)
+    cmd = r.command(tmp_path / "s.parquet", tmp_path / "out", None)
+    assert cmd[cmd.index("--lora-rank") + 1] == "32" and cmd[cmd.index("--max-lora-rank") + 1] == "64"
