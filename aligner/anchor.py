@@ -1,19 +1,20 @@
 """Optional anchor term: keep the policy's next-token distributions near the reference's on prompts no one rated.
 
 Why: on SmolLM2-135M the KTO updates that move a format preference (`bullets`, `examples`) by +30 points also
-change how the model answers short factual questions it was never trained on (benchmarks/results/
-simulate_bullets_400_cycle1.json: "hours in a day" → "1 1 1…"), and the capability guard refuses those
-adapters. InstructGPT (Ouyang et al., 2022, §3.5, "PPO-ptx") kept general ability by mixing a term on data from
-outside the preference set into the objective. Ours is the per-token KL to the reference used in RLHF, taken on
-a fixed set of general prompts (`data/anchor_prompts.jsonl`: everyday questions, arithmetic, small tasks; none of
-the capability probe's questions and no capital-city question) along the reference model's own greedy answers:
+change how the model answers short factual questions it was never trained on
+(docs/experiments/2026-11-30-simulator-400-ratings.md: "hours in a day" → "1 1 1…"), and the capability guard
+refuses those adapters. InstructGPT (Ouyang et al., 2022, §3.5, "PPO-ptx") kept general ability by mixing a
+term on data from outside the preference set into the objective. Ours is the per-token KL to the reference used
+in RLHF, taken on a fixed set of general prompts (`data/anchor_prompts.jsonl`: everyday questions, arithmetic,
+small tasks; none of the capability probe's questions and no capital-city question) along the reference model's
+own greedy answers:
 
     loss = KTO loss + γ · mean over anchor answer tokens of KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))
 
 The answers are cut at `anchor_max_tokens` (default 24). Every fact the capability probe saw lost went wrong in an
 answer's first few tokens ("La femme de France", "… is Sydney."), while a preference such as naming examples lives
 later; at the same γ, 24 tokens kept the facts that 64 lost, at the same gain, and cost less per step
-(benchmarks/results/anchor_sweep_examples_t24.json).
+(docs/experiments/2026-12-01-anchor-strength-and-length.md).
 
 The KTO part is unchanged (aligner/loss.py). γ = 0 (the default) switches the term off and leaves runs
 bit-identical to plain KTO. Once per run, with the adapter disabled: the reference's greedy answers, then its

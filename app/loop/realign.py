@@ -40,9 +40,9 @@ MODES = ("continue", "fresh")
 
 # The default bound on an aligner child's run time: a start-up allowance (interpreter, torch, model load, the
 # reference pass's set-up) plus a bound per example and epoch. Measured on the 2-core AVX2 EPYC with the default
-# model, one example costs ~2.7 s in all (training 1.9 s at B=8, its reference log-probs 0.55 s, its share of the
-# two held-out passes ~0.25 s; benchmarks/results/aligner_phases/2026-11-30_epyc-avx2.json), and a 32-example run
-# took 67-136 s end to end (aligner_bench/2026-11-23_epyc.json): the bound is about 4x that, for a loaded machine.
+# model (docs/experiments/2026-11-30-simulator-400-ratings.md), a cycle of 37 + 325 examples spent 1476 s in the
+# aligner (835 s of training steps, 137 s of the checkpoints' held-out passes, the rest loading and forward-only
+# passes at 0.55 s a sequence), about 4 s an example: the bound is about 3x that, for a loaded machine.
 ALIGN_START_S = 600.0
 ALIGN_S_PER_EXAMPLE = 10.0
 OOM_SCORE_ADJ = 1000  # the kernel's OOM killer takes an aligner child first, never vLLM (its score stays 0)

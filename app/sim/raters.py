@@ -4,7 +4,7 @@ True is a thumbs-up (desirable), False a thumbs-down, None means this user would
 three examples each encode a preference the base SmolLM2-135M-Instruct mostly does *not* satisfy, of different
 kind, difficulty and imbalance. Base rates: the base model's answers to all 58 held-out prompts and every third
 training prompt (2 samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens), rated by
-benchmarks/rater_base_rates.py (results in benchmarks/results/rater_base_rates/):
+benchmarks/rater_base_rates.py (docs/experiments/simulator.md, "Example raters"):
 
 | rater      | preference                         | base up: all / held-out | difficulty                           |
 |------------|------------------------------------|-------------------------|--------------------------------------|
@@ -15,8 +15,8 @@ benchmarks/rater_base_rates.py (results in benchmarks/results/rater_base_rates/)
 More raters, one or more of each kind (format, content, style, length), for developing the shipped recipe against
 preferences beyond the three examples. `HELDOUT_RATERS` are never used for tuning: a recipe is judged on them only,
 so a result on them says how the product does on a preference nobody fitted it to. Base rates re-rated from the
-saved base answers above (`benchmarks/rater_base_rates.py --answers`; 128 tokens, so length-bound rates differ at
-the served 256):
+saved base answers above (`benchmarks/rater_base_rates.py --answers`, docs/experiments/simulator.md; 128 tokens,
+so length-bound rates differ at the served 256):
 
 | rater               | set      | kind    | preference                                             | base up |
 |---------------------|----------|---------|--------------------------------------------------------|---------|

