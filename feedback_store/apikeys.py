@@ -39,7 +39,7 @@ class ApiKeys(StoreCore):
         """A new key for client `name` (one active key per name): (the key, shown this once; its listing row)."""
         check_client_name(name)
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        with self._tx() as c:
+        with self._tx(f"api-key:{name}") as c:
             active = c.execute("SELECT count(*) FROM api_keys WHERE deployment = ? AND name = ? AND "
                                "revoked_at IS NULL", [self.deployment, name]).fetchone()[0]
             if active:

@@ -43,7 +43,7 @@ class Conversations(Ratings):
     def _last_node(self, c: duckdb.DuckDBPyConnection, conv_id: str) -> str | None:
         row = c.execute("""SELECT id FROM (
                 SELECT id, created_at FROM messages WHERE conversation_id = ? AND role <> 'system'
-                UNION ALL SELECT id, created_at FROM answers WHERE conversation_id = ?)
+                UNION ALL SELECT id, created_at FROM answers WHERE conversation_id = ?) AS turns
             ORDER BY created_at DESC LIMIT 1""", [conv_id, conv_id]).fetchone()
         return row[0] if row else None
 

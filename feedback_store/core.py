@@ -14,6 +14,7 @@ from typing import Any, Self
 
 import duckdb
 
+from feedback_store.dialect import PgConnection, dialect_for, is_postgres, lock_key, redact
 from feedback_store.errors import (
     CorruptStore,
     InvalidInput,
@@ -98,17 +99,24 @@ def rollback(conn: duckdb.DuckDBPyConnection) -> None:
     that matters, so "no transaction is active" here must never replace it."""
     try:
         conn.execute("ROLLBACK")
-    except duckdb.Error:
+    except Exception:
         pass
 
 
 class StoreCore:
-    """The connection, its lock and the per-thread read cursors that every part of FeedbackStore goes through."""
+    """The connection, its lock and the per-thread read cursors that every part of FeedbackStore goes through.
+
+    `path`: a DuckDB file, or a `postgresql://` URL (dialect.py): then several processes may write at once."""
 
     def __init__(self, path: str | Path, deployment: str = "default", *, read_only: bool = False,
                  clock: Callable[[], datetime] = utcnow, backup_dir: str | Path | None = None,
                  verify: bool = False):
         _check_str("deployment", deployment)
+        self._dialect = dialect_for(path)
+        self._errors = self._dialect.errors
+        if is_postgres(path):
+            self._open_postgres(str(path), deployment, read_only, clock)
+            return
         self.path = Path(path)
         self.deployment = deployment
         self.read_only = read_only
@@ -147,9 +155,7 @@ class StoreCore:
             else:
                 self.migrated_from, _ = migrate(self._conn, self._now)
                 # only this process writes the file: a run still 'running' was cut off by a crash or restart
-                self._conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error = "
-                                   "'interrupted: the app stopped during the run' WHERE status = 'running' "
-                                   "AND deployment = ?", [self._now(), self.deployment])
+                self._close_cut_off_runs()
         except BaseException as e:
             self._conn.close()
             if isinstance(e, duckdb.Error) and damaged(e):
@@ -160,6 +166,42 @@ class StoreCore:
             with _WRITERS_LOCK:
                 _WRITERS[self._key] = _WRITERS.get(self._key, 0) + 1
 
+    def _open_postgres(self, url: str, deployment: str, read_only: bool, clock: Callable[[], datetime]) -> None:
+        """The same store on a PostgreSQL database: no file, no cross-process cache, migrations one at a time."""
+        self.path = redact(url)        # named in messages: never the password
+        self.deployment, self.read_only, self._clock = deployment, read_only, clock
+        self._last_ts = datetime.min
+        self._backup_dir = None
+        try:
+            self._conn = PgConnection(url, read_only)
+        except self._errors as e:
+            raise StoreError(f"cannot connect to {self.path}: {str(e).strip().splitlines()[0]}") from None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._cursors = []
+        self._closed = False
+        self._key = None
+        try:
+            if read_only:
+                version = file_version(self._conn)
+                if version != SCHEMA_VERSION:
+                    raise SchemaError(f"{self.path} has schema version {version}, this code needs "
+                                      f"{SCHEMA_VERSION}; open it once read-write (start the app) to upgrade")
+            else:
+                with self._dialect.migrating(self._conn):
+                    self.migrated_from, _ = migrate(self._conn, self._now, ddl=self._dialect.ddl)
+                self._close_cut_off_runs()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _close_cut_off_runs(self) -> None:
+        """A run still 'running' at start-up was cut off by a crash or restart (on PostgreSQL: unless another live
+        process holds it)."""
+        self._conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error = "
+                           "'interrupted: the app stopped during the run' WHERE status = 'running' "
+                           f"AND deployment = ?{self._dialect.unheld_run}", [self._now(), self.deployment])
+
     def _corrupt(self, e: duckdb.Error) -> CorruptStore:
         from feedback_store.backup import corrupt_message, default_backup_dir
         d = Path(self._backup_dir) if self._backup_dir is not None else default_backup_dir(self.path)
@@ -167,7 +209,7 @@ class StoreCore:
 
     def _db_error(self, e: duckdb.Error) -> StoreError:
         """The typed error for a failed statement: a damaged file, a full disk, or another refused write."""
-        return self._corrupt(e) if damaged(e) else write_error(self.path, e)
+        return self._corrupt(e) if damaged(e) and self._dialect.single_writer else write_error(self.path, e)
 
     def _now(self) -> datetime:
         """Strictly increasing per store, so creation order is also time order."""
@@ -191,7 +233,7 @@ class StoreCore:
     def _read(self, sql: str, params: list | None = None) -> list[tuple]:
         try:
             return self._cursor().execute(sql, params or []).fetchall()
-        except duckdb.Error as e:
+        except self._errors as e:
             raise (self._corrupt(e) if damaged(e) else e) from None
 
     def _read_dicts(self, sql: str, params: list | None = None) -> list[dict]:
@@ -199,12 +241,13 @@ class StoreCore:
             cur = self._cursor().execute(sql, params or [])
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-        except duckdb.Error as e:
+        except self._errors as e:
             raise (self._corrupt(e) if damaged(e) else e) from None
 
     @contextmanager
-    def _tx(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """One write transaction on the shared connection: all of it commits or none of it does."""
+    def _tx(self, *locks: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One write transaction on the shared connection: all of it commits or none of it does. `locks`: names
+        that writers in other processes must not hold at the same time (a check-then-insert), on PostgreSQL."""
         if self.read_only:
             raise ReadOnlyStore(f"{self.path} is open read-only")
         with self._lock:
@@ -212,11 +255,12 @@ class StoreCore:
                 raise StoreError("the feedback store is closed")
             self._conn.execute("BEGIN TRANSACTION")
             try:
+                self._dialect.lock(self._conn, [lock_key(self.deployment, k) for k in locks])
                 yield self._conn
                 self._conn.execute("COMMIT")
             except BaseException as e:
                 rollback(self._conn)
-                if isinstance(e, duckdb.Error):
+                if isinstance(e, self._errors):
                     raise self._db_error(e) from e
                 raise
 
@@ -226,7 +270,7 @@ class StoreCore:
             if self._closed:
                 return
             self._closed = True
-            if not self.read_only:
+            if not self.read_only and self._key is not None:
                 with _WRITERS_LOCK:
                     _WRITERS[self._key] -= 1
             pending = list(self._cursors)
@@ -236,12 +280,12 @@ class StoreCore:
                     try:
                         cur.close()
                         pending.remove(cur)
-                    except duckdb.Error:  # a reader thread is mid-query at shutdown: stop it, then close again
+                    except self._errors:  # a reader thread is mid-query at shutdown: stop it, then close again
                         cur.interrupt()
                 try:
                     self._conn.close()
                     return
-                except duckdb.Error:
+                except self._errors:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.02)

@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 
 from feedback_store.core import _WRITERS, StoreCore, _check_str, _new_id, rollback
+from feedback_store.dialect import lock_key
 from feedback_store.errors import InvalidRating, ReadOnlyStore, StoreError, UnknownAnswer, WrongDeployment
 
 RATING_VALUES = ("up", "down", None)
@@ -279,7 +280,7 @@ class Ratings(StoreCore):
         answer_ids = sorted({a for a, _ in keys})
         infos = {a: self._answers[a] for a in answer_ids if a in self._answers}
         misses = [a for a in answer_ids if a not in infos]
-        use_cache = use_cache and _WRITERS.get(self._key, 0) == 1
+        use_cache = use_cache and self._dialect.single_writer and _WRITERS.get(self._key, 0) == 1
         known = {a: self._rated[a] for a in answer_ids if use_cache and a in self._rated}
         for a, u in keys:
             row = known.get(a, {}).get(u)
@@ -289,8 +290,8 @@ class Ratings(StoreCore):
         full: dict[str, dict[str, list]] = {a: {u: list(r) for u, r in rows.items()} for a, rows in known.items()}
         in_tx = bool(to_read or misses) and not use_cache
         if to_read or misses:
-            sql = """SELECT 1, answer_id, user_id, id, rowid, value, reason, comment, created_at, audited, client_addr
-                FROM ratings WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
+            sql = f"""SELECT 1, answer_id, user_id, id, {self._dialect.rowid}, value, reason, comment, created_at,
+                audited, client_addr FROM ratings WHERE answer_id IN (SELECT unnest(?::VARCHAR[]))"""
             params: list = [to_read]
             if misses:     # answers added by this process are cached (add_answer), so usually skipped
                 sql = """SELECT 0, id, deployment, adapter, NULL::BIGINT, NULL, NULL, NULL, NULL::TIMESTAMP,
@@ -301,6 +302,8 @@ class Ratings(StoreCore):
             if in_tx:
                 self._conn.execute("BEGIN TRANSACTION")
             try:
+                if in_tx and not self._dialect.single_writer:   # PostgreSQL: other writers wait until COMMIT
+                    self._dialect.lock(self._conn, [lock_key(a, u) for a, u in keys])
                 rows = self._conn.execute(sql, params).fetchall()
             except BaseException:
                 if in_tx:
@@ -398,13 +401,15 @@ class Ratings(StoreCore):
             if inserts:               # alone (no read, no change): an autocommit statement, its own transaction
                 self._insert_rows(c, "ratings", _RATING_COLUMNS, inserts)
             if updates:     # rowid finds the row; the key check catches a cached rowid that went stale
-                n = c.execute("""UPDATE ratings SET value = v.value, reason = v.reason, comment = v.comment,
-                    updated_at = v.updated_at, audited = v.audited, client_addr = v.addr FROM (SELECT unnest(?) AS rid,
+                by_rowid = "ratings.rowid = v.rid AND " if self._dialect.single_writer else ""
+                n = c.execute(f"""UPDATE ratings SET value = v.value, reason = v.reason, comment = v.comment,
+                    updated_at = v.updated_at, audited = v.audited, client_addr = v.addr FROM (SELECT
+                    unnest(?::BIGINT[]) AS rid,
                     unnest(?::VARCHAR[]) AS a, unnest(?::VARCHAR[]) AS u, unnest(?::VARCHAR[]) AS value,
                     unnest(?::VARCHAR[]) AS reason, unnest(?::VARCHAR[]) AS comment,
                     unnest(?::TIMESTAMP[]) AS updated_at, unnest(?::BOOLEAN[]) AS audited,
                     unnest(?::VARCHAR[]) AS addr) v
-                    WHERE ratings.rowid = v.rid AND ratings.answer_id = v.a AND ratings.user_id = v.u""",
+                    WHERE {by_rowid}ratings.answer_id = v.a AND ratings.user_id = v.u""",
                               [list(col) for col in zip(*updates, strict=True)]).fetchone()[0]
                 if n != len(updates):
                     if not use_cache:
@@ -423,7 +428,7 @@ class Ratings(StoreCore):
                 for p in good:
                     p.results = []
                 raise
-            err = (e if isinstance(e, StoreError) else self._db_error(e) if isinstance(e, duckdb.Error)
+            err = (e if isinstance(e, StoreError) else self._db_error(e) if isinstance(e, self._errors)
                    else StoreError(f"rating not stored: {e}"))
             for p in good:
                 p.error, p.results = err, []

@@ -38,6 +38,7 @@ class Runs(Conversations):
             raise InvalidInput(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
         run_id = _new_id()
         with self._tx() as c:
+            self._dialect.hold_run(c, run_id)    # PostgreSQL: other processes starting up see it is alive
             c.execute("INSERT INTO runs (id, deployment, trigger, status, started_at, params) "
                       "VALUES (?, ?, ?, 'running', ?, ?)",
                       [run_id, self.deployment, trigger, self._now(), json.dumps(params or {}, default=str)])
@@ -57,6 +58,7 @@ class Runs(Conversations):
                 adapter_version = coalesce(?, adapter_version) WHERE id = ?""",
                       [status, self._now(), n_desirable, n_undesirable, lambda_d, lambda_u,
                        json.dumps(metrics or {}, default=str), error, adapter_version, run_id])
+            self._dialect.release_run(c, run_id)
             dropped = list(dropped)
             if dropped:
                 c.execute("UPDATE run_examples SET dropped = true WHERE run_id = ? AND list_contains(?, rating_id)",
@@ -95,7 +97,7 @@ class Runs(Conversations):
             raise InvalidInput(f"{BASE!r} is the base model, not an adapter version")
         if run_id is not None:
             self.get_run(run_id)
-        with self._tx() as c:
+        with self._tx(f"adapter:{version}") as c:
             if c.execute("SELECT count(*) FROM adapters WHERE deployment = ? AND version = ?",
                          [self.deployment, version]).fetchone()[0]:
                 raise DuplicateAdapter(f"adapter version {version!r} is already registered")
@@ -116,7 +118,7 @@ class Runs(Conversations):
 
     def mark_promoted(self, version: str, reason: str | None = None) -> None:
         """`version` now serves chats; the version it replaces is retired (kept on disk for rollback)."""
-        with self._tx() as c:
+        with self._tx("serving") as c:
             self._check_adapter(c, version)
             now, prev = self._now(), self._current(c)
             c.execute("UPDATE adapters SET retired_at = ? WHERE deployment = ? AND version = ?",
@@ -128,13 +130,13 @@ class Runs(Conversations):
     def begin_promotion(self, version: str, reason: str | None = None) -> None:
         """Before the switch: `version` is about to serve. What serves changes only with mark_promoted; an
         interrupted promotion stays pending (pending_promotions) until mark_promoted or abort_promotion."""
-        with self._tx() as c:
+        with self._tx("serving") as c:
             self._check_adapter(c, version)
             self._event(c, "promoting", self._current(c), version, reason, self._now())
 
     def abort_promotion(self, version: str, reason: str | None = None) -> None:
         """The promotion of `version` did not happen (or was undone): close its pending record."""
-        with self._tx() as c:
+        with self._tx("serving") as c:
             self._event(c, "aborted", self._current(c), version, reason, self._now())
 
     def pending_promotions(self) -> list[str]:
@@ -147,7 +149,7 @@ class Runs(Conversations):
 
     def record_rollback(self, from_version: str, to_version: str, reason: str | None = None) -> None:
         """Serving went back from `from_version` to `to_version` (an older adapter or "base")."""
-        with self._tx() as c:
+        with self._tx("serving") as c:
             self._check_adapter(c, from_version)
             self._check_adapter(c, to_version)
             now = self._now()

@@ -7,6 +7,7 @@ complete version. Never edit a released migration: append a new one. All times a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -120,8 +121,10 @@ def file_version(conn: duckdb.DuckDBPyConnection) -> int:
     return int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
 
 
-def migrate(conn: duckdb.DuckDBPyConnection, now, target: int = SCHEMA_VERSION) -> tuple[int, int]:
-    """Apply every migration above the file's version up to `target`; returns (old, new) version."""
+def migrate(conn: duckdb.DuckDBPyConnection, now, target: int = SCHEMA_VERSION,
+            ddl: Callable[[str], str] = lambda stmt: stmt) -> tuple[int, int]:
+    """Apply every migration above the file's version up to `target`; returns (old, new) version. `ddl`: the
+    engine's spelling of a statement (PostgreSQL: DOUBLE PRECISION)."""
     old = file_version(conn)
     if old > SCHEMA_VERSION:
         raise SchemaError(f"database schema version {old} is newer than this code ({SCHEMA_VERSION}); "
@@ -131,13 +134,13 @@ def migrate(conn: duckdb.DuckDBPyConnection, now, target: int = SCHEMA_VERSION) 
             conn.execute("BEGIN TRANSACTION")
             try:
                 for stmt in m.statements:
-                    conn.execute(stmt)
+                    conn.execute(ddl(stmt))
                 conn.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [m.version, m.description, now()])
                 conn.execute("COMMIT")
             except BaseException:
                 try:
                     conn.execute("ROLLBACK")
-                except duckdb.Error:   # a failed COMMIT ended the transaction: keep its error, not this one
+                except Exception:   # a failed COMMIT ended the transaction: keep its error, not this one
                     pass
                 raise
     return old, max(old, min(target, SCHEMA_VERSION))

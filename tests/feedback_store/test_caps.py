@@ -1,4 +1,5 @@
-"""Share caps on the training snapshot, and the client address they group by, on a real DuckDB file."""
+"""Share caps on the training snapshot, and the client address they group by, on a real DuckDB file and a real
+PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def test_cap_shares_holds_both_caps_at_once_on_random_populations():
 
 
 # ---------------------------------------------------------------- the store
-def test_ratings_record_the_client_address_of_every_change(tmp_path):
-    with FeedbackStore(tmp_path / "fb.duckdb", clock=_clock()) as s:
+def test_ratings_record_the_client_address_of_every_change(location):
+    with FeedbackStore(location, clock=_clock()) as s:
         a, b, c = _answers(s, 3)
         s.rate("ann", a, "up", client_addr="203.0.113.7")
         s.rate_async("bob", a, "down", client_addr="2001:db8::1").result()
@@ -92,7 +93,7 @@ def test_ratings_record_the_client_address_of_every_change(tmp_path):
         assert s.get_rating("ann", a)["client_addr"] == "192.0.2.9"
         with pytest.raises(InvalidRating):
             s.rate("ann", a, "up", client_addr="")
-    with FeedbackStore(tmp_path / "fb.duckdb") as s:            # the cache and the file agree after reopening
+    with FeedbackStore(location) as s:            # the cache and the file agree after reopening
         s.rate("ann", a, "up", client_addr="192.0.2.10")
         assert s.get_rating("ann", a)["client_addr"] == "192.0.2.10"
 
@@ -106,9 +107,9 @@ def _flood(s: FeedbackStore, n_honest: int = 40, n_sybils: int = 100) -> None:
                  for i in range(n_sybils) for j in range(3)])
 
 
-def test_one_address_minting_100_identities_stays_under_the_address_cap(tmp_path):
+def test_one_address_minting_100_identities_stays_under_the_address_cap(location, tmp_path):
     """The attack the per-identity cap cannot see: every sybil identity is small, their address is not."""
-    with FeedbackStore(tmp_path / "fb.duckdb", clock=_clock(), max_addr_share=0.2) as s:
+    with FeedbackStore(location, clock=_clock(), max_addr_share=0.2) as s:
         _flood(s)
         run = s.start_run("cli")
         info = s.export_snapshot(tmp_path / "snap.parquet", run_id=run)
@@ -124,8 +125,8 @@ def test_one_address_minting_100_identities_stays_under_the_address_cap(tmp_path
         assert s.training_counts(max_addr_share=None) == (26, 314)
 
 
-def test_caps_are_off_by_default_and_per_call_overrides_the_store_setting(tmp_path):
-    with FeedbackStore(tmp_path / "fb.duckdb", clock=_clock()) as s:
+def test_caps_are_off_by_default_and_per_call_overrides_the_store_setting(location):
+    with FeedbackStore(location, clock=_clock()) as s:
         _flood(s)
         assert sum(s.training_counts()) == 340
         assert s.snapshot_table(max_user_share=None, max_addr_share=0.2).num_rows < 340
@@ -137,8 +138,8 @@ def test_caps_are_off_by_default_and_per_call_overrides_the_store_setting(tmp_pa
             s.training_counts(max_user_share=0)
 
 
-def test_snapshot_shares_lists_the_top_contributors_and_what_the_cap_drops(tmp_path):
-    with FeedbackStore(tmp_path / "fb.duckdb", clock=_clock()) as s:
+def test_snapshot_shares_lists_the_top_contributors_and_what_the_cap_drops(location):
+    with FeedbackStore(location, clock=_clock()) as s:
         _flood(s)
         got = s.snapshot_shares(top=3, max_addr_share=0.2)
         json.dumps(got)                                           # the console can send it as is
@@ -150,10 +151,10 @@ def test_snapshot_shares_lists_the_top_contributors_and_what_the_cap_drops(tmp_p
         assert open_["top_addrs"][0]["share"] == pytest.approx(300 / 340) and open_["n_dropped"] == 0
 
 
-def test_too_few_addresses_leave_the_cap_inactive_and_say_so(tmp_path):
+def test_too_few_addresses_leave_the_cap_inactive_and_say_so(location):
     """A team behind one proxy: one address cannot be capped to 20 %, and dropping nearly everything would
     stop training; the report says why the cap did not apply."""
-    with FeedbackStore(tmp_path / "fb.duckdb", clock=_clock(), max_addr_share=0.2) as s:
+    with FeedbackStore(location, clock=_clock(), max_addr_share=0.2) as s:
         a = _answers(s, 5)
         s.rate_many([(f"u{i}", a[i % 5], "up", None, None, "10.0.0.1") for i in range(30)])
         got = s.snapshot_shares()

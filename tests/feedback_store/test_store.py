@@ -1,4 +1,5 @@
-"""feedback_store on a real DuckDB file: schema, migration, ratings with audit, siblings, runs, lineage, export."""
+"""feedback_store on a real DuckDB file and a real PostgreSQL database (the `location` fixture): schema, migration,
+ratings with audit, siblings, runs, lineage, export. Tests of DuckDB's own row-id cache use `duck_store`."""
 
 from __future__ import annotations
 
@@ -46,10 +47,26 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path, clock):
+def store(location, clock):
+    s = FeedbackStore(location, deployment="prod", clock=clock)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def duck_store(tmp_path, clock):
     s = FeedbackStore(tmp_path / "fb.duckdb", deployment="prod", clock=clock)
     yield s
     s.close()
+
+
+def raw_connection(location):
+    """A plain connection to the store's database, bypassing the store (DuckDB's, or psycopg's behind the same
+    calling convention)."""
+    if isinstance(location, str):
+        from feedback_store.dialect import PgConnection
+        return PgConnection(location)
+    return duckdb.connect(str(location))
 
 
 def chat(store: FeedbackStore, user="alice", question="What is 2+2?", answer="4", adapter="base"):
@@ -61,11 +78,11 @@ def chat(store: FeedbackStore, user="alice", question="What is 2+2?", answer="4"
     return conv, msg, ans
 
 
-def test_schema_created_with_current_version(tmp_path):
-    path = tmp_path / "new.duckdb"
+def test_schema_created_with_current_version(location):
+    path = location
     with FeedbackStore(path) as s:
         assert s.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1].version
-    con = duckdb.connect(str(path), read_only=True)
+    con = raw_connection(path)
     tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     versions = [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()]
     con.close()
@@ -109,13 +126,14 @@ def test_migrates_a_v1_file_and_keeps_its_data(tmp_path):
         assert s.counts()["total"] == 2
 
 
-def test_migrates_a_v3_file_whose_ratings_all_have_their_events(tmp_path):
+def test_migrates_a_v3_file_whose_ratings_all_have_their_events(location):
     """v4 writes a new rating's creation event lazily; a v3 file's ratings already have theirs (audited = true),
     so the audit neither loses nor doubles an event, before or after a change."""
+    from feedback_store.dialect import dialect_for
     from feedback_store.schema import migrate
-    path = tmp_path / "v3.duckdb"
-    con = duckdb.connect(str(path))
-    assert migrate(con, lambda: datetime(2025, 1, 1), target=3) == (0, 3)
+    path = location
+    con = raw_connection(path)
+    assert migrate(con, lambda: datetime(2025, 1, 1), target=3, ddl=dialect_for(path).ddl) == (0, 3)
     t = datetime(2025, 1, 1, 12)
     con.execute("INSERT INTO answers VALUES ('a1', 'default', 'c1', 'm1', ?, 'hello', 'base', '{}', 1, 1, 1.0, ?)",
                 [json.dumps([{"role": "user", "content": "hi"}]), t])
@@ -135,10 +153,10 @@ def test_migrates_a_v3_file_whose_ratings_all_have_their_events(tmp_path):
         assert s._cursor().execute("SELECT count(*) FROM rating_audit").fetchone()[0] == 3
 
 
-def test_newer_schema_is_refused(tmp_path):
-    path = tmp_path / "future.duckdb"
+def test_newer_schema_is_refused(location):
+    path = location
     FeedbackStore(path).close()
-    con = duckdb.connect(str(path))
+    con = raw_connection(path)
     con.execute("INSERT INTO schema_version VALUES (?, 'from the future', now()::TIMESTAMP)", [SCHEMA_VERSION + 1])
     con.close()
     with pytest.raises(SchemaError, match="newer"):
@@ -184,8 +202,8 @@ def test_final_rating_only_counts_for_training(store, tmp_path):
         [(a1, "alice", True), (a2, "bob", False)])
 
 
-def test_bad_input_raises_typed_errors_and_writes_nothing(tmp_path, clock):
-    path = tmp_path / "fb.duckdb"
+def test_bad_input_raises_typed_errors_and_writes_nothing(location, clock):
+    path = location
     with FeedbackStore(path, deployment="staging", clock=clock) as other:
         _, _, foreign = chat(other)
     with FeedbackStore(path, deployment="prod", clock=clock) as s:
@@ -329,8 +347,8 @@ def test_runs_adapters_lineage_and_since_last_run(store, clock, tmp_path):
         store.finish_run(run2, "done")
 
 
-def test_failed_run_does_not_reset_since_last_run_and_stale_runs_are_closed(tmp_path, clock):
-    path = tmp_path / "fb.duckdb"
+def test_failed_run_does_not_reset_since_last_run_and_stale_runs_are_closed(location, clock):
+    path = location
     with FeedbackStore(path, clock=clock) as s:
         _, _, a = chat(s)
         s.rate("alice", a, "up")
@@ -382,8 +400,8 @@ def test_export_round_trip_snapshot_and_kto(store, clock, tmp_path):
         store.export_kto(tmp_path / "kto.csv")
 
 
-def test_read_only_store_refuses_writes(tmp_path):
-    path = tmp_path / "fb.duckdb"
+def test_read_only_store_refuses_writes(location, tmp_path):
+    path = location
     with FeedbackStore(path) as s:
         _, _, a = chat(s)
     with FeedbackStore(path, read_only=True) as ro:
@@ -411,9 +429,10 @@ def test_rate_many_bulk_path_is_exact(store):
     assert [h["value"] for h in store.rating_history(first[1].rating_id)] == ["up", "down"]
 
 
-def test_ratings_are_indexed_by_answer_and_changes_update_in_place(store):
+def test_ratings_are_indexed_by_answer_and_changes_update_in_place(duck_store):
     """The batch read filters on ratings.answer_id: its index must exist (else every rating scans the table),
     and a change rewrites the row (same id, same created_at), never adds one."""
+    store = duck_store
     con = store._cursor()
     assert con.execute("SELECT count(*) FROM duckdb_indexes() WHERE table_name = 'ratings' "
                        "AND expressions ILIKE '%answer_id%'").fetchone()[0] >= 1
@@ -445,10 +464,11 @@ class _Spy:
         return getattr(self.conn, name)
 
 
-def test_rating_a_new_answer_needs_no_read_and_the_cache_stays_exact(store):
+def test_rating_a_new_answer_needs_no_read_and_the_cache_stays_exact(duck_store):
     """An answer made by this process has no ratings, so rating it is one autocommit INSERT (no read, no audit row:
     the creation event is implied until the first change); later changes of rows this process wrote (their row
     ids are unknown) read again and stay exact, and write the creation event with the change."""
+    store = duck_store
     a = chat(store)[2]
     spy = store._conn = _Spy(store._conn)
     try:
@@ -475,9 +495,10 @@ def test_rating_a_new_answer_needs_no_read_and_the_cache_stays_exact(store):
     assert [h["value"] for h in store.rating_history(store.get_rating("gina", a)["id"])] == ["down"]
 
 
-def test_a_stale_cached_row_id_is_caught_and_the_batch_redone(store):
+def test_a_stale_cached_row_id_is_caught_and_the_batch_redone(duck_store):
     """If a cached row id ever pointed at another row, the UPDATE's key check sees it: the batch is rolled back
     and redone from a fresh read, so the wrong row is never touched."""
+    store = duck_store
     a, b = chat(store, answer="A")[2], chat(store, answer="B")[2]
     store.rate_many([("hal", a, "up"), ("hal", b, "up")])
     store.rate_many([("hal", a, "down"), ("hal", b, "down")])          # a read: both row ids now cached
@@ -489,8 +510,8 @@ def test_a_stale_cached_row_id_is_caught_and_the_batch_redone(store):
     assert store._cursor().execute("SELECT count(*) FROM rating_audit").fetchone()[0] == 5
 
 
-def test_rate_async_resolves_after_commit_in_order_with_typed_errors(tmp_path):
-    path = tmp_path / "async.duckdb"
+def test_rate_async_resolves_after_commit_in_order_with_typed_errors(location):
+    path = location
     store = FeedbackStore(path)
     answers = [chat(store, answer=f"a{i}")[2] for i in range(300)]
     with pytest.raises(InvalidRating):
@@ -512,17 +533,17 @@ def test_rate_async_resolves_after_commit_in_order_with_typed_errors(tmp_path):
     with pytest.raises(StoreError):
         store.rate_async("jo", answers[0], "up")
     assert all(f.done() and f.result().changed for f in late)
-    con = duckdb.connect(str(path), read_only=True)
+    con = raw_connection(path)
     assert con.execute("SELECT count(*) FROM ratings WHERE user_id = 'jo' AND value = 'down'").fetchone()[0] == 300
     con.close()
 
 
-def test_two_writable_stores_on_one_file_in_one_process_stay_exact(tmp_path):
+def test_two_writable_stores_on_one_file_in_one_process_stay_exact(location):
     """DuckDB shares the database between them, so each sees the other's ratings only by reading: the rating
-    cache is off while both are open."""
-    one = FeedbackStore(tmp_path / "shared.duckdb")
+    cache is off while both are open (on PostgreSQL it is never used: other processes write too)."""
+    one = FeedbackStore(location)
     a = chat(one)[2]
-    two = FeedbackStore(tmp_path / "shared.duckdb")
+    two = FeedbackStore(location)
     try:
         r1 = one.rate("kim", a, "up")
         assert one.rate("kim", a, "down").changed                      # one now knows the row (and its row id)
