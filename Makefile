@@ -12,12 +12,12 @@ EXTRAS ?= cpu,test,bench
 comma := ,
 CPU_FLAVOUR := $(filter cpu,$(subst $(comma), ,$(EXTRAS)))
 
-.PHONY: run test setup model browser lint clean-venv
+.PHONY: run test setup model browser postgres lint clean-venv
 
 run: setup
 	$(BIN)/kto-loop run
 
-test: setup browser
+test: setup browser postgres
 	$(BIN)/ruff check .
 	$(BIN)/pytest -v --durations=25
 
@@ -38,6 +38,12 @@ model: $(STAMP)
 browser:
 	@command -v chromium >/dev/null && test -d /usr/share/fonts/truetype/noto || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji; }
+
+# Debian's PostgreSQL server binaries (initdb, pg_ctl) for the store's PostgreSQL tests, which start their own
+# throwaway server; Debian keeps them in /usr/lib/postgresql/<version>/bin, off PATH.
+postgres:
+	@{ command -v initdb && command -v pg_ctl; } >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -44,6 +44,9 @@ class Config:
                                         "(default: the embedded SmolLM2-135M-Instruct under HOME/models)")
     data_dir: Path | None = _opt(None, "data directory (default: HOME/data)")
     db_path: Path | None = _opt(None, "DuckDB file of the feedback store (default: DATA_DIR/feedback.duckdb)")
+    db_url: str = _opt("", "postgresql://user:password@host:port/db: keep the feedback store on PostgreSQL instead of "
+                           "the DuckDB file, so several app processes can write it at once (empty = the DuckDB file; "
+                           "docs/deploy.md)", secret=True)
     adapter_dir: Path | None = _opt(None, "where adapter versions are kept (default: DATA_DIR/adapters)")
     deployment: str = _opt("default", "deployment name recorded with every answer and rating")
 
@@ -160,6 +163,11 @@ class Config:
         )
 
     @property
+    def store_location(self) -> str | Path:
+        """What FeedbackStore opens: the PostgreSQL URL when one is set, else the DuckDB file."""
+        return self.db_url or self.db_path
+
+    @property
     def uses_default_model(self) -> bool:
         return self.model_dir is None or Path(self.model_dir).expanduser() == (
             Path(self.home).expanduser() / "models" / DEFAULT_MODEL_NAME)
@@ -255,6 +263,8 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
                          f"got {cfg.align_timeout_s}")
     if not math.isfinite(cfg.align_max_memory_gb):
         raise SystemExit(f"kto-loop: align_max_memory_gb must be a finite number, got {cfg.align_max_memory_gb}")
+    if cfg.db_url and not cfg.db_url.startswith(("postgresql://", "postgres://")):
+        raise SystemExit("kto-loop: db_url must be a postgresql:// URL (or empty for the DuckDB file)")
     for proxy in filter(None, (p.strip() for p in cfg.trusted_proxies.split(","))):
         try:
             ipaddress.ip_network(proxy, strict=False)

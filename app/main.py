@@ -75,10 +75,10 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
     Path(cfg.adapter_dir).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        store = FeedbackStore(cfg.db_path, deployment=cfg.deployment, verify=True,
+        store = FeedbackStore(cfg.store_location, deployment=cfg.deployment, verify=True,
                               max_user_share=cfg.max_user_share or None, max_addr_share=cfg.max_addr_share or None)
         stack.callback(_close, store)
-        if cfg.backup_interval_hours > 0:
+        if cfg.backup_interval_hours > 0 and not cfg.db_url:   # PostgreSQL: the server's backups (docs/deploy.md)
             from feedback_store import PeriodicBackup, default_backup_dir
 
             backups = PeriodicBackup(store, default_backup_dir(cfg.db_path), cfg.backup_interval_hours * 3600,

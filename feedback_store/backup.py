@@ -162,6 +162,9 @@ class Backups(StoreCore):
     def backup(self, path: str | Path) -> BackupInfo:
         """Copy every table into a new DuckDB file in one read transaction (one MVCC snapshot, so it is consistent
         and writers never wait), under a temporary name renamed into place once complete and synced."""
+        if not self._dialect.single_writer:
+            raise StoreError(f"the feedback store is on PostgreSQL ({self.path}): back it up with the server's own "
+                             "tools (pg_dump, base backups), see docs/deploy.md")
         path = Path(path).expanduser()
         if path.exists():
             raise InvalidInput(f"{path} already exists; a backup never overwrites a file")

@@ -15,7 +15,18 @@ from urllib.parse import urlsplit, urlunsplit
 import duckdb
 import pyarrow as pa
 
+from feedback_store.errors import StoreError
+
 PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _psycopg() -> Any:
+    """psycopg, or the one-line way to get it (it is an extra: the DuckDB store does not need it)."""
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("a postgresql:// store needs psycopg 3: pip install 'kto-loop[postgres]'") from None
+    return psycopg
 
 
 def is_postgres(location: str | Path) -> bool:
@@ -112,8 +123,7 @@ class PgConnection:
     transactions are the modules' own BEGIN/COMMIT statements; cursor() opens another connection (a reader)."""
 
     def __init__(self, url: str, read_only: bool = False):
-        import psycopg
-
+        psycopg = _psycopg()
         self.url, self.read_only = url, read_only
         extra = {"options": "-c default_transaction_read_only=on"} if read_only else {}
         self._c = psycopg.connect(url, autocommit=True, **extra)
@@ -170,9 +180,7 @@ class PgDialect(DuckDialect):
     unheld_run = f" AND pg_try_advisory_xact_lock({_SQL_RUN_KEY})"   # else another live process runs it
 
     def __init__(self) -> None:
-        import psycopg
-
-        self.errors = (psycopg.Error,)
+        self.errors = (_psycopg().Error,)
 
     def ddl(self, stmt: str) -> str:
         return _DOUBLE.sub("DOUBLE PRECISION", stmt)

@@ -43,6 +43,6 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 def _offline(cfg: Config, to: str | None) -> dict:
     from feedback_store import FeedbackStore
 
-    with FeedbackStore(cfg.db_path, deployment=cfg.deployment, read_only=True) as store:
+    with FeedbackStore(cfg.store_location, deployment=cfg.deployment, read_only=True) as store:
         info = store.backup(to) if to else store.backup_to_dir()
     return {"path": str(info.path), "bytes": info.bytes, "seconds": round(info.seconds, 3), "via": "file"}

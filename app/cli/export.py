@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from feedback_store import FeedbackStore, StoreError
 
     try:
-        with FeedbackStore(cfg.db_path, deployment=cfg.deployment, read_only=True) as store:
+        with FeedbackStore(cfg.store_location, deployment=cfg.deployment, read_only=True) as store:
             since = parse_since(args.since)
             if args.format == "kto":
                 info = store.export_kto(args.out, since=since, max_examples=args.limit)

@@ -38,7 +38,7 @@ def remote_call(action: str, name: str | None) -> tuple[str, str, dict | None]:
 def _offline(cfg: Config, action: str, name: str | None) -> dict[str, Any]:
     from feedback_store import FeedbackStore
 
-    with FeedbackStore(cfg.db_path, deployment=cfg.deployment) as store:
+    with FeedbackStore(cfg.store_location, deployment=cfg.deployment) as store:
         if action == "create":
             secret, row = store.create_api_key(name)
             return {"key": secret, **json.loads(json.dumps(row, default=str))}

@@ -26,6 +26,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"kto-loop restore: the app is running (pid {info.get('pid')}); stop it first, then restore",
               file=sys.stderr)
         return 2
+    if cfg.db_url:
+        print("kto-loop restore: the feedback store is on PostgreSQL (db_url): restore it with the server's own "
+              "tools (pg_restore), see docs/deploy.md", file=sys.stderr)
+        return 2
     try:
         aside = restore(args.file, cfg.db_path)
     except (StoreError, OSError) as e:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from feedback_store import FeedbackStore, StoreError
 
     try:
-        with FeedbackStore(cfg.db_path, deployment=cfg.deployment, read_only=True) as store:
+        with FeedbackStore(cfg.store_location, deployment=cfg.deployment, read_only=True) as store:
             out = collect(store, cfg.max_examples)
     except StoreError as e:
         print(f"kto-loop stats: {e}", file=sys.stderr)

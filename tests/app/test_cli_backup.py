@@ -121,3 +121,16 @@ def test_backup_goes_through_the_running_app_while_it_writes(tmp_path, capsys):
     with FeedbackStore(to, read_only=True) as b:
         users = {r[0] for r in b._read("SELECT user_id FROM ratings")}
     assert len(before) > 10 and set(before) <= users
+
+
+def test_restore_leaves_a_postgres_store_to_the_servers_tools(tmp_path, capsys):
+    """With db_url set the store is on PostgreSQL: restoring the DuckDB file beside it would restore nothing the app
+    reads, so it is refused and the file is left as it was."""
+    data = tmp_path / "data"
+    with FeedbackStore(data / "feedback.duckdb") as s:
+        _fill(s)
+        backup = s.backup(tmp_path / "b.duckdb").path
+    before = (data / "feedback.duckdb").read_bytes()
+    assert main(["restore", str(backup), "--data-dir", str(data), "--db-url", "postgresql://kto@/kto"]) == 2
+    assert "pg_restore" in capsys.readouterr().err
+    assert (data / "feedback.duckdb").read_bytes() == before

@@ -16,6 +16,7 @@ from app.loop.realign import Realigner
     ({"KTO_LOOP_ALIGN_TIMEOUT_S": "nan"}, "align_timeout_s"),
     ({"KTO_LOOP_ALIGN_MAX_MEMORY_GB": "inf"}, "align_max_memory_gb"),
     ({"KTO_LOOP_TRUSTED_PROXIES": "10.0.0.0/8,not-an-address"}, "trusted_proxies"),
+    ({"KTO_LOOP_DB_URL": "mysql://db/kto"}, "db_url"),
 ])
 def test_a_setting_that_can_only_fail_later_stops_the_start(env, says):
     with pytest.raises(SystemExit, match=says):
@@ -28,3 +29,11 @@ def test_the_aligner_is_told_the_servers_rank_limit(tmp_path: Path):
                   max_lora_rank=cfg.vllm_max_lora_rank)
     cmd = r.command(tmp_path / "s.parquet", tmp_path / "out", None)
     assert cmd[cmd.index("--lora-rank") + 1] == "32" and cmd[cmd.index("--max-lora-rank") + 1] == "64"
+
+
+def test_the_store_is_the_duckdb_file_unless_a_postgres_url_is_set():
+    cfg = config_from(environ={"KTO_LOOP_HOME": "/srv/kto"})
+    assert cfg.store_location == Path("/srv/kto/data/feedback.duckdb")
+    url = "postgresql://kto:s3cret@db.internal/kto"
+    cfg = config_from(environ={"KTO_LOOP_HOME": "/srv/kto", "KTO_LOOP_DB_URL": url})
+    assert cfg.store_location == url and cfg.public_dict()["db_url"] == "***"

@@ -12,7 +12,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from feedback_store import FeedbackStore, InvalidInput
+import pytest
+
+from feedback_store import FeedbackStore, InvalidInput, StoreError
 from feedback_store.dialect import PgConnection, lock_key, redact
 
 
@@ -186,6 +188,14 @@ def test_a_run_of_a_live_process_is_not_closed_by_another_starting_up(pg_url):
         third.finish_run(done, "succeeded")
     with FeedbackStore(pg_url) as fourth:
         assert fourth.get_run(done)["status"] == "succeeded"
+
+
+def test_backups_are_the_servers_business(pg_url, tmp_path):
+    """The online backup copies a DuckDB file; a PostgreSQL store says what to use instead, and writes nothing."""
+    with FeedbackStore(pg_url) as s:
+        with pytest.raises(StoreError, match="pg_dump"):
+            s.backup(tmp_path / "b.duckdb")
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_url_password_never_shows_in_messages():
