@@ -123,19 +123,44 @@ class PgConnection:
     transactions are the modules' own BEGIN/COMMIT statements; cursor() opens another connection (a reader)."""
 
     def __init__(self, url: str, read_only: bool = False):
-        psycopg = _psycopg()
+        self._pg = _psycopg()
         self.url, self.read_only = url, read_only
-        extra = {"options": "-c default_transaction_read_only=on"} if read_only else {}
-        self._c = psycopg.connect(url, autocommit=True, **extra)
+        self._in_tx = False
+        self.session_locks: set[int] = set()     # advisory locks this connection holds (open runs)
+        self._c = self._connect()
+
+    def _connect(self) -> Any:
+        extra = {"options": "-c default_transaction_read_only=on"} if self.read_only else {}
+        conn = self._pg.connect(self.url, autocommit=True, **extra)
+        for key in sorted(self.session_locks):    # a replaced connection takes its predecessor's locks again
+            conn.execute("SELECT pg_advisory_lock(%s)", [key])
+        return conn
 
     def execute(self, sql: str, params: list | tuple | None = None) -> _PgResult:
-        cur = self._c.cursor()
         for pattern, repl in _REWRITES:
             sql = pattern.sub(repl, sql)
+        args = None
         if params:
-            cur.execute(sql.replace("%", "%%").replace("?", "%s"), list(params))
-        else:
-            cur.execute(sql)
+            sql, args = sql.replace("%", "%%").replace("?", "%s"), list(params)
+        verb = sql.lstrip()[:8].upper()
+        if verb.startswith(("COMMIT", "ROLLBACK")):
+            self._in_tx = False
+        # the server restarted or dropped the connection: a BEGIN or a read outside a transaction has done nothing
+        # yet and is retried once on a new connection; within a transaction the error goes to the caller
+        retry = not self._in_tx and verb.startswith(("BEGIN", "SELECT"))
+        if retry and self._c.broken:
+            self._c = self._connect()
+        try:
+            cur = self._c.cursor()
+            cur.execute(sql, args)
+        except self._pg.OperationalError:
+            if not (retry and self._c.broken):
+                raise
+            self._c = self._connect()
+            cur = self._c.cursor()
+            cur.execute(sql, args)
+        if verb.startswith("BEGIN"):
+            self._in_tx = True
         return _PgResult(cur)
 
     def sql(self, sql: str, params: list | None = None) -> _PgRelation:
@@ -205,9 +230,11 @@ class PgDialect(DuckDialect):
         """A session lock while the run is open: the start-up cleanup of another process skips it, and it is
         released by finish_run or when this process's connection ends (a crash)."""
         conn.execute("SELECT pg_advisory_lock(?)", [lock_key("run", run_id)])
+        conn.session_locks.add(lock_key("run", run_id))
 
     def release_run(self, conn: Any, run_id: str) -> None:
         conn.execute("SELECT pg_advisory_unlock(?)", [lock_key("run", run_id)])
+        conn.session_locks.discard(lock_key("run", run_id))
 
 
 def dialect_for(location: str | Path) -> DuckDialect:

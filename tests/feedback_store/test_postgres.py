@@ -12,9 +12,11 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from feedback_store import FeedbackStore, InvalidInput, StoreError
+from feedback_store.core import rollback
 from feedback_store.dialect import PgConnection, lock_key, redact
 
 
@@ -196,6 +198,34 @@ def test_backups_are_the_servers_business(pg_url, tmp_path):
         with pytest.raises(StoreError, match="pg_dump"):
             s.backup(tmp_path / "b.duckdb")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_dropped_connection_is_replaced_and_an_open_transaction_is_never_half_redone(pg_url):
+    """The server drops every connection of the store (a restart, a failover): the next write and read work on new
+    connections, which hold the open runs' locks again; a transaction that was cut is refused, never continued
+    outside its transaction, and retrying the write applies it once."""
+    def drop_all() -> None:
+        admin = PgConnection(pg_url)
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid()")
+        admin.close()
+
+    with FeedbackStore(pg_url) as s:
+        a = _chat(s, 0)
+        run = s.start_run("schedule")
+        assert s.counts()["total"] == 0
+        drop_all()
+        assert s.rate("ann", a, "up").changed
+        with FeedbackStore(pg_url) as other:      # the new connection holds the open run again
+            assert other.get_run(run)["status"] == "running"
+        assert s.counts()["total"] == 1
+        s._conn.execute("BEGIN")                  # a rating batch's transaction: its locks, then its read
+        drop_all()
+        with pytest.raises(psycopg.OperationalError):   # never re-run on a new connection, outside its transaction
+            s._conn.execute("SELECT count(*) FROM ratings")
+        rollback(s._conn)
+        assert s.get_rating("ann", a)["value"] == "up"
+        assert s.rate("ann", a, "down").changed and s.get_rating("ann", a)["value"] == "down"
 
 
 def test_the_url_password_never_shows_in_messages():
