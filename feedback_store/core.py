@@ -234,7 +234,7 @@ class StoreCore:
         try:
             return self._cursor().execute(sql, params or []).fetchall()
         except self._errors as e:
-            raise (self._corrupt(e) if damaged(e) else e) from None
+            raise (self._corrupt(e) if damaged(e) and self._dialect.single_writer else e) from None
 
     def _read_dicts(self, sql: str, params: list | None = None) -> list[dict]:
         try:
@@ -242,7 +242,7 @@ class StoreCore:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         except self._errors as e:
-            raise (self._corrupt(e) if damaged(e) else e) from None
+            raise (self._corrupt(e) if damaged(e) and self._dialect.single_writer else e) from None
 
     @contextmanager
     def _tx(self, *locks: str) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -54,7 +54,11 @@ class PgServer:
         argv = [str(self.bin / cmd[0]), *cmd[1:]]
         if self.user is not None:
             argv = ["runuser", "-u", self.user, "--", *argv]
-        subprocess.run(argv, check=True, capture_output=True, cwd=self.root)
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=self.root)
+        if done.returncode:
+            log = self.root / "server.log"
+            raise RuntimeError(f"{' '.join(cmd[:1])} failed: {done.stderr.strip()}\n"
+                               + (log.read_text()[-2000:] if log.exists() else ""))
 
     def start(self) -> PgServer:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--locale=C", "--encoding=UTF8",
@@ -89,7 +93,6 @@ def pg_server():
     bin_dir = pg_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed (initdb/pg_ctl not found); `make test` installs it")
-    pytest.importorskip("psycopg", reason="psycopg is not installed; `make test` installs it")
     server = PgServer(bin_dir).start()
     yield server
     server.stop()
