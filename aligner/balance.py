@@ -57,6 +57,16 @@ def auto_lambdas(n_desirable: int, n_undesirable: int, target_ratio: float | Non
     return 1.0, n_desirable / (target_ratio * n_undesirable)
 
 
+def resolve(n_desirable: int, n_undesirable: int, lambda_d: float | None = None, lambda_u: float | None = None,
+            target_ratio: float | None = None, preference: str | None = None) -> tuple[float, float, str]:
+    """(λ_D, λ_U, "pinned" | "auto") from the aligner's settings: one pinned weight pins both (the other is 1).
+    The aligner and the app's "next run" numbers call this one rule."""
+    if lambda_d is not None or lambda_u is not None:
+        pinned = (lambda_d if lambda_d is not None else 1.0, lambda_u if lambda_u is not None else 1.0)
+        return (*auto_lambdas(n_desirable, n_undesirable, pinned=pinned), "pinned")
+    return (*auto_lambdas(n_desirable, n_undesirable, target_ratio=target_ratio, preference=preference), "auto")
+
+
 def describe(n_desirable: int, n_undesirable: int, lambda_d: float, lambda_u: float) -> str:
     """One line for logs and the dashboard: counts, weights and where they sit in the paper's range."""
     ratio = weighted_ratio(n_desirable, n_undesirable, lambda_d, lambda_u)

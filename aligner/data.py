@@ -128,7 +128,8 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldo
     rows = read_snapshot(path)
     if max_examples is not None:
         rows = rows[:max_examples]
-    train, heldout, dropped = [], [], []
+    kept: list[Example] = []
+    dropped: list[dict[str, Any]] = []
     for row in rows:
         prompt_ids, completion_ids = tokenize_pair(tokenizer, row["messages"], row["completion"])
         n_total = len(prompt_ids) + len(completion_ids)
@@ -137,14 +138,25 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldo
                             "reason": "completion longer than max_length allows", "n_tokens": n_total})
             continue
         cut = max(0, n_total - max_length)
-        ex = Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut,
-                     row.get("user_id"))
-        (heldout if is_heldout(row["answer_id"], heldout_fraction) else train).append(ex)
+        kept.append(Example(row["example_id"], row["answer_id"], prompt_ids[cut:], completion_ids, row["label"], cut,
+                            row.get("user_id")))
+    train, heldout, unheld, added = split(kept, heldout_fraction, heldout_min)
+    return Dataset(train, heldout, dropped, file_sha256(path), len(rows), unheld, added)
+
+
+def split(examples: list[Example], heldout_fraction: float, heldout_min: int = HELDOUT_MIN_PER_CLASS
+          ) -> tuple[list[Example], list[Example], list[str], list[str]]:
+    """(train, heldout, answer ids returned to training, answer ids added by the floor): the hash slice, the
+    per-kind floor, then both kinds kept in training. Needs only answer ids and labels, so the app can tell what
+    the next run would train on without tokenising (app/loop/next_run.py)."""
+    train, heldout = [], []
+    for ex in examples:
+        (heldout if is_heldout(ex.answer_id, heldout_fraction) else train).append(ex)
     added: list[str] = []
     if heldout_fraction > 0 and heldout_min > 0:
         train, heldout, added = hold_out_floor(train, heldout, heldout_min)
     train, heldout, unheld = _keep_both_kinds_in_training(train, heldout)
-    return Dataset(train, heldout, dropped, file_sha256(path), len(rows), unheld, added)
+    return train, heldout, unheld, added
 
 
 def hold_out_floor(train: list[Example], heldout: list[Example], minimum: int,

@@ -98,12 +98,7 @@ def _git_commit() -> str | None:
 
 
 def _resolve_lambdas(cfg: TrainConfig, n_d: int, n_u: int) -> tuple[float, float, str]:
-    if cfg.lambda_d is not None or cfg.lambda_u is not None:
-        pinned = (cfg.lambda_d if cfg.lambda_d is not None else 1.0, cfg.lambda_u if cfg.lambda_u is not None else 1.0)
-        lam_d, lam_u = balance.auto_lambdas(n_d, n_u, pinned=pinned)
-        return lam_d, lam_u, "pinned"
-    lam_d, lam_u = balance.auto_lambdas(n_d, n_u, target_ratio=cfg.target_ratio, preference=cfg.preference)
-    return lam_d, lam_u, "auto"
+    return balance.resolve(n_d, n_u, cfg.lambda_d, cfg.lambda_u, cfg.target_ratio, cfg.preference)
 
 
 def _logps_for(model: Any, keys: list[tuple[int, int]], prompts: list[Example], completions: list[Example],
@@ -665,6 +660,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             "final_loss": log[-1]["loss"] if log else None,
             "dropped_examples": data.dropped,
             "heldout_returned_to_training": data.unheld, "heldout_floor_added": data.floor_added,
+            "heldout_examples": [ex.example_id for ex in heldout],  # lineage: rated, but judged on, not trained on
             "truncated_examples": sum(ex.prompt_truncated > 0 for ex in train + heldout),
             "heldout": heldout_block, "log": log,
             "checkpoints": kept,  # earlier adapters under out/checkpoints, oldest first

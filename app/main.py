@@ -202,7 +202,8 @@ def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.
         runtime = Path(st.cfg.data_dir) / RUNTIME_FILE
         url = f"http://{cfg.host}:{port}"
         write_json_atomic(runtime, {"url": url, "pid": os.getpid(), "admin_user": cfg.admin_user,
-                                    "admin_password": password, "started_at": time.time()}, mode=0o600)
+                                    "admin_password": password, "started_at": time.time(),
+                                    "db_path": str(Path(st.cfg.db_path).resolve())}, mode=0o600)
         try:
             print(f"kto-loop: chat at {url}/  console at {url}/admin/  (user {cfg.admin_user!r}"
                   + ("" if cfg.admin_password else f", password {password!r}") + ")", flush=True)

@@ -47,8 +47,9 @@ class Runs(Conversations):
     def finish_run(self, run_id: str, status: str, *, n_desirable: int | None = None,
                    n_undesirable: int | None = None, lambda_d: float | None = None, lambda_u: float | None = None,
                    metrics: dict | None = None, error: str | None = None, adapter_version: str | None = None,
-                   dropped: Iterable[str] = ()) -> None:
-        """Close a run. `dropped`: example ids the aligner skipped, so lineage lists only trained ratings."""
+                   dropped: Iterable[str] = (), heldout: Iterable[str] = ()) -> None:
+        """Close a run. `dropped`: example ids the aligner skipped; `heldout`: those it judged the new adapter on;
+        lineage lists only the ratings it trained on."""
         if status not in RUN_STATUSES or status == "running":
             raise InvalidInput(f"status must be one of {RUN_STATUSES[1:]}, got {status!r}")
         self.get_run(run_id)
@@ -63,6 +64,10 @@ class Runs(Conversations):
             if dropped:
                 c.execute("UPDATE run_examples SET dropped = true WHERE run_id = ? AND list_contains(?, rating_id)",
                           [run_id, dropped])
+            heldout = list(heldout)
+            if heldout:
+                c.execute("UPDATE run_examples SET heldout = true WHERE run_id = ? AND list_contains(?, rating_id)",
+                          [run_id, heldout])
 
     @staticmethod
     def _decode_run(r: dict) -> dict:
@@ -85,9 +90,20 @@ class Runs(Conversations):
             "SELECT * FROM runs WHERE deployment = ? ORDER BY started_at DESC LIMIT ?", [self.deployment, limit])]
 
     def run_examples(self, run_id: str, include_dropped: bool = False) -> list[str]:
-        where = "" if include_dropped else "AND NOT dropped"
+        """The rating ids the run trained on; include_dropped: every rating of its snapshot (held out and dropped
+        ones too)."""
+        where = "" if include_dropped else "AND NOT dropped AND NOT coalesce(heldout, false)"
         return [r[0] for r in self._read(
             f"SELECT rating_id FROM run_examples WHERE run_id = ? {where} ORDER BY rating_id", [run_id])]
+
+    def run_example_roles(self, run_id: str) -> dict[str, list[str]]:
+        """The run's snapshot ratings by what the aligner did with them: trained, heldout (judged on), dropped."""
+        out: dict[str, list[str]] = {"trained": [], "heldout": [], "dropped": []}
+        for rating_id, dropped, heldout in self._read(
+                "SELECT rating_id, dropped, coalesce(heldout, false) FROM run_examples WHERE run_id = ? "
+                "ORDER BY rating_id", [run_id]):
+            out["dropped" if dropped else "heldout" if heldout else "trained"].append(rating_id)
+        return out
 
     # ---------------------------------------------------------------- adapters and lineage
     def register_adapter(self, version: str, path: str | Path, sha256: str | None = None,
@@ -161,8 +177,8 @@ class Runs(Conversations):
 
     def _current(self, c: duckdb.DuckDBPyConnection) -> str:
         row = c.execute("SELECT to_version FROM adapter_events WHERE deployment = ? AND event IN ('promoted', "
-                        "'rollback') ORDER BY event_at DESC LIMIT 1", [self.deployment]).fetchone()
-        return row[0] if row else BASE
+                        "'rollback') ORDER BY event_at DESC LIMIT 1", [self.deployment]).fetchall()
+        return row[0][0] if row else BASE  # fetchall: a pending result would block the cursor's next .sql()
 
     def current_adapter(self) -> str:
         """The version the last promotion or rollback put in service ("base" if none)."""
@@ -179,9 +195,14 @@ class Runs(Conversations):
     def lineage(self, answer_id: str, include_ancestors: bool = False) -> list[str]:
         """Rating ids that trained the adapter which produced this answer ([] for the base model). With
         include_ancestors, also those of the adapters it was resumed from (its parent chain)."""
-        version = self.get_answer(answer_id)["adapter"]
-        out: set[str] = set()
-        seen: set[str] = set()
+        return sorted({r for step in self.lineage_detail(answer_id, include_ancestors)["adapters"]
+                       for r in step["trained"]})
+
+    def lineage_detail(self, answer_id: str, include_ancestors: bool = False) -> dict:
+        """The answer's adapter and, per adapter of its chain (newest first), the run that made it and that run's
+        ratings split into trained, held out (judged on only) and dropped by the aligner."""
+        answer = self.get_answer(answer_id)
+        version, steps, seen = answer["adapter"], [], set()
         while version and version != BASE and version not in seen:
             seen.add(version)
             rows = self._read("SELECT run_id, parent FROM adapters WHERE deployment = ? AND version = ?",
@@ -189,9 +210,10 @@ class Runs(Conversations):
             if not rows:
                 break
             run_id, parent = rows[0]
-            if run_id is not None:
-                out.update(self.run_examples(run_id))
+            roles = self.run_example_roles(run_id) if run_id is not None else {"trained": [], "heldout": [],
+                                                                               "dropped": []}
+            steps.append({"version": version, "run_id": run_id, "parent": parent, **roles})
             if not include_ancestors:
                 break
             version = parent
-        return sorted(out)
+        return {"answer_id": answer_id, "adapter": answer["adapter"], "adapters": steps}

@@ -107,6 +107,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             key_sha256 VARCHAR NOT NULL UNIQUE, prefix VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
             revoked_at TIMESTAMP)""",
     )),
+    # the aligner holds some snapshot ratings out to judge the new adapter: lineage tells them from trained ones
+    Migration(7, "held-out examples of runs", (
+        "ALTER TABLE run_examples ADD COLUMN heldout BOOLEAN DEFAULT false",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -126,6 +126,15 @@ class Snapshots(Runs):
         n_d = pc.sum(pc.equal(table.column("value"), "up")).as_py() or 0
         return int(n_d), table.num_rows - int(n_d)
 
+    def snapshot_keys(self, since: datetime | str | None = None, max_examples: int | None = None, *,
+                      max_user_share: Share = ..., max_addr_share: Share = ...) -> pa.Table:
+        """example_id, answer_id, label of the rows export_snapshot with the same arguments would write, in its
+        order, without the answers' text: what the next run's held-out split needs (app/loop/next_run.py)."""
+        user, addr = self._shares(max_user_share, max_addr_share)
+        table = self._candidates("r.id AS example_id, r.answer_id, r.value = 'up' AS label, r.user_id, "
+                                 "r.client_addr", since, max_examples, None, False)
+        return self._cap(table, user, addr)[0].select(["example_id", "answer_id", "label"])
+
     def snapshot_table(self, since: datetime | str | None = None, max_examples: int | None = None,
                        until: datetime | None = None, *, max_user_share: Share = ...,
                        max_addr_share: Share = ...) -> pa.Table:
@@ -176,7 +185,8 @@ class Snapshots(Runs):
                 c.execute("DELETE FROM run_examples WHERE run_id = ?", [run_id])
                 c.register("_examples", table.select(["example_id", "label"]))
                 try:
-                    c.execute("INSERT INTO run_examples SELECT ?, example_id, label, false FROM _examples", [run_id])
+                    c.execute("INSERT INTO run_examples (run_id, rating_id, label) SELECT ?, example_id, label "
+                              "FROM _examples", [run_id])
                 finally:
                     c.unregister("_examples")
                 c.execute("UPDATE runs SET snapshot_at = ?, snapshot_sha256 = ?, n_desirable = ?, n_undesirable = ?, "

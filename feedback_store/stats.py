@@ -54,3 +54,17 @@ class Stats(Runs):
         up, down, wd = self._read(f"SELECT {self._COUNTS} FROM ratings WHERE deployment = ? AND updated_at > ?",
                                   [self.deployment, since or datetime.min])[0]
         return {"since": since, "up": up, "down": down, "withdrawn": wd, "total": up + down}
+
+    def down_reasons(self, adapter: str | None = None, limit: int = 200) -> list[dict]:
+        """Current thumbs-down that carry a reason or a comment, newest first, with the answer they judge (the
+        console's reading list: why users dislike a version). `adapter`: only answers of that served version."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidInput("limit must be an int in [1, 10000]")
+        where, params = "r.deployment = ? AND r.value = 'down' AND (r.reason IS NOT NULL OR r.comment IS NOT NULL)", \
+            [self.deployment]
+        if adapter is not None:
+            where += " AND r.adapter = ?"
+            params.append(adapter)
+        return self._read_dicts(f"""SELECT r.updated_at AS rated_at, r.adapter, r.user_id, r.reason, r.comment,
+            a.text AS answer, r.answer_id FROM ratings r JOIN answers a ON a.id = r.answer_id WHERE {where}
+            ORDER BY r.updated_at DESC, r.id LIMIT ?""", [*params, limit])

@@ -20,14 +20,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from app.cli._remote import AppNotRunning, RemoteError, call
+    from app.cli._remote import AppNotRunning, RemoteError, call, download
+    from app.web.admin_api import SUMMARY_HEADER
 
     cfg = cfg.resolved()
-    to = str(Path(args.to).expanduser().resolve()) if args.to else None
+    to = Path(args.to).expanduser().resolve() if args.to else None
+    if to is not None and to.exists():
+        print(f"kto-loop backup: {to} already exists; a backup never overwrites a file", file=sys.stderr)
+        return 1
     try:    # the app holds the file (DuckDB lets one process open it): it takes the copy
-        out = call(cfg, "POST", "/api/admin/backup", {"to": to}, timeout=3600)
+        if to is None:
+            out = call(cfg, "POST", "/api/admin/backup", {}, timeout=3600, store=True)
+        else:  # the app streams the copy back; it never writes where a request says
+            out = {"path": str(to), **download(cfg, "/api/admin/backup", {"download": True}, to, SUMMARY_HEADER)}
+            out["bytes"] = to.stat().st_size
         out["via"] = "app"
-    except RemoteError as e:
+    except (RemoteError, OSError) as e:
         print(f"kto-loop backup: {e}", file=sys.stderr)
         return 1
     except AppNotRunning:
@@ -40,9 +48,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _offline(cfg: Config, to: str | None) -> dict:
-    from feedback_store import FeedbackStore
+def _offline(cfg: Config, to: Path | None) -> dict:
+    from app.cli._remote import open_store
 
-    with FeedbackStore(cfg.store_location, deployment=cfg.deployment, read_only=True) as store:
+    with open_store(cfg) as store:
         info = store.backup(to) if to else store.backup_to_dir()
     return {"path": str(info.path), "bytes": info.bytes, "seconds": round(info.seconds, 3), "via": "file"}

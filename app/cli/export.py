@@ -1,4 +1,5 @@
-"""`kto-loop export --format kto --out FILE`: the final ratings as a training file, straight from the DuckDB file."""
+"""`kto-loop export --format kto --out FILE`: the final ratings as a training file, through the running app (which
+streams it back) or straight from the DuckDB file when the app is not running."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from app.config import Config
 
@@ -35,19 +37,39 @@ def parse_since(raw: str | None) -> datetime | str | None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from feedback_store import FeedbackStore, StoreError
+    from app.cli._remote import AppNotRunning, RemoteError, download
+    from app.web.admin_api import SUMMARY_HEADER
 
-    try:
-        with FeedbackStore(cfg.store_location, deployment=cfg.deployment, read_only=True) as store:
-            since = parse_since(args.since)
-            if args.format == "kto":
-                info = store.export_kto(args.out, since=since, max_examples=args.limit)
-            else:
-                info = store.export_snapshot(args.out, since=since, max_examples=args.limit)
-    except StoreError as e:
+    cfg = cfg.resolved()
+    out = Path(args.out).expanduser().resolve()
+    suffix = out.suffix.lower() if args.format == "kto" else ".parquet"
+    try:  # the app holds the file (DuckDB lets one process open it): it exports and streams the result here
+        summary = download(cfg, "/api/admin/export", {"format": args.format, "suffix": suffix,
+                                                      "since": args.since, "limit": args.limit},
+                           out, SUMMARY_HEADER, overwrite=True)  # replaces its output, as the offline one does
+    except (RemoteError, OSError) as e:
         print(f"kto-loop export: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"out": str(info.path), "format": args.format, "n_examples": info.n_examples,
-                      "n_desirable": info.n_desirable, "n_undesirable": info.n_undesirable,
-                      "sha256": info.sha256}))
+    except AppNotRunning:
+        try:
+            summary = _offline(cfg, args, out)
+        except Exception as e:  # StoreError and OSError: a message, not a traceback
+            print(f"kto-loop export: {e}", file=sys.stderr)
+            return 1
+    print(json.dumps({"out": str(out), "format": args.format, "n_examples": summary["n_examples"],
+                      "n_desirable": summary["n_desirable"], "n_undesirable": summary["n_undesirable"],
+                      "sha256": summary["sha256"]}))
     return 0
+
+
+def _offline(cfg: Config, args: argparse.Namespace, out: Path) -> dict:
+    from app.cli._remote import open_store
+
+    with open_store(cfg) as store:
+        since = parse_since(args.since)
+        if args.format == "kto":
+            info = store.export_kto(out, since=since, max_examples=args.limit)
+        else:
+            info = store.export_snapshot(out, since=since, max_examples=args.limit)
+    return {"n_examples": info.n_examples, "n_desirable": info.n_desirable, "n_undesirable": info.n_undesirable,
+            "sha256": info.sha256}

@@ -1,56 +1,69 @@
-"""`kto-loop stats [--json]`: rating counts and the λ pair the aligner would choose now, from the DuckDB file."""
+"""`kto-loop stats [--json]`: rating counts and what the next run would train on (its n_D/n_U after the held-out
+split, and its λ_D/λ_U), from the running app or, when it is not running, from the DuckDB file."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
 
 from app.config import Config
 
 NAME = "stats"
-HELP = "print rating counts (overall, per adapter, since the last run) and the λ_D/λ_U a run would use now"
+HELP = ("print rating counts (overall, per adapter, since the last run) and what the next run would train on: "
+        "n_D/n_U after its cap and held-out split, and the λ_D/λ_U it would use")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
-def lambdas(n_desirable: int, n_undesirable: int) -> dict[str, Any]:
-    """The aligner's own rule (aligner.balance.auto_lambdas), or why it would refuse to train."""
-    from aligner.balance import auto_lambdas
-
-    try:
-        lam_d, lam_u = auto_lambdas(n_desirable, n_undesirable)
-    except ValueError as e:
-        return {"lambda_d": None, "lambda_u": None, "note": str(e)}
-    return {"lambda_d": lam_d, "lambda_u": lam_u, "note": ""}
-
-
-def collect(store: Any, max_examples: int | None) -> dict[str, Any]:
-    n_d, n_u = store.training_counts(max_examples=max_examples)
+def collect(store: Any, nxt: dict[str, Any]) -> dict[str, Any]:
+    """The report, the same whether the app answers it (/api/admin/counts) or the file does."""
     return {
         "deployment": store.deployment,
         "counts": store.counts(),
         "since_last_run": store.ratings_since_last_run(),
         "by_adapter": store.counts_by_adapter(),
         "current_adapter": store.current_adapter(),
-        "next_run": {"max_examples": max_examples, "n_desirable": n_d, "n_undesirable": n_u, **lambdas(n_d, n_u)},
+        "next_run": nxt,
     }
 
 
-def run(args: argparse.Namespace, cfg: Config) -> int:
-    from feedback_store import FeedbackStore, StoreError
+def offline(cfg: Config) -> dict[str, Any]:
+    """The report straight from the file (the app is not running, so nothing else holds it)."""
+    from app.cli._remote import open_store
+    from app.loop.next_run import next_run
+    from app.main import default_settings
+    from app.operator_settings import SettingsStore
 
+    max_examples = SettingsStore(cfg.data_dir, default_settings(cfg)).load().max_examples
+    with open_store(cfg) as store:
+        nxt = next_run(store, mode=cfg.align_mode, max_examples=max_examples,
+                       extra_args=shlex.split(cfg.align_extra_args))
+        return json.loads(json.dumps(collect(store, nxt.as_dict()), default=str))
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    from app.cli._remote import AppNotRunning, RemoteError, call
+    from feedback_store import StoreError
+
+    cfg = cfg.resolved()
     try:
-        with FeedbackStore(cfg.store_location, deployment=cfg.deployment, read_only=True) as store:
-            out = collect(store, cfg.max_examples)
-    except StoreError as e:
+        out = call(cfg, "GET", "/api/admin/counts", store=True)
+    except RemoteError as e:
         print(f"kto-loop stats: {e}", file=sys.stderr)
         return 1
+    except AppNotRunning:
+        try:
+            out = offline(cfg)
+        except StoreError as e:
+            print(f"kto-loop stats: {e}", file=sys.stderr)
+            return 1
     if args.json:
-        print(json.dumps(out, default=str))
+        print(json.dumps(out))
         return 0
     c, nxt, new = out["counts"], out["next_run"], out["since_last_run"]
     print(f"deployment {out['deployment']}: {c['up']} up, {c['down']} down, {c['withdrawn']} withdrawn; "
@@ -59,9 +72,18 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     for a in out["by_adapter"]:
         approval = "-" if a["approval"] is None else f"{100 * a['approval']:.1f}%"
         print(f"  {a['adapter']}: {a['up']} up, {a['down']} down, approval {approval}")
-    if nxt["lambda_d"] is None:
-        print(f"next run: {nxt['note']}")
-    else:
-        print(f"next run: {nxt['n_desirable']} up / {nxt['n_undesirable']} down → "
-              f"λ_D={nxt['lambda_d']:.4g}, λ_U={nxt['lambda_u']:.4g}")
+    print(describe_next_run(nxt))
     return 0
+
+
+def describe_next_run(nxt: dict[str, Any]) -> str:
+    """One line: what the next run would train on, or why it would be refused."""
+    scope = (f"continues {nxt['served']} on the ratings since it" if nxt["resume"]
+             else "trains a new adapter on all ratings")
+    head = (f"next run ({nxt['mode']}): {scope}, newest {nxt['max_examples']} at most: "
+            f"{nxt['snapshot_desirable']} up / {nxt['snapshot_undesirable']} down, "
+            f"{nxt['heldout_desirable']} up / {nxt['heldout_undesirable']} down held out")
+    if nxt["lambda_d"] is None:
+        return f"{head}; {nxt['note']}"
+    return (f"{head}; trains on {nxt['n_desirable']} up / {nxt['n_undesirable']} down → "
+            f"λ_D={nxt['lambda_d']:.4g}, λ_U={nxt['lambda_u']:.4g}")

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow.parquet as pq
 
 from aligner.config import ANCHOR_MAX_TOKENS_LIMIT, TrainConfig
 from aligner.layers import parse_first_layer
 from app.config import Config
-from app.loop import gate, served
+from app.loop import gate, next_run, served
 from serving.lifeline import lifeline
 
 Progress = Callable[[dict[str, Any]], None]
@@ -119,6 +120,7 @@ class RunStatus:
     started_at: float | None = None
     finished_at: float | None = None
     last: dict[str, Any] = field(default_factory=dict)
+    planned: dict[str, Any] | None = None  # the snapshot's train/held-out counts and λ (app/loop/next_run.py)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -231,12 +233,20 @@ class Realigner:
             except Exception:
                 pass  # a broken progress callback must not break the run
 
+    def next_run(self, max_examples: int | None = None) -> next_run.NextRun:
+        """What a run started now would train on and with which λ (the console's and `kto-loop stats`' numbers)."""
+        return next_run.next_run(self.store, mode=self.mode, max_examples=max_examples or self.max_examples,
+                                 extra_args=self.extra_args, adapter_dir_of=self._adapter_dir_of)
+
     def _run(self, trigger: str, progress: Progress | None, max_examples: int, since: Any) -> RunOutcome:
-        current = self.store.current_adapter()  # the store's record, which the registry follows (served.py)
+        # the store's record of what serves, which the registry follows (served.py); the same choice the console's
+        # "next run" numbers show (app/loop/next_run.py)
+        sel = next_run.selection(self.store, self.mode, max_examples, self._adapter_dir_of)
+        current = sel.served
         served_dir = self._adapter_dir_of(current)
-        resume_dir = served_dir if self.mode == "continue" else None
-        if resume_dir is not None and since is None:
-            since = current  # only the ratings the served version has not been trained on
+        resume_dir = served_dir if sel.resume else None
+        if since is None:
+            since = sel.since  # continue: only the ratings the served version has not been trained on
         params = {"max_examples": max_examples, "lora_rank": self.lora_rank, "beta": self.beta,
                   "min_gain": self.min_gain, "served": current, "model_dir": str(self.model_dir),
                   "mode": self.mode, "resume_from": current if resume_dir is not None else None,
@@ -255,8 +265,12 @@ class Realigner:
             self._emit(progress, event="phase", phase="snapshot")
             snap = self.store.export_snapshot(run_dir / "snapshot.parquet", since=since, max_examples=max_examples,
                                               run_id=run_id)
+            keys = pq.read_table(snap.path, columns=["example_id", "answer_id", "label"])
+            planned = next_run.split_counts(zip(*(keys.column(c).to_pylist() for c in keys.column_names),
+                                                strict=True), next_run.aligner_settings(self.extra_args))
+            self.status.planned = planned
             self._emit(progress, event="snapshot", phase="snapshot", n_desirable=snap.n_desirable,
-                       n_undesirable=snap.n_undesirable)
+                       n_undesirable=snap.n_undesirable, planned=planned)
             if snap.n_desirable == 0 or snap.n_undesirable == 0:
                 raise RunFailed(f"need at least one thumbs-up and one thumbs-down to train "
                                 f"(have {snap.n_desirable} up, {snap.n_undesirable} down)")
@@ -469,9 +483,10 @@ class Realigner:
                          "checkpoint_eval_seconds": m.get("checkpoint_eval_seconds"),
                          "capability_guard": m.get("capability_guard"), "rater_check": m.get("rater_check"),
                          "candidates": m.get("candidates"),
-                         "promoted_checkpoint": m.get("promoted_checkpoint"),
+                         "promoted_checkpoint": m.get("promoted_checkpoint"), "planned": self.status.planned,
                          "promoted": promoted, "reason": reason, "version": version},
-                error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")))
+                error=error, adapter_version=version, dropped=_dropped_ids(m.get("dropped_examples")),
+                heldout=[e for e in m.get("heldout_examples") or [] if isinstance(e, str)])
         except Exception as e:  # recording must never mask the run's own outcome
             print(f"kto-loop: could not record run {run_id}: {e}", file=sys.stderr)
 

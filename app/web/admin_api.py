@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -38,6 +42,9 @@ API_PREFIX = "/api/admin"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SCHEDULE_FIELDS = frozenset({"interval_minutes", "cron", "min_new_ratings", "max_examples", "enabled"})
 _DEFAULT_PORT = {"http": 80, "https": 443}
+SUMMARY_HEADER = "X-KTO-Loop-Summary"  # a streamed export's or backup's summary (JSON)
+TRANSFER_DIR = "transfers"  # under DATA_DIR: exports and backups on their way to the CLI, deleted once sent
+TRANSFER_MAX_AGE_S = 24 * 3600  # a transfer file older than this was abandoned
 
 
 def admin_headers() -> dict[str, str]:
@@ -168,16 +175,105 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
 
     @router.post("/backup")
     def backup(body: Annotated[dict | None, Body()] = None):
-        """An online backup of the feedback database (`kto-loop backup`): the app holds the file, so it copies."""
+        """An online backup of the feedback database (`kto-loop backup`): the app holds the file, so it copies.
+        Into the backup folder beside the automatic ones, or ({"download": true}) streamed back to the client,
+        which writes it where it wants: the app never writes to a path a request names."""
         from feedback_store import InvalidInput, StoreError
 
-        to = (body or {}).get("to")
-        if to is not None and not isinstance(to, str):
-            raise HTTPException(400, f"to must be a file path, got {to!r}")
+        body = body or {}
+        unknown = set(body) - {"download"}
+        if unknown:
+            raise HTTPException(400, f"unknown backup fields: {sorted(unknown)}; the app writes backups only to its "
+                                     f"backup folder or streams them back ({{\"download\": true}})")
         try:
-            info = st.store.backup(to) if to else st.store.backup_to_dir()
+            if body.get("download") is True:
+                tmp = _transfer_path(st, ".duckdb")
+                info = st.store.backup(tmp)
+                summary = {"bytes": info.bytes, "seconds": round(info.seconds, 3)}
+                return _stream(tmp, summary, "application/octet-stream")
+            info = st.store.backup_to_dir()
         except StoreError as e:
             raise HTTPException(400 if isinstance(e, InvalidInput) else 500, str(e)) from None
         return {"path": str(info.path), "bytes": info.bytes, "seconds": round(info.seconds, 3)}
 
+    @router.post("/export")
+    def export(body: Annotated[dict | None, Body()] = None):
+        """`kto-loop export`: the final ratings as a training file, written in the data directory's transfer
+        folder and streamed back (then deleted); the summary travels in the SUMMARY_HEADER header."""
+        from app.cli.export import parse_since
+        from feedback_store import InvalidInput, StoreError, UnknownAdapter
+
+        body = body or {}
+        fmt, suffix = body.get("format", "kto"), body.get("suffix", ".jsonl")
+        since, limit = body.get("since"), body.get("limit")
+        allowed = {"kto": (".jsonl", ".parquet"), "snapshot": (".parquet",)}
+        if fmt not in allowed:
+            raise HTTPException(400, f"format must be one of {sorted(allowed)}, got {fmt!r}")
+        if suffix not in allowed[fmt]:
+            raise HTTPException(400, f"the {fmt} format writes {' or '.join(allowed[fmt])} files, not {suffix!r}")
+        if since is not None and not isinstance(since, str):
+            raise HTTPException(400, f"since must be a string, got {since!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise HTTPException(400, f"limit must be a non-negative integer, got {limit!r}")
+        tmp = _transfer_path(st, suffix)
+        try:
+            write = st.store.export_kto if fmt == "kto" else st.store.export_snapshot
+            info = write(tmp, since=parse_since(since), max_examples=limit)
+        except UnknownAdapter as e:
+            tmp.unlink(missing_ok=True)
+            raise HTTPException(404, str(e)) from None
+        except StoreError as e:
+            tmp.unlink(missing_ok=True)
+            raise HTTPException(400 if isinstance(e, InvalidInput) else 500, str(e)) from None
+        summary = {"format": fmt, "n_examples": info.n_examples, "n_desirable": info.n_desirable,
+                   "n_undesirable": info.n_undesirable, "sha256": info.sha256}
+        return _stream(tmp, summary, "application/octet-stream")
+
+    @router.get("/counts")
+    def counts():
+        """`kto-loop stats`: rating counts and what the next run would train on (app/loop/next_run.py)."""
+        from app.cli.stats import collect
+
+        nxt = st.realigner.next_run(st.settings.load().max_examples)
+        return _jsonable(collect(st.store, nxt.as_dict()))
+
+    @router.get("/runs")
+    def runs(limit: int = 20):
+        """`kto-loop runs`: the newest runs, as the store records them."""
+        if not 1 <= limit <= 1000:
+            raise HTTPException(400, f"limit must be in [1, 1000], got {limit}")
+        return _jsonable(st.store.runs(limit))
+
+    @router.get("/lineage/{answer_id}")
+    def lineage(answer_id: str, ancestors: bool = False):
+        """`kto-loop lineage`: which ratings trained, were held out by or were dropped by the runs behind an answer."""
+        from feedback_store import StoreError, UnknownAnswer, WrongDeployment
+
+        try:
+            return _jsonable(st.store.lineage_detail(answer_id, include_ancestors=ancestors))
+        except (UnknownAnswer, WrongDeployment) as e:
+            raise HTTPException(404, str(e)) from None
+        except StoreError as e:
+            raise HTTPException(400, str(e)) from None
+
     return router
+
+
+def _transfer_path(st: Any, suffix: str) -> Path:
+    """A new file in DATA_DIR/transfers for a backup or export on its way to the client (deleted once sent)."""
+    d = Path(st.cfg.data_dir) / TRANSFER_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    stale = time.time() - TRANSFER_MAX_AGE_S
+    for old in d.iterdir():  # left behind by a client that went away mid-transfer
+        try:
+            if old.is_file() and old.stat().st_mtime < stale:
+                old.unlink()
+        except OSError:
+            pass
+    return d / f"{uuid.uuid4().hex}{suffix}"
+
+
+def _stream(path: Path, summary: dict[str, Any], media_type: str) -> FileResponse:
+    """Send a transfer file with its summary in a header, and delete it once sent (or the send failed)."""
+    return FileResponse(path, media_type=media_type, headers={SUMMARY_HEADER: json.dumps(summary)},
+                        background=BackgroundTask(lambda: path.unlink(missing_ok=True)))

@@ -15,7 +15,6 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from aligner.balance import auto_lambdas
 from app.loop.realign import NotCancellable, Realigner, RunInProgress
 from app.loop.scheduler import RealignScheduler, new_ratings
 from app.operator_settings import SettingsStore
@@ -75,17 +74,13 @@ class Operator:
         c = self.store.counts()
         up, down = int(_get(c, "up")), int(_get(c, "down"))
         withdrawn = int(_get(c, "withdrawn"))
-        try:
-            lam_d, lam_u = auto_lambdas(up, down)
-            lam_note = ""
-        except ValueError as e:
-            lam_d = lam_u = None
-            lam_note = str(e)
         s = self.settings.load()
+        nxt = self.realigner.next_run(s.max_examples).as_dict()  # what a run now would train on (next_run.py)
         return {"up": up, "down": down, "withdrawn": withdrawn,
                 "like_rate": up / (up + down) if up + down else None,
-                "n_desirable": up, "n_undesirable": down, "lambda_d": lam_d, "lambda_u": lam_u,
-                "lambda_note": lam_note, "new_since_last_run": new_ratings(self.store),
+                "n_desirable": nxt["n_desirable"], "n_undesirable": nxt["n_undesirable"],
+                "lambda_d": nxt["lambda_d"], "lambda_u": nxt["lambda_u"], "lambda_note": nxt["note"],
+                "next": nxt, "new_since_last_run": new_ratings(self.store),
                 "served": self.registry.current(), "run": self.realigner.status.as_dict(),
                 "schedule": dataclasses.asdict(s), "next_run": self.scheduler.next_run_time(),
                 "last_tick": self.scheduler.last_tick}
@@ -141,6 +136,14 @@ class Operator:
                 "right side", "promoted", "version", "why / error"]
         return pd.DataFrame(rows, columns=cols)
 
+    def down_reasons(self, adapter: str | None = None) -> pd.DataFrame:
+        """Thumbs-down with their reason or comment (newest first), for one adapter version or all ("" / None)."""
+        out = [{"rated": _json_safe(r["rated_at"]), "adapter": r["adapter"], "user": r["user_id"],
+                "reason": r["reason"] or "", "comment": r["comment"] or "", "answer": (r["answer"] or "")[:300],
+                "answer id": r["answer_id"]}
+               for r in self.store.down_reasons(adapter or None)]
+        return pd.DataFrame(out, columns=["rated", "adapter", "user", "reason", "comment", "answer", "answer id"])
+
     def adapters(self) -> pd.DataFrame:
         """Registered versions (the store) with what serves now (the registry)."""
         current = self.registry.current()
@@ -183,6 +186,14 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _next_scope(n: dict[str, Any]) -> str:
+    """Where the next run's numbers come from: its snapshot and what the aligner holds out of it."""
+    scope = f"continuing `{n['served']}` on the ratings since it" if n["resume"] else "a new adapter on all ratings"
+    return (f"{scope}, newest {n['max_examples']} at most: {n['snapshot_desirable']} 👍 / "
+            f"{n['snapshot_undesirable']} 👎, of which {n['heldout_desirable']} 👍 / {n['heldout_undesirable']} 👎 "
+            f"held out to judge it")
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     rate = "—" if s["like_rate"] is None else f"{100 * s['like_rate']:.1f}%"
     lam = (f"λ_D = **{_fmt(s['lambda_d'], '.3f')}**, λ_U = **{_fmt(s['lambda_u'], '.3f')}**"
@@ -204,7 +215,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"|---|---|---|---|---|---|\n"
         f"| **{s['up']}** | **{s['down']}** | {s['withdrawn']} | {rate} | **{s['new_since_last_run']}** | "
         f"`{s['served']}` |\n\n"
-        f"Next run would use n_D = **{s['n_desirable']}**, n_U = **{s['n_undesirable']}**, {lam}.  \n"
+        f"Next run would train on n_D = **{s['n_desirable']}**, n_U = **{s['n_undesirable']}**, {lam} "
+        f"({_next_scope(s['next'])}).  \n"
         f"Realignment: {status}.  \nNext scheduled check: {nxt}."
     )
 
@@ -272,6 +284,11 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
             with gr.Row():
                 adapter_table = gr.Dataframe(label="Per adapter version", interactive=False)
                 user_table = gr.Dataframe(label="Per user", interactive=False, max_height=260)
+        with gr.Tab("👎 reasons"):
+            reasons_adapter = gr.Dropdown(label="Adapter version (empty = all)", choices=[""], value="",
+                                          allow_custom_value=True, elem_id="kto-reasons-adapter")
+            reasons_table = gr.Dataframe(label="Thumbs-down with a reason or comment (newest first)",
+                                         interactive=False, wrap=True, elem_id="kto-reasons")
         with gr.Tab("Runs"):
             runs_table = gr.Dataframe(label="Realignment runs (newest first)", interactive=False,
                                       elem_id="kto-runs", wrap=True)
@@ -301,6 +318,15 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
 
         full = [summary, over_time, per_adapter, adapter_table, user_table, runs_table, versions_table, rb_version]
         demo.load(refresh_with_adapter_table, None, full)
+
+        def reasons(adapter):
+            versions = [""] + [str(r.get("adapter")) for r in records(op.store.counts_by_adapter())]
+            return op.down_reasons(adapter or None), gr.update(choices=versions)
+
+        demo.load(reasons, [reasons_adapter], [reasons_table, reasons_adapter])
+        reasons_adapter.change(reasons, [reasons_adapter], [reasons_table, reasons_adapter])
+        gr.Timer(refresh_s * 5).tick(reasons, [reasons_adapter], [reasons_table, reasons_adapter],
+                                     concurrency_limit=None, show_progress="hidden")
         gr.Timer(refresh_s).tick(refresh_with_adapter_table, None, full, concurrency_limit=None,
                                  show_progress="hidden")
         realign_btn.click(realign, None, realign_msg).then(refresh_with_adapter_table, None, full)
