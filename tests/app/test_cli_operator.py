@@ -363,3 +363,26 @@ def test_console_lists_down_reasons_filtered_by_adapter(tmp_path):
     assert set(v1["reason"]) == {"wrong", ""} and "too long (kto-v1)" in set(v1["comment"])
     assert op.down_reasons("kto-v9").empty
     store.close()
+
+
+def test_schedule_and_cancel_through_the_app_and_with_it_stopped(tmp_path, capsys):
+    """`schedule` changes the running app's schedule now, or the settings file the app reads at its next start;
+    `cancel` with no app has no run to cancel."""
+    data = tmp_path / "data"
+    running = RunningApp(data, tmp_path / "model", []).start()
+    try:
+        rc, out, err = _cli(capsys, "schedule", "--every", "45", "--examples-per-run", "30", "--data-dir", str(data))
+        assert rc == 0, err
+        assert json.loads(out)["next_run"] and running.stack.settings.load().max_examples == 30
+        rc, out, err = _cli(capsys, "cancel", "--data-dir", str(data))
+        assert rc == 2 and "no realignment run to cancel" in err
+    finally:
+        running.stop()
+    rc, out, err = _cli(capsys, "schedule", "--off", "--data-dir", str(data))
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["enabled"] is False and got["interval_minutes"] == 45 and "next start" in got["note"]
+    rc, out, err = _cli(capsys, "cancel", "--data-dir", str(data))
+    assert rc == 2 and "nothing to cancel" in err
+    rc, out, err = _cli(capsys, "stats", "--json", "--data-dir", str(data))
+    assert rc == 0 and json.loads(out)["next_run"]["max_examples"] == 30  # the persisted examples per run
