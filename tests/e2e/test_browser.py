@@ -185,7 +185,10 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     console = admin.new_page()
     console.goto(url + "admin/")
     summary = console.locator("#kto-summary")
-    expect(summary).to_contain_text(f"n_D = {seed_up + 1}, n_U = {seed_down + 2}", timeout=20_000)
+    nxt = _stats(url)["next"]  # what the next run trains on: its snapshot less what the aligner holds out
+    assert nxt["n_desirable"] + nxt["heldout_desirable"] == nxt["snapshot_desirable"] <= seed_up + 1, nxt
+    assert nxt["n_undesirable"] + nxt["heldout_undesirable"] == nxt["snapshot_undesirable"] <= seed_down + 2, nxt
+    expect(summary).to_contain_text(f"n_D = {nxt['n_desirable']}, n_U = {nxt['n_undesirable']}", timeout=20_000)
     console.click("#kto-realign")
     expect(console.locator("#kto-realign-msg")).to_contain_text("started", timeout=20_000)
     console.click("#kto-realign")  # a second trigger during the run is refused
