@@ -47,6 +47,10 @@ class Config:
     db_url: str = _opt("", "postgresql://user:password@host:port/db: keep the feedback store on PostgreSQL instead of "
                            "the DuckDB file, so several app processes can write it at once (empty = the DuckDB file; "
                            "docs/deploy.md)", secret=True)
+    replica_sync_s: float = _opt(5.0, "with db_url: every N seconds each app process keeps or takes the store's "
+                                      "leader lease (only its holder runs scheduled and operator realignment) and "
+                                      "serves the adapter version the store names, so a promotion or rollback made "
+                                      "by another app process reaches it within N s (docs/deploy.md)")
     adapter_dir: Path | None = _opt(None, "where adapter versions are kept (default: DATA_DIR/adapters)")
     deployment: str = _opt("default", "deployment name recorded with every answer and rating")
 
@@ -263,6 +267,8 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
                          f"got {cfg.align_timeout_s}")
     if not math.isfinite(cfg.align_max_memory_gb):
         raise SystemExit(f"kto-loop: align_max_memory_gb must be a finite number, got {cfg.align_max_memory_gb}")
+    if not (math.isfinite(cfg.replica_sync_s) and cfg.replica_sync_s > 0):
+        raise SystemExit(f"kto-loop: replica_sync_s must be a number of seconds > 0, got {cfg.replica_sync_s}")
     if cfg.db_url and not cfg.db_url.startswith(("postgresql://", "postgres://")):
         raise SystemExit("kto-loop: db_url must be a postgresql:// URL (or empty for the DuckDB file)")
     for proxy in filter(None, (p.strip() for p in cfg.trusted_proxies.split(","))):

@@ -92,8 +92,9 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
         from app.loop.served import reconcile
 
-        reconcile(store, registry)  # vLLM serves what the store says; a fallback is recorded there too
-        server.add_restart_hook(lambda: reconcile(store, registry))
+        shared = bool(cfg.db_url)  # other app processes may use the store (served.py's docstring)
+        reconcile(store, registry, shared=shared)  # vLLM serves what the store says; a fallback is recorded too
+        server.add_restart_hook(lambda: reconcile(store, registry, shared=shared))
         settings = SettingsStore(cfg.data_dir, default_settings(cfg))
         guard = None
         if cfg.promote_max_capability_drop >= 0:
@@ -148,7 +149,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     from app.web.console import Operator, build_console
 
     cfg = st.cfg
-    scheduler = RealignScheduler(st.realigner, st.store, st.settings)
+    scheduler = RealignScheduler(st.realigner, st.store, st.settings, **replica_loop(st))
     op = Operator(st.store, st.registry, st.realigner, scheduler, st.settings)
     service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
                           sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,
@@ -168,7 +169,8 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
-        return {"ok": True, "server_ok": service.server_ok(), "served": st.registry.current()}
+        return {"ok": True, "server_ok": service.server_ok(), "served": st.registry.current(),
+                "loop_leader": scheduler.leader}
 
     app.include_router(admin_router(st, op, scheduler))
     from app.web.metrics import metrics_router
@@ -183,6 +185,18 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     app = gr.mount_gradio_app(app, console, path="/admin", css=CSS, footer_links=[])
     app = gr.mount_gradio_app(app, chat, path="/", css=CSS, footer_links=[], max_file_size=MAX_PUBLIC_BODY)
     return app, scheduler
+
+
+def replica_loop(st: Stack) -> dict[str, Any]:
+    """The scheduler's replica wiring on a PostgreSQL store: the leader lease and following the store's served
+    version (app/loop/scheduler.py); nothing on the DuckDB file, which one process owns."""
+    if not st.cfg.db_url:
+        return {}
+    from app.loop.served import follow
+    from feedback_store.lease import LeaderLease
+
+    return {"lease": LeaderLease(st.store), "follow": lambda: follow(st.store, st.registry),
+            "sync_s": st.cfg.replica_sync_s}
 
 
 def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:

@@ -195,12 +195,14 @@ class StoreCore:
             self._conn.close()
             raise
 
-    def _close_cut_off_runs(self) -> None:
+    def _close_cut_off_runs(self, conn: Any = None, why: str = "the app stopped during the run") -> int:
         """A run still 'running' at start-up was cut off by a crash or restart (on PostgreSQL: unless another live
-        process holds it)."""
-        self._conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error = "
-                           "'interrupted: the app stopped during the run' WHERE status = 'running' "
-                           f"AND deployment = ?{self._dialect.unheld_run}", [self._now(), self.deployment])
+        process holds it); how many were closed. `conn`: another connection than the store's own, which holds the
+        locks of this process's open runs (so they would pass as nobody's); the leader lease passes its own."""
+        return int((conn or self._conn).execute(
+            "UPDATE runs SET status = 'failed', finished_at = ?, error = ? WHERE status = 'running' "
+            f"AND deployment = ?{self._dialect.unheld_run}",
+            [self._now(), f"interrupted: {why}", self.deployment]).fetchone()[0])
 
     def _corrupt(self, e: duckdb.Error) -> CorruptStore:
         from feedback_store.backup import corrupt_message, default_backup_dir

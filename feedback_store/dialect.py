@@ -120,18 +120,24 @@ _REWRITES = ((re.compile(r"list_contains\(\?, (\w+)\)"), r"\1 = ANY(?)"),)
 
 class PgConnection:
     """One autocommit psycopg connection with DuckDB's calling convention: execute(sql with `?`, params);
-    transactions are the modules' own BEGIN/COMMIT statements; cursor() opens another connection (a reader)."""
+    transactions are the modules' own BEGIN/COMMIT statements; cursor() opens another connection (a reader).
 
-    def __init__(self, url: str, read_only: bool = False):
+    `reconnect=False`: a dropped connection raises instead of being replaced, for a connection whose session
+    state is the point (the leader lease, lease.py: a silent new session would hold no lock). `connect_args`:
+    extra libpq parameters (keepalives, application_name)."""
+
+    def __init__(self, url: str, read_only: bool = False, *, reconnect: bool = True,
+                 connect_args: dict[str, Any] | None = None):
         self._pg = _psycopg()
         self.url, self.read_only = url, read_only
+        self.reconnect, self.connect_args = reconnect, dict(connect_args or {})
         self._in_tx = False
         self.session_locks: set[int] = set()     # advisory locks this connection holds (open runs)
         self._c = self._connect()
 
     def _connect(self) -> Any:
         extra = {"options": "-c default_transaction_read_only=on"} if self.read_only else {}
-        conn = self._pg.connect(self.url, autocommit=True, **extra)
+        conn = self._pg.connect(self.url, autocommit=True, **extra, **self.connect_args)
         for key in sorted(self.session_locks):    # a replaced connection takes its predecessor's locks again
             conn.execute("SELECT pg_advisory_lock(%s)", [key])
         return conn
@@ -147,7 +153,7 @@ class PgConnection:
             self._in_tx = False
         # the server restarted or dropped the connection: a BEGIN or a read outside a transaction has done nothing
         # yet and is retried once on a new connection; within a transaction the error goes to the caller
-        retry = not self._in_tx and verb.startswith(("BEGIN", "SELECT"))
+        retry = self.reconnect and not self._in_tx and verb.startswith(("BEGIN", "SELECT"))
         if retry and self._c.broken:
             self._c = self._connect()
         try:

@@ -382,6 +382,44 @@ class AdapterRegistry:
             self._switch(target, "rollback")
             return target
 
+    def adopt(self, name: str, adapter_dir: Path | str, sha256: str | None = None) -> str:
+        """Register a version another app process promoted (they share the feedback store, which records its path
+        and sha256), under that process's name: validated, its weights checked against `sha256`, copied in like a
+        promoted one. Loading and warming happen when it is served (`rollback(name)`). InvalidAdapter if the
+        files are unusable or differ, or if this registry gave the same name to another adapter that vLLM still
+        holds (vLLM cannot load a second adapter under a name)."""
+        info = self.validate(adapter_dir)
+        if sha256 and info.sha256 != sha256:
+            raise InvalidAdapter(f"the weights of {name} in {adapter_dir} are not the ones recorded for it "
+                                 f"(sha256 {info.sha256[:12]}…, recorded {sha256[:12]}…)")
+        with self._lock:
+            have = self._state["versions"].get(name)
+            if have is not None and have.get("sha256") == info.sha256:
+                return name
+            if have is not None:  # our own candidate that never served (refused, say), named the same elsewhere
+                if name in (self._state["current"], self._state["previous"]) or name in self.loaded():
+                    raise InvalidAdapter(f"{name} is another adapter here ({have.get('status')}, loaded in this "
+                                         f"process's vLLM): restart this app process to serve the recorded {name}")
+            m = re.fullmatch(re.escape(self.name_prefix) + r"(\d+)", name)
+            number = int(m.group(1)) if m else 0
+            path = str(self._copy_in(Path(info.path), name)) if self.store_dir is not None else info.path
+            self._state["versions"][name] = {"number": number, "path": path, "sha256": info.sha256,
+                                             "rank": info.rank, "source": info.path, "status": "adopted",
+                                             "created_at": time.time()}
+            self._state["next_number"] = max(self._state["next_number"], number + 1)
+            self._event("adopted", version=name, source=info.path)
+            self._save()
+            return name
+
+    def reserve(self, names: Any) -> None:
+        """Never give out these names (versions another process, or a lost state file, already used)."""
+        pattern = re.compile(re.escape(self.name_prefix) + r"(\d+)")
+        top = max((int(m.group(1)) for n in names if (m := pattern.fullmatch(str(n)))), default=0)
+        with self._lock:
+            if top >= self._state["next_number"]:
+                self._state["next_number"] = top + 1
+                self._save()
+
     def reload_after_restart(self) -> list[str]:
         """Load current and previous into a (fresh) server. If current cannot be loaded, fall back to previous,
         then to base, so chat keeps working; the failure is recorded. Returns the names loaded."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures_serving"] if (Path(__file__).parent / "fixtures_serving.py").exists() else []
+pytest_plugins = ["tests.fixtures_pg"] + (
+    ["tests.fixtures_serving"] if (Path(__file__).parent / "fixtures_serving.py").exists() else [])
 
 TINY_CONFIG = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

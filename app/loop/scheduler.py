@@ -10,6 +10,13 @@ A scheduled tick only starts a run when enough new ratings arrived since the las
 last runs did not fail: after N failed runs in a row the schedule waits BACKOFF_BASE_S·2^(N-1) (capped at
 BACKOFF_CAP_S) from the last failure before trying again, instead of failing again on every tick. Runs happen on
 a worker thread, so a tick never blocks the scheduler; an operator can always start a run by hand.
+
+Several app processes on one PostgreSQL store (docs/deploy.md, "Several app replicas"): only the holder of the
+store's leader lease (feedback_store/lease.py) schedules and starts runs. Every `sync_s` seconds each process
+keeps or takes the lease (starting or stopping its schedule) and serves what the store says is served
+(app/loop/served.py, `follow`). An operator's "align now" on another process is refused with NotLeader, naming
+the leader, rather than forwarded: a replica knows no other replica's address or console credentials, and a
+refusal cannot start a run twice. Without a lease (the DuckDB file: one process) all of this is off.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 from app.loop.realign import Realigner, RunInProgress
 from app.operator_settings import OperatorSettings, SettingsStore, validate_schedule, write_json_atomic
 
-__all__ = ["RealignScheduler", "backoff_until", "failure_streak", "first_run_time", "validate_schedule"]
+__all__ = ["NotLeader", "RealignScheduler", "backoff_until", "failure_streak", "first_run_time", "validate_schedule"]
 
 log = logging.getLogger(__name__)
 
 JOB_ID = "realign"
+SYNC_JOB_ID = "replica-sync"
 STATE_FILE = "schedule_state.json"
 BACKOFF_BASE_S = 600.0          # first wait after a failed run: 10 minutes
 BACKOFF_CAP_S = 24 * 3600.0     # never more than a day between tries
@@ -118,12 +126,22 @@ def backoff_until(failures: int, last_failed_at: float | None, base_s: float = B
 
 # ---------------------------------------------------------------- the scheduler
 
+class NotLeader(RunInProgress):
+    """Another app process holds the leader lease: runs start there. A RunInProgress, so every caller that reports a
+    refused trigger (console, API's 409, `kto-loop align --now`) reports this one as it is."""
+
+
 class RealignScheduler:
     """Owns the BackgroundScheduler; `apply()` re-reads the persisted settings and reschedules."""
 
     def __init__(self, realigner: Realigner, store, settings: SettingsStore, *, clock: Callable[[], float] = time.time,
-                 backoff: tuple[float, float] = (BACKOFF_BASE_S, BACKOFF_CAP_S)):
+                 backoff: tuple[float, float] = (BACKOFF_BASE_S, BACKOFF_CAP_S), lease: Any = None,
+                 follow: Callable[[], Any] | None = None, sync_s: float = 5.0):
         self.realigner, self.store, self.settings = realigner, store, settings
+        # lease: feedback_store.LeaderLease when other processes share the store (None: this one leads, always);
+        # follow: makes this process serve what the store says; both checked every sync_s seconds (0 = never)
+        self.lease, self.follow, self.sync_s = lease, follow, sync_s
+        self.leader = lease is None
         self.clock, self.backoff = clock, backoff
         self.state_path = Path(settings.path).parent / STATE_FILE
         self.scheduler = BackgroundScheduler(daemon=True, job_defaults={
@@ -135,11 +153,57 @@ class RealignScheduler:
 
     def start(self) -> None:
         self.scheduler.start()
+        if self.lease is not None:
+            self.leader = self._leading()
         self.apply()
+        if self.lease is not None and self.sync_s > 0:
+            self.scheduler.add_job(self.sync, IntervalTrigger(seconds=self.sync_s), id=SYNC_JOB_ID,
+                                   replace_existing=True)
 
     def shutdown(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.lease is not None:
+            self.lease.close()  # another process takes the role at its next check, not when a timeout runs out
+
+    def _leading(self) -> bool:
+        try:
+            return bool(self.lease.refresh())
+        except Exception as e:  # the store is unreachable: nobody can be sure to lead, so this process does not
+            log.error("leader lease: %s", e)
+            return False
+
+    def sync(self) -> None:
+        """One replica check: keep or take the lease (and start or stop the schedule with it), then serve what the
+        store says is served."""
+        leading = self._leading()
+        if leading != self.leader:
+            self.leader = leading
+            log.warning("%s the realignment schedule: %s", "running" if leading else "no longer running",
+                        "this process holds the leader lease" if leading else "another process leads")
+            self.apply()
+        if self.follow is not None:
+            try:
+                self.follow()
+            except Exception as e:  # logged; the next check tries again
+                log.error("could not serve the version the store names: %s", e)
+
+    def not_leader_reason(self) -> str | None:
+        """Why this process may not start a run (another leads), or None when it may."""
+        if self.lease is None:
+            return None
+        if self._leading():  # a role change itself is sync's to apply (the schedule starts or stops there)
+            return None
+        holder = self.lease.holder() if self.lease.shared else None
+        return (f"this app process does not run the realignment loop: {holder or 'another app process'} holds "
+                f"the store's leader lease; start the run there, or wait for its schedule")
+
+    def _run_elsewhere(self) -> str | None:
+        """A run open in the store that is not this process's (another process, still alive, runs it)."""
+        if self.lease is None or self.realigner.running:
+            return None
+        running = self.lease.runs_in_flight()
+        return f"run {running[0]} is in progress in another app process" if running else None
 
     def update(self, **changes: Any) -> OperatorSettings:
         """Check and persist schedule changes (SettingsError, nothing written, on a bad value), then reschedule."""
@@ -156,7 +220,7 @@ class RealignScheduler:
             if trigger is None:
                 self._write_state(None)
                 return
-            if not self.scheduler.running:
+            if not self.scheduler.running or not self.leader:  # a process without the lease schedules nothing
                 return
             key = schedule_key(s)
             first = first_run_time(trigger, self._read_state(), key, datetime.now(self.scheduler.timezone))
@@ -191,8 +255,14 @@ class RealignScheduler:
         now = self.clock()
         info: dict[str, Any] = {"at": now, "new_ratings": n, "min_new_ratings": s.min_new_ratings}
         wait = self.backoff_state()
-        if self.realigner.running:
+        refused = self.not_leader_reason()
+        elsewhere = None if refused else self._run_elsewhere()
+        if refused:
+            info["started"], info["why"] = False, refused
+        elif self.realigner.running:
             info["started"], info["why"] = False, "a run is already in progress"
+        elif elsewhere:
+            info["started"], info["why"] = False, elsewhere
         elif wait["wait_until"]:
             at = datetime.fromtimestamp(wait["wait_until"], UTC).isoformat(timespec="seconds")
             info["started"], info["why"] = False, (
@@ -210,8 +280,14 @@ class RealignScheduler:
 
     def start_run(self, trigger: str, max_examples: int | None = None) -> None:
         """Start a run in the background; raises RunInProgress at once if one is going."""
+        refused = self.not_leader_reason()
+        if refused:
+            raise NotLeader(refused)
         if self.realigner.running:
             raise RunInProgress("a realignment run is already in progress")
+        elsewhere = self._run_elsewhere()
+        if elsewhere:
+            raise RunInProgress(elsewhere)
         started = threading.Event()
         error: list[BaseException] = []
 
