@@ -125,3 +125,40 @@ class Conversations(Ratings):
                 WHERE conversation_id = ?
             UNION ALL SELECT id, parent_id, 'assistant', text, adapter, created_at FROM answers
                 WHERE conversation_id = ? ORDER BY created_at""", [conv_id, conv_id])
+
+    def user_conversations(self, user_id: str, limit: int = 50) -> list[dict]:
+        """The conversations `user_id` owns that have an answer, the most recently answered first, at most `limit`:
+        id, created_at, updated_at (its latest answer) and first_message (its first user message, cut to 200
+        characters: enough for a title, bounded however long the message was)."""
+        _check_str("user_id", user_id)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise InvalidInput("limit must be a positive int")
+        rows = self._read_dicts("""SELECT c.id, c.created_at, max(a.created_at) AS updated_at
+                FROM conversations c JOIN answers a ON a.conversation_id = c.id
+                WHERE c.user_id = ? AND c.deployment = ?
+                GROUP BY c.id, c.created_at ORDER BY updated_at DESC LIMIT ?""",
+                                [user_id, self.deployment, min(limit, 1000)])
+        if not rows:
+            return rows
+        marks = ", ".join("?" for _ in rows)
+        first: dict[str, str] = {}
+        for conv_id, text in self._read(f"""SELECT conversation_id, substr(content, 1, 200) FROM messages
+                WHERE role = 'user' AND conversation_id IN ({marks}) ORDER BY created_at""", [r["id"] for r in rows]):
+            first.setdefault(conv_id, text)
+        return [{**r, "first_message": first.get(r["id"], "")} for r in rows]
+
+    def user_conversation(self, user_id: str, conv_id: str) -> list[dict]:
+        """Every user message and answer of a conversation `user_id` owns, oldest first (id, parent_id, role,
+        content, adapter, created_at, and `rating`: this user's current value on each answer). Someone else's
+        conversation is refused exactly like an unknown id, so ids of others are neither shown nor confirmed."""
+        _check_str("user_id", user_id)
+        _check_str("conversation id", conv_id, error=UnknownConversation)
+        owner = self._read("SELECT user_id FROM conversations WHERE id = ? AND deployment = ?",
+                           [conv_id, self.deployment])
+        if not owner or owner[0][0] != user_id:
+            raise UnknownConversation(f"unknown conversation {conv_id!r}")
+        return self._read_dicts("""SELECT id, parent_id, role, content, NULL AS adapter, NULL AS rating, created_at
+                FROM messages WHERE conversation_id = ? AND role = 'user'
+            UNION ALL SELECT a.id, a.parent_id, 'assistant', a.text, a.adapter, r.value, a.created_at
+                FROM answers a LEFT JOIN ratings r ON r.answer_id = a.id AND r.user_id = ?
+                WHERE a.conversation_id = ? ORDER BY created_at""", [conv_id, user_id, conv_id])

@@ -3,6 +3,8 @@
 `ChatService` holds the logic and knows nothing about Gradio, so tests drive it directly; `build_chat_ui` wires
 it to Gradio components. Each browser session owns a server-side `ChatSession` whose turns carry the stored
 answer id, so a rating always lands on the answer the user saw, whatever undo/regenerate did to the list.
+Conversations live in the store, keyed by the signed rater id: a page load lists the user's own (and only their
+own), reopens the latest, and any of them can be continued; regenerated answers stay as siblings to page through.
 
 What one visitor can make it do is bounded: messages and ratings per rater and per client address, sessions per
 address (a flood from one address replaces that address's own sessions, nobody else's), and the prompt trimmed to
@@ -25,6 +27,7 @@ from typing import Any
 import gradio as gr
 
 from app.web.auth import NO_IDENTITY, Raters, TokenBuckets
+from feedback_store.errors import UnknownConversation
 
 log = logging.getLogger("kto_loop.chat")
 
@@ -33,6 +36,11 @@ MAX_COMMENT_CHARS = 1000
 MAX_SESSIONS = 5000               # all addresses together; past it the busiest address loses its oldest session
 TEMPLATE_TOKENS = 64              # chat-template tokens outside the messages (markers, a template's default prompt)
 MESSAGE_TOKENS = 8                # chat-template tokens around each message
+MAX_LISTED = 50                   # conversations listed per user, the most recently answered first
+TITLE_CHARS = 48                  # a listed conversation's title: the start of its first user message
+JOINERS = "\u200c\u200d"          # ZWNJ, ZWJ: format characters that written languages and emoji sequences need
+NOT_YOURS = "That conversation is not among yours (or no longer exists)."
+BUSY = "Please wait for the answer to finish (or press Stop) first."
 
 
 class InputError(ValueError):
@@ -56,6 +64,7 @@ class Turn:
     stopped: bool = False
     adapter: str | None = None    # the served version that produced an answer
     dropped: int = 0              # earliest messages left out of this answer's prompt to fit the context window
+    siblings: list[str] = field(default_factory=list)   # an answer's: every answer to its user message, oldest first
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,9 @@ class ChatSession:
     addr: str | None = None       # the client address of the latest event (None: an in-process caller)
     conv_id: str | None = None
     turns: list[Turn] = field(default_factory=list)
+    focus: int | None = None      # the answer whose siblings the ‹ › buttons page through (None: the latest such)
+    streaming: int = 0            # answers being generated: the shown conversation cannot be swapped meanwhile
+    listed_top: str | None = None  # the conversation the page lists first: while it is the one shown, no relisting
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,7 +104,7 @@ def clean_message(text: str | None, max_chars: int) -> str:
     if len(text) > max_chars:
         raise InputError(f"Your message is {len(text):,} characters long; the limit is {max_chars:,}. "
                          "Please shorten it.")
-    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") and c not in "\n\t"]
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") and c not in "\n\t" + JOINERS]
     if bad:
         raise InputError(f"Your message contains {len(bad)} invisible control character(s) "
                          f"(first: U+{ord(bad[0]):04X}). Please remove them and send again.")
@@ -100,10 +112,54 @@ def clean_message(text: str | None, max_chars: int) -> str:
 
 
 def clean_comment(text: str | None) -> str | None:
-    text = "".join(c for c in (text or "") if c in "\n\t" or unicodedata.category(c)[0] != "C").strip()
+    text = "".join(c for c in (text or "") if c in "\n\t" + JOINERS or unicodedata.category(c)[0] != "C").strip()
     if len(text) > MAX_COMMENT_CHARS:
         raise InputError(f"Comments are limited to {MAX_COMMENT_CHARS} characters.")
     return text or None
+
+
+def title_of(first_message: str | None) -> str:
+    """A listed conversation's title: its first user message on one line, control characters dropped, cut short
+    (plain text: the list shows it as text, never as markup)."""
+    text = "".join(c if c in JOINERS or unicodedata.category(c)[0] != "C" else " " for c in first_message or "")
+    text = " ".join(text.split())
+    if len(text) > TITLE_CHARS:
+        text = text[:TITLE_CHARS - 1].rstrip() + "…"
+    return text or "(untitled)"
+
+
+def thread(nodes: list[dict], through: str) -> list[dict]:
+    """The line of a conversation tree that passes through node `through`: its ancestors, itself, then at each
+    step down its most recent child (what the user last saw there). `nodes` come oldest first."""
+    by_id = {n["id"]: n for n in nodes}
+    children: dict[str | None, list[dict]] = {}
+    for n in nodes:
+        children.setdefault(n["parent_id"], []).append(n)
+    line: list[dict] = []
+    seen: set[str] = set()
+    node = by_id.get(through)
+    while node is not None and node["id"] not in seen:
+        seen.add(node["id"])
+        line.append(node)
+        node = by_id.get(node["parent_id"])
+    line.reverse()
+    node = by_id.get(through)
+    while node is not None and (kids := [k for k in children.get(node["id"], []) if k["id"] not in seen]):
+        node = kids[-1]
+        seen.add(node["id"])
+        line.append(node)
+    return line
+
+
+def turns_of(nodes: list[dict], line: list[dict]) -> list[Turn]:
+    """The turns to show for `line` (from `thread`), each answer with its siblings and the user's rating."""
+    siblings: dict[str, list[str]] = {}
+    for n in nodes:
+        if n["role"] == "assistant":
+            siblings.setdefault(n["parent_id"], []).append(n["id"])
+    return [Turn(n["role"], n["content"], msg_id=n["id"], rating=n.get("rating"), adapter=n.get("adapter"),
+                 siblings=list(siblings.get(n["parent_id"], [])) if n["role"] == "assistant" else [])
+            for n in line]
 
 
 def byte_bound(messages: list[dict[str, str]]) -> int:
@@ -270,6 +326,8 @@ class ChatService:
         with sess.lock:
             user_turn = Turn("user", text)
             sess.turns.append(user_turn)
+            sess.streaming += 1
+            sess.focus = None
         try:
             yield from self._answer(sess)
         except BaseException:
@@ -277,6 +335,9 @@ class ChatService:
                 if sess.turns and sess.turns[-1] is user_turn:
                     sess.turns.pop()
             raise
+        finally:
+            with sess.lock:
+                sess.streaming -= 1
 
     def regenerate(self, sess: ChatSession) -> Iterator[str]:
         """Answer the last user message again; the earlier answer stays in the store as a sibling."""
@@ -286,8 +347,16 @@ class ChatService:
                 raise InputError("There is nothing to regenerate yet.")
         self._charge_message(sess)
         with sess.lock:
+            old = sess.turns[last_user + 1] if len(sess.turns) > last_user + 1 else None
+            earlier = (old.siblings or [old.msg_id]) if old is not None and old.msg_id is not None else []
             del sess.turns[last_user + 1:]
-        yield from self._answer(sess)
+            sess.streaming += 1
+            sess.focus = None
+        try:
+            yield from self._answer(sess, earlier)
+        finally:
+            with sess.lock:
+                sess.streaming -= 1
 
     def undo(self, sess: ChatSession) -> str:
         """Drop the last exchange from the view (the store keeps it); returns the user text to edit."""
@@ -301,7 +370,75 @@ class ChatService:
 
     def new_conversation(self, sess: ChatSession) -> None:
         with sess.lock:
-            sess.conv_id, sess.turns = None, []
+            if sess.streaming:
+                raise InputError(BUSY)
+            sess.conv_id, sess.turns, sess.focus = None, [], None
+
+    # ---- stored conversations
+    def conversations(self, sess: ChatSession) -> list[tuple[str, str]]:
+        """(title, id) of this user's own conversations, the most recently answered first, at most MAX_LISTED."""
+        return [(title_of(r["first_message"]), r["id"])
+                for r in self.store.user_conversations(sess.user_id, MAX_LISTED)]
+
+    def _nodes(self, sess: ChatSession, conv_id: Any) -> list[dict]:
+        """The stored turns of `conv_id` if this session's user owns it; InputError otherwise."""
+        if not isinstance(conv_id, str):
+            raise InputError(NOT_YOURS)
+        try:
+            return self.store.user_conversation(sess.user_id, conv_id)
+        except UnknownConversation:
+            raise InputError(NOT_YOURS) from None
+
+    def open_conversation(self, sess: ChatSession, conv_id: Any) -> None:
+        """Show one of the user's own conversations at its latest turn; what is sent next continues it."""
+        nodes = self._nodes(sess, conv_id)
+        latest = nodes[-1]["id"] if nodes else None
+        turns = turns_of(nodes, thread(nodes, latest)) if latest is not None else []
+        with sess.lock:
+            if sess.streaming:
+                raise InputError(BUSY)
+            sess.conv_id, sess.turns, sess.focus = conv_id, turns, None
+
+    def sibling_nav(self, sess: ChatSession) -> tuple[int, int, int] | None:
+        """(turn index, 1-based position, count) of the answer the ‹ › buttons page through: the focused one, else
+        the latest answer that has siblings; None when no answer shown has any."""
+        with sess.lock:
+            turns = sess.turns
+            candidates = [i for i, t in enumerate(turns)
+                          if t.role == "assistant" and t.msg_id in t.siblings and len(t.siblings) > 1]
+            if not candidates:
+                return None
+            i = sess.focus if sess.focus in candidates else candidates[-1]
+            return i, turns[i].siblings.index(turns[i].msg_id) + 1, len(turns[i].siblings)
+
+    def focus(self, sess: ChatSession, index: Any) -> None:
+        """Point the ‹ › buttons at the answer the user clicked (if it has siblings)."""
+        with sess.lock:
+            if isinstance(index, int) and 0 <= index < len(sess.turns) and len(sess.turns[index].siblings) > 1:
+                sess.focus = index
+
+    def switch_answer(self, sess: ChatSession, step: int) -> Turn:
+        """Show the previous (step -1) or next (+1) sibling of the navigated answer, with the turns that followed
+        it; ratings then land on the shown sibling's own id. Returns the answer now shown."""
+        nav = self.sibling_nav(sess)
+        if nav is None or sess.conv_id is None:
+            raise InputError("This answer has no other versions.")
+        index, pos, count = nav
+        target = pos - 1 + step
+        if not 0 <= target < count:
+            raise InputError("There is no other version in that direction.")
+        with sess.lock:
+            if sess.streaming:
+                raise InputError(BUSY)
+            answer_id = sess.turns[index].siblings[target]
+        nodes = self._nodes(sess, sess.conv_id)
+        turns = turns_of(nodes, thread(nodes, answer_id))
+        index = next(i for i, t in enumerate(turns) if t.msg_id == answer_id)
+        with sess.lock:
+            if sess.streaming:
+                raise InputError(BUSY)
+            sess.turns, sess.focus = turns, index
+            return turns[index]
 
     def _prompt(self, sess: ChatSession, sampling: Any) -> tuple[list[dict[str, str]], int]:
         """The messages to send, trimmed to the context window less the answer's room; and how many were left out."""
@@ -326,7 +463,8 @@ class ChatService:
             parent = prev.msg_id if prev is not None and prev.role == "assistant" else None  # None: the latest turn
             t.msg_id = self.store.add_user_message(sess.conv_id, t.content, parent_id=parent)
 
-    def _answer(self, sess: ChatSession) -> Iterator[str]:
+    def _answer(self, sess: ChatSession, earlier: list[str] | None = None) -> Iterator[str]:
+        """Stream and store an answer to the last user turn; `earlier`: the answers it regenerates (its siblings)."""
         sampling = self.sampling()
         prompt, dropped = self._prompt(sess, sampling)
         user_turn = sess.turns[-1]
@@ -368,6 +506,7 @@ class ChatService:
                 completion_tokens=getattr(result, "completion_tokens", None),
                 latency_ms=latency_ms,
             )
+            turn.siblings = [*(earlier or []), turn.msg_id]
         except BaseException:  # failure, or the browser went away (GeneratorExit): abort the vLLM request
             _close(stream)
             with sess.lock:
@@ -461,6 +600,8 @@ SERVER_DOWN = ("⚠️ **The model server is not reachable right now.** Your mes
 CSS = """
 #kto-banner p {background:#fff4e5;border:1px solid #f0b37e;border-radius:8px;padding:8px 12px;margin:0}
 #kto-notice p {color:#8a4b00;margin:0}
+#kto-convs .wrap {flex-direction:column;align-items:stretch}
+#kto-siblings {align-items:center}
 footer {display:none !important}
 """
 
@@ -474,13 +615,39 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
     """The chat Blocks; mount it at "/". Every event is refused unless `raters` knows who sent it."""
 
     def sess_of(key: str, request: gr.Request | None) -> ChatSession:
+        """This page's session: keyed by Gradio's session hash, which a page sends with its very first event (the
+        key state is only set by a load event, so a quick first message or the restoring load could miss it)."""
         rater = raters.of_request(request)
         if rater.user_id is None:
             raise InputError(NO_IDENTITY)
-        return service.session(str(key), rater.user_id, rater.addr)
+        page = getattr(request, "session_hash", None)
+        return service.session(page if isinstance(page, str) and page else str(key), rater.user_id, rater.addr)
 
     def view(sess: ChatSession):
         return gr.update(value=sess.history(), feedback_value=sess.feedback())
+
+    def side(sess: ChatSession, listed: list[tuple[str, str]] | None = None, relist: bool = True):
+        """The conversation list and the ‹ n/m › row (outputs `side_io`), as the store and the session have them;
+        relist=False leaves the list as it is."""
+        if listed is None and relist and (sess.conv_id is None or sess.conv_id != sess.listed_top):
+            try:
+                listed = service.conversations(sess)
+            except Exception as e:  # the chat itself still works without its list
+                log.warning("chat: listing conversations failed: %r", e)
+        convs_update = gr.update() if listed is None else gr.update(
+            choices=listed, value=sess.conv_id if sess.conv_id in {c for _, c in listed} else None)
+        if listed is not None:
+            sess.listed_top = listed[0][1] if listed else None
+        nav = service.sibling_nav(sess)
+        if nav is None:
+            return convs_update, gr.update(visible=False), gr.update(), gr.update(), gr.update()
+        index, pos, count = nav
+        nth = sum(1 for t in sess.turns[:index + 1] if t.role == "assistant")
+        return (convs_update, gr.update(visible=True), f"Answer {nth}, version **{pos}/{count}**",
+                gr.update(interactive=pos > 1), gr.update(interactive=pos < count))
+
+    def unchanged_side():
+        return (gr.update(),) * 5
 
     with gr.Blocks(title=title) as demo:
         key = gr.State(lambda: secrets.token_hex(8))
@@ -488,67 +655,79 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
         gr.Markdown("## 💬 kto-loop\nChat with the model and rate its answers 👍 / 👎 — every rating helps "
                     "realign it. Click a thumb again to withdraw it.")
         banner = gr.Markdown("", elem_id="kto-banner", visible=False)
-        chatbot = gr.Chatbot(height=460, feedback_options=("Like", "Dislike"), elem_id="kto-chat",
-                             group_consecutive_messages=False, buttons=["copy"], layout="bubble",
-                             placeholder="Ask anything. Answers stream from the served model.")
         with gr.Row():
-            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                             elem_id="kto-input", max_lines=8)
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="kto-send")
-            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="kto-stop")
-        with gr.Row():
-            regen = gr.Button("↻ Regenerate", size="sm", elem_id="kto-regen")
-            new = gr.Button("+ New conversation", size="sm", elem_id="kto-new")
-        notice = gr.Markdown("", elem_id="kto-notice")
-        with gr.Group(visible=False, elem_id="kto-down-panel") as down_panel:
-            gr.Markdown("**What was wrong with this answer?** (optional)")
-            reason = gr.Radio(REASONS, label="Reason", elem_id="kto-reason")
-            comment = gr.Textbox(label="Comment", placeholder="Tell us more (optional)", max_lines=4,
-                                 elem_id="kto-comment")
-            with gr.Row():
-                send_comment = gr.Button("Send feedback", size="sm", variant="primary", elem_id="kto-send-comment")
-                skip_comment = gr.Button("Skip", size="sm")
+            with gr.Column(scale=1, min_width=200):
+                new = gr.Button("+ New conversation", size="sm", elem_id="kto-new")
+                convs = gr.Radio([], value=None, label="Your conversations", elem_id="kto-convs",
+                                 info=f"the latest {MAX_LISTED}, most recent first")
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(height=460, feedback_options=("Like", "Dislike"), elem_id="kto-chat",
+                                     group_consecutive_messages=False, buttons=["copy"], layout="bubble",
+                                     placeholder="Ask anything. Answers stream from the served model.")
+                with gr.Row(visible=False, elem_id="kto-siblings") as sib_row:
+                    prev = gr.Button("‹", size="sm", scale=0, min_width=40, elem_id="kto-prev")
+                    sib_label = gr.Markdown("", elem_id="kto-sibling")
+                    nxt = gr.Button("›", size="sm", scale=0, min_width=40, elem_id="kto-next")
+                with gr.Row():
+                    box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                     elem_id="kto-input", max_lines=8)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="kto-send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="kto-stop")
+                with gr.Row():
+                    regen = gr.Button("↻ Regenerate", size="sm", elem_id="kto-regen")
+                notice = gr.Markdown("", elem_id="kto-notice")
+                with gr.Group(visible=False, elem_id="kto-down-panel") as down_panel:
+                    gr.Markdown("**What was wrong with this answer?** (optional)")
+                    reason = gr.Radio(REASONS, label="Reason", elem_id="kto-reason")
+                    comment = gr.Textbox(label="Comment", placeholder="Tell us more (optional)", max_lines=4,
+                                         elem_id="kto-comment")
+                    with gr.Row():
+                        send_comment = gr.Button("Send feedback", size="sm", variant="primary",
+                                                 elem_id="kto-send-comment")
+                        skip_comment = gr.Button("Skip", size="sm")
+        side_io = [convs, sib_row, sib_label, prev, nxt]
 
         def stream(sess: ChatSession, gen: Iterator[str], restore: str = ""):
-            """Yield (chatbot, textbox, notice, banner) as the answer grows; errors become messages."""
+            """Yield `chat_io` as the answer grows (the list and ‹ › once it is stored); errors become messages."""
             try:
                 for _ in gen:
-                    yield view(sess), "", gr.update(), gr.update()
+                    yield view(sess), "", gr.update(), gr.update(), *unchanged_side()
                 last = sess.turns[-1] if sess.turns else None
                 done = (f"Answered by `{last.adapter}`{' (stopped)' if last.stopped else ''}. "
                         "Rate it with 👍 / 👎." + (trimmed_notice(last.dropped) if last.dropped else "")
                         if last is not None and last.role == "assistant" else "")
-                yield view(sess), "", done, gr.update(value="", visible=False)
+                yield view(sess), "", done, gr.update(value="", visible=False), *side(sess)
             except InputError as e:
-                yield view(sess), restore, f"⚠️ {e}", gr.update()
+                yield view(sess), restore, f"⚠️ {e}", gr.update(), *side(sess)
             except Exception as e:  # server down, timeouts: a message, never a traceback
                 log.warning("chat answer failed: %r", e, exc_info=not isinstance(e, OSError))
                 if not service.server_ok():
-                    yield view(sess), restore, "", gr.update(value=SERVER_DOWN, visible=True)
+                    yield view(sess), restore, "", gr.update(value=SERVER_DOWN, visible=True), *side(sess)
                 else:
                     why = getattr(e, "user_message", type(e).__name__)  # e.g. "the server's disk is full"
-                    yield view(sess), restore, f"⚠️ The answer failed ({why}). Please try again.", gr.update()
+                    yield view(sess), restore, f"⚠️ The answer failed ({why}). Please try again.", gr.update(), \
+                        *side(sess)
 
         def on_send(text: str, k: str, request: gr.Request):
             try:
                 sess = sess_of(k, request)
             except InputError as e:
-                yield gr.update(), text, f"⚠️ {e}", gr.update()
+                yield gr.update(), text, f"⚠️ {e}", gr.update(), *unchanged_side()
                 return
             try:
                 clean_message(text, service.max_chars)
             except InputError as e:
-                yield view(sess), text, f"⚠️ {e}", gr.update()
+                yield view(sess), text, f"⚠️ {e}", gr.update(), *unchanged_side()
                 return
             hist = sess.history() + [{"role": "user", "content": text.strip()}]
-            yield gr.update(value=hist, feedback_value=sess.feedback()), "", "", gr.update()
+            yield gr.update(value=hist, feedback_value=sess.feedback()), "", "", gr.update(), *unchanged_side()
             yield from stream(sess, service.send(sess, text), restore=text)
 
         def on_regen(k: str, request: gr.Request):
             try:
                 sess = sess_of(k, request)
             except InputError as e:
-                yield gr.update(), "", f"⚠️ {e}", gr.update()
+                yield gr.update(), "", f"⚠️ {e}", gr.update(), *unchanged_side()
                 return
             yield from stream(sess, service.regenerate(sess))
 
@@ -569,10 +748,69 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
         def on_new(k: str, request: gr.Request):
             try:
                 sess = sess_of(k, request)
+                service.new_conversation(sess)
             except InputError as e:
-                return gr.update(), f"⚠️ {e}", gr.update(visible=False), None
-            service.new_conversation(sess)
-            return view(sess), "", gr.update(visible=False), None
+                return gr.update(), f"⚠️ {e}", gr.update(visible=False), None, *unchanged_side()
+            return view(sess), "", gr.update(visible=False), None, *side(sess)
+
+        def on_load(k: str, request: gr.Request):
+            """A page load: list the user's conversations and reopen the latest one."""
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                return gr.update(), f"⚠️ {e}", *unchanged_side()
+            try:
+                listed = service.conversations(sess)
+                if listed and sess.conv_id is None and not sess.turns:
+                    service.open_conversation(sess, listed[0][1])
+            except Exception as e:  # a fresh chat rather than a broken page
+                log.warning("chat: restoring conversations failed: %r", e)
+                listed = None
+            return view(sess), "", *side(sess, listed)
+
+        def on_open(conv_id: str | None, k: str, request: gr.Request):
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                return gr.update(), f"⚠️ {e}", gr.update(), gr.update(), *unchanged_side()
+            try:
+                service.open_conversation(sess, conv_id)
+            except InputError as e:
+                sess.listed_top = None          # relist: the list goes back to the conversation still shown
+                return view(sess), f"⚠️ {e}", gr.update(), gr.update(), *side(sess)
+            return view(sess), "", gr.update(visible=False), None, *side(sess)
+
+        def switch(step: int, k: str, request: gr.Request):
+            try:
+                sess = sess_of(k, request)
+            except InputError as e:
+                return gr.update(), f"⚠️ {e}", gr.update(), gr.update(), *unchanged_side()
+            try:
+                turn = service.switch_answer(sess, step)
+            except InputError as e:
+                return view(sess), f"⚠️ {e}", gr.update(), gr.update(), *side(sess)
+            shown = f"Showing an earlier answer by `{turn.adapter}`." if turn.adapter else "Showing an earlier answer."
+            return view(sess), shown, gr.update(visible=False), None, *side(sess)
+
+        def on_prev(k: str, request: gr.Request):
+            return switch(-1, k, request)
+
+        def on_next(k: str, request: gr.Request):
+            return switch(+1, k, request)
+
+        def on_pick(k: str, data: gr.SelectData, request: gr.Request):
+            try:
+                sess = sess_of(k, request)
+            except InputError:
+                return unchanged_side()
+            service.focus(sess, data.index)
+            return side(sess, relist=False)
+
+        def on_side(k: str, request: gr.Request):
+            try:
+                return side(sess_of(k, request))
+            except InputError:
+                return unchanged_side()
 
         def on_like(k: str, data: gr.LikeData, request: gr.Request):
             try:
@@ -609,21 +847,28 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
             ok = service.server_ok()
             return gr.update(value="" if ok else SERVER_DOWN, visible=not ok)
 
-        chat_io = [chatbot, box, notice, banner]
-        ev_send = box.submit(on_send, [box, key], chat_io, concurrency_limit=None)
-        ev_click = send.click(on_send, [box, key], chat_io, concurrency_limit=None)
-        ev_regen = regen.click(on_regen, [key], chat_io, concurrency_limit=None)
-        ev_retry = chatbot.retry(on_regen, [key], chat_io, concurrency_limit=None)
+        chat_io = [chatbot, box, notice, banner] + side_io
+        panel_io = [chatbot, notice, down_panel, pending_down]
+        quiet = dict(concurrency_limit=None, show_progress="hidden")
+        answering = dict(concurrency_limit=None, show_progress_on=[chatbot])   # not over the list while it streams
+        box.submit(on_send, [box, key], chat_io, **answering)
+        send.click(on_send, [box, key], chat_io, **answering)
+        regen.click(on_regen, [key], chat_io, **answering)
+        chatbot.retry(on_regen, [key], chat_io, **answering)
+        chatbot.undo(on_undo, [key], [chatbot, box], concurrency_limit=None).then(on_side, [key], side_io, **quiet)
         stop.click(on_stop, [key], None, queue=False)
-        del ev_send, ev_click, ev_regen, ev_retry
-        chatbot.undo(on_undo, [key], [chatbot, box], concurrency_limit=None)
-        chatbot.clear(on_new, [key], [chatbot, notice, down_panel, pending_down], concurrency_limit=None)
-        new.click(on_new, [key], [chatbot, notice, down_panel, pending_down], concurrency_limit=None)
-        chatbot.like(on_like, [key], [chatbot, notice, down_panel, pending_down], concurrency_limit=None)
+        chatbot.clear(on_new, [key], panel_io + side_io, concurrency_limit=None)
+        new.click(on_new, [key], panel_io + side_io, concurrency_limit=None)
+        convs.input(on_open, [convs, key], panel_io + side_io, concurrency_limit=None)
+        prev.click(on_prev, [key], panel_io + side_io, concurrency_limit=None)
+        nxt.click(on_next, [key], panel_io + side_io, concurrency_limit=None)
+        chatbot.select(on_pick, [key], side_io, **quiet)
+        chatbot.like(on_like, [key], panel_io, concurrency_limit=None)
         send_comment.click(on_comment, [key, pending_down, reason, comment],
                            [notice, down_panel, chatbot, reason, comment], concurrency_limit=None)
         skip_comment.click(lambda: (gr.update(visible=False), None, None, ""), None,
                            [down_panel, pending_down, reason, comment])
         gr.Timer(5.0).tick(on_tick, None, [banner], concurrency_limit=None)
         demo.load(on_tick, None, [banner])
+        demo.load(on_load, [key], [chatbot, notice] + side_io, **quiet)
     return demo

@@ -13,6 +13,8 @@ import duckdb
 import pytest
 
 from app.web.chat import (
+    MAX_LISTED,
+    TITLE_CHARS,
     ChatService,
     InputError,
     Limits,
@@ -22,8 +24,10 @@ from app.web.chat import (
     byte_bound,
     clean_message,
     fit_context,
+    title_of,
 )
 from feedback_store import FeedbackStore
+from feedback_store.errors import UnknownConversation
 
 
 @dataclass
@@ -283,3 +287,140 @@ def test_in_process_callers_have_no_per_address_session_cap(store):
     assert all(svc.session(f"sim-{i}", f"sim-{i}") is s for i, s in enumerate(sims))
     web = [svc.session(f"w{i}", "u", "198.51.100.9") for i in range(3)]
     assert svc.session_count("198.51.100.9") == 2 and svc.session("w0", "u", "198.51.100.9") is not web[0]
+
+
+# ---------------------------------------------------------------- stored conversations and siblings
+
+def test_a_reload_lists_the_users_conversations_newest_first_and_continues_one(store):
+    svc = make_service(store)
+    page = svc.session("page-1", "u1")
+    list(svc.send(page, "first question"))
+    svc.rate(page, 1, True)
+    svc.new_conversation(page)
+    list(svc.send(page, "second question"))
+
+    reloaded = make_service(store).session("page-2", "u1")     # a new page (and a restarted app): nothing in memory
+    svc2 = make_service(store)
+    listed = svc2.conversations(reloaded)
+    assert [title for title, _ in listed] == ["second question", "first question"]
+    svc2.open_conversation(reloaded, listed[1][1])
+    assert [(t.role, t.content, t.rating) for t in reloaded.turns] == [
+        ("user", "first question", None), ("assistant", "answer 1 to first question", "up")]
+    answer = reloaded.turns[1].msg_id
+
+    list(svc2.send(reloaded, "follow-up"))                     # continues the stored conversation
+    assert [m["content"] for m in svc2.client.calls[-1][0]] == [
+        "Be brief.", "first question", "answer 1 to first question", "follow-up"]
+    nodes = store.user_conversation("u1", listed[1][1])
+    follow = next(n for n in nodes if n["content"] == "follow-up")
+    assert follow["parent_id"] == answer and len(nodes) == 4
+    assert [c for _, c in svc2.conversations(reloaded)] == [listed[1][1], listed[0][1]]   # answered last: on top
+
+
+def test_regenerated_answers_are_siblings_to_page_through_and_rate(store):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "hi"))
+    older = sess.turns[1].msg_id
+    list(svc.regenerate(sess))
+    newer = sess.turns[1].msg_id
+    list(svc.send(sess, "and then?"))                          # a follow-up under the newer answer
+    assert svc.sibling_nav(sess) == (1, 2, 2)
+
+    page = make_service(store).session("reload", "u1")
+    svc2 = make_service(store)
+    svc2.open_conversation(page, svc2.conversations(page)[0][1])
+    assert [t.msg_id for t in page.turns][1] == newer and len(page.turns) == 4
+    assert svc2.sibling_nav(page) == (1, 2, 2)
+    with pytest.raises(InputError, match="no other version"):
+        svc2.switch_answer(page, +1)
+    shown = svc2.switch_answer(page, -1)
+    assert shown.msg_id == older and shown.content == "answer 1 to hi"
+    assert len(page.turns) == 2 and svc2.sibling_nav(page) == (1, 1, 2)   # the follow-up belongs to the newer one
+    svc2.rate(page, 1, True, shown.content)
+    assert store.get_rating("u1", older)["value"] == "up" and store.get_rating("u1", newer) is None
+
+    back = svc2.switch_answer(page, +1)
+    assert back.msg_id == newer and back.rating is None and page.turns[-1].content.endswith("and then?")
+    svc2.switch_answer(page, -1)
+    assert page.turns[1].rating == "up"                        # the stored rating shows on its own answer
+    list(svc2.regenerate(page))                                # a third version, next to the two stored ones
+    assert svc2.sibling_nav(page) == (1, 3, 3)
+
+
+def test_nobody_lists_or_opens_another_users_conversation(store):
+    svc = make_service(store)
+    alice = svc.session("k", "anon-aaaaaaaaaaaaaaaa")
+    list(svc.send(alice, "alice's secret"))
+    mallory = svc.session("k", "anon-bbbbbbbbbbbbbbbb")
+    assert svc.conversations(mallory) == []
+    for bad in (alice.conv_id, "no-such-id", "", None, 42):
+        with pytest.raises(InputError, match="not among yours"):
+            svc.open_conversation(mallory, bad)
+    assert mallory.turns == [] and mallory.conv_id is None
+    list(svc.send(mallory, "mine"))
+    assert mallory.conv_id != alice.conv_id and store.conversation(alice.conv_id)[-1]["content"].endswith("secret")
+    with pytest.raises(UnknownConversation):
+        store.user_conversation("anon-bbbbbbbbbbbbbbbb", alice.conv_id)
+
+
+def test_the_list_is_bounded_and_titles_are_one_short_line_of_text(store):
+    for i in range(MAX_LISTED + 5):
+        conv = store.new_conversation("u1")
+        m = store.add_user_message(conv, f"question {i}\n<b>in bold</b>\x1b[31m" + "x" * 300)
+        store.add_answer(conv, m, [{"role": "user", "content": "q"}], "a")
+    svc = make_service(store)
+    listed = svc.conversations(svc.session("k", "u1"))
+    assert len(listed) == MAX_LISTED
+    title = listed[0][0]
+    assert title.startswith("question 54 <b>in bold</b> [31mxxx") and title.endswith("x…")
+    assert len(title) == TITLE_CHARS
+    assert title_of("  ") == "(untitled)" and title_of("می\u200cخواهم") == "می\u200cخواهم"
+
+
+def test_the_shown_conversation_is_not_swapped_while_an_answer_streams(store):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "one"))
+    first = sess.conv_id
+    svc.new_conversation(sess)
+    gen = svc.send(sess, "two")
+    next(gen)
+    for swap in (lambda: svc.open_conversation(sess, first), lambda: svc.new_conversation(sess)):
+        with pytest.raises(InputError, match="wait for the answer"):
+            swap()
+    list(gen)
+    assert sess.conv_id != first and [t.content for t in sess.turns][0] == "two"
+    svc.open_conversation(sess, first)
+    assert sess.turns[0].content == "one"
+
+
+@pytest.mark.parametrize("text", ["family: 👨\u200d👩\u200d👧", "می\u200cخواهم بروم", "क्\u200dष"])
+def test_joiners_are_accepted_and_stored_as_typed(store, text):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, text))
+    assert store.user_conversation("u1", sess.conv_id)[0]["content"] == text
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u2066", "\u200b", "\x1b"])
+def test_other_invisible_and_bidi_override_characters_are_still_refused(char):
+    with pytest.raises(InputError, match=f"U\\+{ord(char):04X}"):
+        clean_message(f"abc{char}def\u200d", 100)
+
+
+def test_the_arrows_page_through_the_answer_the_user_picked(store):
+    svc = make_service(store)
+    sess = svc.session("k", "u1")
+    for q in ("one", "two"):
+        list(svc.send(sess, q))
+        list(svc.regenerate(sess))
+    assert svc.sibling_nav(sess) == (3, 2, 2)                  # by default: the latest answer with versions
+    svc.focus(sess, 0)                                         # a user message: nothing to page through
+    assert svc.sibling_nav(sess) == (3, 2, 2)
+    svc.focus(sess, 1)
+    assert svc.sibling_nav(sess) == (1, 2, 2)
+    svc.switch_answer(sess, -1)                                # the first version of answer one had no follow-up
+    assert [t.content for t in sess.turns] == ["one", "answer 1 to one"] and svc.sibling_nav(sess) == (1, 1, 2)
+    svc.switch_answer(sess, +1)
+    assert [t.content for t in sess.turns][2:] == ["two", "answer 4 to two"]

@@ -19,6 +19,8 @@ import httpx
 import psutil
 import pytest
 
+from app.web.admin_api import admin_headers
+from app.web.auth import USER_COOKIE
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -119,12 +121,74 @@ def _save(page, name: str) -> None:
     page.screenshot(path=str(RESULTS / name), full_page=True)
 
 
+def _rater_id(context) -> str:
+    """The anonymous rater id of a browser context (its signed cookie, without the signature)."""
+    return next(c["value"] for c in context.cookies() if c["name"] == USER_COOKIE).split(".")[0]
+
+
+def test_conversations_persist_and_an_older_sibling_is_rated_by_its_id(app_proc, browser, tmp_path):
+    """Chat, reload (still there), a second conversation, back to the first, regenerate, ‹ 1/2 ›, rate that one."""
+    from playwright.sync_api import expect
+
+    _, url, _, _ = app_proc
+    context = browser.new_context(viewport={"width": 1200, "height": 950})
+    page = context.new_page()
+    page.goto(url)
+    chat, convs, notice = page.locator("#kto-chat"), page.locator("#kto-convs"), page.locator("#kto-notice")
+    first = "Keep this one <b>safe</b>"
+
+    page.fill("#kto-input textarea", first)
+    page.click("#kto-send")
+    expect(notice).to_contain_text("Answered by", timeout=60_000)
+    expect(convs.get_by_label(first)).to_be_checked(timeout=10_000)         # the title is text, not markup
+    page.reload()
+    expect(chat).to_contain_text("Keep this one", timeout=20_000)
+    expect(convs.get_by_label(first)).to_be_checked()
+
+    page.click("#kto-new")
+    expect(chat).not_to_contain_text("Keep this one", timeout=10_000)
+    page.fill("#kto-input textarea", "A second conversation")
+    page.click("#kto-send")
+    expect(convs.get_by_label("A second conversation")).to_be_checked(timeout=60_000)
+    convs.get_by_label(first).check()
+    expect(chat).to_contain_text("Keep this one", timeout=10_000)
+    expect(chat).not_to_contain_text("A second conversation")
+    older = chat.locator("[aria-label^=\"bot's message\"]").last.inner_text()
+
+    page.click("#kto-regen")
+    expect(page.locator("#kto-sibling")).to_contain_text("2/2", timeout=60_000)
+    page.click("#kto-prev")
+    expect(page.locator("#kto-sibling")).to_contain_text("1/2", timeout=10_000)
+    expect(chat.locator("[aria-label^=\"bot's message\"]").last).to_have_text(older.strip())
+    chat.get_by_role("button", name="Like", exact=True).last.click()
+    expect(notice).to_contain_text("Thanks for the", timeout=10_000)
+    _save(page, "siblings.png")
+
+    # what the store holds (an online backup: the app keeps the file open): the 👍 is on the older answer's id
+    backup = tmp_path / "copy.duckdb"
+    r = httpx.post(url + "api/admin/backup", json={"download": True}, auth=ADMIN, headers=admin_headers(), timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    backup.write_bytes(r.content)
+    con = duckdb.connect(str(backup), read_only=True)
+    rows = con.execute("""SELECT a.text, r.value FROM answers a JOIN conversations c ON c.id = a.conversation_id
+                          JOIN messages m ON m.id = a.parent_id
+                          LEFT JOIN ratings r ON r.answer_id = a.id AND r.user_id = c.user_id
+                          WHERE c.user_id = ? AND m.content = ? ORDER BY a.created_at""",
+                       [_rater_id(context), first]).fetchall()
+    con.close()
+    context.close()
+    assert [v for _, v in rows] == ["up", None] and rows[0][0].strip() == older.strip()
+
+
 def test_chat_rate_realign_in_the_browser(app_proc, browser):
     from playwright.sync_api import expect
 
-    proc, url, data, (seed_up, seed_down) = app_proc
+    proc, url, data, _ = app_proc
+    before = _stats(url)              # what the store held before this test (the seed, earlier tests' ratings)
+    seed_up, seed_down = before["up"], before["down"]
     page = browser.new_page(viewport={"width": 1200, "height": 950})
     page.goto(url)
+    me = _rater_id(page.context)
     chat = page.locator("#kto-chat")
 
     def thumb(name):
@@ -215,10 +279,10 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     assert _stop(proc) == []
     con = duckdb.connect(str(data / "feedback.duckdb"), read_only=True)
     rows = con.execute("""SELECT r.value, r.reason, r.comment, a.adapter, a.text FROM ratings r
-                          JOIN answers a ON a.id = r.answer_id WHERE r.user_id != 'seed'
-                          ORDER BY r.created_at""").fetchall()
+                          JOIN answers a ON a.id = r.answer_id WHERE r.user_id = ?
+                          ORDER BY r.created_at""", [me]).fetchall()
     n_answers = con.execute("SELECT count(*) FROM answers a JOIN conversations c ON c.id = a.conversation_id "
-                            "WHERE c.user_id != 'seed'").fetchone()[0]
+                            "WHERE c.user_id = ?", [me]).fetchone()[0]
     runs = con.execute("SELECT status, adapter_version FROM runs").fetchall()
     con.close()
     assert [r[0] for r in rows] == ["down", "up", "down", "up"]
