@@ -12,6 +12,7 @@ import contextlib
 import os
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -86,7 +87,11 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             stack.callback(backups.stop)
         server = VLLMServer(server_spec(cfg))
         stack.callback(server.stop)  # registered first: a Ctrl-C during start-up still stops the child
+        print(f"kto-loop: starting vLLM with {cfg.model_dir} (log: {getattr(server, 'log_path', '-')}); the first "
+              "start takes 1-3 minutes …", file=sys.stderr, flush=True)
+        started = time.monotonic()
         server.start()
+        print(f"kto-loop: vLLM is ready ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
         client = ChatClient(server.base_url, admission=admission, api_key=server.api_key)
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
@@ -146,6 +151,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     from app.web.admin_api import AdminRequestGuard, admin_router
     from app.web.auth import MAX_PUBLIC_BODY, SECRET_FILE, AuthMiddleware, raters_for
     from app.web.chat import CSS, ChatService, Limits, PromptTokens, build_chat_ui
+    from app.web.console import CSS as CONSOLE_CSS
     from app.web.console import Operator, build_console
 
     cfg = st.cfg
@@ -182,7 +188,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
 
     console = build_console(op, refresh_s=console_refresh_s)
     chat = build_chat_ui(service, raters)
-    app = gr.mount_gradio_app(app, console, path="/admin", css=CSS, footer_links=[])
+    app = gr.mount_gradio_app(app, console, path="/admin", css=CSS + CONSOLE_CSS, footer_links=[])
     app = gr.mount_gradio_app(app, chat, path="/", css=CSS, footer_links=[], max_file_size=MAX_PUBLIC_BODY)
     return app, scheduler
 

@@ -67,6 +67,11 @@ def validate_schedule(interval_minutes: int, cron: str) -> None:
             raise SettingsError(f"cron: bad cron expression {cron!r}: {e}") from None
 
 
+def has_schedule(s: OperatorSettings) -> bool:
+    """Whether the settings name a schedule (an interval or a cron expression): `enabled` alone runs nothing."""
+    return s.interval_minutes > 0 or bool(s.cron.strip())
+
+
 def _typed(name: str, value: Any) -> Any:
     """`value` if it is exactly the field's type (a bool is not an int here, a string is neither)."""
     want = FIELD_TYPES[name]
@@ -174,9 +179,13 @@ class SettingsStore:
             self.error = None
 
     def update(self, **changes: Any) -> OperatorSettings:
-        """Apply `changes` (checked first: a bad value raises SettingsError and writes nothing)."""
+        """Apply `changes` (checked first: a bad value raises SettingsError and writes nothing). Enabling
+        scheduling without an interval or cron expression is refused: it would look on and never run."""
         with self._update_lock:
             s = apply_changes(self.load(), changes)
+            if changes.get("enabled") is True and not has_schedule(s):
+                raise SettingsError("scheduling cannot be enabled without a schedule: set an interval (every N "
+                                    "minutes) or a cron expression, or leave scheduling off")
             self.save(s)
             return s
 

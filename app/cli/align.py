@@ -90,6 +90,10 @@ def _align_offline(cfg: Config) -> int:
     """No app running: bring the stack up here (vLLM is needed to load and warm the new adapter)."""
     from app.main import build_stack
 
+    why = _refusal_offline(cfg)
+    if why:
+        print(f"kto-loop align: not started: {why}", file=sys.stderr)
+        return 1
     print("kto-loop: the app is not running; realigning directly on", cfg.data_dir, flush=True)
     with build_stack(cfg) as st:
         s = st.settings.load()
@@ -104,3 +108,23 @@ def _align_offline(cfg: Config) -> int:
     print(json.dumps({"run_id": out.run_id, "status": out.status, "promoted": out.promoted,
                       "reason": out.reason, "version": out.version}))
     return 1 if out.status in ("failed", "cancelled") else 0
+
+
+def _refusal_offline(cfg: Config) -> str | None:
+    """Why a run on the stopped app's data would be refused (too few ratings), checked before vLLM starts."""
+    import shlex
+
+    from app.cli._remote import open_store
+    from app.loop.next_run import next_run, refusal
+    from app.main import default_settings
+    from app.operator_settings import SettingsStore
+    from feedback_store import StoreError
+
+    s = SettingsStore(cfg.data_dir, default_settings(cfg)).load()
+    extra = shlex.split(cfg.align_extra_args)
+    try:
+        with open_store(cfg) as store:
+            nxt = next_run(store, mode=cfg.align_mode, max_examples=s.max_examples, extra_args=extra)
+    except StoreError as e:
+        return str(e)
+    return refusal(nxt, extra, s.min_new_ratings)

@@ -17,10 +17,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from app.main import serve
-    from serving.model_fetch import ModelFetchError, check_model_dir, ensure_default_model
+    from serving.model_fetch import (
+        DEFAULT_MODEL_NAME,
+        ModelFetchError,
+        check_model_dir,
+        ensure_default_model,
+        is_complete,
+    )
 
     try:
         if cfg.uses_default_model:
+            if not is_complete(cfg.home / "models" / DEFAULT_MODEL_NAME):
+                progress(f"fetching the default model {DEFAULT_MODEL_NAME} and converting it for vLLM into "
+                         f"{cfg.home / 'models'} (first start only, about a minute)")
             ensure_default_model(cfg.home / "models", progress=True)
         else:
             check_model_dir(cfg.model_dir)
@@ -34,3 +43,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     except StoreError as e:  # a damaged or locked database: what happened and the way back, not a traceback
         print(f"kto-loop: {e}", file=sys.stderr)
         return 2
+
+
+def progress(what: str) -> None:
+    """A start-up step on stderr, so the first minutes of `make run` do not look like a hang."""
+    print(f"kto-loop: {what} …", file=sys.stderr, flush=True)

@@ -16,12 +16,16 @@ from typing import Any
 
 from aligner import balance
 from aligner import cli as aligner_cli
-from aligner.config import TrainConfig
+from aligner.config import HELDOUT_FLOOR_MAX_SHARE, TrainConfig
 from aligner.data import Example, split
 
 # the aligner settings that decide which snapshot rows train and with which weights
 SPLIT_SETTINGS = ("heldout_fraction", "heldout_min", "max_examples", "lambda_d", "lambda_u", "target_ratio",
                   "preference")
+
+
+class TooFewRatings(ValueError):
+    """A run started now could not train or could not be judged (`refusal` says why); nothing was started."""
 
 
 @dataclass(frozen=True)
@@ -116,3 +120,44 @@ def next_run(store: Any, *, mode: str, max_examples: int, extra_args: Sequence[s
     snap_d = sum(bool(r[2]) for r in rows)
     return NextRun(sel.mode, sel.served, sel.resume, sel.since, sel.max_examples, snap_d, len(rows) - snap_d,
                    **split_counts(rows, aligner_settings(extra_args)))
+
+
+def fewest_per_kind(heldout_min: int, max_share: float = HELDOUT_FLOOR_MAX_SHARE) -> int | None:
+    """The fewest ratings of one kind from which the aligner's held-out floor keeps one aside and one to train on
+    (aligner/data.py, hold_out_floor); None when there is no floor and only the hash slice holds out."""
+    if heldout_min <= 0:
+        return None
+    n = 2
+    while min(heldout_min, int(n * max_share)) < 1:
+        n += 1
+    return n
+
+
+def refusal(nxt: NextRun, extra_args: Sequence[str] = (), min_new_ratings: int | None = None) -> str | None:
+    """Why a run started now would be wasted (None: it can train and be judged). It trains on at least one
+    thumbs-up and one thumbs-down, and the gate judges it on held-out thumbs of both kinds: without them no
+    adapter can be promoted, so the run is refused before a snapshot is taken or anything trains."""
+    if (nxt.n_desirable and nxt.n_undesirable and nxt.heldout_desirable and nxt.heldout_undesirable
+            and not nxt.note):
+        return None
+    settings = aligner_settings(extra_args)
+    fewest = fewest_per_kind(settings["heldout_min"]) if settings["heldout_fraction"] > 0 else None
+    if settings["heldout_fraction"] <= 0:
+        need = ("the aligner holds nothing out (heldout_fraction 0), so the gate has nothing to judge a new adapter "
+                "on: set --heldout-fraction above 0 in align_extra_args")
+    elif fewest is None:
+        need = (f"with heldout_min 0 only the {settings['heldout_fraction']:g} hash slice is held out: rate more "
+                f"until it holds answers of both kinds")
+    else:
+        need = (f"the aligner holds out up to heldout_min = {settings['heldout_min']} answers of each kind (at most "
+                f"{round(HELDOUT_FLOOR_MAX_SHARE * 100)}% of a kind), so at least {fewest} 👍 and {fewest} 👎 "
+                f"are needed")
+    scope = f"since `{nxt.served}`" if nxt.resume else "in the store"
+    have = (f"the next run has {nxt.snapshot_desirable} 👍 / {nxt.snapshot_undesirable} 👎 {scope}: "
+            f"{nxt.n_desirable} / {nxt.n_undesirable} to train on, {nxt.heldout_desirable} / "
+            f"{nxt.heldout_undesirable} held out")
+    wait = (f" (a scheduled run also waits for min_new_ratings = {min_new_ratings} new ratings)"
+            if min_new_ratings else "")
+    note = f"; {nxt.note}" if nxt.note else ""
+    return (f"too few ratings for a run: it needs at least one 👍 and one 👎 to train on and one of each held out "
+            f"for the gate to judge the new adapter; {need}{wait}. Now {have}{note}.")

@@ -33,8 +33,9 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.loop.next_run import TooFewRatings
 from app.loop.realign import NotCancellable, RunInProgress
-from app.operator_settings import SettingsError
+from app.operator_settings import SettingsError, has_schedule
 from app.web.auth import is_admin_path
 
 ADMIN_HEADER = "X-KTO-Loop-Admin"
@@ -119,6 +120,7 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
 
     def schedule_view(s: Any) -> dict[str, Any]:
         return dataclasses.asdict(s) | {"next_run": scheduler.next_run_time(), "settings_error": st.settings.error,
+                                        "scheduled": s.enabled and has_schedule(s),
                                         "backoff": scheduler.backoff_state()}
 
     @router.get("/stats")
@@ -132,9 +134,12 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
             msg = op.realign_now(trigger=str(body.get("trigger", "operator")))
         except RunInProgress as e:
             raise HTTPException(409, str(e)) from None
+        except TooFewRatings as e:  # refused before anything is recorded or trained
+            raise HTTPException(422, str(e)) from None
+        run_id = st.realigner.status.run_id
         if body.get("wait") is True:
             scheduler.wait()
-        return {"message": msg, "run": st.realigner.status.as_dict()}
+        return {"message": msg, "run": st.realigner.status.as_dict(), "outcome": op.run_outcome(run_id)}
 
     @router.get("/run")
     def run_status():
@@ -235,7 +240,7 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
         from app.cli.stats import collect
 
         nxt = st.realigner.next_run(st.settings.load().max_examples)
-        return _jsonable(collect(st.store, nxt.as_dict()))
+        return _jsonable(collect(st.store, nxt.as_dict(), st.settings.error))
 
     @router.get("/runs")
     def runs(limit: int = 20):

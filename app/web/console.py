@@ -15,9 +15,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from app.cli import stats
+from app.loop.next_run import TooFewRatings, refusal
 from app.loop.realign import NotCancellable, Realigner, RunInProgress
 from app.loop.scheduler import RealignScheduler, new_ratings
-from app.operator_settings import SettingsStore
+from app.operator_settings import SETTINGS_FILE, OperatorSettings, SettingsStore, has_schedule
 
 
 def records(x: Any) -> list[dict[str, Any]]:
@@ -81,9 +83,30 @@ class Operator:
                 "n_desirable": nxt["n_desirable"], "n_undesirable": nxt["n_undesirable"],
                 "lambda_d": nxt["lambda_d"], "lambda_u": nxt["lambda_u"], "lambda_note": nxt["note"],
                 "next": nxt, "new_since_last_run": new_ratings(self.store),
+                "unseen_by_served": self.unseen_by_served(nxt["served"]),
                 "served": self.registry.current(), "run": self.realigner.status.as_dict(),
-                "schedule": dataclasses.asdict(s), "next_run": self.scheduler.next_run_time(),
-                "last_tick": self.scheduler.last_tick}
+                "schedule": dataclasses.asdict(s), "scheduled": has_schedule(s) and s.enabled,
+                "next_run": self.scheduler.next_run_time(), "last_tick": self.scheduler.last_tick,
+                "settings_error": self.settings.error, "shares": self.shares(nxt),
+                "last_run_checks": self.last_run_checks()}
+
+    def unseen_by_served(self, served: str) -> int | None:
+        """Final ratings the served version has not trained on (all of them under the base model). Unlike "new
+        since the last run", a run the gate refused does not reset it: its ratings are still to be learned."""
+        try:
+            n_d, n_u = self.store.training_counts(since=None if served in (None, "base") else served,
+                                                  max_user_share=None, max_addr_share=None)
+        except Exception:  # a served version the store does not know: no honest number
+            return None
+        return n_d + n_u
+
+    def shares(self, nxt: dict[str, Any], top: int = 5) -> dict[str, Any]:
+        """The next run's top contributors and what the share caps cut (app/cli/stats.py, shares)."""
+        return stats.shares(self.store, nxt, top)
+
+    def last_run_checks(self) -> dict[str, Any] | None:
+        """The newest finished run's gate reason, per-rater check and caps (app/cli/stats.py)."""
+        return stats.last_run_checks(self.store)
 
     def by_time(self, bucket: str = "hour") -> pd.DataFrame:
         """Up and down per bucket, as bar labels: a bar stays visible when all ratings share one bucket."""
@@ -114,27 +137,30 @@ class Operator:
         return pd.DataFrame(out, columns=["user", "up", "down", "withdrawn", "like rate %"])
 
     def runs(self) -> pd.DataFrame:
+        """One row per run, short columns (the reason is the one that needs the width; see RUNS_WIDTHS)."""
         rows = []
         for r in records(self.store.runs()):
-            m = r.get("metrics")
-            if isinstance(m, str):
-                try:
-                    m = json.loads(m)
-                except ValueError:
-                    m = {}
-            m = m or {}
+            m = _decoded(r.get("metrics"))
             new = ((m.get("heldout") or {}).get("new") or {})
             rows.append({
-                "run": r.get("id") or r.get("run_id"), "trigger": r.get("trigger"), "status": r.get("status"),
-                "started": _json_safe(r.get("started_at")), "finished": _json_safe(r.get("finished_at")),
+                "run": str(r.get("id") or r.get("run_id") or "")[:8], "trigger": r.get("trigger"),
+                "status": r.get("status"), "started": _short_time(r.get("started_at")),
                 "n_D": r.get("n_desirable"), "n_U": r.get("n_undesirable"),
                 "λ_D": _round(r.get("lambda_d")), "λ_U": _round(r.get("lambda_u")),
-                "held-out margin": _round(new.get("margin")), "right side": _round(new.get("frac_correct_side")),
-                "promoted": m.get("promoted"), "version": m.get("version") or r.get("adapter_version"),
+                "margin": _round(new.get("margin")), "right": _round(new.get("frac_correct_side")),
+                "version": m.get("version") or r.get("adapter_version"),
                 "why / error": r.get("error") or m.get("reason")})
-        cols = ["run", "trigger", "status", "started", "finished", "n_D", "n_U", "λ_D", "λ_U", "held-out margin",
-                "right side", "promoted", "version", "why / error"]
-        return pd.DataFrame(rows, columns=cols)
+        return pd.DataFrame(rows, columns=RUNS_COLUMNS)
+
+    def share_table(self, shares: dict[str, Any]) -> pd.DataFrame:
+        """The shares as one table: signed users, then client addresses."""
+        out = []
+        for kind, key, cap in (("user", "user_id", "user_cap"), ("address", "client_addr", "addr_cap")):
+            for r in shares.get(f"top_{'users' if kind == 'user' else 'addrs'}") or []:
+                out.append({"by": kind, "who": str(r.get(key)), "kept": r["kept"],
+                            "share %": round(100 * r["share"], 1),
+                            "cut by cap": (f"{r['dropped']} (≤ {shares.get(cap)} kept)" if r["dropped"] else "—")})
+        return pd.DataFrame(out, columns=SHARE_COLUMNS)
 
     def down_reasons(self, adapter: str | None = None) -> pd.DataFrame:
         """Thumbs-down with their reason or comment (newest first), for one adapter version or all ("" / None)."""
@@ -158,13 +184,40 @@ class Operator:
         return pd.DataFrame(out, columns=["version", "serving", "run", "created", "promoted", "retired", "path"])
 
     # ---- actions
+    def cannot_run(self, s: OperatorSettings) -> str | None:
+        """Why a run started now would be refused for its data (app/loop/next_run.py, `refusal`), else None."""
+        return refusal(self.realigner.next_run(s.max_examples), self.realigner.extra_args, s.min_new_ratings)
+
     def realign_now(self, trigger: str = "operator") -> str:
+        """Start a run; TooFewRatings, before anything is recorded or trained, when it could not be judged."""
         s = self.settings.load()
+        if not self.realigner.running:  # a run going is reported as RunInProgress by start_run
+            why = self.cannot_run(s)
+            if why:
+                raise TooFewRatings(why)
         self.scheduler.start_run(trigger, max_examples=s.max_examples)
         st = self.realigner.status
         if not st.running and st.last.get("status") == "failed":
             return f"Run {st.run_id} failed at once: {st.last.get('reason')}"
         return f"Run {st.run_id} started." if st.run_id else "Realignment started."
+
+    def run_outcome(self, run_id: str | None) -> str | None:
+        """How run `run_id` ended, in a line for the console (None while it is still going or unknown)."""
+        if not run_id:
+            return None
+        st = self.realigner.status
+        last = st.last if st.last.get("run_id") == run_id else None
+        if last is None:
+            try:
+                r = self.store.get_run(run_id)
+            except Exception:
+                return None
+            if r.get("status") == "running":
+                return None
+            m = _decoded(r.get("metrics"))
+            last = {"status": r.get("status"), "promoted": r.get("status") == "promoted",
+                    "reason": r.get("error") or m.get("reason"), "version": r.get("adapter_version")}
+        return outcome_line(run_id, last)
 
     def cancel_run(self) -> str:
         """Stop the run in progress (its aligner child); NotCancellable when there is none or it is promoting."""
@@ -176,6 +229,109 @@ class Operator:
 
         before, after = rollback(self.store, self.registry, version or None, reason="operator")
         return f"Now serving {after} (was {before})."
+
+
+RUNS_COLUMNS = ["run", "trigger", "status", "started", "n_D", "n_U", "λ_D", "λ_U", "margin", "right", "version",
+                "why / error"]
+# pixels per column: the short ones fit their header on one line, the reason takes the rest (visible at 1400 px)
+RUNS_WIDTHS = ["95px", "95px", "95px", "120px", "55px", "55px", "60px", "60px", "75px", "65px", "85px", "330px"]
+SHARE_COLUMNS = ["by", "who", "kept", "share %", "cut by cap"]
+CSS = """
+#kto-runs th, #kto-shares th, #kto-versions th { white-space: nowrap; }
+#kto-runs th .header-content, #kto-runs th span { white-space: nowrap; word-break: normal; overflow-wrap: normal; }
+#kto-runs td, #kto-runs td span { white-space: normal; overflow-wrap: anywhere; }
+#kto-warning { border: 2px solid #d9413b; border-radius: 6px; padding: 4px 12px; background: #fdecea; }
+"""
+
+
+def _short_time(v: Any) -> Any:
+    """A run's start as month-day hour:minute: the year and seconds cost the runs table width."""
+    return v.strftime("%m-%d %H:%M") if isinstance(v, dt.datetime) else _json_safe(v)
+
+
+def _decoded(v: Any) -> dict[str, Any]:
+    """A run's JSON column as a dict (the store decodes it; an older or odd row may hold text or nothing)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return {}
+    return v if isinstance(v, dict) else {}
+
+
+def outcome_line(run_id: str, last: dict[str, Any]) -> str:
+    """A finished run as the console says it: what happened and the gate's or the error's words."""
+    why = last.get("reason") or ""
+    status = last.get("status")
+    if status == "promoted" or last.get("promoted"):
+        return f"✅ Run {run_id} finished: promoted as **{last.get('version')}** — {why}"
+    if status == "cancelled":
+        return f"🛑 Run {run_id} was cancelled."
+    if status == "failed":
+        return f"❌ Run {run_id} failed: {why}"
+    return f"⛔ Run {run_id} finished: not promoted — {why}"
+
+
+def settings_warning(error: str | None) -> str:
+    """The console's banner for an unusable operator settings file: what is wrong and the two ways out."""
+    if not error:
+        return ""
+    return (f"⚠️ **Scheduled realignment is off: the operator settings could not be used.** {error}.  \n"
+            f"To fix it, save the schedule in *Schedule & settings* (or run `kto-loop schedule --every MINUTES` "
+            f"or `--cron EXPR`): that rewrites the file and keeps the bad one beside it as `{SETTINGS_FILE}.bad`. "
+            f"Or correct the file by hand and restart the app.")
+
+
+def schedule_state(s: OperatorSettings, next_run: str | None) -> str:
+    """One line saying whether scheduled runs happen, matching the checkbox."""
+    what = (f"cron `{s.cron}`" if s.cron.strip() else f"every {s.interval_minutes} minutes"
+            if s.interval_minutes > 0 else None)
+    if what is None:
+        return ("Scheduling is **off**: no interval or cron expression is set. Set one, tick *Scheduling enabled* "
+                "and save.")
+    if not s.enabled:
+        return f"Scheduling is **off** (paused; {what} is kept). Tick *Scheduling enabled* and save to resume."
+    return (f"Scheduling is **on**: {what}, next check {next_run or 'not scheduled'}; a scheduled run starts after "
+            f"{s.min_new_ratings} new ratings.")
+
+
+def trust_markdown(s: dict[str, Any]) -> str:
+    """The share caps on the next run and the last run's per-rater check, in plain words."""
+    sh, lines = s["shares"], []
+    caps = []
+    for name, cap, what in (("max_user_share", "user_cap", "signed user"), ("max_addr_share", "addr_cap",
+                                                                              "client address")):
+        if sh.get(name) is None:
+            caps.append(f"{name} off")
+        else:
+            limit = f", at most {sh[cap]} ratings per {what}" if sh.get(cap) is not None else ", nobody over it"
+            caps.append(f"{name} {100 * sh[name]:g}%{limit}")
+    cut = sh["n_dropped"]
+    lines.append(f"**Share caps on the next run:** {'; '.join(caps)}. "
+                 + (f"They cut **{cut}** of its {sh['n_candidates']} ratings." if cut else
+                    f"They cut nothing from its {sh['n_candidates']} ratings."))
+    lines += [f"_{why}._" for why in sh.get("inactive") or []]
+    last = s.get("last_run_checks")
+    if last is None:
+        lines.append("**Last run's gate:** no run has finished yet.")
+    else:
+        rc = last.get("rater_check")
+        if rc is None:
+            rater = ("not applied (the held-out answers came from fewer than two raters, or the run never reached "
+                     "the gate)")
+        else:
+            left = "not measurable" if rc.get("gain_without") is None else f"{rc['gain_without']:+.4f}"
+            share = f"{rc['n']} of {rc['n_heldout']} held-out answers"
+            rater = (f"passed — without the most influential rater `{rc['most_influential']}` ({share}) the gain "
+                     f"is still {left}, above {rc['min_gain']:+.4f}" if rc.get("ok") else
+                     f"**refused** — the gain rests on one rater: without `{rc['most_influential']}` ({share}) it "
+                     f"is {left}, not above {rc['min_gain']:+.4f}")
+        lines.append(f"**Last run ({str(last['run_id'])[:8]}, {last['status']}):** {last.get('reason') or ''}  \n"
+                     f"Per-rater check: {rater}.")
+        caps = last.get("caps") or {}
+        if caps.get("n_dropped"):
+            lines.append(f"Its snapshot's share caps cut {caps['n_dropped']} of {caps['n_candidates']} ratings.")
+    return "  \n".join(lines)
 
 
 def _round(v: Any, nd: int = 3) -> Any:
@@ -210,11 +366,14 @@ def summary_markdown(s: dict[str, Any]) -> str:
     else:
         status = "no run since the app started"
     nxt = s["next_run"] or "not scheduled"
+    unseen = "—" if s["unseen_by_served"] is None else s["unseen_by_served"]
     return (
-        f"| 👍 up | 👎 down | withdrawn | like rate | new since last run | serving |\n"
-        f"|---|---|---|---|---|---|\n"
-        f"| **{s['up']}** | **{s['down']}** | {s['withdrawn']} | {rate} | **{s['new_since_last_run']}** | "
+        f"| 👍 up | 👎 down | withdrawn | like rate | not yet learned | new since last run | serving |\n"
+        f"|---|---|---|---|---|---|---|\n"
+        f"| **{s['up']}** | **{s['down']}** | {s['withdrawn']} | {rate} | **{unseen}** | {s['new_since_last_run']} | "
         f"`{s['served']}` |\n\n"
+        f"_Not yet learned_: ratings the served version has not trained on (a refused run leaves them there). "
+        f"_New since last run_: what a scheduled run waits for (min new ratings).  \n"
         f"Next run would train on n_D = **{s['n_desirable']}**, n_U = **{s['n_undesirable']}**, {lam} "
         f"({_next_scope(s['next'])}).  \n"
         f"Realignment: {status}.  \nNext scheduled check: {nxt}."
@@ -222,20 +381,30 @@ def summary_markdown(s: dict[str, Any]) -> str:
 
 
 def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
-    """The console Blocks; mount it at "/admin" behind the admin login."""
+    """The console Blocks; mount it at "/admin" behind the admin login (with CSS)."""
 
-    def refresh():
+    def refresh(watched: str | None = None):
         s = op.summary()
-        return (summary_markdown(s), op.by_time(), op.by_adapter(), op.by_user(), op.runs(), op.adapters(),
-                gr.update(choices=[v for v in op.adapters()["version"].tolist()]))
+        runs, users, adapters = op.runs(), op.by_user(), op.adapters()
+        outcome, per_adapter = op.run_outcome(watched), op.by_adapter()
+        banner = settings_warning(s["settings_error"])
+        return (gr.update(value=banner, visible=bool(banner)), summary_markdown(s), trust_markdown(s),
+                op.share_table(s["shares"]), op.by_time(), per_adapter, per_adapter,
+                gr.update(value=users, label="Per user" if len(users) else "Per user: no ratings yet"),
+                gr.update(value=runs, label="Realignment runs (newest first)" if len(runs) else
+                          "Realignment runs: no runs yet — Realign now starts one once there are enough ratings"),
+                adapters, gr.update(choices=adapters["version"].tolist()),
+                gr.update() if outcome is None else outcome)
 
     def realign():
         try:
-            return "✅ " + op.realign_now()
+            return "▶️ " + op.realign_now(), op.realigner.status.run_id
         except RunInProgress as e:
-            return f"⏳ Not started: {e}."
+            return f"⏳ Not started: {e}.", gr.update()
+        except TooFewRatings as e:
+            return f"⚠️ Not started: {e}", None
         except Exception as e:
-            return f"⚠️ Could not start: {e}"
+            return f"⚠️ Could not start: {e}", None
 
     def cancel():
         try:
@@ -243,15 +412,20 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         except NotCancellable as e:
             return f"⚠️ Not cancelled: {e}."
 
+    def schedule_fields():
+        s = op.settings.load()
+        return (s.interval_minutes, s.cron, s.min_new_ratings, s.max_examples, s.enabled and has_schedule(s),
+                schedule_state(s, op.scheduler.next_run_time()))
+
     def save_schedule(interval, cron, min_new, max_ex, enabled):
         try:
             s = op.scheduler.update(interval_minutes=int(interval or 0), cron=(cron or "").strip(),
                                     min_new_ratings=int(min_new or 0), max_examples=int(max_ex or 1),
                                     enabled=bool(enabled))
         except (ValueError, TypeError) as e:
-            return f"⚠️ {e}"
-        return f"✅ Schedule saved (next check: {op.scheduler.next_run_time() or 'not scheduled'}); " \
-               f"min new ratings {s.min_new_ratings}, max examples {s.max_examples}."
+            return f"⚠️ Not saved: {e}", gr.update()
+        return (f"✅ Schedule saved; min new ratings {s.min_new_ratings}, max examples {s.max_examples}.",
+                schedule_state(s, op.scheduler.next_run_time()))
 
     def save_prompt(text):
         text = (text or "").strip()
@@ -268,13 +442,18 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
 
     s0 = op.settings.load()
     with gr.Blocks(title="kto-loop console") as demo:
+        warning = gr.Markdown(elem_id="kto-warning", visible=False)
         gr.Markdown("## 🛠️ kto-loop operator console")
         summary = gr.Markdown(elem_id="kto-summary")
+        watched = gr.State(None)  # the run this page started: its outcome replaces the "started" line
         with gr.Row():
             realign_btn = gr.Button("Realign now", variant="primary", elem_id="kto-realign", scale=1)
             cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="kto-cancel", scale=1)
             realign_msg = gr.Markdown(elem_id="kto-realign-msg")
         with gr.Tab("Dashboard"):
+            trust = gr.Markdown(elem_id="kto-trust")
+            share_table = gr.Dataframe(label="Who supplies the next run's ratings (top signed users and addresses)",
+                                       interactive=False, elem_id="kto-shares")
             with gr.Row():
                 over_time = gr.BarPlot(x="time", y="n", color="rating", title="Thumbs over time (per hour)",
                                         color_map={"👍 up": "#2e9e44", "👎 down": "#d9413b"},
@@ -283,7 +462,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
                                          height=260, elem_id="kto-plot-adapter", y_lim=[0, 100])
             with gr.Row():
                 adapter_table = gr.Dataframe(label="Per adapter version", interactive=False)
-                user_table = gr.Dataframe(label="Per user", interactive=False, max_height=260)
+                user_table = gr.Dataframe(label="Per user", interactive=False, max_height=260, elem_id="kto-users")
         with gr.Tab("👎 reasons"):
             reasons_adapter = gr.Dropdown(label="Adapter version (empty = all)", choices=[""], value="",
                                           allow_custom_value=True, elem_id="kto-reasons-adapter")
@@ -291,7 +470,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
                                          interactive=False, wrap=True, elem_id="kto-reasons")
         with gr.Tab("Runs"):
             runs_table = gr.Dataframe(label="Realignment runs (newest first)", interactive=False,
-                                      elem_id="kto-runs", wrap=True)
+                                      elem_id="kto-runs", wrap=True, column_widths=RUNS_WIDTHS)
         with gr.Tab("Adapters"):
             versions_table = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="kto-versions")
             with gr.Row():
@@ -300,38 +479,40 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
                 rb_btn = gr.Button("Roll back", variant="stop", elem_id="kto-rollback")
             rb_msg = gr.Markdown()
         with gr.Tab("Schedule & settings"):
+            sched_state = gr.Markdown(schedule_state(s0, None), elem_id="kto-schedule-state")
             with gr.Row():
                 interval = gr.Number(s0.interval_minutes, label="Every N minutes (0 = off)", precision=0)
                 cron = gr.Textbox(s0.cron, label="or cron (e.g. 0 3 * * *)")
                 min_new = gr.Number(s0.min_new_ratings, label="Min new ratings", precision=0)
                 max_ex = gr.Number(s0.max_examples, label="Max examples per run", precision=0)
-                enabled = gr.Checkbox(s0.enabled, label="Scheduling enabled")
+                enabled = gr.Checkbox(s0.enabled and has_schedule(s0), label="Scheduling enabled",
+                                      elem_id="kto-enabled")
             save_btn = gr.Button("Save schedule", elem_id="kto-save-schedule")
-            sched_msg = gr.Markdown()
+            sched_msg = gr.Markdown(elem_id="kto-schedule-msg")
             prompt = gr.Textbox(s0.system_prompt, label="System prompt for chat", lines=3)
             prompt_btn = gr.Button("Save system prompt")
             prompt_msg = gr.Markdown()
 
-        def refresh_with_adapter_table():
-            md, t, a, u, r, v, dd = refresh()
-            return md, t, a, a, u, r, v, dd
-
-        full = [summary, over_time, per_adapter, adapter_table, user_table, runs_table, versions_table, rb_version]
-        demo.load(refresh_with_adapter_table, None, full)
+        full = [warning, summary, trust, share_table, over_time, per_adapter, adapter_table, user_table, runs_table,
+                versions_table, rb_version, realign_msg]
+        demo.load(refresh, [watched], full)
+        demo.load(schedule_fields, None, [interval, cron, min_new, max_ex, enabled, sched_state])
 
         def reasons(adapter):
             versions = [""] + [str(r.get("adapter")) for r in records(op.store.counts_by_adapter())]
-            return op.down_reasons(adapter or None), gr.update(choices=versions)
+            table = op.down_reasons(adapter or None)
+            label = ("Thumbs-down with a reason or comment (newest first)" if len(table) else
+                     "Thumbs-down with a reason or comment: none yet")
+            return gr.update(value=table, label=label), gr.update(choices=versions)
 
         demo.load(reasons, [reasons_adapter], [reasons_table, reasons_adapter])
         reasons_adapter.change(reasons, [reasons_adapter], [reasons_table, reasons_adapter])
         gr.Timer(refresh_s * 5).tick(reasons, [reasons_adapter], [reasons_table, reasons_adapter],
                                      concurrency_limit=None, show_progress="hidden")
-        gr.Timer(refresh_s).tick(refresh_with_adapter_table, None, full, concurrency_limit=None,
-                                 show_progress="hidden")
-        realign_btn.click(realign, None, realign_msg).then(refresh_with_adapter_table, None, full)
-        cancel_btn.click(cancel, None, realign_msg).then(refresh_with_adapter_table, None, full)
-        save_btn.click(save_schedule, [interval, cron, min_new, max_ex, enabled], sched_msg)
+        gr.Timer(refresh_s).tick(refresh, [watched], full, concurrency_limit=None, show_progress="hidden")
+        realign_btn.click(realign, None, [realign_msg, watched]).then(lambda: refresh()[:-1], None, full[:-1])
+        cancel_btn.click(cancel, None, realign_msg).then(lambda: refresh()[:-1], None, full[:-1])
+        save_btn.click(save_schedule, [interval, cron, min_new, max_ex, enabled], [sched_msg, sched_state])
         prompt_btn.click(save_prompt, [prompt], prompt_msg)
-        rb_btn.click(do_rollback, [rb_version], rb_msg).then(refresh_with_adapter_table, None, full)
+        rb_btn.click(do_rollback, [rb_version], rb_msg).then(lambda: refresh()[:-1], None, full[:-1])
     return demo

@@ -321,7 +321,7 @@ def test_align_and_cancel_through_the_app_and_the_next_run_numbers_are_the_align
         assert len(step["trained"]) == manifest["n_desirable"] + manifest["n_undesirable"]
         assert not set(step["trained"]) & set(step["heldout"])
 
-        _rate(running.store, "b", 6, adapter="kto-v1")
+        _rate(running.store, "b", 12, adapter="kto-v1")  # 8 👍 / 4 👎: one of each held out, so it may start
         rc, out, err = _cli(capsys, "align", "--now", "--no-wait", "--data-dir", str(data))
         assert rc == 0, err
         rc, out, err = _cli(capsys, "cancel", "--data-dir", str(data))
