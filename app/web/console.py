@@ -236,6 +236,7 @@ RUNS_COLUMNS = ["run", "trigger", "status", "started", "n_D", "n_U", "λ_D", "λ
 # pixels per column: the short ones fit their header on one line, the reason takes the rest (visible at 1400 px)
 RUNS_WIDTHS = ["95px", "95px", "95px", "120px", "55px", "55px", "60px", "60px", "75px", "65px", "85px", "330px"]
 SHARE_COLUMNS = ["by", "who", "kept", "share %", "cut by cap"]
+SHARES_LABEL = "Who supplies the next run's ratings (top signed users and client addresses)"
 CSS = """
 #kto-runs th, #kto-shares th, #kto-versions th { white-space: nowrap; }
 #kto-runs th .header-content, #kto-runs th span { white-space: nowrap; word-break: normal; overflow-wrap: normal; }
@@ -386,10 +387,11 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
     def refresh(watched: str | None = None):
         s = op.summary()
         runs, users, adapters = op.runs(), op.by_user(), op.adapters()
-        outcome, per_adapter = op.run_outcome(watched), op.by_adapter()
+        outcome, per_adapter, shares = op.run_outcome(watched), op.by_adapter(), op.share_table(s["shares"])
         banner = settings_warning(s["settings_error"])
         return (gr.update(value=banner, visible=bool(banner)), summary_markdown(s), trust_markdown(s),
-                op.share_table(s["shares"]), op.by_time(), per_adapter, per_adapter,
+                gr.update(value=shares, label=SHARES_LABEL if len(shares) else f"{SHARES_LABEL}: none yet"),
+                op.by_time(), per_adapter, per_adapter,
                 gr.update(value=users, label="Per user" if len(users) else "Per user: no ratings yet"),
                 gr.update(value=runs, label="Realignment runs (newest first)" if len(runs) else
                           "Realignment runs: no runs yet — Realign now starts one once there are enough ratings"),
@@ -452,8 +454,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
             realign_msg = gr.Markdown(elem_id="kto-realign-msg")
         with gr.Tab("Dashboard"):
             trust = gr.Markdown(elem_id="kto-trust")
-            share_table = gr.Dataframe(label="Who supplies the next run's ratings (top signed users and addresses)",
-                                       interactive=False, elem_id="kto-shares")
+            share_table = gr.Dataframe(label=SHARES_LABEL, interactive=False, elem_id="kto-shares")
             with gr.Row():
                 over_time = gr.BarPlot(x="time", y="n", color="rating", title="Thumbs over time (per hour)",
                                         color_map={"👍 up": "#2e9e44", "👎 down": "#d9413b"},

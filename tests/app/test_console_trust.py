@@ -300,6 +300,8 @@ def test_the_console_in_chromium_warns_says_empty_refuses_and_fits_the_runs_tabl
             page.goto(url + "/admin/")
             expect(page.get_by_text("Per user: no ratings yet")).to_be_visible(timeout=30_000)
             expect(page.locator("#kto-warning")).to_be_hidden()
+            expect(page.get_by_text("Who supplies the next run's ratings (top signed users and client addresses): "
+                                    "none yet")).to_be_visible()
             page.get_by_role("tab", name="Schedule & settings").click()
             expect(page.locator("#kto-schedule-state")).to_contain_text("Scheduling is off", timeout=10_000)
             expect(page.get_by_label("Scheduling enabled")).not_to_be_checked()
