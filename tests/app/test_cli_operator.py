@@ -29,6 +29,7 @@ from app.operator_settings import RUNTIME_FILE, SettingsStore, write_json_atomic
 from app.web.admin_api import ADMIN_HEADER, TRANSFER_DIR
 from app.web.auth import basic_header
 from feedback_store import FeedbackStore
+from tests.app.doubles import PointerRegistry
 from tests.conftest import free_port
 
 PASSWORD = "s3cret"
@@ -42,29 +43,7 @@ class Server:
         return True
 
 
-class Registry:
-    """Promotes by remembering version → adapter directory, like the real registry's pointer."""
-
-    def __init__(self) -> None:
-        self.paths: dict[str, Path] = {}
-        self.pointer = "base"
-
-    def current(self) -> str:
-        return self.pointer
-
-    def promote(self, adapter_dir: Path, check=None) -> str:
-        version = f"kto-v{len(self.paths) + 1}"
-        self.paths[version] = Path(adapter_dir)
-        if check is not None:
-            ok, why = check(version, self.pointer)
-            if not ok:
-                from serving.registry import AdapterRejected
-                raise AdapterRejected(why)
-        self.pointer = version
-        return version
-
-    def path_of(self, version: str) -> Path | None:
-        return self.paths.get(version)
+Registry = PointerRegistry
 
 
 class RunningApp:

@@ -21,21 +21,13 @@ from app.web.admin_api import admin_headers
 from app.web.auth import basic_header
 from app.web.console import schedule_state, settings_warning, summary_markdown, trust_markdown
 from feedback_store import FeedbackStore
+from tests.app.doubles import BaseRegistry, OfflineServer
 
 PASSWORD = "s3cret"
 AUTH = {"Authorization": basic_header("admin", PASSWORD)} | admin_headers()
 
 
-class Server:
-    base_url = "http://127.0.0.1:9"
-
-    def is_healthy(self, timeout=2.0):
-        return False
-
-
-class Registry:
-    def current(self):
-        return "base"
+Server, Registry = OfflineServer, BaseRegistry
 
 
 def _stack(data: Path, **store_kw) -> Stack:

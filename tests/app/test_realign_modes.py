@@ -15,34 +15,12 @@ import app.loop.gate
 from app.loop.gate import Candidate, rater_check, should_promote
 from app.loop.realign import Realigner
 from feedback_store import FeedbackStore
+from tests.app.doubles import PointerRegistry
 
 TRAIN_ARGS = ["--max-steps", "1", "--batch-size", "4", "--holdout-fraction", "0.25"]
 
 
-class Registry:
-    """Promotes by copying nothing: remembers version → adapter directory, like the real registry's pointer."""
-
-    def __init__(self) -> None:
-        self.paths: dict[str, Path] = {}
-        self.pointer = "base"
-
-    def current(self) -> str:
-        return self.pointer
-
-    def promote(self, adapter_dir: Path, check=None) -> str:
-        from serving.registry import AdapterRejected
-
-        version = f"kto-v{len(self.paths) + 1}"
-        self.paths[version] = Path(adapter_dir)
-        if check is not None:
-            ok, why = check(version, self.pointer)
-            if not ok:
-                raise AdapterRejected(why)
-        self.pointer = version
-        return version
-
-    def path_of(self, version: str) -> Path | None:
-        return self.paths.get(version)
+Registry = PointerRegistry
 
 
 def _rate(store: FeedbackStore, tag: str, n: int, adapter: str) -> list[str]:

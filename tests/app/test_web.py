@@ -19,21 +19,9 @@ from app.main import Stack, create_app, default_settings
 from app.operator_settings import SettingsStore
 from app.web.auth import USER_COOKIE, TokenBuckets, basic_header, check_basic
 from feedback_store import FeedbackStore
+from tests.app.doubles import BaseRegistry, OfflineServer
 
-
-class Server:
-    base_url = "http://127.0.0.1:9"
-
-    def is_healthy(self, timeout=2.0):
-        return False
-
-
-class Registry:
-    def current(self):
-        return "base"
-
-    def rollback(self, version=None):
-        raise ValueError("no previous version to roll back to")
+Server, Registry = OfflineServer, BaseRegistry
 
 
 @pytest.fixture
