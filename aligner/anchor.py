@@ -1,27 +1,14 @@
-"""Optional anchor term: keep the policy's next-token distributions near the reference's on prompts no one rated.
+"""Optional anchor term: keep the policy's next-token distributions near the base model's on prompts no one rated.
 
-Why: on SmolLM2-135M the KTO updates that move a format preference (`bullets`, `examples`) by +30 points also
-change how the model answers short factual questions it was never trained on
-(docs/experiments/2026-11-30-simulator-400-ratings.md: "hours in a day" → "1 1 1…"), and the capability guard
-refuses those adapters. InstructGPT (Ouyang et al., 2022, §3.5, "PPO-ptx") kept general ability by mixing a
-term on data from outside the preference set into the objective. Ours is the per-token KL to the reference used
-in RLHF, taken on a fixed set of general prompts (`data/anchor_prompts.jsonl`: everyday questions, arithmetic,
-small tasks; none of the capability probe's questions and no capital-city question) along the reference model's
-own greedy answers:
+Preference updates can cost general answers the capability guard checks; like InstructGPT's PPO-ptx (Ouyang et
+al., 2022, §3.5) we add a term on data outside the preference set, the per-token KL to the reference along its
+own greedy answers to `data/anchor_prompts.jsonl`, cut at `anchor_max_tokens`:
 
     loss = KTO loss + γ · mean over anchor answer tokens of KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))
 
-The answers are cut at `anchor_max_tokens` (default 24). Every fact the capability probe saw lost went wrong in an
-answer's first few tokens ("La femme de France", "… is Sydney."), while a preference such as naming examples lives
-later; at the same γ, 24 tokens kept the facts that 64 lost, at the same gain, and cost less per step
-(docs/experiments/2026-12-01-anchor-strength-and-length.md).
-
-The KTO part is unchanged (aligner/loss.py). γ = 0 (the default) switches the term off and leaves runs
-bit-identical to plain KTO. Once per run, with the adapter disabled: the reference's greedy answers, then its
-next-token distributions along them, kept as the top-k tokens plus the rest's mass (loss.bucket_kl), so no step
-needs a reference forward. The reference is always the base model (adapter off): what capability is judged by.
-Those answers depend only on the base model, the prompts and the settings, so a run given a cache directory keeps
-them there (`load_cached`/`save_cached`, keyed by a hash of all of these) and later runs skip the ~20-70 s build.
+γ = 0 (the default) leaves runs bit-identical to plain KTO. The reference is the base model (adapter off); its
+answers and top-k distributions (loss.bucket_kl) are built once per run and cached by a hash of their inputs.
+Measured: docs/experiments/2026-11-30-anchor-term.md, docs/experiments/2026-12-01-anchor-strength-and-length.md.
 """
 
 from __future__ import annotations

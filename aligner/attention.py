@@ -1,24 +1,13 @@
 """Causal self-attention for training on CPU: SDPA's forward, a batched-matmul backward.
 
-Profiling a training step of SmolLM2-135M (8 answers of ~150 tokens, bf16 autocast, 2-core AMX Xeon), PyTorch's
-CPU flash-attention *backward* kernel took a share of the step far beyond its share of the FLOPs. Eager attention
-avoids that kernel but rounds differently in bf16, so its log-probs would no longer match a reference pass run with
-SDPA.
-
-So the forward here *is* SDPA (same call, bit-identical outputs: reference, policy and held-out log-probs do not
-move), and only the gradient is computed differently: from the saved q, k, v, recompute P = softmax(q kᵀ·s) with
-the causal mask and apply the textbook attention backward (Vaswani et al. 2017; the recompute-instead-of-store
-idea is FlashAttention's, Dao et al. 2022) with batched matmuls in the inputs' dtype, softmax and dS in float32:
+PyTorch's CPU flash-attention backward is slow, and eager attention rounds differently in bf16; so the forward
+*is* SDPA (log-probs bit-identical) and only the gradient differs: recompute P from the saved q, k, v (as in
+FlashAttention, Dao et al. 2022) and apply the textbook backward in float32 softmax/dS:
 
     dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − rowsum(P ⊙ dP)),   dQ = s·dS K,   dK = s·dSᵀ Q
 
-Nothing [heads, T, T] is kept between forward and backward, so activation memory is SDPA's. Measured with
-benchmarks/attention_bench.py (docs/experiments/2026-12-01-attention-backward.md): 1.10× faster training steps,
-the same peak RSS, and a gradient no further from a float32 run's than PyTorch's.
-
-Used only where it is exact and faster: with gradient, causal, no mask, no dropout, query and key of the same
-length (the aligner's right-padded batches), at most MAX_MATMUL_LENGTH tokens. Anything else (longer batches,
-generation with a KV cache, padding masks, no-grad passes) calls transformers' own SDPA function unchanged.
+Used only with gradient, causal, no mask or dropout, equal query/key length, ≤ MAX_MATMUL_LENGTH tokens; anything
+else calls transformers' SDPA unchanged. Measured: docs/experiments/2026-12-01-attention-backward.md.
 """
 
 from __future__ import annotations

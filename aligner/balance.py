@@ -1,10 +1,7 @@
 """λ_D / λ_U from the observed thumbs-up / thumbs-down counts (KTO paper, eq. 9).
 
-The paper recommends weights such that λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]: the total weight on desirable examples
-matches or slightly exceeds the weight on undesirable ones. We keep one weight at exactly 1 and raise the other
-(the minority class's), so the loss scale stays comparable between runs.
-
-Pure Python with no torch import: the app and its imbalance dashboard call it on every refresh.
+The paper recommends λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]; we keep one weight at exactly 1 and raise the minority
+class's, so the loss scale stays comparable between runs. No torch import: the dashboard calls it on every refresh.
 """
 
 from __future__ import annotations

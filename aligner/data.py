@@ -161,17 +161,12 @@ def split(examples: list[Example], heldout_fraction: float, heldout_min: int = H
 
 def hold_out_floor(train: list[Example], heldout: list[Example], minimum: int,
                    max_share: float = HELDOUT_FLOOR_MAX_SHARE) -> tuple[list[Example], list[Example], list[str]]:
-    """Top the held-out slice up to `minimum` examples of each kind, taking whole answers from training in hash
-    order, but never more than `max_share` of that kind's examples.
+    """Top the held-out slice up to `minimum` examples of each kind, whole answers from training in hash order, at
+    most `max_share` of that kind's examples: so the gate's margin never rests on one answer.
 
-    Why: the promotion gate compares mean rewards on held-out thumbs-up and thumbs-down. A 10% hash slice of a
-    snapshot with ~20 thumbs-up holds 0 or 1 of them 39% of the time (0.9^20 + 20·0.1·0.9^19), and a margin
-    that rests on one answer refused adapters that had tripled the desirable rate
-    (docs/experiments/2026-12-02-upper-third-adapter.md).
-    Hash order keeps the choice stable: with a fixed `minimum`, adding ratings can only lower the hash of the
-    last answer taken, so an answer is not held out by one run after an earlier run trained on it, except when
-    the kind is still small enough for `max_share` to bind or old ratings leave the `max_examples` window; then a
-    served adapter may have trained on an answer the new one is judged on, which only makes the gate stricter.
+    Hash order keeps the choice stable: an answer one run trained on is not held out by a later run, unless
+    `max_share` binds or old ratings leave the `max_examples` window (which only makes the gate stricter).
+    Measured: docs/experiments/2026-12-02-heldout-floor.md.
     """
     added: list[str] = []
     for kind in (True, False):
@@ -193,9 +188,9 @@ def hold_out_floor(train: list[Example], heldout: list[Example], minimum: int,
 
 def _keep_both_kinds_in_training(train: list[Example], heldout: list[Example]
                                  ) -> tuple[list[Example], list[Example], list[str]]:
-    """When every thumb of one kind hashed into the held-out slice (a small run: 2 thumbs-up among 60 ratings are
-    both held out 1% of the time), train on those answers instead of refusing a run the data allows: KTO needs
-    both kinds, the gate can still judge on the rest. Whole answers move, so no answer is on both sides."""
+    """When every thumb of one kind hashed into the held-out slice, train on those answers instead of refusing the
+    run: KTO needs both kinds, the gate can judge on the rest. Whole answers move, so none is on both sides.
+    """
     unheld: set[str] = set()
     for kind in (True, False):
         if not any(ex.desirable == kind for ex in train):
@@ -217,13 +212,10 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, group
     """One epoch of micro-batches: fresh shuffle, then (approximate) length grouping; with `labels`, every
     micro-batch also gets its proportional share of thumbs-up and thumbs-down.
 
-    Length grouping keeps padding low. Alone it is harmful when the preference correlates with length (a
-    length-preferring rater: short answers are the desirable ones): sorted batches then hold one class only, and a
-    batch of undesirable answers alone has a single way to lower its loss — push every log-probability down, with
-    z0 clamped at 0 offering no brake. Measured on SmolLM2 with the `concise` rater, that destroyed capability
-    (25/33 factual answers vs 32/33). Stratifying by label keeps both forces in every step. The sort key is
-    jittered (±15%) so each epoch's batches, and therefore its rotated KL pairs, differ. The batch order is
-    shuffled so long batches are not all at one end. The KL pairs are rotated inside each micro-batch.
+    Length grouping alone gives one-class batches when the preference correlates with length, and a batch of
+    undesirable answers alone can only push every log-prob down; stratifying keeps both forces in every step
+    (measured: docs/experiments/2026-11-23-simulator-defaults.md). The sort key is jittered (±15%) so epochs
+    differ, the batch order is shuffled, and the KL pairs are rotated inside each micro-batch.
     """
     n = len(lengths)
     if n < 2:

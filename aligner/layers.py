@@ -1,9 +1,7 @@
-"""Where a fresh adapter starts: decoder layer `N`, or `P%` of the model's depth.
+"""Where a fresh adapter starts: decoder layer `N`, or `P%` of the model's depth (layer floor(n·P/100) of n).
 
-An absolute index only suits one model (15 is SmolLM2-135M's upper half, and out of range for a 2-layer model), so
-the product's setting can also be relative: `50%` is layer 15 of 30, layer 1 of 2, layer 0 (every layer) of 1.
-P% of n layers is layer floor(n·P/100). Pure Python, no torch: the app checks the form at start-up, the aligner
-resolves it against the model's config before any weights load.
+An absolute index suits one model only, so the setting may be relative (`50%`: layer 15 of 30, 1 of 2, 0 of 1).
+No torch: the app checks the form at start-up, the aligner resolves it before any weights load.
 """
 
 from __future__ import annotations

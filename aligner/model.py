@@ -31,9 +31,8 @@ LM_HEAD_KEEP_POSITIONS = 4096
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 at full speed (AVX512-BF16 or AMX tiles); the aligner computes on the CPU.
 
-    Without them oneDNN emulates bf16 GEMMs. Measured on a 2-core AVX2-only EPYC (benchmarks/dtype_bench.py): 1.3
-    GFLOP/s in bf16 against 90.1 in float32, and a training forward + backward on 4 sequences of SmolLM2 155.5 s
-    under bf16 autocast against 7.5 s in float32.
+    Without them oneDNN emulates bf16 GEMMs, far slower than float32
+    (measured: docs/experiments/2026-11-29-two-kinds-of-cpu.md).
     """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # what vLLM's CPU platform asks too
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
@@ -62,14 +61,11 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
                 target_modules: Sequence[str] | None = None, attention_backward: str = "matmul",
                 first_lora_layer: int | str = 0) -> Any:
     """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
-    adapter weights train in float32. `target_modules` (a fresh adapter's linear layers) defaults to LLAMA_LINEAR.
-    Attention is SDPA; `attention_backward` picks how its gradient is computed (aligner/attention.py).
-    `first_lora_layer` k > 0 puts a fresh adapter in decoder layers k.. only (PEFT's `layers_to_transform`; vLLM
-    loads it as any adapter, the lower layers getting no LoRA term); see `Prefix` for what that saves.
+    adapter weights train in float32 (the optimiser needs full precision only for those).
 
-    Where bf16 is native, bf16 base weights with float32 adapters under bf16 autocast: half the memory of float32
-    master weights and no per-step weight casts; only the ~5M adapter parameters need full precision for the
-    optimiser. Elsewhere everything runs in float32 (see native_bf16).
+    `target_modules` defaults to LLAMA_LINEAR; `attention_backward` picks how attention's gradient is computed
+    (aligner/attention.py); `first_lora_layer` k > 0 puts a fresh adapter in decoder layers k.. only (PEFT's
+    `layers_to_transform`; see `Prefix`).
     """
     dtype = resolve_dtype("auto") if dtype is None else dtype
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -160,11 +156,8 @@ def _tile_logps(head: Any, h: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 def shared_prefix_layers(model: Any) -> int:
     """How many leading decoder layers hold no LoRA module of any loaded adapter.
 
-    Their output is the same for the policy, the reference and every loaded adapter, at every step: a run whose
-    adapter starts at layer k (`load_policy(first_lora_layer=k)`) computes it once per sequence, in the
-    reference pass (`Prefix`), and every later pass over that sequence starts at layer k. Exact, not an
-    approximation; it is checked at each use, so an adapter reaching lower (a resumed or served one) just runs
-    the whole model.
+    Their output is the same for policy, reference and every adapter, so `Prefix` computes it once per sequence.
+    Checked at each use: an adapter reaching lower (a resumed or served one) runs the whole model.
     """
     backbone, _ = _backbone_and_head(model)
     for i, layer in enumerate(backbone.layers):
@@ -204,15 +197,12 @@ class Prefix:
 
 # ---------------------------------------------------------------------------------------------- shared head
 class SharedHead:
-    """The tokens every sequence of a run starts with: the chat template's system turn and the user tag, 14 tokens
-    with the default system prompt (docs/experiments/2026-12-02-shorter-cycles.md).
+    """The tokens every sequence of a run starts with (the chat template's system turn and the user tag), run once.
 
-    A pass over a batch whose sequences all start with the head runs the head once, as a one-row batch, keeping
-    its keys and values per layer, and the batch rows from the end of the head on, attending to those keys and
-    values as to their own (`_HeadKV`). Every row's hidden states, hence its log-probs, are the whole sequence's
-    (to float rounding). The head's keys and values are computed in every pass under that pass's weights, with
-    gradient in a pass that has one (the adapter's q/k/v projections act on the head too), so nothing about the
-    policy is cached across steps; only the head's input to layer k is, below the adapter (model.Prefix).
+    A pass runs the head as a one-row batch, keeping its keys and values per layer, and the rows from the end of the
+    head on, attending to them as to their own (`_HeadKV`): log-probs are the whole sequence's to float rounding.
+    The head's keys and values are recomputed in every pass under its weights (with gradient where it has one), so
+    nothing about the policy is cached across steps. Measured: docs/experiments/2026-12-02-shorter-cycles.md.
     """
 
     def __init__(self, ids: Sequence[int]) -> None:
@@ -442,10 +432,3 @@ def completion_log_softmax(model: Any, seqs: Sequence[tuple[list[int], list[int]
     with ctx():
         logits = head(picked)
     return F.log_softmax(logits.float(), dim=-1)
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: Any):
-    """The reference policy for a fresh adapter: the same weights with the adapter switched off."""
-    with model.disable_adapter():
-        yield

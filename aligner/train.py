@@ -1,15 +1,9 @@
 """One alignment run: snapshot → LoRA KTO training → held-out metrics → adapter directory (atomically).
 
-Cost model (CPU): every sequence forward is expensive, so each one is done once. Reference log-probs come from a
-single no-grad pass before training, for the matched pairs *and* for every mismatched KL pair any epoch will use:
-the epoch shuffles are seeded, so the whole plan (and hence every KL pair) is known up front. Precomputing them
-also makes `--reference previous` exact without keeping a frozen copy of the previous adapter: the pass runs
-before the first update, while the adapter still holds the previous weights.
-
-Distributed (`accelerate launch`, gloo on CPU): each optimizer step's micro-batches are dealt round-robin to the
-processes; z0 is the mean over all KL pairs of the step (sum and count all-reduced), the loss is divided by the
-step's global example count and the LoRA gradients are summed, so N processes give the same update as one
-process accumulating the same micro-batches.
+Every forward is expensive on CPU, so each is done once: reference log-probs for the matched pairs and every
+KL pair any epoch will use come from one no-grad pass before training (the seeded shuffles fix the plan), which
+also makes `--reference previous` exact without a frozen copy. Under `accelerate launch` (gloo) micro-batches are
+dealt round-robin and z0, the loss scale and the gradients are reduced so N processes give one process's update.
 """
 
 from __future__ import annotations
@@ -268,13 +262,10 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
 
 def checkpoint_steps(lr_multipliers: list[float], n: int) -> list[int]:
     """Steps after which an earlier adapter is kept: n points strictly inside the run, evenly spaced in cumulative
-    learning rate (how far the weights have been pushed), not in steps; under warm-up and linear decay, half the
-    steps already carry three quarters of the push.
+    learning rate (how far the weights have been pushed), not in steps.
 
-    Why keep them: the promotion gate judges the final adapter; when it moved too far (the capability guard
-    refuses it, or the held-out side test does), an earlier point of the same run is often the strongest adapter
-    that is still safe. Each costs a ~10 MB save, plus one held-out pass only in a run whose final adapter the gate
-    refused (evaluate_checkpoints), far less than a new training run.
+    When the gate refuses the final adapter for moving too far, an earlier point of the same run is often the
+    strongest safe one; each costs a ~10 MB save, and a held-out pass only when needed (evaluate_checkpoints).
     """
     total = sum(lr_multipliers)
     if n < 1 or len(lr_multipliers) < 2 or total <= 0:
@@ -330,11 +321,9 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
     """Held-out metrics for a lazy run's checkpoints, written into the run's manifest and each checkpoint's own.
 
-    Why later: the gate needs a checkpoint only when it refuses the final adapter, which most runs do not; each
-    checkpoint's pass (matched and KL pairs of the held-out set) is skipped in those runs. When one is needed, this
-    rebuilds the same held-out split from the run's snapshot (checked against its sha256), the same base
-    reference and the same batching, so the metrics are those the run itself would have written. Returns the
-    updated manifest (unchanged when nothing is pending).
+    Most runs never need them. This rebuilds the run's held-out split from its snapshot (sha256 checked), with the
+    same base reference and batching, so the metrics are those the run would have written. Returns the updated
+    manifest (unchanged when nothing is pending).
     """
     import json
 
