@@ -1,9 +1,8 @@
-"""API keys of client applications (the app's OpenAI-compatible endpoint): created and revoked by the operator,
-kept only as SHA-256 hashes, so a copy of the database gives nobody a working key.
+"""API keys of client applications (the app's OpenAI-compatible endpoint), kept only as SHA-256 hashes.
 
-A key is 256 random bits, so one unsalted hash is enough: there is nothing to guess that a slow hash would protect
-(a slow hash is for passwords people choose). A client's name is part of the rater ids its requests are attributed
-to (`key:<name>/<end user>`), so it is short and plain.
+A copy of the database then gives nobody a working key; a key is 256 random bits, so an unsalted fast hash is
+enough (slow hashes are for passwords people choose). A client's name is part of its rater ids
+(`key:<name>/<end user>`), so it is short and plain.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """FeedbackStore: the one DuckDB file that remembers every conversation, answer, rating, run and adapter.
 
-One class for callers, assembled from one part per job so each job reads on its own. Each part subclasses the
-parts it calls: core.py (the connection, its write lock, read cursors) <- ratings.py (the group-commit rating
-engine) <- conversations.py (chat trees) <- runs.py (runs, adapters, lineage) <- stats.py (dashboard counts) and
-snapshot.py (training snapshot and export, with the share caps of caps.py); backup.py (online backups);
-apikeys.py (client applications' API keys).
+One class assembled from one part per job, each subclassing the parts it calls: core (connection, write lock,
+read cursors) <- ratings (group commit) <- conversations <- runs <- stats and snapshot (with caps); backup;
+apikeys.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """One realignment run: store snapshot → aligner subprocess → promotion gate → hot swap → records.
 
-Training runs in a child process (niced, its own process group) on a Parquet snapshot, so the app process keeps
-owning the DuckDB file and chat stays responsive. Runs never overlap: a second trigger raises RunInProgress.
-Every run, failed ones included, is recorded in the store with its error text.
-
-Two modes. "continue" (default) trains the served adapter further on the ratings it has not seen yet, with the base
-model as the reference: each cycle costs the same however long the deployment has run, and the KL anchor stays
-at the base model so drift is measured against it, not against the previous version. "fresh" trains a new adapter
-on all final ratings (newest `max_examples`). With the base model served, both train a new adapter on everything.
+Training runs in a niced child process on a Parquet snapshot, so the app keeps owning the store and chat stays
+responsive. Runs never overlap (RunInProgress); every run, failed ones too, is recorded with its error. Mode
+"continue" (default) trains the served adapter on ratings it has not seen, the base model as reference, so a cycle
+costs the same however long the deployment has run; "fresh" trains a new adapter on all final ratings.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.sim.inputs import Rater, SimulationError
@@ -201,10 +201,6 @@ class Case:
         major = 1 - sum(s for _, _, s in self.minorities)
         parts = [(self.main[0], major)] + [(n, s) for n, _, s in self.minorities]
         return "+".join(f"{n}{round(100 * s)}" for n, s in parts)
-
-    def with_main(self, main: tuple[str, Rater]) -> Case:
-        """The same case about another preference (one per --rater)."""
-        return replace(self, main=main)
 
 
 def max_answers(n_ratings: int, case: Case) -> int:

@@ -1,36 +1,8 @@
-"""Simulated users for `kto-loop simulate`: `rate(prompt, answer) -> True | False | None`.
+"""Simulated users for `kto-loop simulate`: `rate(prompt, answer) -> True | False | None` (None: would not rate).
 
-True is a thumbs-up (desirable), False a thumbs-down, None means this user would not rate the answer at all. The
-three examples each encode a preference the base SmolLM2-135M-Instruct mostly does *not* satisfy, of different
-kind, difficulty and imbalance. Base rates: the base model's answers to all 58 held-out prompts and every third
-training prompt (2 samples each, 338 answers; temperature 0.7, top-p 0.95, 128 tokens), rated by
-benchmarks/rater_base_rates.py (docs/experiments/simulator.md, "Example raters"):
-
-| rater      | preference                         | base up: all / held-out | difficulty                           |
-|------------|------------------------------------|-------------------------|--------------------------------------|
-| `concise`  | length: at most 60 words           | 15% / 15%               | one global trait                     |
-| `bullets`  | format: a list of at least 3 items | 11% / 7.7%              | imbalanced (< 10%), prompt-dependent |
-| `examples` | content: names concrete examples   | 14% / 16%               | must change what is said             |
-
-More raters, one or more of each kind (format, content, style, length), for developing the shipped recipe against
-preferences beyond the three examples. `HELDOUT_RATERS` are never used for tuning: a recipe is judged on them only,
-so a result on them says how the product does on a preference nobody fitted it to. Base rates re-rated from the
-saved base answers above (`benchmarks/rater_base_rates.py --answers`, docs/experiments/simulator.md; 128 tokens,
-so length-bound rates differ at the served 256):
-
-| rater               | set      | kind    | preference                                             | base up |
-|---------------------|----------|---------|--------------------------------------------------------|---------|
-| `bold_terms`        | develop  | format  | at least two **bold** phrases                          | 9%      |
-| `analogy`           | develop  | content | explains through an analogy                            | 6%      |
-| `short_sentences`   | develop  | style   | sentences of at most 14 words on average               | 38%     |
-| `medium`            | develop  | length  | 40 to 120 words                                        | 92%     |
-| `plain`             | develop  | format  | no Markdown markup (dislikes ~15%: mostly liked)       | 85%     |
-| `opens_with_answer` | held out | format  | a one-line answer first, a blank line, then details    | 12%     |
-| `numbers`           | held out | content | gives a concrete figure                                | 21%     |
-| `second_person`     | held out | style   | talks to the reader ("you") at least three times       | 36%     |
-| `thorough`          | held out | length  | at least 90 words (mostly liked at 256 tokens)         | 68%     |
-
-Write your own: any importable `module:function` or `path/to/file.py:function` with the same signature.
+Each encodes a preference the base model mostly does not satisfy; `HELDOUT_RATERS` are never used for tuning, so
+a recipe's result on them is an honest one. Write your own: any importable `module:function` or
+`path/to/file.py:function` with the same signature. Preferences and base rates: docs/experiments/simulator.md.
 """
 
 from __future__ import annotations

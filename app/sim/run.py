@@ -24,15 +24,11 @@ from app.sim.report import code_version, document, pct, summarize
 
 def collect(service: Any, prompts: Sequence[str], who: Rater | Population, n_ratings: int, *, cursor: int,
             tag: str, workers: int = 16, max_answers: int | None = None) -> tuple[dict[str, Any], int]:
-    """Simulated users chat and rate through ChatService until `n_ratings` thumbs are stored.
+    """Simulated users chat and rate through ChatService until `n_ratings` thumbs are stored; returns (stats, cursor).
 
-    Each answer comes from a fresh simulated user (one conversation, one rating), the way many real users give a
-    few thumbs each; prompts are taken round-robin from `cursor`. `who` is one rater, or a Population whose chat i
-    comes from its user(i) (identity, client address, own noise) so the store sees who rated. Chats stream through
-    `workers` threads: each answer is rated as it finishes and a new chat starts in its place while ratings are
-    still missing, so unrated answers are made up at full concurrency. No more chats are ever in flight than ratings
-    still missing. A chat or rating the service refuses (a budget spent) is counted, not fatal. Returns (stats,
-    next cursor).
+    Each answer comes from a fresh simulated user (one conversation, one rating); prompts go round-robin from
+    `cursor`; `who` is one rater or a Population (identity, address, noise per chat). `workers` threads stream
+    chats, rating each as it ends, never more in flight than ratings still missing. A refusal is counted, not fatal.
     """
     from app.web.chat import RatingError, Refused
 
