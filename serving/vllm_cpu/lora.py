@@ -68,8 +68,9 @@ def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
 
 
 def _weights(w: torch.Tensor, slot: int) -> torch.Tensor:
-    """fp32 copy of one slot's (out, in) matrix: oneDNN's bf16 GEMM at rank 8-16 is ~5x slower than fp32 here,
-    and casting the weights on every call costs more than the GEMM itself."""
+    """fp32 copy of one slot's (out, in) matrix, made once: a bf16 GEMM at this rank is slower than fp32, and a cast per
+    call costs more than the GEMM (docs/experiments/2026-11-23-serving-vs-hf.md).
+    """
     hit = getattr(w, "_kto_f32", None)
     if hit is None or hit[0] != _gen["weights"]:
         hit = (_gen["weights"], (w.squeeze(1) if w.dim() == 4 else w).float().contiguous())
