@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,27 @@ def call(cfg: Config, method: str, path: str, body: dict | None = None, timeout:
     if r.status_code >= 400:
         raise _refusal(r)
     return r.json()
+
+
+def read(cfg: Config, command: str, path: str, offline: Callable[[Any], Any], *,
+         params: dict | None = None) -> Any:
+    """A read-only command's answer: from the running app's admin API, else `offline(store)` on the store opened
+    read-only, as JSON either way so both print the same; None (the reason printed) when neither can answer."""
+    from feedback_store import StoreError
+
+    try:
+        return call(cfg, "GET", path, params=params, store=True)
+    except RemoteError as e:
+        print(f"kto-loop {command}: {e}", file=sys.stderr)
+        return None
+    except AppNotRunning:
+        pass
+    try:
+        with open_store(cfg) as store:
+            return json.loads(json.dumps(offline(store), default=str))
+    except StoreError as e:
+        print(f"kto-loop {command}: {e}", file=sys.stderr)
+        return None
 
 
 def download(cfg: Config, path: str, body: dict, dest: Path, summary_header: str, *, overwrite: bool = False,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -23,25 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from app.cli._remote import AppNotRunning, RemoteError, call
-    from feedback_store import StoreError
+    from app.cli._remote import read
 
-    cfg = cfg.resolved()
-    try:
-        out = call(cfg, "GET", f"/api/admin/lineage/{quote(args.answer_id, safe='')}",
-                   params={"ancestors": "true" if args.ancestors else "false"}, store=True)
-    except RemoteError as e:
-        print(f"kto-loop lineage: {e}", file=sys.stderr)
+    out = read(cfg.resolved(), NAME, f"/api/admin/lineage/{quote(args.answer_id, safe='')}",
+               lambda store: store.lineage_detail(args.answer_id, args.ancestors),
+               params={"ancestors": "true" if args.ancestors else "false"})
+    if out is None:
         return 1
-    except AppNotRunning:
-        from app.cli._remote import open_store
-
-        try:
-            with open_store(cfg) as store:
-                out = json.loads(json.dumps(store.lineage_detail(args.answer_id, args.ancestors), default=str))
-        except StoreError as e:
-            print(f"kto-loop lineage: {e}", file=sys.stderr)
-            return 1
     print(json.dumps(out) if args.json else describe(out))
     return 0
 

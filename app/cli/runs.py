@@ -44,27 +44,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from app.cli._remote import AppNotRunning, RemoteError, call
-    from feedback_store import StoreError
+    from app.cli._remote import read
 
     if not 1 <= args.limit <= 1000:
         print("kto-loop runs: --limit must be in [1, 1000]", file=sys.stderr)
         return 2
-    cfg = cfg.resolved()
-    try:
-        out = call(cfg, "GET", "/api/admin/runs", params={"limit": args.limit}, store=True)
-    except RemoteError as e:
-        print(f"kto-loop runs: {e}", file=sys.stderr)
+    out = read(cfg.resolved(), NAME, "/api/admin/runs", lambda store: store.runs(args.limit),
+               params={"limit": args.limit})
+    if out is None:
         return 1
-    except AppNotRunning:
-        from app.cli._remote import open_store
-
-        try:
-            with open_store(cfg) as store:
-                out = json.loads(json.dumps(store.runs(args.limit), default=str))
-        except StoreError as e:
-            print(f"kto-loop runs: {e}", file=sys.stderr)
-            return 1
     if args.json:
         print(json.dumps(out))
     elif not out:
