@@ -30,6 +30,18 @@ AUTH = {"Authorization": basic_header("admin", PASSWORD)} | admin_headers()
 Server, Registry = OfflineServer, BaseRegistry
 
 
+def _stats_and_counts(st: Stack) -> tuple[dict, dict]:
+    """GET /api/admin/stats and /api/admin/counts from the real app on this stack."""
+    app, scheduler = create_app(st, PASSWORD)
+    scheduler.start()
+    try:
+        with TestClient(app) as client:
+            return (client.get("/api/admin/stats", headers=AUTH).json(),
+                    client.get("/api/admin/counts", headers=AUTH).json())
+    finally:
+        scheduler.shutdown()
+
+
 def _stack(data: Path, **store_kw) -> Stack:
     cfg = Config(data_dir=data, model_dir=data / "no-model", admin_password=PASSWORD).resolved()
     store = FeedbackStore(cfg.db_path, **store_kw)
@@ -150,14 +162,7 @@ def test_share_caps_and_the_rater_check_in_the_console_the_api_and_stats(tmp_pat
     reason = ("not promoted: the held-out gain rests on one rater: without mallory's 5 of 8 held-out answers it is "
               "-0.0200")
     _finished_run(st.store, "rejected", {"reason": reason, "rater_check": check}, tmp_path)
-    app, scheduler = create_app(st, PASSWORD)
-    scheduler.start()
-    try:
-        with TestClient(app) as client:
-            s = client.get("/api/admin/stats", headers=AUTH).json()
-            counts = client.get("/api/admin/counts", headers=AUTH).json()
-    finally:
-        scheduler.shutdown()
+    s, counts = _stats_and_counts(st)
     sh = s["shares"]
     top = sh["top_users"][0]
     assert top["user_id"] == "mallory" and top["dropped"] > 0 and sh["user_cap"] == top["kept"]
@@ -187,14 +192,7 @@ def test_share_caps_and_the_rater_check_in_the_console_the_api_and_stats(tmp_pat
 def test_an_unusable_settings_file_is_a_warning_at_the_top_of_the_console_and_in_the_api(stack):
     path = Path(stack.cfg.data_dir) / SETTINGS_FILE
     path.write_text('{"interval_minutes": "30"}')
-    app, scheduler = create_app(stack, PASSWORD)
-    scheduler.start()
-    try:
-        with TestClient(app) as client:
-            s = client.get("/api/admin/stats", headers=AUTH).json()
-            counts = client.get("/api/admin/counts", headers=AUTH).json()
-    finally:
-        scheduler.shutdown()
+    s, counts = _stats_and_counts(stack)
     assert "interval_minutes" in s["settings_error"] and str(path) in s["settings_error"]
     assert counts["settings_error"] == s["settings_error"] and s["scheduled"] is False
     banner = settings_warning(s["settings_error"])
