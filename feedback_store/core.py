@@ -148,10 +148,7 @@ class StoreCore:
             if verify:       # the app at start-up: a damaged file stops it here, with the way back in the message
                 read_every_block(self._conn)
             if read_only:
-                version = file_version(self._conn)
-                if version != SCHEMA_VERSION:
-                    raise SchemaError(f"{self.path} has schema version {version}, this code needs "
-                                      f"{SCHEMA_VERSION}; open it once read-write (start the app) to upgrade")
+                self._check_version()
             else:
                 self.migrated_from, _ = migrate(self._conn, self._now)
                 # only this process writes the file: a run still 'running' was cut off by a crash or restart
@@ -165,6 +162,13 @@ class StoreCore:
         if not read_only:
             with _WRITERS_LOCK:
                 _WRITERS[self._key] = _WRITERS.get(self._key, 0) + 1
+
+    def _check_version(self) -> None:
+        """A read-only store cannot migrate: its schema must be this code's."""
+        version = file_version(self._conn)
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"{self.path} has schema version {version}, this code needs "
+                              f"{SCHEMA_VERSION}; open it once read-write (start the app) to upgrade")
 
     def _open_postgres(self, url: str, deployment: str, read_only: bool, clock: Callable[[], datetime]) -> None:
         """The same store on a PostgreSQL database: no file, no cross-process cache, migrations one at a time."""
@@ -183,10 +187,7 @@ class StoreCore:
         self._key = None
         try:
             if read_only:
-                version = file_version(self._conn)
-                if version != SCHEMA_VERSION:
-                    raise SchemaError(f"{self.path} has schema version {version}, this code needs "
-                                      f"{SCHEMA_VERSION}; open it once read-write (start the app) to upgrade")
+                self._check_version()
             else:
                 with self._dialect.migrating(self._conn):
                     self.migrated_from, _ = migrate(self._conn, self._now, ddl=self._dialect.ddl)
