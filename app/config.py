@@ -147,6 +147,13 @@ class Config:
     backup_interval_hours: float = _opt(24.0, "take an online backup of the feedback database every N hours into "
                                               "DATA_DIR/backups, counted from the newest one there (0 = off)")
     backup_keep: int = _opt(7, "automatic backups kept; older ones are deleted")
+    retention_days: float = _opt(0.0, "conversations and ratings older than this many days are deleted once a day "
+                                      "(aggregate counts are kept for audit; 0 = kept for ever)")
+
+    # Logs.
+    log_format: str = _opt("text", "text: human-readable lines; json: one JSON object per line (time, level, "
+                                   "logger, message and the record's extra fields) for log collectors",
+                           choices=("text", "json"))
 
     # Operator console.
     admin_user: str = _opt("admin", "operator console user name")
@@ -262,6 +269,9 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
     if cfg.lora_rank > cfg.vllm_max_lora_rank:
         raise SystemExit(f"kto-loop: lora_rank {cfg.lora_rank} is above vllm_max_lora_rank {cfg.vllm_max_lora_rank}: "
                          "vLLM would refuse every adapter")
+    if not (math.isfinite(cfg.retention_days) and cfg.retention_days >= 0):
+        raise SystemExit(f"kto-loop: retention_days must be a number of days ≥ 0 (0 = kept for ever), "
+                         f"got {cfg.retention_days}")
     if not (math.isfinite(cfg.align_timeout_s) and cfg.align_timeout_s >= 0):
         raise SystemExit(f"kto-loop: align_timeout_s must be a number of seconds ≥ 0 (0 = scaled to the run), "
                          f"got {cfg.align_timeout_s}")
