@@ -12,7 +12,6 @@ import contextlib
 import os
 import shlex
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
+from app.logs import configure_logging, json_logging, say, uvicorn_log_config
 from app.loop.realign import Realigner
 from app.operator_settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
 
@@ -87,11 +87,11 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             stack.callback(backups.stop)
         server = VLLMServer(server_spec(cfg))
         stack.callback(server.stop)  # registered first: a Ctrl-C during start-up still stops the child
-        print(f"kto-loop: starting vLLM with {cfg.model_dir} (log: {getattr(server, 'log_path', '-')}); the first "
-              "start takes 1-3 minutes …", file=sys.stderr, flush=True)
+        say(f"starting vLLM with {cfg.model_dir} (log: {getattr(server, 'log_path', '-')}); the first start takes "
+            "1-3 minutes …", model_dir=str(cfg.model_dir), vllm_log=str(getattr(server, 'log_path', '-')))
         started = time.monotonic()
         server.start()
-        print(f"kto-loop: vLLM is ready ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+        say(f"vLLM is ready ({time.monotonic() - started:.0f} s)", seconds=round(time.monotonic() - started, 1))
         admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
         client = ChatClient(server.base_url, admission=admission, api_key=server.api_key)
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
@@ -211,12 +211,14 @@ def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.
 
     from app.web.auth import new_password
 
+    configure_logging(cfg.log_format)
     password = cfg.admin_password or new_password()
     with build_stack(cfg) as st:
         app, scheduler = create_app(st, password)
         scheduler.start()
         port = cfg.port or _free_port(cfg.host)
         server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=port, log_level="warning",
+                                               log_config=uvicorn_log_config(cfg.log_format),
                                                proxy_headers=False,  # the client address is ours to derive
                                                timeout_graceful_shutdown=5))
         runtime = Path(st.cfg.data_dir) / RUNTIME_FILE
@@ -225,8 +227,12 @@ def serve(cfg: Config, *, ready: threading.Event | None = None, stop: threading.
                                     "admin_password": password, "started_at": time.time(),
                                     "db_path": str(Path(st.cfg.db_path).resolve())}, mode=0o600)
         try:
-            print(f"kto-loop: chat at {url}/  console at {url}/admin/  (user {cfg.admin_user!r}"
-                  + ("" if cfg.admin_password else f", password {password!r}") + ")", flush=True)
+            if json_logging():  # a collector keeps no password: it is in the runtime file (mode 0600)
+                say(f"chat at {url}/  console at {url}/admin/  (user {cfg.admin_user!r}, password in {runtime})",
+                    url=url, admin_user=cfg.admin_user)
+            else:
+                print(f"kto-loop: chat at {url}/  console at {url}/admin/  (user {cfg.admin_user!r}"
+                      + ("" if cfg.admin_password else f", password {password!r}") + ")", flush=True)
             if stop is not None:
                 threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)),
                                  daemon=True).start()

@@ -10,6 +10,7 @@ from types import ModuleType
 
 from app import cli as commands
 from app.config import add_config_arguments, config_from
+from app.logs import configure_logging
 
 
 def _command_modules() -> list[ModuleType]:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from(args)
+    configure_logging(cfg.log_format)
     try:
         return int(args._run(args, cfg) or 0)
     except KeyboardInterrupt:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from app.config import Config
+from app.logs import json_logging, say
 
 NAME = "run"
 HELP = "serve the chat page (/) and operator console (/admin) with vLLM as a child process; Ctrl-C stops all"
@@ -30,21 +31,21 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             if not is_complete(cfg.home / "models" / DEFAULT_MODEL_NAME):
                 progress(f"fetching the default model {DEFAULT_MODEL_NAME} and converting it for vLLM into "
                          f"{cfg.home / 'models'} (first start only, about a minute)")
-            ensure_default_model(cfg.home / "models", progress=True)
+            ensure_default_model(cfg.home / "models", progress=not json_logging())
         else:
             check_model_dir(cfg.model_dir)
     except ModelFetchError as e:
-        print(f"kto-loop: {e}", file=sys.stderr)
+        say(str(e), logging.ERROR)
         return 2
     from feedback_store import StoreError
 
     try:
         return serve(cfg)
     except StoreError as e:  # a damaged or locked database: what happened and the way back, not a traceback
-        print(f"kto-loop: {e}", file=sys.stderr)
+        say(str(e), logging.ERROR)
         return 2
 
 
 def progress(what: str) -> None:
     """A start-up step on stderr, so the first minutes of `make run` do not look like a hang."""
-    print(f"kto-loop: {what} …", file=sys.stderr, flush=True)
+    say(f"{what} …")
