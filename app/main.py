@@ -155,7 +155,8 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     from app.web.console import Operator, build_console
 
     cfg = st.cfg
-    scheduler = RealignScheduler(st.realigner, st.store, st.settings, **replica_loop(st))
+    scheduler = RealignScheduler(st.realigner, st.store, st.settings, retention_days=cfg.retention_days,
+                                 **replica_loop(st))
     op = Operator(st.store, st.registry, st.realigner, scheduler, st.settings)
     service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
                           sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,
@@ -179,6 +180,9 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
                 "loop_leader": scheduler.leader}
 
     app.include_router(admin_router(st, op, scheduler))
+    from app.web.admin_runs import runs_router
+
+    app.include_router(runs_router(op))
     from app.web.metrics import metrics_router
     from app.web.openai_api import keys_router, openai_router
 

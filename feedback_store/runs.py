@@ -16,6 +16,7 @@ from feedback_store.errors import DuplicateAdapter, InvalidInput, UnknownAdapter
 
 TRIGGERS = ("schedule", "operator", "simulator", "cli")
 RUN_STATUSES = ("running", "succeeded", "promoted", "rejected", "failed", "cancelled")
+EXAMPLE_ROLES = ("trained", "heldout", "dropped")  # what the aligner did with a snapshot rating
 
 
 class Runs(Conversations):
@@ -104,6 +105,30 @@ class Runs(Conversations):
                 "ORDER BY rating_id", [run_id]):
             out["dropped" if dropped else "heldout" if heldout else "trained"].append(rating_id)
         return out
+
+    def run_example_rows(self, run_id: str, role: str = "trained", limit: int = 200, offset: int = 0) -> dict:
+        """One page of a run's snapshot ratings in one role, with what they judged (the console's "a run's
+        examples"): per rating its prompt, answer, the label the run saw, the reason and comment now, the rater.
+        A rating deleted since (forget, retention) keeps its row with empty fields. Also the count of each role."""
+        if role not in EXAMPLE_ROLES:
+            raise InvalidInput(f"role must be one of {EXAMPLE_ROLES}, got {role!r}")
+        for name, v, lo, hi in (("limit", limit, 1, 10_000), ("offset", offset, 0, 2**31 - 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise InvalidInput(f"{name} must be an int in [{lo}, {hi}], got {v!r}")
+        self.get_run(run_id)  # UnknownRun / WrongDeployment
+        kind = ("CASE WHEN coalesce(e.dropped, false) THEN 'dropped' WHEN coalesce(e.heldout, false) THEN 'heldout' "
+                "ELSE 'trained' END")
+        counts = dict.fromkeys(EXAMPLE_ROLES, 0)
+        for k, n in self._read(f"SELECT {kind}, count(*) FROM run_examples e WHERE e.run_id = ? GROUP BY 1", [run_id]):
+            counts[k] = int(n)
+        rows = self._read_dicts(f"""SELECT e.rating_id, e.label, r.answer_id, r.user_id, r.value AS value_now,
+            r.reason, r.comment, r.updated_at AS rated_at, a.text AS answer, m.content AS prompt, a.adapter
+            FROM run_examples e LEFT JOIN ratings r ON r.id = e.rating_id
+            LEFT JOIN answers a ON a.id = r.answer_id LEFT JOIN messages m ON m.id = a.parent_id
+            WHERE e.run_id = ? AND {kind} = ? ORDER BY r.updated_at DESC NULLS LAST, e.rating_id
+            LIMIT ? OFFSET ?""", [run_id, role, limit, offset])
+        return {"run_id": run_id, "role": role, "counts": counts, "total": counts[role], "limit": limit,
+                "offset": offset, "examples": rows}
 
     # ---------------------------------------------------------------- adapters and lineage
     def register_adapter(self, version: str, path: str | Path, sha256: str | None = None,

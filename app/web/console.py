@@ -21,6 +21,11 @@ from app.loop.realign import NotCancellable, Realigner, RunInProgress
 from app.loop.scheduler import RealignScheduler, new_ratings
 from app.operator_settings import SETTINGS_FILE, OperatorSettings, SettingsStore, has_schedule
 
+EXAMPLE_COLUMNS = ["rated", "thumb", "prompt", "answer", "reason", "comment", "user", "rating id"]
+EXAMPLES_SHOWN = 200  # rows of a run's examples the console shows; the label gives the full count
+ROLE_NAMES = {"trained": "trained on", "heldout": "held out (the gate judged on them)",
+              "dropped": "dropped by the aligner"}
+
 
 def records(x: Any) -> list[dict[str, Any]]:
     """Store query results (list of dicts/dataclasses/named tuples, DataFrame, dict of lists) as dicts."""
@@ -170,6 +175,35 @@ class Operator:
                for r in self.store.down_reasons(adapter or None)]
         return pd.DataFrame(out, columns=["rated", "adapter", "user", "reason", "comment", "answer", "answer id"])
 
+    def run_examples(self, run_id: str, role: str = "trained", limit: int = EXAMPLES_SHOWN,
+                     offset: int = 0) -> dict[str, Any]:
+        """One page of a run's examples in one role (trained, heldout, dropped), rater ids shortened: what the
+        console's Runs tab and GET /api/admin/runs/{id}/examples show."""
+        page = self.store.run_example_rows(run_id, role, limit=limit, offset=offset)
+        page["examples"] = [{**{k: v for k, v in r.items() if k != "user_id"}, "user": short_user(r["user_id"]),
+                             "label": "up" if r["label"] else "down"} for r in page["examples"]]
+        return page
+
+    def run_examples_table(self, run_id: str | None, role: str = "trained") -> tuple[pd.DataFrame, str]:
+        """The console's examples table for a run and role, and a label that says how many of how many it shows."""
+        if not run_id:
+            return pd.DataFrame(columns=EXAMPLE_COLUMNS), "Pick a run to see the ratings it used"
+        page = self.run_examples(run_id, role)
+        rows = [{"rated": _json_safe(r["rated_at"]) or "", "thumb": "👍" if r["label"] == "up" else "👎",
+                 "prompt": (r["prompt"] or "")[:300], "answer": (r["answer"] or "(deleted since)")[:300],
+                 "reason": r["reason"] or "", "comment": r["comment"] or "", "user": r["user"] or "",
+                 "rating id": r["rating_id"]} for r in page["examples"]]
+        c = page["counts"]
+        shown = f"the newest {len(rows)} of {page['total']}" if page["total"] > len(rows) else f"all {len(rows)}"
+        label = (f"Run {run_id[:8]}: {ROLE_NAMES[role]}, {shown} (trained {c['trained']}, held out {c['heldout']}, "
+                 f"dropped {c['dropped']})")
+        return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS), label
+
+    def run_choices(self) -> list[tuple[str, str]]:
+        """(label, run id) of the newest runs that recorded a snapshot, for the console's run picker."""
+        return [(f"{r['id'][:8]} · {r['status']} · {_short_time(r['started_at'])}", r["id"])
+                for r in records(self.store.runs(100)) if r.get("snapshot_at") or r.get("snapshot_sha256")]
+
     def adapters(self) -> pd.DataFrame:
         """Registered versions (the store) with what serves now (the registry)."""
         current = self.registry.current()
@@ -234,6 +268,7 @@ class Operator:
 RUNS_COLUMNS = ["run", "trigger", "status", "started", "n_D", "n_U", "λ_D", "λ_U", "margin", "right", "version",
                 "why / error"]
 # pixels per column: the short ones fit their header on one line, the reason takes the rest (visible at 1400 px)
+EXAMPLE_WIDTHS = ["120px", "55px", "230px", "330px", "110px", "160px", "110px", "120px"]
 RUNS_WIDTHS = ["95px", "95px", "95px", "120px", "55px", "55px", "60px", "60px", "75px", "65px", "85px", "330px"]
 SHARE_COLUMNS = ["by", "who", "kept", "share %", "cut by cap"]
 SHARES_LABEL = "Who supplies the next run's ratings (top signed users and client addresses)"
@@ -243,6 +278,13 @@ CSS = """
 #kto-runs td, #kto-runs td span { white-space: normal; overflow-wrap: anywhere; }
 #kto-warning { border: 2px solid #d9413b; border-radius: 6px; padding: 4px 12px; background: #fdecea; }
 """
+
+
+def short_user(user_id: str | None) -> str | None:
+    """A rater id cut to its first 10 characters: enough to tell raters apart on one screen, not to copy one."""
+    if user_id is None or len(user_id) <= 12:
+        return user_id
+    return user_id[:10] + "…"
 
 
 def _short_time(v: Any) -> Any:
@@ -472,6 +514,12 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         with gr.Tab("Runs"):
             runs_table = gr.Dataframe(label="Realignment runs (newest first)", interactive=False,
                                       elem_id="kto-runs", wrap=True, column_widths=RUNS_WIDTHS)
+            with gr.Row():
+                ex_run = gr.Dropdown(label="A run's examples: run", choices=[], value=None, elem_id="kto-ex-run")
+                ex_role = gr.Radio([(v.split(" (")[0], k) for k, v in ROLE_NAMES.items()], value="trained",
+                                   label="Which", elem_id="kto-ex-role")
+            ex_table = gr.Dataframe(label="Pick a run to see the ratings it used", interactive=False, wrap=True,
+                                    elem_id="kto-examples", column_widths=EXAMPLE_WIDTHS)
         with gr.Tab("Adapters"):
             versions_table = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="kto-versions")
             with gr.Row():
@@ -507,6 +555,23 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
             return gr.update(value=table, label=label), gr.update(choices=versions)
 
         demo.load(reasons, [reasons_adapter], [reasons_table, reasons_adapter])
+
+        def examples(run_id, role):
+            try:
+                table, label = op.run_examples_table(run_id or None, role or "trained")
+            except Exception as e:   # a run of another deployment, a store error: said, not a broken tab
+                table, label = pd.DataFrame(columns=EXAMPLE_COLUMNS), f"⚠️ {e}"
+            return gr.update(value=table, label=label)
+
+        def run_picker(current):
+            choices = op.run_choices()
+            ids = [v for _, v in choices]
+            return gr.update(choices=choices, value=current if current in ids else (ids[0] if ids else None))
+
+        demo.load(run_picker, [ex_run], [ex_run]).then(examples, [ex_run, ex_role], [ex_table])
+        ex_run.change(examples, [ex_run, ex_role], [ex_table])
+        ex_role.change(examples, [ex_run, ex_role], [ex_table])
+        gr.Timer(refresh_s * 5).tick(run_picker, [ex_run], [ex_run], concurrency_limit=None, show_progress="hidden")
         reasons_adapter.change(reasons, [reasons_adapter], [reasons_table, reasons_adapter])
         gr.Timer(refresh_s * 5).tick(reasons, [reasons_adapter], [reasons_table, reasons_adapter],
                                      concurrency_limit=None, show_progress="hidden")
