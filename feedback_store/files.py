@@ -1,4 +1,5 @@
-"""Snapshot file formats: the aligner's Parquet contract and TRL's unpaired KTO format, written atomically."""
+"""Snapshot file formats: the aligner's Parquet contract and TRL's unpaired KTO and paired DPO formats, written
+atomically."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,8 +27,20 @@ SNAPSHOT_SCHEMA = pa.schema([
 ])
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-# TRL's unpaired preference format, conversational: prompt and completion are lists of messages.
-KTO_SCHEMA = pa.schema([("prompt", pa.list_(_MESSAGE)), ("completion", pa.list_(_MESSAGE)), ("label", pa.bool_())])
+_UTC = pa.timestamp("us", tz="UTC")
+# TRL's unpaired preference format, conversational: prompt and completion are lists of messages; then metadata
+# TRL leaves alone (the rated answer, its rater, the reason and comment given with the final rating, when).
+KTO_SCHEMA = pa.schema([("prompt", pa.list_(_MESSAGE)), ("completion", pa.list_(_MESSAGE)), ("label", pa.bool_()),
+                        ("answer_id", pa.string()), ("user_id", pa.string()), ("reason", pa.string()),
+                        ("comment", pa.string()), ("rated_at", _UTC)])
+# TRL's preference format (DPOTrainer), conversational with an explicit prompt: chosen and rejected are one
+# assistant message each; then metadata: both answers, the one user who rated them, each final rating's reason and
+# comment, and when the later of the two ratings was made.
+DPO_SCHEMA = pa.schema([("prompt", pa.list_(_MESSAGE)), ("chosen", pa.list_(_MESSAGE)),
+                        ("rejected", pa.list_(_MESSAGE)), ("chosen_answer_id", pa.string()),
+                        ("rejected_answer_id", pa.string()), ("user_id", pa.string()),
+                        ("chosen_reason", pa.string()), ("chosen_comment", pa.string()),
+                        ("rejected_reason", pa.string()), ("rejected_comment", pa.string()), ("rated_at", _UTC)])
 
 
 def sha256_file(path: Path) -> str:
@@ -76,15 +90,31 @@ def to_snapshot_table(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=SNAPSHOT_SCHEMA)
 
 
-def kto_rows(snapshot: pa.Table) -> list[dict]:
-    """Snapshot rows → TRL unpaired rows: prompt = message list, completion = [assistant message], label."""
+def _messages(raw: str) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in json.loads(raw)]
+
+
+def _utc(t: datetime) -> datetime:
+    """A stored (naive UTC) time as an aware one, so both file formats say it is UTC."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def kto_rows(rated: pa.Table) -> list[dict]:
+    """Rated rows (the snapshot's columns plus reason and comment) → TRL unpaired rows: prompt = message list,
+    completion = [assistant message], label, then the metadata columns of KTO_SCHEMA."""
+    return [{"prompt": _messages(r["messages"]), "completion": [{"role": "assistant", "content": r["completion"]}],
+             "label": bool(r["label"]), **{name: r[name] for name in KTO_SCHEMA.names[3:-1]},
+             "rated_at": _utc(r["rated_at"])} for r in rated.to_pylist()]
+
+
+def dpo_rows(pairs: pa.Table) -> list[dict]:
+    """Pair rows (messages, chosen_text, rejected_text and the metadata of DPO_SCHEMA) → TRL preference rows."""
     out = []
-    for messages, completion, label in zip(snapshot.column("messages").to_pylist(),
-                                           snapshot.column("completion").to_pylist(),
-                                           snapshot.column("label").to_pylist(), strict=True):
-        prompt = [{"role": m["role"], "content": m["content"]} for m in json.loads(messages)]
-        out.append({"prompt": prompt, "completion": [{"role": "assistant", "content": completion}],
-                    "label": bool(label)})
+    for p in pairs.to_pylist():
+        out.append({"prompt": _messages(p["messages"]),
+                    "chosen": [{"role": "assistant", "content": p["chosen_text"]}],
+                    "rejected": [{"role": "assistant", "content": p["rejected_text"]}],
+                    **{name: p[name] for name in DPO_SCHEMA.names[3:-1]}, "rated_at": _utc(p["rated_at"])})
     return out
 
 
@@ -98,16 +128,18 @@ def kto_format(path: Path) -> str:
     raise ValueError(f"cannot tell the format of {path}: use a .jsonl or .parquet file name")
 
 
-def write_kto(path: Path, rows: list[dict]) -> str:
+def write_rows(path: Path, rows: list[dict], schema: pa.Schema) -> str:
+    """Write TRL rows as JSON lines (times in ISO 8601 with their UTC offset) or as Parquet in `schema`, by the
+    file extension; returns the sha256."""
     fmt = kto_format(path)
     if fmt == "jsonl":
         def write(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.write(json.dumps(row, ensure_ascii=False, default=datetime.isoformat) + "\n")
     else:
         def write(tmp: Path) -> None:
-            pq.write_table(pa.Table.from_pylist(rows, schema=KTO_SCHEMA), tmp)
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     return write_atomic(path, write)
 
 

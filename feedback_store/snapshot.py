@@ -1,6 +1,6 @@
 """The training snapshot: final non-withdrawn ratings joined with their answers, written as the aligner's Parquet
-contract (or TRL's unpaired KTO format), capped so no one identity or address dominates it, and what a run trains
-on, recorded for lineage."""
+contract (or TRL's unpaired KTO format, or TRL's DPO pairs of sibling answers one user rated opposite ways),
+capped so no one identity or address dominates it, and what a run trains on, recorded for lineage."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ class SnapshotInfo:
     @property
     def n_examples(self) -> int:
         return self.n_desirable + self.n_undesirable
+
+
+@dataclass(frozen=True)
+class PairsInfo:
+    path: Path
+    n_pairs: int
+    n_chosen: int        # distinct answers among the chosen ones
+    n_rejected: int
+    sha256: str
+    since: datetime | None = None
+    caps: dict | None = None
 
 
 class Snapshots(Runs):
@@ -144,12 +155,19 @@ class Snapshots(Runs):
 
     def _snapshot(self, since: datetime | str | None, max_examples: int | None, until: datetime | None,
                   max_user_share: Share, max_addr_share: Share) -> tuple[pa.Table, CapReport]:
+        table, report = self._rated_rows(since, max_examples, until, max_user_share, max_addr_share)
+        return files.to_snapshot_table(table), report
+
+    def _rated_rows(self, since: datetime | str | None, max_examples: int | None, until: datetime | None,
+                    max_user_share: Share, max_addr_share: Share) -> tuple[pa.Table, CapReport]:
+        """The snapshot's rows, capped, with the reason and comment of each final rating (the KTO export's
+        metadata), before the cast to the snapshot schema."""
         user, addr = self._shares(max_user_share, max_addr_share)
         table = self._candidates("""r.id AS example_id, r.answer_id, a.prompt_messages AS messages,
             a.text AS completion, r.value = 'up' AS label, r.user_id, r.adapter, r.updated_at AS rated_at,
-            r.client_addr""", since, max_examples, until, True)
+            r.reason, r.comment, r.client_addr""", since, max_examples, until, True)
         table, report, _ = self._cap(table, user, addr)
-        return files.to_snapshot_table(table), report
+        return table, report
 
     def snapshot_shares(self, since: datetime | str | None = None, max_examples: int | None = None, top: int = 10,
                         *, max_user_share: Share = ..., max_addr_share: Share = ...) -> dict:
@@ -196,13 +214,59 @@ class Snapshots(Runs):
     def export_kto(self, path: str | Path, since: datetime | str | None = None,
                    max_examples: int | None = None, *, max_user_share: Share = ...,
                    max_addr_share: Share = ...) -> SnapshotInfo:
-        """TRL's unpaired format (prompt messages, [assistant completion], label); .jsonl or .parquet."""
+        """TRL's unpaired format (prompt messages, [assistant completion], label) plus metadata (answer_id, user_id,
+        the final rating's reason and comment, rated_at), the rows export_snapshot writes; .jsonl or .parquet."""
         try:
             files.kto_format(Path(path))
         except ValueError as e:
             raise InvalidInput(str(e)) from None
-        table, report = self._snapshot(since, max_examples, None, max_user_share, max_addr_share)
-        digest = files.write_kto(Path(path), files.kto_rows(table))
+        table, report = self._rated_rows(since, max_examples, None, max_user_share, max_addr_share)
+        digest = files.write_rows(Path(path), files.kto_rows(table), files.KTO_SCHEMA)
         n_d = int(pc.sum(table.column("label")).as_py() or 0)
         return SnapshotInfo(Path(path), n_d, table.num_rows - n_d, digest, self._resolve_since(since), None,
                             caps=report.as_dict())
+
+    def export_dpo(self, path: str | Path, since: datetime | str | None = None,
+                   max_examples: int | None = None, *, max_user_share: Share = ...,
+                   max_addr_share: Share = ...) -> PairsInfo:
+        """TRL's preference format (prompt messages, [chosen], [rejected]) plus metadata, .jsonl or .parquet: a
+        pair wherever one user's final ratings put 👍 on one answer and 👎 on a sibling of it (same user message,
+        same prompt messages). Every 👍 × 👎 sibling pair of that user is written: each is a preference the user
+        stated, and siblings per prompt are few, so nothing is discarded and no pairing rule is invented. A
+        withdrawn or changed rating counts only by its final value (reason and comment included). A pair's
+        rated_at is the later of its two ratings; `since` keeps pairs completed or changed after it, and
+        max_examples the newest N pairs (newest first, then by answer ids); then the share caps, each pair
+        counting for its user and for the address of its later rating."""
+        try:
+            files.kto_format(Path(path))
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                         or max_examples < 0):
+            raise InvalidInput("max_examples must be a non-negative int or None")
+        user, addr = self._shares(max_user_share, max_addr_share)
+        since_t = self._resolve_since(since)
+        rated_at = "greatest(u.updated_at, d.updated_at)"
+        sql = f"""SELECT ua.prompt_messages AS messages, ua.text AS chosen_text, da.text AS rejected_text,
+                u.answer_id AS chosen_answer_id, d.answer_id AS rejected_answer_id, u.user_id,
+                u.reason AS chosen_reason, u.comment AS chosen_comment, d.reason AS rejected_reason,
+                d.comment AS rejected_comment, {rated_at} AS rated_at,
+                CASE WHEN d.updated_at >= u.updated_at THEN d.client_addr ELSE u.client_addr END AS client_addr
+            FROM ratings u JOIN answers ua ON ua.id = u.answer_id
+            JOIN answers da ON da.parent_id = ua.parent_id AND da.prompt_messages = ua.prompt_messages
+            JOIN ratings d ON d.answer_id = da.id AND d.user_id = u.user_id
+            WHERE u.deployment = ? AND u.value = 'up' AND d.value = 'down'"""
+        params: list = [self.deployment]
+        if since_t is not None:
+            sql += f" AND {rated_at} > ?"
+            params.append(since_t)
+        sql += " ORDER BY rated_at DESC, chosen_answer_id, rejected_answer_id"
+        if max_examples is not None:
+            sql += " LIMIT ?"
+            params.append(max_examples)
+        table = self._cursor().sql(sql, params=params).to_arrow_table()
+        table, report, _ = self._cap(table, user, addr)
+        digest = files.write_rows(Path(path), files.dpo_rows(table), files.DPO_SCHEMA)
+        return PairsInfo(Path(path), table.num_rows, len(set(table.column("chosen_answer_id").to_pylist())),
+                         len(set(table.column("rejected_answer_id").to_pylist())), digest, since_t,
+                         report.as_dict())

@@ -205,33 +205,29 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
     def export(body: Annotated[dict | None, Body()] = None):
         """`kto-loop export`: the final ratings as a training file, written in the data directory's transfer
         folder and streamed back (then deleted); the summary travels in the SUMMARY_HEADER header."""
-        from app.cli.export import parse_since
+        from app.cli.export import SUFFIXES, parse_since, write
         from feedback_store import InvalidInput, StoreError, UnknownAdapter
 
         body = body or {}
         fmt, suffix = body.get("format", "kto"), body.get("suffix", ".jsonl")
         since, limit = body.get("since"), body.get("limit")
-        allowed = {"kto": (".jsonl", ".parquet"), "snapshot": (".parquet",)}
-        if fmt not in allowed:
-            raise HTTPException(400, f"format must be one of {sorted(allowed)}, got {fmt!r}")
-        if suffix not in allowed[fmt]:
-            raise HTTPException(400, f"the {fmt} format writes {' or '.join(allowed[fmt])} files, not {suffix!r}")
+        if fmt not in SUFFIXES:
+            raise HTTPException(400, f"format must be one of {sorted(SUFFIXES)}, got {fmt!r}")
+        if suffix not in SUFFIXES[fmt]:
+            raise HTTPException(400, f"the {fmt} format writes {' or '.join(SUFFIXES[fmt])} files, not {suffix!r}")
         if since is not None and not isinstance(since, str):
             raise HTTPException(400, f"since must be a string, got {since!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise HTTPException(400, f"limit must be a non-negative integer, got {limit!r}")
         tmp = _transfer_path(st, suffix)
         try:
-            write = st.store.export_kto if fmt == "kto" else st.store.export_snapshot
-            info = write(tmp, since=parse_since(since), max_examples=limit)
+            summary = {"format": fmt, **write(st.store, fmt, tmp, parse_since(since), limit)}
         except UnknownAdapter as e:
             tmp.unlink(missing_ok=True)
             raise HTTPException(404, str(e)) from None
         except StoreError as e:
             tmp.unlink(missing_ok=True)
             raise HTTPException(400 if isinstance(e, InvalidInput) else 500, str(e)) from None
-        summary = {"format": fmt, "n_examples": info.n_examples, "n_desirable": info.n_desirable,
-                   "n_undesirable": info.n_undesirable, "sha256": info.sha256}
         return _stream(tmp, summary, "application/octet-stream")
 
     @router.get("/counts")

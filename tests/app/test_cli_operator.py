@@ -195,7 +195,7 @@ def test_backup_through_the_app_writes_only_under_its_data_dir(tmp_path, capsys)
             r = client.post("/api/admin/backup", json={"to": str(elsewhere)}, headers=headers)
             assert r.status_code == 400 and not elsewhere.exists()
             for body in ({"suffix": "/../../evil.jsonl"}, {"format": "snapshot", "suffix": ".jsonl"},
-                         {"limit": -1}, {"format": "csv"}):
+                         {"format": "dpo", "suffix": ".duckdb"}, {"limit": -1}, {"format": "csv"}):
                 assert client.post("/api/admin/export", json=body, headers=headers).status_code == 400, body
             assert client.get("/api/admin/counts").status_code == 401
             assert client.get("/api/admin/lineage/nope", headers=headers).status_code == 404

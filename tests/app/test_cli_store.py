@@ -86,6 +86,12 @@ def test_export_kto_jsonl_and_parquet(tmp_path, capsys):
     assert main(["export", "--out", str(tmp_path / "kto.txt"), "--db-path", str(db)]) == 1
     assert "jsonl or .parquet" in capsys.readouterr().err
 
+    pairs = tmp_path / "pairs.jsonl"   # no answer here has a sibling: no pair (tests/app/test_export_trl.py has them)
+    assert main(["export", "--format", "dpo", "--out", str(pairs), "--db-path", str(db)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_pairs"] == 0 and pairs.read_text() == ""
+    assert main(["export", "--format", "dpo", "--out", str(tmp_path / "pairs.txt"), "--db-path", str(db)]) == 1
+    assert "jsonl or .parquet" in capsys.readouterr().err
+
 
 def test_locked_file_gives_one_line_error(tmp_path):
     db = tmp_path / "fb.duckdb"

@@ -391,7 +391,7 @@ def test_export_round_trip_snapshot_and_kto(store, clock, tmp_path):
         out = store.export_kto(tmp_path / f"kto.{ext}")
         ds = datasets.load_dataset("json" if ext == "jsonl" else "parquet", data_files=str(out.path),
                                    split="train")
-        assert ds.column_names == ["prompt", "completion", "label"] and len(ds) == 6
+        assert ds.column_names[:3] == ["prompt", "completion", "label"] and len(ds) == 6
         row = ds[0]
         assert row["prompt"][-1] == {"role": "user", "content": "q5 ünïcödé"}
         assert row["completion"] == [{"role": "assistant", "content": "a5"}]
