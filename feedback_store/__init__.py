@@ -28,10 +28,17 @@ from feedback_store.errors import (
 )
 from feedback_store.files import KTO_SCHEMA, SNAPSHOT_SCHEMA
 from feedback_store.schema import MIGRATIONS, SCHEMA_VERSION
-from feedback_store.store import RATING_VALUES, BackupInfo, FeedbackStore, RateResult, SnapshotInfo
+from feedback_store.store import (
+    RATING_VALUES,
+    BackupInfo,
+    FeedbackStore,
+    ForgetReport,
+    RateResult,
+    SnapshotInfo,
+)
 
 __all__ = [
-    "FeedbackStore", "RateResult", "SnapshotInfo", "RATING_VALUES", "SNAPSHOT_SCHEMA", "KTO_SCHEMA",
+    "FeedbackStore", "ForgetReport", "RateResult", "SnapshotInfo", "RATING_VALUES", "SNAPSHOT_SCHEMA", "KTO_SCHEMA",
     "MIGRATIONS", "SCHEMA_VERSION", "StoreError", "InvalidInput", "InvalidRating", "UnknownAnswer",
     "UnknownConversation", "UnknownRun", "UnknownAdapter", "WrongDeployment", "DuplicateAdapter",
     "SchemaError", "StoreLocked", "ReadOnlyStore", "StoreWriteError", "StorageFull", "CorruptStore",

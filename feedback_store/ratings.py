@@ -278,7 +278,10 @@ class Ratings(StoreCore):
         transaction first (returned True), so the rowids read are the rows the UPDATE will change."""
         keys = {(it.answer_id, it.user_id) for p in batch for it in p.items}
         answer_ids = sorted({a for a, _ in keys})
-        infos = {a: self._answers[a] for a in answer_ids if a in self._answers}
+        # another writer (a PostgreSQL process, a second store on this file) may have deleted a cached answer
+        # (forget, retention): then its row is read again, in the statement that reads the ratings anyway
+        alone = self._dialect.single_writer and _WRITERS.get(self._key, 0) == 1
+        infos = {a: self._answers[a] for a in answer_ids if alone and a in self._answers}
         misses = [a for a in answer_ids if a not in infos]
         use_cache = use_cache and self._dialect.single_writer and _WRITERS.get(self._key, 0) == 1
         known = {a: self._rated[a] for a in answer_ids if use_cache and a in self._rated}

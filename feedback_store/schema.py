@@ -111,6 +111,16 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "held-out examples of runs", (
         "ALTER TABLE run_examples ADD COLUMN heldout BOOLEAN DEFAULT false",
     )),
+    # `kto-loop forget` and retention delete rows; this keeps what they deleted as counts (no user id: forget.py)
+    # and the runs that had learnt from it
+    Migration(8, "audit of forgotten users and expired conversations", (
+        """CREATE TABLE forgotten (
+            id VARCHAR NOT NULL PRIMARY KEY, deployment VARCHAR NOT NULL, reason VARCHAR NOT NULL, id_kind VARCHAR,
+            cutoff TIMESTAMP, conversations INTEGER NOT NULL, messages INTEGER NOT NULL, answers INTEGER NOT NULL,
+            ratings INTEGER NOT NULL, ratings_up INTEGER NOT NULL, ratings_down INTEGER NOT NULL,
+            ratings_withdrawn INTEGER NOT NULL, rating_events INTEGER NOT NULL, runs VARCHAR,
+            forgotten_at TIMESTAMP NOT NULL)""",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

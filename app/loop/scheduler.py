@@ -17,6 +17,9 @@ keeps or takes the lease (starting or stopping its schedule) and serves what the
 (app/loop/served.py, `follow`). An operator's "align now" on another process is refused with NotLeader, naming
 the leader, rather than forwarded: a replica knows no other replica's address or console credentials, and a
 refusal cannot start a run twice. Without a lease (the DuckDB file: one process) all of this is off.
+
+Retention (`retention_days` > 0): once at start-up and then daily, the leader deletes the conversations whose last
+activity is older than that, with their ratings (FeedbackStore.expire_before; docs/operations.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 JOB_ID = "realign"
 SYNC_JOB_ID = "replica-sync"
+RETENTION_JOB_ID = "retention"
 STATE_FILE = "schedule_state.json"
 BACKOFF_BASE_S = 600.0          # first wait after a failed run: 10 minutes
 BACKOFF_CAP_S = 24 * 3600.0     # never more than a day between tries
@@ -136,8 +140,9 @@ class RealignScheduler:
 
     def __init__(self, realigner: Realigner, store, settings: SettingsStore, *, clock: Callable[[], float] = time.time,
                  backoff: tuple[float, float] = (BACKOFF_BASE_S, BACKOFF_CAP_S), lease: Any = None,
-                 follow: Callable[[], Any] | None = None, sync_s: float = 5.0):
+                 follow: Callable[[], Any] | None = None, sync_s: float = 5.0, retention_days: float = 0.0):
         self.realigner, self.store, self.settings = realigner, store, settings
+        self.retention_days = retention_days   # 0: keep for ever
         # lease: feedback_store.LeaderLease when other processes share the store (None: this one leads, always);
         # follow: makes this process serve what the store says; both checked every sync_s seconds (0 = never)
         self.lease, self.follow, self.sync_s = lease, follow, sync_s
@@ -159,6 +164,9 @@ class RealignScheduler:
         if self.lease is not None and self.sync_s > 0:
             self.scheduler.add_job(self.sync, IntervalTrigger(seconds=self.sync_s), id=SYNC_JOB_ID,
                                    replace_existing=True)
+        if self.retention_days > 0:   # now (start-up), then daily
+            self.scheduler.add_job(self.expire, IntervalTrigger(days=1), id=RETENTION_JOB_ID, replace_existing=True,
+                                   next_run_time=datetime.now(self.scheduler.timezone))
 
     def shutdown(self) -> None:
         if self.scheduler.running:
@@ -187,6 +195,22 @@ class RealignScheduler:
                 self.follow()
             except Exception as e:  # logged; the next check tries again
                 log.error("could not serve the version the store names: %s", e)
+
+    def expire(self) -> dict[str, Any] | None:
+        """The retention job: delete conversations whose last activity is older than retention_days, on the leader
+        only (replicas would race for the same rows); what it deleted, or None when it did not run."""
+        if self.retention_days <= 0 or not self.leader:
+            return None
+        cutoff = datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None) - timedelta(days=self.retention_days)
+        try:
+            report = self.store.expire_before(cutoff).as_dict()
+        except Exception as e:  # logged; tomorrow's pass tries again
+            log.error("retention: could not delete conversations older than %s: %s", cutoff, e)
+            return None
+        if report["conversations"]:
+            log.warning("retention: deleted %d conversations (%d ratings) with no activity since %s",
+                        report["conversations"], report["ratings"], cutoff)
+        return report
 
     def not_leader_reason(self) -> str | None:
         """Why this process may not start a run (another leads), or None when it may."""

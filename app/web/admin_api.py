@@ -245,6 +245,23 @@ def admin_router(st: Any, op: Any, scheduler: Any) -> APIRouter:
             raise HTTPException(400, f"limit must be in [1, 1000], got {limit}")
         return _jsonable(st.store.runs(limit))
 
+    @router.post("/forget")
+    def forget(body: Annotated[dict, Body()]):
+        """`kto-loop forget USER`: delete one user's conversations and ratings ({"dry_run": true}: only count them);
+        the counts deleted and the runs that had learnt from them (feedback_store/forget.py)."""
+        from feedback_store import StoreError
+
+        unknown = set(body) - {"user", "dry_run"}
+        if unknown:
+            raise HTTPException(400, f"unknown forget fields: {sorted(unknown)}")
+        user, dry_run = body.get("user"), body.get("dry_run", False)
+        if not isinstance(user, str) or not user.strip() or not isinstance(dry_run, bool):
+            raise HTTPException(400, "forget needs {\"user\": USER_ID, \"dry_run\": true|false}")
+        try:
+            return _jsonable(st.store.forget_user(user, dry_run=dry_run).as_dict())
+        except StoreError as e:
+            raise HTTPException(400, str(e)) from None
+
     @router.get("/lineage/{answer_id}")
     def lineage(answer_id: str, ancestors: bool = False):
         """`kto-loop lineage`: which ratings trained, were held out by or were dropped by the runs behind an answer."""

@@ -14,6 +14,8 @@ from app.loop.realign import Realigner
     ({"KTO_LOOP_LORA_RANK": "32"}, "vllm_max_lora_rank"),
     ({"KTO_LOOP_ALIGN_TIMEOUT_S": "-1"}, "align_timeout_s"),
     ({"KTO_LOOP_ALIGN_TIMEOUT_S": "nan"}, "align_timeout_s"),
+    ({"KTO_LOOP_RETENTION_DAYS": "-1"}, "retention_days"),
+    ({"KTO_LOOP_RETENTION_DAYS": "nan"}, "retention_days"),
     ({"KTO_LOOP_ALIGN_MAX_MEMORY_GB": "inf"}, "align_max_memory_gb"),
     ({"KTO_LOOP_TRUSTED_PROXIES": "10.0.0.0/8,not-an-address"}, "trusted_proxies"),
     ({"KTO_LOOP_DB_URL": "mysql://db/kto"}, "db_url"),
