@@ -225,7 +225,8 @@ class Runs(Conversations):
 
     def lineage_detail(self, answer_id: str, include_ancestors: bool = False) -> dict:
         """The answer's adapter and, per adapter of its chain (newest first), the run that made it and that run's
-        ratings split into trained, held out (judged on only) and dropped by the aligner."""
+        ratings split into trained, held out (judged on only) and dropped by the aligner, and how many of them have
+        been deleted since."""
         answer = self.get_answer(answer_id)
         version, steps, seen = answer["adapter"], [], set()
         while version and version != BASE and version not in seen:
@@ -237,7 +238,10 @@ class Runs(Conversations):
             run_id, parent = rows[0]
             roles = self.run_example_roles(run_id) if run_id is not None else {"trained": [], "heldout": [],
                                                                                "dropped": []}
-            steps.append({"version": version, "run_id": run_id, "parent": parent, **roles})
+            # ratings deleted since (forget, retention): their ids stay in the run's record, resolving to nothing
+            deleted = self._read("""SELECT count(*) FROM run_examples e WHERE e.run_id = ?
+                AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.id = e.rating_id)""", [run_id])[0][0] if run_id else 0
+            steps.append({"version": version, "run_id": run_id, "parent": parent, **roles, "deleted": int(deleted)})
             if not include_ancestors:
                 break
             version = parent

@@ -40,7 +40,9 @@ def describe(out: dict[str, Any]) -> str:
         lines.append("  no adapter run behind it (the base model, or an adapter without a recorded run)")
     for a in out["adapters"]:
         lines.append(f"  {a['version']} (run {a['run_id']}, parent {a['parent'] or 'none'}): {len(a['trained'])} "
-                     f"trained, {len(a['heldout'])} held out, {len(a['dropped'])} dropped")
+                     f"trained, {len(a['heldout'])} held out, {len(a['dropped'])} dropped"
+                     + (f"; {a['deleted']} of its ratings deleted since (kto-loop forget, retention)"
+                        if a.get("deleted") else ""))
         for kind in ("trained", "heldout", "dropped"):
             if a[kind]:
                 lines.append(f"    {kind}: {' '.join(a[kind])}")

@@ -56,7 +56,9 @@ def test_forget_through_the_running_app_then_on_the_stopped_file(tmp_path, capsy
         for argv in (["stats", "--json"], ["runs", "--json"], ["lineage", bob[0], "--json"]):
             rc, out, err = _cli(capsys, *argv, "--data-dir", str(data))
             assert rc == 0, (argv, err)
-        assert json.loads(out)["adapters"][0]["version"] == "kto-v1"
+        assert json.loads(out)["adapters"][0]["version"] == "kto-v1" and json.loads(out)["adapters"][0]["deleted"] == 9
+        rc, out, err = _cli(capsys, "lineage", bob[0], "--data-dir", str(data))
+        assert "9 of its ratings deleted since" in out
         # the console's numbers and its view of the run's examples (rows now point at deleted ratings)
         assert call(running.cfg, "GET", "/api/admin/stats")
         page = call(running.cfg, "GET", f"/api/admin/runs/{run_id}/examples", params={"role": "trained"})

@@ -123,7 +123,9 @@ def test_forget_names_the_runs_and_adapters_that_learnt_from_the_user(location, 
         assert json.loads(json.dumps(s.forget_log()[0]["runs"])) == report.runs
         # everything that reads lineage, runs, ratings or answers still works
         lineage = s.lineage_detail(newest[0], include_ancestors=True)
-        assert lineage == lineage_before       # a run's record is history: its rating ids stay, resolving to nothing
+        # a run's record is history: its rating ids stay, resolving to nothing, and lineage counts them as deleted
+        assert [a.pop("deleted") for a in lineage["adapters"]] == [0, 3]
+        assert [a.pop("deleted") for a in lineage_before["adapters"]] == [0, 0] and lineage == lineage_before
         assert [a["version"] for a in lineage["adapters"]] == ["kto-v2", "kto-v1"]
         assert s.lineage(later[0]) == sorted(set(ids) - set(held))
         assert [r["id"] for r in s.runs()] == [run2, run1]
