@@ -147,8 +147,9 @@ class Config:
     backup_interval_hours: float = _opt(24.0, "take an online backup of the feedback database every N hours into "
                                               "DATA_DIR/backups, counted from the newest one there (0 = off)")
     backup_keep: int = _opt(7, "automatic backups kept; older ones are deleted")
-    retention_days: float = _opt(0.0, "conversations and ratings older than this many days are deleted once a day "
-                                      "(aggregate counts are kept for audit; 0 = kept for ever)")
+    retention_days: float = _opt(0.0, "conversations with no activity (message, answer, rating change) for this many "
+                                      "days are deleted with their ratings, at start-up and daily (aggregate counts "
+                                      "are kept for audit; 0 = kept for ever)")
 
     # Logs.
     log_format: str = _opt("text", "text: human-readable lines; json: one JSON object per line (time, level, "
