@@ -200,9 +200,11 @@ class Operator:
         return pd.DataFrame(rows, columns=EXAMPLE_COLUMNS), label
 
     def run_choices(self) -> list[tuple[str, str]]:
-        """(label, run id) of the newest runs that recorded a snapshot, for the console's run picker."""
+        """(label, run id) of the newest finished runs that recorded a snapshot, for the console's run picker; a
+        running one is left out: which of its ratings are held out or dropped is recorded when it finishes."""
         return [(f"{r['id'][:8]} · {r['status']} · {_short_time(r['started_at'])}", r["id"])
-                for r in records(self.store.runs(100)) if r.get("snapshot_at") or r.get("snapshot_sha256")]
+                for r in records(self.store.runs(100))
+                if r.get("status") != "running" and (r.get("snapshot_at") or r.get("snapshot_sha256"))]
 
     def adapters(self) -> pd.DataFrame:
         """Registered versions (the store) with what serves now (the registry)."""

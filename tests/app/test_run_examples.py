@@ -104,6 +104,9 @@ def test_the_console_table_says_how_many_of_how_many_it_shows(stack, tmp_path, m
     op = Operator(stack.store, stack.registry, stack.realigner, RealignScheduler(stack.realigner, stack.store,
                                                                                 stack.settings), stack.settings)
     assert op.run_choices()[0][1] == run and op.run_choices()[0][0].startswith(run[:8])
+    running = stack.store.start_run("operator", {})   # snapshot taken, roles not yet known: not offered
+    stack.store.export_snapshot(tmp_path / "snap2.parquet", run_id=running)
+    assert [v for _, v in op.run_choices()] == [run]
     table, label = op.run_examples_table(run, "trained")
     assert list(table.columns) == EXAMPLE_COLUMNS and len(table) == 4
     assert label.startswith(f"Run {run[:8]}: trained on, all 4") and "held out 1" in label and "dropped 1" in label
