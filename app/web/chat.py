@@ -597,13 +597,23 @@ def _sampling_dict(sampling: Any) -> dict[str, Any]:
 SERVER_DOWN = ("⚠️ **The model server is not reachable right now.** Your messages are kept; "
                "try again in a moment, this page recovers by itself when the server is back.")
 
+# The chatbot's own toolbar holds only its trash icon (buttons=["copy"] leaves out share and copy-all), which would
+# duplicate "+ New conversation": hidden. Message buttons (👍 👎 copy undo) are 44×44 CSS px, the touch target size
+# of Apple's HIG and WCAG 2.5.5 (tests/e2e/test_browser.py measures them at 390 px).
 CSS = """
 #kto-banner p {background:#fff4e5;border:1px solid #f0b37e;border-radius:8px;padding:8px 12px;margin:0}
 #kto-notice p {color:#8a4b00;margin:0}
 #kto-convs .wrap {flex-direction:column;align-items:stretch}
 #kto-siblings {align-items:center}
 footer {display:none !important}
+#kto-chat .top-panel {display:none !important}
+#kto-chat .message-buttons button {min-width:44px;min-height:44px;justify-content:center;align-items:center}
 """
+
+# After a 👎 the reason panel, just under the chat, is scrolled into view if the page put it below the fold (a phone).
+SHOW_DOWN_PANEL_JS = """() => { const show = () => { const p = document.querySelector('#kto-down-panel');
+  if (p && p.offsetParent !== null) p.scrollIntoView({block: 'nearest'}); };
+  for (const ms of [50, 250, 600]) setTimeout(show, ms); }"""
 
 
 def trimmed_notice(dropped: int) -> str:
@@ -668,15 +678,7 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
                     prev = gr.Button("‹", size="sm", scale=0, min_width=40, elem_id="kto-prev")
                     sib_label = gr.Markdown("", elem_id="kto-sibling")
                     nxt = gr.Button("›", size="sm", scale=0, min_width=40, elem_id="kto-next")
-                with gr.Row():
-                    box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                                     elem_id="kto-input", max_lines=8)
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="kto-send")
-                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="kto-stop")
-                with gr.Row():
-                    regen = gr.Button("↻ Regenerate", size="sm", elem_id="kto-regen")
-                notice = gr.Markdown("", elem_id="kto-notice")
-                with gr.Group(visible=False, elem_id="kto-down-panel") as down_panel:
+                with gr.Group(visible=False, elem_id="kto-down-panel") as down_panel:   # under the rated answer
                     gr.Markdown("**What was wrong with this answer?** (optional)")
                     reason = gr.Radio(REASONS, label="Reason", elem_id="kto-reason")
                     comment = gr.Textbox(label="Comment", placeholder="Tell us more (optional)", max_lines=4,
@@ -685,6 +687,14 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
                         send_comment = gr.Button("Send feedback", size="sm", variant="primary",
                                                  elem_id="kto-send-comment")
                         skip_comment = gr.Button("Skip", size="sm")
+                with gr.Row():
+                    box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                     elem_id="kto-input", max_lines=8)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="kto-send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="kto-stop")
+                with gr.Row():
+                    regen = gr.Button("↻ Regenerate", size="sm", elem_id="kto-regen")
+                notice = gr.Markdown("", elem_id="kto-notice")
         side_io = [convs, sib_row, sib_label, prev, nxt]
 
         def stream(sess: ChatSession, gen: Iterator[str], restore: str = ""):
@@ -825,7 +835,7 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
                 why = getattr(e, "user_message", type(e).__name__)  # e.g. "the server's disk is full"
                 return view(sess), f"⚠️ Your rating could not be saved ({why}).", gr.update(), None
             if turn.rating == "down":
-                return view(sess), "Thanks! Tell us what was wrong below (optional).", \
+                return view(sess), "Thanks! Tell us what was wrong (optional).", \
                     gr.update(visible=True), turn.msg_id
             msg = {"up": "Thanks for the 👍!", None: "Rating withdrawn."}[turn.rating]
             return view(sess), msg, gr.update(visible=False), None
@@ -853,17 +863,15 @@ def build_chat_ui(service: ChatService, raters: Raters, title: str = "kto-loop c
         answering = dict(concurrency_limit=None, show_progress_on=[chatbot])   # not over the list while it streams
         box.submit(on_send, [box, key], chat_io, **answering)
         send.click(on_send, [box, key], chat_io, **answering)
-        regen.click(on_regen, [key], chat_io, **answering)
-        chatbot.retry(on_regen, [key], chat_io, **answering)
+        regen.click(on_regen, [key], chat_io, **answering)   # no chatbot.retry: its icon would duplicate this button
         chatbot.undo(on_undo, [key], [chatbot, box], concurrency_limit=None).then(on_side, [key], side_io, **quiet)
         stop.click(on_stop, [key], None, queue=False)
-        chatbot.clear(on_new, [key], panel_io + side_io, concurrency_limit=None)
         new.click(on_new, [key], panel_io + side_io, concurrency_limit=None)
         convs.input(on_open, [convs, key], panel_io + side_io, concurrency_limit=None)
         prev.click(on_prev, [key], panel_io + side_io, concurrency_limit=None)
         nxt.click(on_next, [key], panel_io + side_io, concurrency_limit=None)
         chatbot.select(on_pick, [key], side_io, **quiet)
-        chatbot.like(on_like, [key], panel_io, concurrency_limit=None)
+        chatbot.like(on_like, [key], panel_io, concurrency_limit=None).then(None, None, None, js=SHOW_DOWN_PANEL_JS)
         send_comment.click(on_comment, [key, pending_down, reason, comment],
                            [notice, down_panel, chatbot, reason, comment], concurrency_limit=None)
         skip_comment.click(lambda: (gr.update(visible=False), None, None, ""), None,

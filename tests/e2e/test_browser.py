@@ -116,9 +116,10 @@ def browser():
         b.close()
 
 
-def _save(page, name: str) -> None:
+def _save(page, name: str, full_page: bool = True) -> None:
+    """A screenshot into tests/results (docs/screenshots holds reduced copies of some: docs/operations.md)."""
     RESULTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(RESULTS / name), full_page=True)
+    page.screenshot(path=str(RESULTS / name), full_page=full_page)
 
 
 def _rater_id(context) -> str:
@@ -178,6 +179,40 @@ def test_conversations_persist_and_an_older_sibling_is_rated_by_its_id(app_proc,
     con.close()
     context.close()
     assert [v for _, v in rows] == ["up", None] and rows[0][0].strip() == older.strip()
+
+
+def test_phone_width_thumbs_are_touch_sized_and_the_reason_panel_comes_into_view(app_proc, browser):
+    """At 390×844 (a phone): 👍/👎 are at least 44×44 CSS px, the reason panel is in the viewport right after 👎
+    without the user scrolling, Gradio's retry and trash icons (duplicates of Regenerate and New conversation)
+    are not there, and nothing scrolls sideways."""
+    from playwright.sync_api import expect
+
+    _, url, _, _ = app_proc
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(url)
+    chat = page.locator("#kto-chat")
+    page.fill("#kto-input textarea", "Hello from a phone. Please answer at some length.")
+    page.click("#kto-send")
+    expect(page.locator("#kto-notice")).to_contain_text("Answered by", timeout=60_000)
+    for name in ("Like", "Dislike"):
+        box = chat.get_by_role("button", name=name, exact=True).last.bounding_box()
+        assert box is not None and box["width"] >= 44 and box["height"] >= 44, (name, box)
+    assert chat.get_by_role("button", name="Retry").count() == 0
+    assert chat.locator("button[aria-label='Clear']:visible").count() == 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+    page.evaluate("window.scrollTo(0, 0)")   # the worst case: the page at its top, the panel far below the fold
+    chat.get_by_role("button", name="Dislike", exact=True).last.tap()
+    panel = page.locator("#kto-down-panel").first
+    expect(panel).to_be_visible(timeout=10_000)
+    expect(panel).to_be_in_viewport(ratio=1.0, timeout=5_000)
+    expect(page.locator("#kto-send-comment")).to_be_in_viewport()
+    _save(page, "phone.png", full_page=False)   # what the phone shows, not the whole page
+    page.locator("#kto-reason").get_by_label("too long").check()
+    page.click("#kto-send-comment")
+    expect(page.locator("#kto-notice")).to_contain_text("feedback was saved", timeout=10_000)
+    context.close()
 
 
 def test_chat_rate_realign_in_the_browser(app_proc, browser):
@@ -253,6 +288,7 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     assert nxt["n_desirable"] + nxt["heldout_desirable"] == nxt["snapshot_desirable"] <= seed_up + 1, nxt
     assert nxt["n_undesirable"] + nxt["heldout_undesirable"] == nxt["snapshot_undesirable"] <= seed_down + 2, nxt
     expect(summary).to_contain_text(f"n_D = {nxt['n_desirable']}, n_U = {nxt['n_undesirable']}", timeout=20_000)
+    _save(console, "next-run.png", full_page=False)
     console.click("#kto-realign")
     expect(console.locator("#kto-realign-msg")).to_contain_text("started", timeout=20_000)
     console.click("#kto-realign")  # a second trigger during the run is refused
@@ -262,6 +298,17 @@ def test_chat_rate_realign_in_the_browser(app_proc, browser):
     assert _stats(url)["served"] == "kto-v1"
     console.get_by_role("tab", name="Runs").click()
     expect(console.locator("#kto-runs")).to_contain_text("promoted", timeout=10_000)
+    examples = console.locator("#kto-examples")   # the run's ratings: the newest run is picked by itself
+    expect(examples).to_contain_text("trained on", timeout=30_000)
+    expect(examples).to_contain_text("seed question")
+    console.locator("#kto-ex-role").get_by_label("held out").check()
+    expect(examples).to_contain_text("held out (the gate judged on them)", timeout=10_000)
+    console.locator("#kto-ex-role").get_by_label("trained on").check()
+    expect(examples).to_contain_text("trained on,", timeout=10_000)
+    _save(console, "run-examples.png", full_page=False)
+    console.get_by_role("tab", name="👎 reasons").click()
+    expect(console.locator("#kto-reasons")).to_contain_text("not the right city", timeout=20_000)
+    _save(console, "reasons.png", full_page=False)
     console.get_by_role("tab", name="Dashboard").click()
     time.sleep(4)
     _save(console, "dashboard.png")
