@@ -46,6 +46,7 @@ def _run_with_roles(stack, tmp_path) -> tuple[str, dict[str, str]]:
         store.rate(user, a, "down" if down else "up", reason="wrong" if down else None,
                    comment="the capital is Paris" if i == 3 else None)
     run = store.start_run("operator", {})
+    tmp_path.mkdir(parents=True, exist_ok=True)
     store.export_snapshot(tmp_path / "snap.parquet", run_id=run)
     by_answer = {}
     for rid in store.run_examples(run, include_dropped=True):
@@ -115,3 +116,22 @@ def test_the_console_table_says_how_many_of_how_many_it_shows(stack, tmp_path, m
     table, label = op.run_examples_table(run, "trained")
     assert len(table) == 2 and "the newest 2 of 4" in label
     assert op.run_examples_table(None)[1] == "Pick a run to see the ratings it used"
+
+
+def test_both_engines_list_the_same_examples(tmp_path, pg_url):
+    """The store query behind the API on DuckDB and on PostgreSQL: same counts, same rows in the same order."""
+    from types import SimpleNamespace
+
+    from feedback_store import FeedbackStore
+
+    def rows(page: dict) -> list[tuple]:
+        return [(e["prompt"], e["answer"], e["label"], e["user_id"], e["reason"], e["comment"])
+                for e in page["examples"]]
+
+    got = []
+    for i, location in enumerate((tmp_path / "fb.duckdb", pg_url)):
+        with FeedbackStore(location) as store:
+            run, _ = _run_with_roles(SimpleNamespace(store=store), tmp_path / f"e{i}")
+            pages = [store.run_example_rows(run, role, limit=3) for role in ("trained", "heldout", "dropped")]
+            got.append([(page["counts"], rows(page)) for page in pages])
+    assert got[0] == got[1] and got[0][0][0] == {"trained": 4, "heldout": 1, "dropped": 1}
