@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -50,7 +51,8 @@ class Config:
     replica_sync_s: float = _opt(5.0, "with db_url: every N seconds each app process keeps or takes the store's "
                                       "leader lease (only its holder runs scheduled and operator realignment) and "
                                       "serves the adapter version the store names, so a promotion or rollback made "
-                                      "by another app process reaches it within N s (docs/deploy.md)")
+                                      "by another app process reaches it within N s; with vllm_router_url the "
+                                      "leader also checks the vLLM replicas this often (docs/deploy.md)")
     adapter_dir: Path | None = _opt(None, "where adapter versions are kept (default: DATA_DIR/adapters)")
     deployment: str = _opt("default", "deployment name recorded with every answer and rating")
 
@@ -62,6 +64,12 @@ class Config:
     vllm_allow_remote_host: bool = _opt(False, "let vllm_host be a non-loopback address: whoever reaches it can "
                                                "chat with every adapter (its API key still guards loading them)")
     vllm_port: int = _opt(8000, "port of the vLLM server (0 = pick a free one)")
+    vllm_router_url: str = _opt("", "URL of a vllm-router in front of vLLM replicas you run yourself "
+                                    "(docs/deploy.md); empty = the app starts and supervises its own vLLM server")
+    vllm_replica_urls: str = _opt("", "with vllm_router_url: comma-separated URLs of the vLLM replicas behind it; a "
+                                      "new adapter version is loaded and warmed on each before it is served")
+    vllm_api_key: str = _opt("", "with vllm_router_url: the --api-key the vLLM replicas were started with",
+                             secret=True)
 
     # vLLM server flags.
     vllm_max_lora_rank: int = _opt(aligner_config.default("max_lora_rank"),
@@ -287,6 +295,13 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
             ipaddress.ip_network(proxy, strict=False)
         except ValueError as e:
             raise SystemExit(f"kto-loop: trusted_proxies: {e}") from None
+    if bool(cfg.vllm_router_url) != bool(replica_urls(cfg)):
+        raise SystemExit("kto-loop: vllm_router_url and vllm_replica_urls go together: the router spreads chats, "
+                         "the replica URLs are where each adapter version is loaded (docs/deploy.md)")
+    for url in ([cfg.vllm_router_url] if cfg.vllm_router_url else []) + replica_urls(cfg):
+        if not re.fullmatch(r"https?://[^\s/]+(:\d+)?/?", url):
+            raise SystemExit(f"kto-loop: {url!r} is not an http(s)://host:port URL (vllm_router_url, "
+                             "vllm_replica_urls)")
     if not cfg.vllm_allow_remote_host:
         from serving.server import is_loopback_host
 
@@ -294,3 +309,8 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
             raise SystemExit(f"kto-loop: vllm_host {cfg.vllm_host} is not a loopback address and vLLM's API is for "
                              "this app only; set --vllm-allow-remote-host true to listen there anyway")
     return cfg
+
+
+def replica_urls(cfg: Config) -> list[str]:
+    """vllm_replica_urls as a list."""
+    return [u.strip() for u in cfg.vllm_replica_urls.split(",") if u.strip()]

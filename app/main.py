@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import Config
+from app.config import Config, replica_urls
 from app.logs import configure_logging, json_logging, say, uvicorn_log_config
 from app.loop.realign import Realigner
 from app.operator_settings import RUNTIME_FILE, OperatorSettings, SettingsStore, write_json_atomic
@@ -27,7 +27,7 @@ from app.operator_settings import RUNTIME_FILE, OperatorSettings, SettingsStore,
 
 @dataclass
 class Stack:
-    server: Any           # serving.server.VLLMServer
+    server: Any           # serving.server.VLLMServer, or serving.replicas.ReplicaSet behind a router
     store: Any            # feedback_store.FeedbackStore
     registry: Any         # serving.registry.AdapterRegistry
     client: Any           # serving.client.ChatClient
@@ -63,6 +63,23 @@ def server_spec(cfg: Config):
         log_path=Path(cfg.data_dir) / "vllm.log")
 
 
+def serving_for(cfg: Config):
+    """The app's own supervised vLLM server, or the replicas behind a router the operator runs (docs/deploy.md)."""
+    if cfg.vllm_router_url:
+        from serving.replicas import ReplicaSet
+
+        return ReplicaSet(cfg.vllm_router_url, replica_urls(cfg), api_key=cfg.vllm_api_key or None)
+    from serving.server import VLLMServer
+
+    return VLLMServer(server_spec(cfg))
+
+
+def served_model_name(server: Any) -> str:
+    """The name vLLM serves the base model under (`--served-model-name`)."""
+    spec = getattr(server, "spec", None)
+    return spec.served_model_name if spec is not None else server.served_model_name
+
+
 @contextlib.contextmanager
 def build_stack(cfg: Config) -> Iterator[Stack]:
     """Open the store, start vLLM (LoRA on), restore the served adapter; stop everything on exit."""
@@ -70,7 +87,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
     from serving.admission import Admission
     from serving.client import ChatClient
     from serving.registry import AdapterRegistry
-    from serving.server import VLLMServer
+    from serving.server import request_priority
 
     cfg = cfg.resolved() if cfg.data_dir is None else cfg
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -85,31 +102,40 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             backups = PeriodicBackup(store, default_backup_dir(cfg.db_path), cfg.backup_interval_hours * 3600,
                                      cfg.backup_keep).start()
             stack.callback(backups.stop)
-        server = VLLMServer(server_spec(cfg))
+        server = serving_for(cfg)
         stack.callback(server.stop)  # registered first: a Ctrl-C during start-up still stops the child
-        say(f"starting vLLM with {cfg.model_dir} (log: {getattr(server, 'log_path', '-')}); the first start takes "
-            "1-3 minutes …", model_dir=str(cfg.model_dir), vllm_log=str(getattr(server, 'log_path', '-')))
+        own = not cfg.vllm_router_url  # the app starts and supervises its vLLM server
+        if own:
+            say(f"starting vLLM with {cfg.model_dir} (log: {getattr(server, 'log_path', '-')}); the first start "
+                "takes 1-3 minutes …", model_dir=str(cfg.model_dir), vllm_log=str(getattr(server, 'log_path', '-')))
         started = time.monotonic()
         server.start()
-        say(f"vLLM is ready ({time.monotonic() - started:.0f} s)", seconds=round(time.monotonic() - started, 1))
+        if own:
+            say(f"vLLM is ready ({time.monotonic() - started:.0f} s)", seconds=round(time.monotonic() - started, 1))
+        else:
+            say(f"chats go through the vLLM router at {server.base_url} to {len(server.replicas)} replicas",
+                router=server.base_url, replicas=list(server.replicas))
         admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
         client = ChatClient(server.base_url, admission=admission, api_key=server.api_key)
-        registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank)
+        registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank,
+                                   base_model_dir=cfg.model_dir)
         from app.loop.served import reconcile
 
         shared = bool(cfg.db_url)  # other app processes may use the store (served.py's docstring)
+        registry.sync_replicas()   # replicas behind a router: each holds the served versions before it takes chats
         reconcile(store, registry, shared=shared)  # vLLM serves what the store says; a fallback is recorded too
-        server.add_restart_hook(lambda: reconcile(store, registry, shared=shared))
+        if own:
+            server.add_restart_hook(lambda: reconcile(store, registry, shared=shared))
         settings = SettingsStore(cfg.data_dir, default_settings(cfg))
         guard = None
         if cfg.promote_max_capability_drop >= 0:
             from app.loop.gate import CapabilityGuard, http_ask, load_capability
 
             ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
-                           priority=server.spec.priority("background"), admission=admission,
+                           priority=request_priority(server, "background"), admission=admission,
                            api_key=server.api_key)
             guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop,
-                                    base=server.spec.served_model_name)
+                                    base=served_model_name(server))
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, max_lora_rank=cfg.vllm_max_lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain,
@@ -198,14 +224,18 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
 
 
 def replica_loop(st: Stack) -> dict[str, Any]:
-    """The scheduler's replica wiring on a PostgreSQL store: the leader lease and following the store's served
-    version (app/loop/scheduler.py); nothing on the DuckDB file, which one process owns."""
+    """The scheduler's replica wiring: on a PostgreSQL store the leader lease and following the store's served
+    version; behind a router, the leader's check of the vLLM replicas (app/loop/scheduler.py). Nothing for the
+    embedded default: one process owns the DuckDB file and supervises its one vLLM server."""
+    wiring: dict[str, Any] = {}
+    if st.cfg.vllm_router_url:
+        wiring.update(serving_sync=st.registry.sync_replicas, sync_s=st.cfg.replica_sync_s)
     if not st.cfg.db_url:
-        return {}
+        return wiring
     from app.loop.served import follow
     from feedback_store.lease import LeaderLease
 
-    return {"lease": LeaderLease(st.store), "follow": lambda: follow(st.store, st.registry),
+    return {**wiring, "lease": LeaderLease(st.store), "follow": lambda: follow(st.store, st.registry),
             "sync_s": st.cfg.replica_sync_s}
 
 

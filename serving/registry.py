@@ -9,6 +9,7 @@ model (safetensors header shapes); a local base directory named by the adapter m
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import logging
 import os
@@ -138,6 +139,7 @@ class AdapterRegistry:
         self.http_timeout = http_timeout
         self._lock = threading.RLock()
         self._state = self._load_state()
+        self._replicas: tuple[str, ...] = tuple(getattr(self._server, "replicas", ()) or ())
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -262,40 +264,86 @@ class AdapterRegistry:
                                      f"the served model's {w} (different base model?)")
 
     # -- server calls --------------------------------------------------------------------------------------
-    def _load_on_server(self, name: str, path: str) -> None:
+    def _targets(self) -> list[str]:
+        """Where a version must be loaded before it is served: the one server, or every replica in service."""
+        if not self._replicas:
+            return [self.base_url]
         try:
-            r = httpx.post(f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+            targets = self._server.in_service()
+        except (RuntimeError, httpx.HTTPError, ValueError) as e:
+            raise AdapterLoadError(f"could not ask the router which replicas are in service: {e}") from e
+        if not targets:
+            raise AdapterLoadError("no vLLM replica is in service behind the router")
+        return targets
+
+    def _on_each(self, targets: list[str], fn: Callable[[str], Any]) -> list[Any]:
+        """fn(url) on every target at once; AdapterLoadError naming each one that failed."""
+        if len(targets) == 1:
+            return [fn(targets[0])]
+        with cf.ThreadPoolExecutor(len(targets)) as pool:
+            futures = {url: pool.submit(fn, url) for url in targets}
+        errors = {url: f.exception() for url, f in futures.items() if f.exception() is not None}
+        if errors:
+            raise AdapterLoadError("; ".join(f"{url}: {e}" for url, e in errors.items()))
+        return [f.result() for f in futures.values()]
+
+    def _load_on_server(self, name: str, path: str, targets: list[str] | None = None) -> None:
+        self._on_each(targets or self._targets(), lambda url: self._load_one(url, name, path))
+
+    def _load_one(self, url: str, name: str, path: str) -> None:
+        try:
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
                            headers=self._headers, timeout=self.http_timeout)
         except httpx.HTTPError as e:
-            raise AdapterLoadError(f"could not reach vLLM to load {name}: {e}") from e
+            raise AdapterLoadError(f"could not reach vLLM at {url} to load {name}: {e}") from e
         if r.status_code != 200:
-            raise AdapterLoadError(f"vLLM refused to load {name} from {path} (HTTP {r.status_code}): "
+            raise AdapterLoadError(f"vLLM at {url} refused to load {name} from {path} (HTTP {r.status_code}): "
                                    f"{_error_message(r)}")
 
-    def _warm(self, name: str) -> float:
-        """One tiny request so the first user of the version does not pay for the adapter's first use.
+    def _warm(self, name: str, targets: list[str] | None = None) -> float:
+        """One tiny request on each server so the first user of the version does not pay for the adapter's first
+        use; returns the slowest.
 
         A raw one-word completion, not a chat: the chat template would add ~30 prompt tokens to prefill, which
         under load costs a scheduler step's worth of time on CPU before the pointer can switch. On a server with
         priority scheduling it asks for `warm_priority` (-1), so it does not wait behind a burst of new chats.
         """
+        return max(self._on_each(targets or self._targets(), lambda url: self._warm_one(url, name)))
+
+    def _warm_one(self, url: str, name: str) -> float:
         t0 = time.monotonic()
         body: dict[str, Any] = {"model": name, "prompt": "Hi", "max_tokens": 1, "temperature": 0.0}
         if self.warm_priority is not None:
             body["priority"] = self.warm_priority
         try:
-            r = httpx.post(f"{self.base_url}/v1/completions", json=body, headers=self._headers,
-                           timeout=self.http_timeout)
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=self._headers, timeout=self.http_timeout)
         except httpx.HTTPError as e:
-            raise AdapterLoadError(f"warm-up request on {name} failed: {e}") from e
+            raise AdapterLoadError(f"warm-up request on {name} at {url} failed: {e}") from e
         if r.status_code != 200:
-            raise AdapterLoadError(f"warm-up request on {name} failed (HTTP {r.status_code}): {_error_message(r)}")
+            raise AdapterLoadError(f"warm-up request on {name} at {url} failed (HTTP {r.status_code}): "
+                                   f"{_error_message(r)}")
         return time.monotonic() - t0
 
-    def loaded(self) -> list[str]:
-        r = httpx.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=30)
+    def loaded_on(self, url: str) -> list[str]:
+        r = httpx.get(f"{url}/v1/models", headers=self._headers, timeout=30)
         r.raise_for_status()
         return [m["id"] for m in r.json().get("data", [])]
+
+    def loaded(self) -> list[str]:
+        """Names any server holds (a replica that is down cannot say: the others must, or this raises)."""
+        if not self._replicas:
+            return self.loaded_on(self.base_url)
+        names: set[str] = set()
+        answered = 0
+        for url in self._replicas:
+            try:
+                names.update(self.loaded_on(url))
+                answered += 1
+            except httpx.HTTPError:
+                continue
+        if not answered:
+            raise httpx.ConnectError(f"no vLLM replica answered /v1/models ({', '.join(self._replicas)})")
+        return sorted(names)
 
     # -- operations ----------------------------------------------------------------------------------------
     def promote(self, adapter_dir: Path | str,
@@ -326,9 +374,10 @@ class AdapterRegistry:
             self._save()
             t0 = time.monotonic()
             try:
-                self._load_on_server(name, path)
+                targets = self._targets()
+                self._load_on_server(name, path, targets)
                 load_s = time.monotonic() - t0
-                warm_s = self._warm(name)
+                warm_s = self._warm(name, targets)
             except AdapterLoadError as e:
                 self._state["versions"][name]["status"] = "load_failed"
                 self._state["versions"][name]["error"] = str(e)
@@ -431,8 +480,63 @@ class AdapterRegistry:
             self._save()
             return done
 
+    def sync_replicas(self) -> dict[str, str]:
+        """Keep every replica behind the router able to answer for current and previous: one that is down is taken
+        out of the router's list; one that is up but lacks either version (it restarted, or joins) is taken out,
+        loaded, warmed and put back; one whose load fails stays out. Returns {replica: what happened}; a no-op
+        without replicas. Under the registry's lock, so a promotion cannot move the pointer half-way through."""
+        if not self._replicas:
+            return {}
+        from serving.replicas import RouterError
+
+        router = self._server.router
+        out: dict[str, str] = {}
+        with self._lock:
+            try:
+                routed = set(router.workers())
+            except (RouterError, httpx.HTTPError, ValueError) as e:
+                log.error("replica sync: the router did not answer: %s", e)
+                return {url: "router unreachable" for url in self._replicas}
+            need = [n for n in (self._state["current"], self._state["previous"]) if n and n != "base"]
+            for url in self._replicas:
+                try:
+                    out[url] = self._sync_one(url, url in routed, need, router)
+                except (RouterError, AdapterLoadError, InvalidAdapter, httpx.HTTPError) as e:
+                    out[url] = f"out: {e}"
+                    log.error("replica %s kept out of service: %s", url, e)
+                    self._event("replica_out", replica=url, error=str(e))
+                    self._save()
+                    if url in routed:
+                        try:
+                            router.remove(url)
+                        except RouterError as e2:
+                            log.error("could not take replica %s out of the router: %s", url, e2)
+        return out
+
+    def _sync_one(self, url: str, routed: bool, need: list[str], router: Any) -> str:
+        if not self._server.replica_healthy(url):
+            if routed:
+                router.remove(url)
+                self._event("replica_out", replica=url, error="not healthy")
+                self._save()
+                log.warning("replica %s is down: taken out of the router", url)
+                return "taken out (down)"
+            return "out (down)"
+        missing = [n for n in need if n not in self.loaded_on(url)]
+        if routed and not missing:
+            return "in service"
+        if routed:  # restarted behind our back: no chat may reach it before it holds the served versions
+            router.remove(url)
+        for name in missing:
+            self._ensure_loaded(name, targets=[url])
+        router.add(url)
+        self._event("replica_in", replica=url, loaded=missing)
+        self._save()
+        log.info("replica %s in service (loaded %s)", url, ", ".join(missing) or "nothing")
+        return f"put in service (loaded {', '.join(missing) or 'nothing'})"
+
     # -- helpers -------------------------------------------------------------------------------------------
-    def _ensure_loaded(self, name: str) -> None:
+    def _ensure_loaded(self, name: str, targets: list[str] | None = None) -> None:
         v = self._state["versions"][name]
         if not Path(v["path"]).is_dir():
             raise InvalidAdapter(f"the files of {name} are gone from {v['path']}")
@@ -440,9 +544,10 @@ class AdapterRegistry:
         if v.get("sha256") and sha256_file(weights) != v["sha256"]:
             raise InvalidAdapter(f"the weights of {name} in {v['path']} changed since it was registered "
                                  "(sha256 mismatch)")
-        if name not in self.loaded():
-            self._load_on_server(name, v["path"])
-        self._warm(name)
+        for url in targets or self._targets():
+            if name not in self.loaded_on(url):
+                self._load_one(url, name, v["path"])
+            self._warm_one(url, name)
 
     def _switch(self, name: str, why: str) -> None:
         old = self.current()

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 JOB_ID = "realign"
 SYNC_JOB_ID = "replica-sync"
 RETENTION_JOB_ID = "retention"
+SERVING_JOB_ID = "vllm-replicas"
 STATE_FILE = "schedule_state.json"
 BACKOFF_BASE_S = 600.0          # first wait after a failed run: 10 minutes
 BACKOFF_CAP_S = 24 * 3600.0     # never more than a day between tries
@@ -140,12 +141,16 @@ class RealignScheduler:
 
     def __init__(self, realigner: Realigner, store, settings: SettingsStore, *, clock: Callable[[], float] = time.time,
                  backoff: tuple[float, float] = (BACKOFF_BASE_S, BACKOFF_CAP_S), lease: Any = None,
-                 follow: Callable[[], Any] | None = None, sync_s: float = 5.0, retention_days: float = 0.0):
+                 follow: Callable[[], Any] | None = None, sync_s: float = 5.0, retention_days: float = 0.0,
+                 serving_sync: Callable[[], Any] | None = None):
         self.realigner, self.store, self.settings = realigner, store, settings
         self.retention_days = retention_days   # 0: keep for ever
         # lease: feedback_store.LeaderLease when other processes share the store (None: this one leads, always);
         # follow: makes this process serve what the store says; both checked every sync_s seconds (0 = never)
         self.lease, self.follow, self.sync_s = lease, follow, sync_s
+        # serving_sync: keeps each vLLM replica behind a router holding the served versions (the leader only: a
+        # follower may still name the version before a promotion for up to sync_s)
+        self.serving_sync = serving_sync
         self.leader = lease is None
         self.clock, self.backoff = clock, backoff
         self.state_path = Path(settings.path).parent / STATE_FILE
@@ -164,6 +169,9 @@ class RealignScheduler:
         if self.lease is not None and self.sync_s > 0:
             self.scheduler.add_job(self.sync, IntervalTrigger(seconds=self.sync_s), id=SYNC_JOB_ID,
                                    replace_existing=True)
+        if self.serving_sync is not None and self.sync_s > 0:
+            self.scheduler.add_job(self.check_serving, IntervalTrigger(seconds=self.sync_s), id=SERVING_JOB_ID,
+                                   replace_existing=True, max_instances=1, coalesce=True)
         if self.retention_days > 0:   # now (start-up), then daily
             self.scheduler.add_job(self.expire, IntervalTrigger(days=1), id=RETENTION_JOB_ID, replace_existing=True,
                                    next_run_time=datetime.now(self.scheduler.timezone))
@@ -195,6 +203,17 @@ class RealignScheduler:
                 self.follow()
             except Exception as e:  # logged; the next check tries again
                 log.error("could not serve the version the store names: %s", e)
+
+    def check_serving(self) -> dict[str, Any] | None:
+        """The replica job: on the leader, take vLLM replicas that are down or lack the served versions out of the
+        router, and put them back once they hold them (serving/registry.py, sync_replicas)."""
+        if self.serving_sync is None or not self.leader:
+            return None
+        try:
+            return self.serving_sync()
+        except Exception as e:  # logged; the next check tries again
+            log.error("could not check the vLLM replicas: %s", e)
+            return None
 
     def expire(self) -> dict[str, Any] | None:
         """The retention job: delete conversations whose last activity is older than retention_days, on the leader

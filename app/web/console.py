@@ -18,7 +18,7 @@ import pandas as pd
 from app.cli import stats
 from app.loop.next_run import TooFewRatings, refusal
 from app.loop.realign import NotCancellable, Realigner, RunInProgress
-from app.loop.scheduler import RealignScheduler, new_ratings
+from app.loop.scheduler import NotLeader, RealignScheduler, new_ratings
 from app.operator_settings import SETTINGS_FILE, OperatorSettings, SettingsStore, has_schedule
 
 EXAMPLE_COLUMNS = ["rated", "thumb", "prompt", "answer", "reason", "comment", "user", "rating id"]
@@ -227,6 +227,9 @@ class Operator:
     def realign_now(self, trigger: str = "operator") -> str:
         """Start a run; TooFewRatings, before anything is recorded or trained, when it could not be judged."""
         s = self.settings.load()
+        refused = self.scheduler.not_leader_reason()
+        if refused:  # another app process runs realignment: say where, before judging this one's data
+            raise NotLeader(refused)
         if not self.realigner.running:  # a run going is reported as RunInProgress by start_run
             why = self.cannot_run(s)
             if why:

@@ -19,6 +19,10 @@ from app.loop.realign import Realigner
     ({"KTO_LOOP_ALIGN_MAX_MEMORY_GB": "inf"}, "align_max_memory_gb"),
     ({"KTO_LOOP_TRUSTED_PROXIES": "10.0.0.0/8,not-an-address"}, "trusted_proxies"),
     ({"KTO_LOOP_DB_URL": "mysql://db/kto"}, "db_url"),
+    ({"KTO_LOOP_VLLM_ROUTER_URL": "http://router:30000"}, "vllm_replica_urls"),
+    ({"KTO_LOOP_VLLM_REPLICA_URLS": "http://a:8000,http://b:8000"}, "vllm_router_url"),
+    ({"KTO_LOOP_VLLM_ROUTER_URL": "http://router:30000", "KTO_LOOP_VLLM_REPLICA_URLS": "a:8000"}, "a:8000"),
+    ({"KTO_LOOP_VLLM_ROUTER_URL": "router", "KTO_LOOP_VLLM_REPLICA_URLS": "http://a:8000"}, "router"),
 ])
 def test_a_setting_that_can_only_fail_later_stops_the_start(env, says):
     with pytest.raises(SystemExit, match=says):
@@ -39,3 +43,11 @@ def test_the_store_is_the_duckdb_file_unless_a_postgres_url_is_set():
     url = "postgresql://kto:s3cret@db.internal/kto"
     cfg = config_from(environ={"KTO_LOOP_HOME": "/srv/kto", "KTO_LOOP_DB_URL": url})
     assert cfg.store_location == url and cfg.public_dict()["db_url"] == "***"
+
+
+def test_the_replicas_behind_a_router_are_read_as_a_list():
+    from app.config import replica_urls
+
+    cfg = config_from(environ={"KTO_LOOP_VLLM_ROUTER_URL": "http://r:30000",
+                               "KTO_LOOP_VLLM_REPLICA_URLS": " http://a:8000, http://b:8000/ ,"})
+    assert replica_urls(cfg) == ["http://a:8000", "http://b:8000/"]

@@ -241,3 +241,45 @@ def test_the_app_wires_the_lease_and_the_follower_on_postgresql_only(pg_url, tmp
     with build_stack(cfg("solo")) as solo:
         assert replica_loop(solo) == {}
         solo.server.close()
+
+
+def test_align_now_on_a_follower_names_the_leader_before_judging_its_data(tmp_path):
+    """A follower with nothing new to train on still answers "run it on the leader", not "too few ratings"."""
+    from types import SimpleNamespace
+
+    from app.web.console import Operator
+
+    leader_says = "another app process (pid 7 on host-a) holds the store's leader lease; start the run there"
+    scheduler = SimpleNamespace(not_leader_reason=lambda: leader_says,
+                                start_run=lambda *a, **k: pytest.fail("started"))
+    realigner = SimpleNamespace(running=False, extra_args=[],
+                                next_run=lambda *a: pytest.fail("judged the data of a process that does not lead"))
+    op = Operator(None, None, realigner, scheduler, SettingsStore(tmp_path, OperatorSettings()))
+    with pytest.raises(NotLeader, match="leader lease"):
+        op.realign_now()
+
+
+def test_only_the_leader_checks_the_vllm_replicas(tmp_path):
+    """A follower may still name the version before a promotion: it must not put a replica back without it."""
+    from types import SimpleNamespace
+
+    calls = []
+    sched = RealignScheduler(SimpleNamespace(running=False), None, SettingsStore(tmp_path, OperatorSettings()),
+                             lease=SimpleNamespace(), serving_sync=lambda: calls.append(1) or {"r": "in service"})
+    sched.leader = False
+    assert sched.check_serving() is None and calls == []
+    sched.leader = True
+    assert sched.check_serving() == {"r": "in service"} and calls == [1]
+
+
+def test_the_app_checks_vllm_replicas_only_behind_a_router():
+    from types import SimpleNamespace
+
+    from app.config import Config
+    from app.main import replica_loop
+
+    registry = SimpleNamespace(sync_replicas=lambda: {})
+    routed = Config(vllm_router_url="http://r:30000", vllm_replica_urls="http://a:8000", replica_sync_s=2.0)
+    assert replica_loop(SimpleNamespace(cfg=routed, registry=registry)) == {
+        "serving_sync": registry.sync_replicas, "sync_s": 2.0}
+    assert replica_loop(SimpleNamespace(cfg=Config(), registry=registry)) == {}
