@@ -169,7 +169,7 @@ class Operator:
 
     def down_reasons(self, adapter: str | None = None) -> pd.DataFrame:
         """Thumbs-down with their reason or comment (newest first), for one adapter version or all ("" / None)."""
-        out = [{"rated": _json_safe(r["rated_at"]), "adapter": r["adapter"], "user": r["user_id"],
+        out = [{"rated": _json_safe(r["rated_at"]), "adapter": r["adapter"], "user": short_user(r["user_id"]),
                 "reason": r["reason"] or "", "comment": r["comment"] or "", "answer": (r["answer"] or "")[:300],
                 "answer id": r["answer_id"]}
                for r in self.store.down_reasons(adapter or None)]

@@ -341,6 +341,8 @@ def test_console_lists_down_reasons_filtered_by_adapter(tmp_path):
     assert set(v1["answer id"]) == {answers["kto-v1", "reason"], answers["kto-v1", "comment"]}
     assert set(v1["reason"]) == {"wrong", ""} and "too long (kto-v1)" in set(v1["comment"])
     assert op.down_reasons("kto-v9").empty
+    store.rate("anon-0123456789abcdef", answers["base", "bare"], "down", reason="rude")
+    assert "anon-01234…" in set(op.down_reasons()["user"])       # shortened, as in a run's examples
     store.close()
 
 
