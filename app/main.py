@@ -118,7 +118,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         admission = Admission(cfg.background_while_chatting) if cfg.background_while_chatting > 0 else None
         client = ChatClient(server.base_url, admission=admission, api_key=server.api_key)
         registry = AdapterRegistry(server, Path(cfg.adapter_dir), max_lora_rank=cfg.vllm_max_lora_rank,
-                                   base_model_dir=cfg.model_dir)
+                                   base_model_dir=None if own else cfg.model_dir)  # own: the server's spec says
         from app.loop.served import reconcile
 
         shared = bool(cfg.db_url)  # other app processes may use the store (served.py's docstring)
