@@ -175,7 +175,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
 
     from app.loop.scheduler import RealignScheduler
     from app.web.admin_api import AdminRequestGuard, admin_router
-    from app.web.auth import MAX_PUBLIC_BODY, SECRET_FILE, AuthMiddleware, raters_for
+    from app.web.auth import MAX_PUBLIC_BODY, SECRET_FILE, AuthMiddleware, buckets_for, raters_for
     from app.web.chat import CSS, ChatService, Limits, PromptTokens, build_chat_ui
     from app.web.console import CSS as CONSOLE_CSS
     from app.web.console import Operator, build_console
@@ -184,6 +184,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     scheduler = RealignScheduler(st.realigner, st.store, st.settings, retention_days=cfg.retention_days,
                                  **replica_loop(st))
     op = Operator(st.store, st.registry, st.realigner, scheduler, st.settings)
+    buckets = buckets_for(st.store, shared=bool(cfg.db_url))   # replicas on one store share every rate limit
     service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
                           sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,
                           ratings_per_minute=cfg.ratings_per_minute,
@@ -192,9 +193,11 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
                                         address_messages_per_minute=cfg.address_messages_per_minute,
                                         address_ratings_per_minute=cfg.address_ratings_per_minute,
                                         sessions_per_address=cfg.sessions_per_address),
-                          context_tokens=cfg.vllm_max_model_len, count_tokens=PromptTokens(cfg.model_dir))
+                          context_tokens=cfg.vllm_max_model_len, count_tokens=PromptTokens(cfg.model_dir),
+                          buckets=buckets)
     raters = raters_for(Path(cfg.data_dir) / SECRET_FILE, trusted_proxies=cfg.trusted_proxies,
-                        user_header=cfg.rater_user_header, new_ids_per_hour=cfg.address_new_ids_per_hour)
+                        user_header=cfg.rater_user_header, new_ids_per_hour=cfg.address_new_ids_per_hour,
+                        buckets=buckets)
 
     app = FastAPI(title="kto-loop", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(AdminRequestGuard)  # added first, so AuthMiddleware (outermost) answers 401 first

@@ -110,6 +110,8 @@ class Forgetting(Runs):
         runs = self._affected_runs(c, rating_ids)
         report = ForgetReport(reason, len(convs), int(n_messages), len(answers), len(ratings), by_value,
                               int(n_events), runs, dry_run, None, cutoff)
+        if user_id is not None and not dry_run:   # the id as a rate-limit key (limits.py): short-lived, still theirs
+            c.execute("DELETE FROM rate_buckets WHERE deployment = ? AND bucket_key = ?", [self.deployment, user_id])
         if dry_run or not report.deleted_anything:
             return report
         if rating_ids:

@@ -121,6 +121,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             ratings_withdrawn INTEGER NOT NULL, rating_events INTEGER NOT NULL, runs VARCHAR,
             forgotten_at TIMESTAMP NOT NULL)""",
     )),
+    # rate limits shared by the app processes on one PostgreSQL store (limits.py); times are epoch seconds
+    Migration(9, "rate-limit token buckets", (
+        """CREATE TABLE rate_buckets (
+            deployment VARCHAR NOT NULL, limiter VARCHAR NOT NULL, bucket_key VARCHAR NOT NULL,
+            tokens DOUBLE NOT NULL, seen_s DOUBLE NOT NULL, capacity DOUBLE NOT NULL, per_s DOUBLE NOT NULL,
+            allowed BOOLEAN NOT NULL, PRIMARY KEY (deployment, limiter, bucket_key))""",
+    )),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

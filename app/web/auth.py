@@ -14,12 +14,13 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+log = logging.getLogger("kto_loop.auth")
 USER_COOKIE = "kto_uid"
 ADMIN_PREFIXES = ("/admin", "/api/admin")
 SECRET_FILE = "rater_id.key"
@@ -195,6 +197,45 @@ class TokenBuckets:
             return True
 
 
+class StoreBuckets:
+    """TokenBuckets' interface over buckets kept in the feedback store (feedback_store/limits.py), so app processes
+    sharing one PostgreSQL store share each limit; times are wall-clock seconds, the one clock they share.
+
+    Fails closed: when the store cannot be reached the event is refused (and logged), because a limit nobody can
+    check would let every replica allow everything, and a chat the store cannot save is lost anyway."""
+
+    def __init__(self, store: Any, name: str, capacity: int, period: float = 60.0):
+        self.store, self.name, self.capacity, self.period = store, name, capacity, period
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        """Take one token for `key` if there is one, in the store; False when the store fails."""
+        if self.capacity <= 0:
+            return True
+        try:
+            return self.store.take_token(self.name, key, self.capacity, self.period,
+                                         time.time() if now is None else now)
+        except Exception as e:
+            log.warning("rate limit %s refused an event: the store could not be asked (%s: %s)", self.name,
+                        type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            return False
+
+
+# (limiter name, capacity, period in seconds) → an object with allow(key, now=None) -> bool
+Buckets = Callable[[str, int, float], "TokenBuckets | StoreBuckets"]
+
+
+def memory_buckets(name: str, capacity: int, period: float) -> TokenBuckets:
+    """This process's own buckets: the embedded DuckDB store has one app process, and a chat costs no extra write."""
+    return TokenBuckets(capacity, period)
+
+
+def buckets_for(store: Any, shared: bool) -> Buckets:
+    """The app's one choice of limiter: in the store when other processes share it (db_url), else in memory."""
+    if not shared:
+        return memory_buckets
+    return lambda name, capacity, period: StoreBuckets(store, name, capacity, period)
+
+
 # ---------------------------------------------------------------- rater identity
 
 @dataclass(frozen=True)
@@ -213,11 +254,11 @@ class Raters:
     """Signs and checks anonymous rater ids, honours a trusted proxy's sign-in header, limits new ids per address."""
 
     def __init__(self, secret: bytes, *, trusted_proxies: str | Iterable[str] = "", user_header: str = "",
-                 new_ids_per_hour: int = 10):
+                 new_ids_per_hour: int = 10, buckets: Buckets = memory_buckets):
         self._key = secret
         self.trusted = parse_networks(trusted_proxies)
         self.user_header = user_header.strip().lower()
-        self.new_ids = TokenBuckets(new_ids_per_hour, 3600.0)
+        self.new_ids = buckets("new-ids", new_ids_per_hour, 3600.0)
 
     # ids
     def sign(self, uid: str) -> str:
@@ -273,9 +314,10 @@ def _header_values(headers: Any, name: str) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def raters_for(secret_path: Path, *, trusted_proxies: str, user_header: str, new_ids_per_hour: int) -> Raters:
+def raters_for(secret_path: Path, *, trusted_proxies: str, user_header: str, new_ids_per_hour: int,
+               buckets: Buckets = memory_buckets) -> Raters:
     return Raters(load_secret(secret_path), trusted_proxies=trusted_proxies, user_header=user_header,
-                  new_ids_per_hour=new_ids_per_hour)
+                  new_ids_per_hour=new_ids_per_hour, buckets=buckets)
 
 
 # ---------------------------------------------------------------- the middleware

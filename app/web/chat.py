@@ -26,7 +26,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.web.auth import NO_IDENTITY, Raters, TokenBuckets
+from app.web.auth import NO_IDENTITY, Buckets, Raters, memory_buckets
 from feedback_store.errors import UnknownConversation
 
 log = logging.getLogger("kto_loop.chat")
@@ -69,7 +69,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Limits:
-    """Budgets per minute (0 = none): per rater and per client address; sessions kept per address."""
+    """Budgets per minute (0 = none): per rater and per client address; sessions kept per address (this process's
+    open chat sessions, so that one stays per process on a shared store)."""
     messages_per_minute: int = 0
     address_messages_per_minute: int = 0
     address_ratings_per_minute: int = 0
@@ -252,16 +253,18 @@ class ChatService:
     def __init__(self, store, client, registry, *, system_prompt: Callable[[], str],
                  sampling: Callable[[], Any], max_chars: int, ratings_per_minute: int,
                  health: Callable[[], bool] | None = None, limits: Limits = Limits(),
-                 context_tokens: int = 0, count_tokens: Callable[[list[dict[str, str]]], int] = byte_bound):
-        """context_tokens: the model's window (prompt + answer), 0 = never trim; count_tokens: a prompt's length."""
+                 context_tokens: int = 0, count_tokens: Callable[[list[dict[str, str]]], int] = byte_bound,
+                 buckets: Buckets = memory_buckets):
+        """context_tokens: the model's window (prompt + answer), 0 = never trim; count_tokens: a prompt's length;
+        buckets: where the rate limits' buckets live (app/web/auth.py buckets_for)."""
         self.store, self.client, self.registry = store, client, registry
         self.system_prompt, self.sampling = system_prompt, sampling
         self.max_chars = max_chars
         self.limits = limits
-        self.limiter = TokenBuckets(ratings_per_minute, 60.0)
-        self.address_ratings = TokenBuckets(limits.address_ratings_per_minute, 60.0)
-        self.messages = TokenBuckets(limits.messages_per_minute, 60.0)
-        self.address_messages = TokenBuckets(limits.address_messages_per_minute, 60.0)
+        self.limiter = buckets("ratings", ratings_per_minute, 60.0)
+        self.address_ratings = buckets("address-ratings", limits.address_ratings_per_minute, 60.0)
+        self.messages = buckets("messages", limits.messages_per_minute, 60.0)
+        self.address_messages = buckets("address-messages", limits.address_messages_per_minute, 60.0)
         self.context_tokens, self.count_tokens = context_tokens, count_tokens
         self.health = health
         self._sessions: dict[tuple[str, str], tuple[ChatSession, str | None]] = {}   # → (session, address opened from)
