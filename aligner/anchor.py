@@ -25,7 +25,7 @@ import torch
 
 from aligner.data import SnapshotError
 from aligner.loss import bucket_kl, rest_logp
-from aligner.model import completion_log_softmax
+from aligner.model import completion_log_softmax, model_device
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "anchor_prompts.jsonl"
 TOP_K = 128  # reference tokens kept per answer position; the rest share one bucket (loss.bucket_kl)
@@ -45,6 +45,13 @@ class Anchors:
 
     def n_tokens(self, indices: list[int] | None = None) -> int:
         return sum(len(self.seqs[i][1]) for i in (range(len(self.seqs)) if indices is None else indices))
+
+    def to(self, device: torch.device | str) -> Anchors:
+        """The same anchors with their reference tensors on `device` (the training device; the cache keeps CPU)."""
+        def move(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device) for t in ts]
+
+        return Anchors(self.seqs, move(self.top_ids), move(self.top_logp), move(self.rest_logp))
 
 
 def load_prompts(path: str | Path | None) -> list[str]:
@@ -82,12 +89,13 @@ def build(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, t
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompt_ids = [_chat_ids(tokenizer, p) for p in prompts]
     seqs: list[tuple[list[int], list[int]]] = []
+    device = model_device(model)
     with torch.inference_mode(), model.disable_adapter():
         for s in range(0, len(prompt_ids), batch_size):  # one big batch: decoding cost is per step, not per row
             chunk = prompt_ids[s:s + batch_size]
             width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=eos)
             for p, row in zip(chunk, out[:, width:].tolist(), strict=True):
@@ -144,7 +152,7 @@ def load_cached(cache_dir: str | Path, key: str) -> Anchors | None:
     """The anchors stored under `key`, or None when absent or unreadable (the run then builds them again)."""
     path = Path(cache_dir) / f"anchors-{key}.pt"
     try:
-        d = torch.load(path, weights_only=True)
+        d = torch.load(path, weights_only=True, map_location="cpu")
         anchors = Anchors([(list(p), list(a)) for p, a in d["seqs"]], d["top_ids"], d["top_logp"], d["rest_logp"])
     except Exception:  # missing, truncated or from another format: a cache miss, never a failed run
         return None
@@ -162,8 +170,9 @@ def save_cached(anchors: Anchors, cache_dir: str | Path, key: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".anchors-", dir=cache_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save({"seqs": anchors.seqs, "top_ids": anchors.top_ids, "top_logp": anchors.top_logp,
-                        "rest_logp": anchors.rest_logp}, fh)
+            cpu = anchors.to("cpu")  # a cache any device can read
+            torch.save({"seqs": cpu.seqs, "top_ids": cpu.top_ids, "top_logp": cpu.top_logp,
+                        "rest_logp": cpu.rest_logp}, fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,8 +35,8 @@ class CausalAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.scale, ctx.n_rep, ctx.offset = scale, n_rep, offset
         if offset:  # k, v start with `offset` shared-head positions every query attends to (model.SharedHead)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=head_mask(q.shape[2], offset), scale=scale,
-                                                  enable_gqa=n_rep > 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=head_mask(q.shape[2], offset, q.device),
+                                                  scale=scale, enable_gqa=n_rep > 1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_rep > 1)
 
     @staticmethod
@@ -68,9 +68,9 @@ class CausalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def head_mask(t: int, offset: int) -> torch.Tensor:
+def head_mask(t: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[t, offset + t] boolean, True = attend: every query sees the `offset` head positions, then its row causally."""
-    return torch.ones(t, offset + t, dtype=torch.bool).tril_(offset)
+    return torch.ones(t, offset + t, dtype=torch.bool, device=device).tril_(offset)
 
 
 def attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -16,6 +16,7 @@ from aligner.balance import DEFAULT_TARGET_RATIO, PREFERENCES, RATIO_MAX, RATIO_
 HELDOUT_MIN_PER_CLASS = 3  # the hash slice is topped up to this many answers of each kind (data.hold_out_floor)
 HELDOUT_FLOOR_MAX_SHARE = 0.25  # ... but never takes more than this share of a kind from training
 ANCHOR_MAX_TOKENS_LIMIT = 512  # longest anchor answer the term covers
+DEVICES = ("auto", "cpu", "cuda")  # where the aligner computes (model.resolve_device)
 
 
 def _arg(default: Any = None, help: str = "", *, required: bool = False, choices: tuple[str, ...] | None = None,
@@ -101,9 +102,18 @@ class TrainConfig:
     max_examples: int | None = _arg(None, "most examples of the snapshot used, newest first (default: all)")
     seed: int = _arg(0, "seed of the shuffles and the adapter's initialisation")
     # Machine: threads, precision, speed and memory.
-    threads: int | None = _arg(None, "torch threads (default: cores / processes)")
-    dtype: str = _arg("auto", "base-model weights; auto = bfloat16 where the CPU has native bf16 (AVX512-BF16, "
-                              "AMX), else float32", choices=("auto", "bfloat16", "float32"))
+    device: str = _arg("auto", "where the aligner computes: auto = cuda when a CUDA GPU is visible, else cpu; under "
+                               "`accelerate launch` on cuda each process takes its local rank's GPU (nccl)",
+                       choices=DEVICES, check=((lambda v: v in DEVICES), f"must be one of {', '.join(DEVICES)}"))
+    gpu_memory_fraction: float = _arg(
+        0.0, "on cuda, the share of the GPU's memory this process may allocate (a GPU shared with vLLM: vLLM's "
+             "--gpu-memory-utilization, 0.9 by default, takes its share first, so set vLLM lower and this to at most "
+             "the rest; docs/deploy.md); 0 = no cap", metavar="F",
+        check=((lambda v: 0 <= v <= 1), "must be in [0, 1]"))
+    threads: int | None = _arg(None, "torch threads on cpu (default: cores / processes)")
+    dtype: str = _arg("auto", "base-model weights; auto = bfloat16 where the device has native bf16 (a CPU with "
+                              "AVX512-BF16 or AMX, a GPU with bf16), else float32",
+                      choices=("auto", "bfloat16", "float32"))
     attention_backward: str = _arg("matmul", "how attention's gradient is computed: batched matmuls for batches up "
                                              "to 192 tokens (aligner/attention.py) or PyTorch's CPU flash-attention "
                                              "backward; the forward, and so every log-prob, is SDPA's either way",

@@ -8,6 +8,7 @@ project and normalise just those, in tiles so the [tokens, vocab] logits never e
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,41 @@ def native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` (bf16 where `native_bf16()`, else float32), `bfloat16` or `float32`."""
+def resolve_device(name: str) -> torch.device:
+    """`auto` (cuda when a CUDA GPU is visible, else cpu), `cpu` or `cuda`; cuda without a GPU is refused here,
+    before anything is loaded, rather than failing deep inside the first forward."""
     if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to this process (torch.cuda.is_available() is "
+                             f"False; torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        return torch.device("cuda")
+    raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """`auto` (bf16 where the device multiplies it natively: `native_bf16()` on CPU, a bf16-capable GPU on cuda;
+    else float32), `bfloat16` or `float32`."""
+    if name == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if native_bf16() else torch.float32
     if name in ("bfloat16", "float32"):
         return getattr(torch, name)
     raise ValueError(f"dtype must be auto, bfloat16 or float32, got {name!r}")
+
+
+def autocast_on(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`'s type (the float32 adapters over bf16 base weights need it), or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model's weights are: every tensor a pass creates goes there."""
+    return _backbone_and_head(model)[1].weight.device
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
@@ -59,13 +88,13 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float | None = None,
                 resume_from: str | Path | None = None, dtype: torch.dtype | None = None,
                 target_modules: Sequence[str] | None = None, attention_backward: str = "matmul",
-                first_lora_layer: int | str = 0) -> Any:
+                first_lora_layer: int | str = 0, device: torch.device | str = "cpu") -> Any:
     """The base model (frozen, in `dtype`; default `resolve_dtype("auto")`) wrapped as a PEFT LoRA model whose
     adapter weights train in float32 (the optimiser needs full precision only for those).
 
     `target_modules` defaults to LLAMA_LINEAR; `attention_backward` picks how attention's gradient is computed
     (aligner/attention.py); `first_lora_layer` k > 0 puts a fresh adapter in decoder layers k.. only (PEFT's
-    `layers_to_transform`; see `Prefix`).
+    `layers_to_transform`; see `Prefix`); `device` is where the model lives and computes.
     """
     dtype = resolve_dtype("auto") if dtype is None else dtype
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -74,6 +103,7 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
                                                 attn_implementation=attention.implementation(attention_backward))
     base.config.use_cache = False
+    base.to(device)  # a no-op on cpu; the adapter's weights are created beside the base layers
     if resume_from is not None:
         model = PeftModel.from_pretrained(base, str(resume_from), is_trainable=True)
     else:
@@ -94,7 +124,7 @@ def load_policy(model_dir: str | Path, *, lora_rank: int = 16, lora_alpha: float
             p.data = p.data.float()
             if "lora_" not in n:
                 raise RuntimeError(f"unexpected trainable parameter {n}: the adapter must hold LoRA weights only")
-    return model
+    return model.to(device)  # a resumed adapter's weights may have been loaded elsewhere
 
 
 def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -125,9 +155,10 @@ def adapter_rank(model: Any, name: str = "default") -> int:
     return int(model.peft_config[name].r)
 
 
-def pad_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor, torch.Tensor]:
-    """Right-padded ids plus the flat (row, position) of every completion-predicting position and its target.
+def pad_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu",
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids plus the flat (row, position) of every completion-predicting position and its target,
+    on `device` (built on the CPU, copied once).
 
     Right padding under a causal mask means no real token ever attends to a pad, so no attention mask is needed
     and SDPA can take its causal fast path.
@@ -140,7 +171,8 @@ def pad_batch(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple
         rows += [b] * len(c)
         cols += range(len(p) - 1, len(p) + len(c) - 1)
         targets += c
-    return ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
+    out = ids, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
+    return out if torch.device(device).type == "cpu" else tuple(t.to(device, non_blocking=True) for t in out)
 
 
 def _backbone_and_head(model: Any) -> tuple[Any, Any]:
@@ -262,12 +294,12 @@ def _run_layers(backbone: Any, x: torch.Tensor, first: int, offset: int, kv: _He
     with offset > 0 each row attends to the head's recorded keys and values first. `keep=(k, out)` appends the
     layer-k input to `out`."""
     last = len(backbone.layers) if last is None else last
-    positions = torch.arange(offset, offset + x.shape[1]).unsqueeze(0)
+    positions = torch.arange(offset, offset + x.shape[1], device=x.device).unsqueeze(0)
     pe = backbone.rotary_emb(x, position_ids=positions)
     t = x.shape[1]
     # True = attend: the whole head, then causal within the row. Exact for right-padded rows (no real token
     # attends to a pad). Our attention (aligner.attention) reads `kto_head` and builds the same mask itself.
-    mask = attention.head_mask(t, offset)[None, None] if offset else None
+    mask = attention.head_mask(t, offset, x.device)[None, None] if offset else None
     for i in range(first, last):
         if keep is not None and i == keep[0]:
             keep[1].append(x)
@@ -290,7 +322,7 @@ def _head_hidden(backbone: Any, head: SharedHead, ids: torch.Tensor, lengths: Se
         h0 = head.below.get(first)
         if h0 is None:  # frozen layers: the same for every pass of the run
             with torch.no_grad():
-                emb = backbone.embed_tokens(torch.tensor([head.ids]))
+                emb = backbone.embed_tokens(torch.tensor([head.ids], device=ids.device))
                 h0 = head.below[first] = _run_layers(backbone, emb, 0, 0, _HeadKV(), last=first).detach()
         _run_layers(backbone, h0, first, 0, kv)
         x = states[0].new_zeros(ids.shape[0], ids.shape[1] - n, states[0].shape[-1])
@@ -298,7 +330,7 @@ def _head_hidden(backbone: Any, head: SharedHead, ids: torch.Tensor, lengths: Se
             x[b, :h.shape[0] - n] = h[n:]
     else:
         head_keep: list[torch.Tensor] = []
-        _run_layers(backbone, backbone.embed_tokens(torch.tensor([head.ids])), 0, 0, kv,
+        _run_layers(backbone, backbone.embed_tokens(torch.tensor([head.ids], device=ids.device)), 0, 0, kv,
                     keep=(capture[0], head_keep) if capture is not None else None)
         x = backbone.embed_tokens(ids[:, n:])
     kv.recording = False
@@ -343,8 +375,9 @@ def prefix_states(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pad_i
     backbone, head = _backbone_and_head(model)
     if autocast is None:
         autocast = head.weight.dtype == torch.bfloat16
-    ids, _, _, _ = pad_batch(seqs, pad_id)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+    device = head.weight.device
+    ids, _, _, _ = pad_batch(seqs, pad_id, device)
+    with torch.no_grad(), autocast_on(device, autocast):
         with _layers_below(backbone, k):
             h = backbone(input_ids=ids, use_cache=False).last_hidden_state
     return [h[b, :len(p) + len(c)].clone() for b, (p, c) in enumerate(seqs)]
@@ -365,8 +398,9 @@ def _completion_hidden(model: Any, seqs: Sequence[tuple[list[int], list[int]]], 
     backbone, head = _backbone_and_head(model)
     if autocast is None:
         autocast = head.weight.dtype == torch.bfloat16
-    ids, rows, cols, targets = pad_batch(seqs, pad_id)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    device = head.weight.device
+    ids, rows, cols, targets = pad_batch(seqs, pad_id, device)
+    ctx = functools.partial(autocast_on, device, autocast)
     shared: SharedHead | None = getattr(backbone, "kto_shared_head", None)
     if shared is not None and shared.fits(seqs):
         lengths = [len(p) + len(c) for p, c in seqs]
@@ -416,7 +450,7 @@ def completion_logps(model: Any, seqs: Sequence[tuple[list[int], list[int]]], pa
             else:
                 token_logps.append(_tile_logps(head, h, t))
     token_logp = torch.cat(token_logps)
-    out = torch.zeros(len(seqs), dtype=torch.float32)
+    out = torch.zeros(len(seqs), dtype=torch.float32, device=token_logp.device)
     return out.index_add(0, rows, token_logp)
 
 

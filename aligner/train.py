@@ -4,6 +4,7 @@ Every forward is expensive on CPU, so each is done once: reference log-probs for
 KL pair any epoch will use come from one no-grad pass before training (the seeded shuffles fix the plan), which
 also makes `--reference previous` exact without a frozen copy. Under `accelerate launch` (gloo) micro-batches are
 dealt round-robin and z0, the loss scale and the gradients are reduced so N processes give one process's update.
+On a GPU (`--device cuda`) the same run computes there, one GPU per process (nccl) under `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from aligner.model import (
     completion_logps,
     load_policy,
     load_tokenizer,
+    model_device,
     prefix_states,
+    resolve_device,
     resolve_dtype,
     set_shared_head,
     shared_prefix_layers,
@@ -51,15 +54,27 @@ class TrainingDiverged(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- distributed
 class Dist:
-    """Rank, world size and the two collectives we need; a no-op outside `accelerate launch`."""
+    """Rank, world size, this process's device and the collectives we need; a no-op outside `accelerate launch`.
 
-    def __init__(self) -> None:
+    `device` is the resolved --device: on cuda each process computes on its local rank's GPU and reduces with
+    nccl (which needs its tensors there); on cpu the process group is gloo's.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        cuda = device is not None and device.type == "cuda"
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
         if self.world > 1:
             from accelerate import PartialState
 
-            PartialState(cpu=True)  # initialises the gloo process group from the launcher's environment
+            # initialises the process group from the launcher's environment: gloo on cpu, nccl (and the local
+            # rank's GPU as the current device) on cuda
+            state = PartialState(cpu=not cuda)
+            if cuda:
+                self.device = state.device
+        if cuda:
+            torch.cuda.set_device(self.device)
 
     @property
     def main(self) -> bool:
@@ -173,14 +188,15 @@ def _trim_heap() -> None:
 def _kl_sum(model: Any, mbs: list[MicroBatch], train: list[Example], ref: dict[tuple[int, int], float],
             pad_id: int, prefix: Prefix | None = None) -> torch.Tensor:
     """(Σ policy−reference log-ratio, count) over the mismatched pairs of these micro-batches, without gradient."""
-    kl_sum = torch.zeros(2)
+    device = model_device(model)
+    kl_sum = torch.zeros(2, device=device)
     with torch.inference_mode():
         for mb in mbs:
             pairs = list(zip(mb.examples, mb.partners, strict=True))
             seqs = [(train[i].prompt_ids, train[j].completion_ids) for i, j in pairs]
             lp = completion_logps(model, seqs, pad_id, start=_start(prefix, model, [("train", *k) for k in pairs]))
-            kl = lp - torch.tensor([ref[k] for k in pairs])
-            kl_sum += torch.stack([kl.sum(), torch.tensor(float(kl.numel()))])
+            kl = lp - torch.tensor([ref[k] for k in pairs], device=device)
+            kl_sum += torch.stack([kl.sum(), torch.tensor(float(kl.numel()), device=device)])
     return kl_sum
 
 
@@ -347,8 +363,12 @@ def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
     h_matched, h_kl = _heldout_pairs(heldout)
     h_keys = h_matched + h_kl
     batch_tokens = hp["batch_size"] * hp["max_length"]
+    device = resolve_device(hp.get("device", "cpu"))  # where the run computed (earlier manifests: the CPU)
+    if device.type == "cuda" and hp.get("gpu_memory_fraction", 0) > 0:  # the run's share of a shared GPU
+        torch.cuda.set_per_process_memory_fraction(hp["gpu_memory_fraction"], device)
     model = load_policy(manifest["base_model"], resume_from=out / pending[0]["path"],
-                        dtype=resolve_dtype(hp["dtype"]), attention_backward=hp["attention_backward"])
+                        dtype=resolve_dtype(hp["dtype"], device), attention_backward=hp["attention_backward"],
+                        device=device)
     model.eval()
     pad_id = tok.pad_token_id
     prefix = Prefix(shared_prefix_layers(model), hp.get("prefix_cache_mb", TrainConfig.prefix_cache_mb) << 20)
@@ -380,9 +400,19 @@ def evaluate_checkpoints(adapter_dir: str | Path) -> dict[str, Any]:
 def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train and write the adapter; returns the manifest. Raises SnapshotError (bad input), TrainingDiverged."""
     t_start = time.time()
-    dist = Dist()
+    try:  # before anything is loaded: cuda asked for where there is none fails here, clearly
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise SnapshotError(str(e)) from e
+    if not 0 <= cfg.gpu_memory_fraction <= 1:
+        raise SnapshotError(f"--gpu-memory-fraction must be in [0, 1], got {cfg.gpu_memory_fraction}")
+    dist = Dist(device)
+    device = dist.device
     emit = progress if (progress is not None and dist.main) else (lambda _e: None)
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world))
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // dist.world))
+    elif cfg.gpu_memory_fraction > 0:  # a GPU shared with vLLM: this process allocates at most its share
+        torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
     torch.manual_seed(cfg.seed)
     if cfg.reference not in ("base", "previous"):
         raise SnapshotError(f"--reference must be base or previous, got {cfg.reference!r}")
@@ -418,10 +448,11 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     generation = adapter_generation(cfg.resume_from) + 1 if cfg.resume_from else 0
     lr_base = cfg.lr * cfg.lr_generation_decay ** generation
 
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, device)
     model = load_policy(cfg.model_dir, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                         resume_from=cfg.resume_from, dtype=dtype, target_modules=cfg.target_modules,
-                        attention_backward=cfg.attention_backward, first_lora_layer=cfg.first_lora_layer)
+                        attention_backward=cfg.attention_backward, first_lora_layer=cfg.first_lora_layer,
+                        device=device)
     # Layers below the adapter: run once per sequence, in the reference pass (model.Prefix). A resumed adapter
     # decides where its own layers start. The tokens all sequences start with: once per pass (model.SharedHead).
     prefix = Prefix(shared_prefix_layers(model), cfg.prefix_cache_mb << 20)
@@ -481,6 +512,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             h_ref = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
         if cfg.served_adapter:
             model.load_adapter(str(cfg.served_adapter), adapter_name="served")
+            model.to(device)
             model.set_adapter("served")
             h_served = _logps_for(model, h_keys, heldout, heldout, pad_id, batch_tokens, prefix, "heldout")
             model.set_adapter("default")
@@ -498,7 +530,9 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             if cfg.anchor_cache else None
         anchors = anchor.load_cached(cfg.anchor_cache, key) if key else None
         anchors_cached = anchors is not None
-        if anchors is None:
+        if anchors is not None:
+            anchors = anchors.to(device)
+        else:
             anchors = anchor.build(model, tok, prompts, cfg.anchor_max_tokens)
             if key and dist.main:
                 try:
@@ -534,20 +568,21 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         n_global = sum(len(mb.examples) for mb in step)
         # z0: policy log-ratios of this step's mismatched pairs, without gradient, reduced over processes.
         model.eval()
-        kl_sum = torch.tensor([0.0, 1.0])
+        kl_sum = torch.tensor([0.0, 1.0], device=device)
         if s > 0 or not policy_is_reference:
             kl_sum = dist.sum_(_kl_sum(model, mine, train, ref, pad_id, prefix))
         z0_pre = kl_sum[0] / kl_sum[1]
         kl_seconds = time.time() - t_step
         # Matched pairs with gradient; the loss is the mean over the global step batch.
         model.train()
-        stats = torch.zeros(7)  # loss sum, reward sum D, count D, reward sum U, count U, anchor KL sum, tokens
+        # loss sum, reward sum D, count D, reward sum U, count U, anchor KL sum, tokens
+        stats = torch.zeros(7, device=device)
         for chunk in (c for mb in mine for c in _grad_chunks(mb.examples, train, cfg.grad_tokens)):
             seqs = [(train[i].prompt_ids, train[i].completion_ids) for i in chunk]
             n_tokens += sum(len(p) + len(c) for p, c in seqs)
             lp = completion_logps(model, seqs, pad_id, start=_start(prefix, model, [("train", i, i) for i in chunk]))
-            rewards = lp - torch.tensor([ref[(i, i)] for i in chunk])
-            desirable = torch.tensor([train[i].desirable for i in chunk])
+            rewards = lp - torch.tensor([ref[(i, i)] for i in chunk], device=device)
+            desirable = torch.tensor([train[i].desirable for i in chunk], device=device)
             out = kto_loss(rewards, None, desirable, cfg.beta, lam_d, lam_u, z0_pre_clamp=z0_pre)
             (out.losses.sum() / n_global).backward()
             loss_sum = out.losses.detach().sum()
@@ -566,7 +601,8 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
                 del a_kl
             stats[6] += anchors.n_tokens(a_mine)
         if dist.world > 1:
-            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params])
+            flat = torch.cat([p.grad.reshape(-1) if p.grad is not None
+                              else torch.zeros(p.numel(), device=p.device) for p in params])
             dist.sum_(flat)
             o = 0
             for p in params:
@@ -608,7 +644,7 @@ def run(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     train_seconds = time.time() - t_train - checkpoint_seconds
     seconds.update(train=train_seconds, checkpoints=checkpoint_seconds)
     t_phase = time.time()
-    tokens_total = int(dist.sum_(torch.tensor([float(n_tokens)])).item())
+    tokens_total = int(dist.sum_(torch.tensor([float(n_tokens)], device=device)).item())
 
     manifest: dict[str, Any] = {}
     if dist.main:

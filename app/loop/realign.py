@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pyarrow.parquet as pq
 
-from aligner.config import ANCHOR_MAX_TOKENS_LIMIT, TrainConfig
+from aligner.config import ANCHOR_MAX_TOKENS_LIMIT, DEVICES, TrainConfig
 from aligner.layers import parse_first_layer
 from app.config import Config
 from app.loop import gate, next_run, served
@@ -135,7 +135,8 @@ class Realigner:
                  anchor_weight: float = TrainConfig.anchor_weight,
                  anchor_max_tokens: int = TrainConfig.anchor_max_tokens,
                  first_lora_layer: str | int = TrainConfig.first_lora_layer, anchor_cache: Path | None = None,
-                 lr_generation_decay: float = TrainConfig.lr_generation_decay):
+                 lr_generation_decay: float = TrainConfig.lr_generation_decay,
+                 device: str = TrainConfig.device, gpu_memory_fraction: float = TrainConfig.gpu_memory_fraction):
         if mode not in MODES:
             raise ValueError(f"realignment mode must be one of {MODES}, got {mode!r}")
         if not (math.isfinite(anchor_weight) and anchor_weight >= 0):
@@ -145,6 +146,12 @@ class Realigner:
         if not 0 < lr_generation_decay <= 1:
             raise ValueError(f"the learning-rate decay per generation must be in (0, 1], got {lr_generation_decay!r}")
         self.lr_generation_decay = lr_generation_decay  # a continued adapter: lr × this^generation (aligner.train)
+        if device not in DEVICES:
+            raise ValueError(f"the aligner device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if not 0 <= gpu_memory_fraction <= 1:
+            raise ValueError(f"the aligner's GPU memory fraction must be in [0, 1], got {gpu_memory_fraction!r}")
+        # where the aligner computes, and its share of a GPU it shares with vLLM (docs/deploy.md)
+        self.device, self.gpu_memory_fraction = device, gpu_memory_fraction
         # a fresh adapter's lowest layer, N or P% of the depth (aligner/layers.py; the aligner resolves it against
         # the model): the layers below run once per sequence (aligner/model.py, Prefix)
         self.first_lora_layer = str(first_lora_layer).strip()
@@ -384,6 +391,10 @@ class Realigner:
         if self.anchor_weight > 0:
             cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_max_tokens),
                     "--anchor-cache", str(self.anchor_cache)]
+        if self.device != TrainConfig.device:
+            cmd += ["--device", self.device]
+        if self.gpu_memory_fraction > 0:
+            cmd += ["--gpu-memory-fraction", f"{self.gpu_memory_fraction:g}"]
         return self._niced(cmd + self.extra_args)
 
     def _niced(self, cmd: list[str]) -> list[str]:
