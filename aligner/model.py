@@ -30,7 +30,7 @@ LM_HEAD_KEEP_POSITIONS = 4096
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 at full speed (AVX512-BF16 or AMX tiles); the aligner computes on the CPU.
+    """Whether this CPU multiplies bf16 at full speed (AVX512-BF16 or AMX tiles), for `--device cpu`.
 
     Without them oneDNN emulates bf16 GEMMs, far slower than float32
     (measured: docs/experiments/2026-11-29-two-kinds-of-cpu.md).
