@@ -90,7 +90,12 @@ def say(message: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 def uvicorn_log_config(log_format: str) -> dict[str, Any] | None:
-    """uvicorn's `log_config`: its own text setup, or none with JSON, so its loggers reach the root's JSON handler."""
+    """uvicorn's `log_config`: its own text setup, or with JSON its loggers without handlers of their own and
+    propagating, so they reach the root's JSON handler even where a text setup ran before in this process."""
     from uvicorn.config import LOGGING_CONFIG
 
-    return None if log_format == "json" else LOGGING_CONFIG
+    if log_format != "json":
+        return LOGGING_CONFIG
+    plain = {"handlers": [], "propagate": True}
+    return {"version": 1, "disable_existing_loggers": False,
+            "loggers": {"uvicorn": plain, "uvicorn.error": plain, "uvicorn.access": plain}}

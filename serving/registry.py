@@ -297,7 +297,7 @@ class AdapterRegistry:
         except httpx.HTTPError as e:
             raise AdapterLoadError(f"could not reach vLLM at {url} to load {name}: {e}") from e
         if r.status_code != 200:
-            raise AdapterLoadError(f"vLLM at {url} refused to load {name} from {path} (HTTP {r.status_code}): "
+            raise AdapterLoadError(f"vLLM refused to load {name} from {path} (HTTP {r.status_code}, {url}): "
                                    f"{_error_message(r)}")
 
     def _warm(self, name: str, targets: list[str] | None = None) -> float:

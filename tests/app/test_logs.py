@@ -127,3 +127,25 @@ def test_serve_with_env_json_writes_every_start_up_line_as_json(tmp_path, monkey
     url = next(r for r in got if r["message"].startswith("chat at"))
     assert any((r["logger"], r["message"]) == ("uvicorn.error", "from uvicorn") for r in got), messages
     assert url["url"].startswith("http://") and "not-in-logs" not in out.out + out.err
+
+
+def test_uvicorn_lines_reach_the_json_handler_after_a_text_setup_in_the_same_process(capsys):
+    """uvicorn's text config stops its loggers from propagating; the JSON config must undo that."""
+    import logging.config
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    from app.logs import uvicorn_log_config
+
+    logging.config.dictConfig(LOGGING_CONFIG)          # an earlier text-mode server in this process
+    try:
+        configure_logging("json")
+        if (cfg := uvicorn_log_config("json")) is not None:    # what uvicorn.Config does with it
+            logging.config.dictConfig(cfg)
+        logging.getLogger("uvicorn.error").warning("after text")
+        logging.getLogger("uvicorn.access").info("GET / 200")
+    finally:
+        configure_logging("text")
+    got = _records(capsys.readouterr().err)
+    assert [(r["logger"], r["message"]) for r in got] == [("uvicorn.error", "after text"),
+                                                          ("uvicorn.access", "GET / 200")]
