@@ -120,12 +120,13 @@ class Browser:
 
 @pytest.fixture
 def make_app(tmp_path):
-    """make_app(**config fields) → (browser(peer) → a new Browser at that address, stack, model)."""
+    """make_app(**config fields) → (browser(peer) → a new Browser at that address, stack, model); apps made in one
+    test share the data dir (so the rater-id key, as replicas must) and, with db_url, the PostgreSQL store."""
     stores, running = [], []
 
     def make(**fields):
         cfg = Config(data_dir=tmp_path, model_dir=tmp_path / "model", **fields).resolved()
-        store = FeedbackStore(cfg.db_path)
+        store = FeedbackStore(cfg.db_url or cfg.db_path)
         stores.append(store)
         reg, model = Registry(), Model()
         st = Stack(Server(), store, reg, model, Realigner(store, reg, model_dir=cfg.model_dir,

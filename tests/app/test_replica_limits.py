@@ -11,43 +11,15 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-from fastapi.testclient import TestClient
 
-from app.config import Config
-from app.loop.realign import Realigner
-from app.main import Stack, create_app, default_settings
-from app.operator_settings import SettingsStore
 from app.web.auth import StoreBuckets, TokenBuckets, buckets_for
 from app.web.chat import ChatService, Limits, RatingError, Refused
 from feedback_store import FeedbackStore
-from tests.app.test_attacks_web import A, B, Browser, Model, Registry, Server, with_test_peer
+from tests.app import test_attacks_web
+from tests.app.test_attacks_web import A, B
 
+make_app = test_attacks_web.make_app   # the fixture: apps on a test's store, PostgreSQL with db_url
 
-@pytest.fixture
-def make_app(tmp_path):
-    """make_app(**config fields) → (browser(peer), stack, model); apps made in one test share the data dir (so
-    the rater-id key, as replicas must) and, with db_url, the PostgreSQL store."""
-    stores, running = [], []
-
-    def make(**fields):
-        cfg = Config(data_dir=tmp_path, model_dir=tmp_path / "model", **fields).resolved()
-        store = FeedbackStore(cfg.db_url or cfg.db_path)
-        stores.append(store)
-        reg, model = Registry(), Model()
-        st = Stack(Server(), store, reg, model, Realigner(store, reg, model_dir=cfg.model_dir,
-                                                          work_dir=tmp_path / "runs"),
-                   SettingsStore(tmp_path, default_settings(cfg)), cfg)
-        app, _ = create_app(st, "s3cret")
-        client = TestClient(with_test_peer(app)).__enter__()
-        running.append(client)
-        names = iter(range(10**6))
-        return (lambda peer=A: Browser(client, peer, f"b{next(names)}")), st, model
-
-    yield make
-    for c in running:
-        c.__exit__(None, None, None)
-    for s in stores:
-        s.close()
 
 
 def test_two_apps_on_one_postgres_store_share_each_limit(make_app, pg_url):

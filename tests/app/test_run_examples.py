@@ -5,32 +5,23 @@ and the real app; vLLM is a stand-in (the browser test shows the table in Chromi
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.web.admin_api import admin_headers
 from app.web.auth import basic_header
 from app.web.console import short_user
-from tests.app.test_console_trust import PASSWORD, _stack
+from tests.app import test_console_trust
+from tests.app.test_console_trust import PASSWORD
 
 AUTH = {"Authorization": basic_header("admin", PASSWORD)} | admin_headers()
 ALICE, BOB = "rater-alice-0123456789abcdef", "bob"
 
 
-@pytest.fixture
-def stack(tmp_path):
-    st = _stack(tmp_path / "data")
-    yield st
-    st.store.close()
+stack, web = test_console_trust.stack, test_console_trust.web   # the fixtures: a real store, the real app
 
 
 @pytest.fixture
-def client(stack):
-    app, scheduler = create_app(stack, PASSWORD)
-    scheduler.start()
-    with TestClient(app) as c:
-        yield c
-    scheduler.shutdown()
+def client(web):
+    return web[0]
 
 
 def _run_with_roles(stack, tmp_path) -> tuple[str, dict[str, str]]:

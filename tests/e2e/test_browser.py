@@ -35,7 +35,7 @@ ADMIN = ("admin", "browser-test-pw")
 HOLDOUT = 0.3
 
 
-def seed_ratings(db: Path) -> tuple[int, int]:
+def seed_ratings(db: Path | str) -> tuple[int, int]:
     """A small earlier data set (user "seed"), so a run has held-out examples of both kinds for the gate."""
     from aligner.data import is_heldout
     from feedback_store import FeedbackStore

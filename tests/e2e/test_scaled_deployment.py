@@ -10,28 +10,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
+from tests.e2e.test_browser import HOLDOUT, seed_ratings
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
 KEY = "scaled-deployment-test-key"
-HOLDOUT = 0.4
 
-
-def _wait(cond, timeout: float, what: str, every: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _get(url: str, **kw) -> httpx.Response | None:
@@ -40,24 +31,6 @@ def _get(url: str, **kw) -> httpx.Response | None:
     except httpx.HTTPError:
         return None
 
-
-def _seed(db_url: str) -> None:
-    """Ratings of both kinds on both sides of the held-out split, so one short run has something to gate."""
-    from aligner.data import is_heldout
-    from feedback_store import FeedbackStore
-
-    with FeedbackStore(db_url) as store:
-        split: dict[tuple[bool, bool], int] = {}
-        conv = store.new_conversation("seed")
-        i = 0
-        while i < 8 or min(split.get(k, 0) for k in ((True, True), (True, False), (False, True), (False, False))) < 1:
-            up = i % 2 == 0
-            m = store.add_user_message(conv, f"seed question {i}")
-            a = store.add_answer(conv, m, [{"role": "user", "content": f"seed question {i}"}],
-                                 f"A helpful answer to question {i}." if up else "no", adapter="base")
-            store.rate(f"seed-{i}", a, "up" if up else "down")
-            split[(up, is_heldout(a, HOLDOUT))] = split.get((up, is_heldout(a, HOLDOUT)), 0) + 1
-            i += 1
 
 
 def _metric(url: str, name: str) -> float:
@@ -91,8 +64,8 @@ def test_two_apps_two_vllm_replicas_one_router_one_loop(tiny_model_dir, pg_url, 
              "--policy", "round_robin", "--worker-urls", *urls, "--log-level", "warning",
              "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
             stdout=open(tmp_path / "router.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True))
-        _wait(lambda: (r := _get(f"{router}/list_workers")) is not None and r.status_code == 200, 60, "the router")
-        _seed(pg_url)
+        wait_until(lambda: (r := _get(f"{router}/list_workers")) is not None and r.status_code == 200, 60, "the router")
+        seed_ratings(pg_url)
         from feedback_store import FeedbackStore
 
         with FeedbackStore(pg_url) as store:
@@ -117,7 +90,7 @@ def test_two_apps_two_vllm_replicas_one_router_one_loop(tiny_model_dir, pg_url, 
             def up(url=url, proc=proc, data=data) -> bool:
                 assert proc.poll() is None, (data / "app.log").read_text()[-3000:]
                 return (r := _get(f"{url}/api/health")) is not None and r.status_code == 200
-            _wait(up, 300, f"the app at {url}")
+            wait_until(up, 300, f"the app at {url}")
 
         served_before = [_metric(u, "vllm:request_success_total") for u in urls]
         answers = []
@@ -148,7 +121,7 @@ def test_two_apps_two_vllm_replicas_one_router_one_loop(tiny_model_dir, pg_url, 
         for u in urls:                                       # the promotion reached both replicas …
             models = httpx.get(f"{u}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).json()
             assert version in [m["id"] for m in models["data"]]
-        _wait(lambda: served(apps[other][0]) == version, 30, "the other app to follow the promotion")
+        wait_until(lambda: served(apps[other][0]) == version, 30, "the other app to follow the promotion")
         with FeedbackStore(pg_url) as store:                 # … and both apps answer with it
             for url, _ in apps:
                 oa = openai.OpenAI(base_url=url + "/v1", api_key=client_key, max_retries=0, timeout=60)
@@ -158,7 +131,7 @@ def test_two_apps_two_vllm_replicas_one_router_one_loop(tiny_model_dir, pg_url, 
 
         back = _cli("rollback", data=apps[other][1])        # a rollback through the other app reaches the leader
         assert back.returncode == 0, back.stdout + back.stderr
-        _wait(lambda: served(apps[leader][0]) == "base", 30, "the leader to follow the rollback")
+        wait_until(lambda: served(apps[leader][0]) == "base", 30, "the leader to follow the rollback")
         assert served(apps[other][0]) == "base"
     finally:
         for p in reversed(procs):

@@ -20,17 +20,10 @@ from fastapi.responses import JSONResponse
 
 from serving.registry import AdapterLoadError, AdapterRegistry
 from serving.replicas import ReplicaSet
+from tests.conftest import wait_until
 
 ROUTER = str(Path(sys.executable).parent / "vllm-router")
 
-
-def _wait(cond, timeout: float, what: str, every: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture
@@ -53,7 +46,7 @@ def router_factory(free_port, tmp_path):
                 return httpx.get(f"{url}/list_workers", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
-        _wait(up, 60, "the router")
+        wait_until(up, 60, "the router")
         return url
 
     yield start
@@ -100,7 +93,7 @@ class StubReplica:
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         threading.Thread(target=self.server.run, daemon=True).start()
-        _wait(lambda: self.server.started, 10, "a stub replica")
+        wait_until(lambda: self.server.started, 10, "a stub replica")
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -162,7 +155,7 @@ def test_sync_takes_a_replica_without_the_served_version_out_loads_it_and_puts_i
     assert "replica_out" in events and "replica_in" in events
 
     b.stop()                                               # down: out of the router at once
-    _wait(lambda: not pool.replica_healthy(b.url), 10, "the stub to stop")
+    wait_until(lambda: not pool.replica_healthy(b.url), 10, "the stub to stop")
     assert reg.sync_replicas()[b.url] == "taken out (down)"
     assert pool.in_service() == [a.url] and pool.is_healthy()
 
@@ -212,11 +205,11 @@ def test_two_vllm_replicas_behind_the_router_swap_under_streamed_load_and_surviv
         threads = [threading.Thread(target=chatter, daemon=True) for _ in range(4)]
         for t in threads:
             t.start()
-        _wait(lambda: len(results) >= 4, 120, "chats through the router")
+        wait_until(lambda: len(results) >= 4, 120, "chats through the router")
         v1 = reg.promote(trained_adapters["a"])
-        _wait(lambda: sum(m == v1 for _, m, _ in results) >= 4, 120, f"chats on {v1}")
+        wait_until(lambda: sum(m == v1 for _, m, _ in results) >= 4, 120, f"chats on {v1}")
         v2 = reg.promote(trained_adapters["b"])
-        _wait(lambda: sum(m == v2 for _, m, _ in results) >= 4, 120, f"chats on {v2}")
+        wait_until(lambda: sum(m == v2 for _, m, _ in results) >= 4, 120, f"chats on {v2}")
         swaps = list(results)
         assert [r for r in swaps if r[2] != "ok"] == [], "a chat failed during the swaps"
 
@@ -237,12 +230,12 @@ def test_two_vllm_replicas_behind_the_router_swap_under_streamed_load_and_surviv
         syncer.start()
         killed_at = time.monotonic()
         os.killpg(servers[1]._proc.pid, signal.SIGKILL)      # the supervisor restarts it on the same port
-        _wait(lambda: pool.in_service() == [urls[0]], 30, "the killed replica to leave the router")
+        wait_until(lambda: pool.in_service() == [urls[0]], 30, "the killed replica to leave the router")
         out_at = time.monotonic()
-        _wait(lambda: sorted(pool.in_service()) == sorted(urls), 240, "the restarted replica to come back")
+        wait_until(lambda: sorted(pool.in_service()) == sorted(urls), 240, "the restarted replica to come back")
         back_at = time.monotonic()
         assert {v1, v2} <= set(reg.loaded_on(urls[1]))
-        _wait(lambda: sum(r[0] > back_at for r in results) >= 4, 120, "chats after the replica came back")
+        wait_until(lambda: sum(r[0] > back_at for r in results) >= 4, 120, "chats after the replica came back")
         stop.set()
         syncing.set()
         for t in threads:
