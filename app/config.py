@@ -144,8 +144,8 @@ class Config:
     align_max_memory_gb: float = _opt(0.0, "an aligner child whose processes together hold more resident memory "
                                            "than this is stopped and the run fails (0 = half the machine's memory; "
                                            "negative = no cap)")
-    align_device: str = _aligner("device")
-    align_gpu_memory_fraction: float = _aligner("gpu_memory_fraction")
+    device: str = _aligner("device")
+    gpu_memory_fraction: float = _aligner("gpu_memory_fraction")
     max_user_share: float = _opt(0.1, "the largest share of a training snapshot one rater identity may supply; an "
                                       "over-cap rater keeps their newest ratings (0 = no cap). A tenth: one rater "
                                       "cannot steer a run, and a population of 10+ raters loses nothing")

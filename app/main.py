@@ -145,7 +145,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             first_lora_layer=cfg.first_lora_layer,
             anchor_cache=Path(cfg.home) / "cache" / "anchors", lr_generation_decay=cfg.lr_generation_decay,
             timeout_s=cfg.align_timeout_s, max_memory_bytes=memory_cap_bytes(cfg.align_max_memory_gb),
-            device=cfg.align_device, gpu_memory_fraction=cfg.align_gpu_memory_fraction)
+            device=cfg.device, gpu_memory_fraction=cfg.gpu_memory_fraction)
         stack.callback(realigner.close)
         yield Stack(server, store, registry, client, realigner, settings, cfg)
 

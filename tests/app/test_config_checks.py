@@ -23,8 +23,8 @@ from app.loop.realign import Realigner
     ({"KTO_LOOP_VLLM_REPLICA_URLS": "http://a:8000,http://b:8000"}, "vllm_router_url"),
     ({"KTO_LOOP_VLLM_ROUTER_URL": "http://router:30000", "KTO_LOOP_VLLM_REPLICA_URLS": "a:8000"}, "a:8000"),
     ({"KTO_LOOP_VLLM_ROUTER_URL": "router", "KTO_LOOP_VLLM_REPLICA_URLS": "http://a:8000"}, "router"),
-    ({"KTO_LOOP_ALIGN_DEVICE": "tpu"}, "align_device"),
-    ({"KTO_LOOP_ALIGN_GPU_MEMORY_FRACTION": "1.5"}, "align_gpu_memory_fraction"),
+    ({"KTO_LOOP_DEVICE": "tpu"}, "device"),
+    ({"KTO_LOOP_GPU_MEMORY_FRACTION": "1.5"}, "gpu_memory_fraction"),
 ])
 def test_a_setting_that_can_only_fail_later_stops_the_start(env, says):
     with pytest.raises(SystemExit, match=says):
@@ -40,15 +40,15 @@ def test_the_aligner_is_told_the_servers_rank_limit(tmp_path: Path):
 
 
 def test_the_aligner_is_told_its_device_and_its_share_of_the_gpu(tmp_path: Path):
-    cfg = config_from(environ={"KTO_LOOP_ALIGN_DEVICE": "cuda", "KTO_LOOP_ALIGN_GPU_MEMORY_FRACTION": "0.4"})
-    r = Realigner(None, None, model_dir=tmp_path, work_dir=tmp_path, device=cfg.align_device,
-                  gpu_memory_fraction=cfg.align_gpu_memory_fraction)
+    cfg = config_from(environ={"KTO_LOOP_DEVICE": "cuda", "KTO_LOOP_GPU_MEMORY_FRACTION": "0.4"})
+    r = Realigner(None, None, model_dir=tmp_path, work_dir=tmp_path, device=cfg.device,
+                  gpu_memory_fraction=cfg.gpu_memory_fraction)
     cmd = r.command(tmp_path / "s.parquet", tmp_path / "out", None)
     assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--gpu-memory-fraction") + 1] == "0.4"
     cfg = config_from(environ={})
-    assert (cfg.align_device, cfg.align_gpu_memory_fraction) == ("auto", 0.0)  # the aligner's own defaults
-    r = Realigner(None, None, model_dir=tmp_path, work_dir=tmp_path, device=cfg.align_device,
-                  gpu_memory_fraction=cfg.align_gpu_memory_fraction)
+    assert (cfg.device, cfg.gpu_memory_fraction) == ("auto", 0.0)  # the aligner's own defaults
+    r = Realigner(None, None, model_dir=tmp_path, work_dir=tmp_path, device=cfg.device,
+                  gpu_memory_fraction=cfg.gpu_memory_fraction)
     cmd = r.command(tmp_path / "s.parquet", tmp_path / "out", None)
     assert "--device" not in cmd and "--gpu-memory-fraction" not in cmd
     with pytest.raises(ValueError, match="device"):
