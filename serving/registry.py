@@ -356,6 +356,7 @@ class AdapterRegistry:
         """
         info = self.validate(adapter_dir)
         with self._lock:
+            self.sync_replicas()  # a replica that died since the last check leaves the router, not the swap undone
             number = self._state["next_number"]
             try:  # a lost state file must not make us reuse a name the running server already knows
                 taken = set(self.loaded())

@@ -160,6 +160,17 @@ def test_sync_takes_a_replica_without_the_served_version_out_loads_it_and_puts_i
     assert pool.in_service() == [a.url] and pool.is_healthy()
 
 
+def test_a_replica_that_died_since_the_last_check_leaves_the_router_instead_of_failing_the_promotion(
+        stubs, router_factory, trained_adapters, default_model_dir, tmp_path):
+    a, b = stubs(), stubs()
+    pool = ReplicaSet(router_factory([a.url, b.url]), [a.url, b.url])
+    reg = AdapterRegistry(pool, tmp_path / "adapters", base_model_dir=default_model_dir)
+    b.stop()
+    wait_until(lambda: not pool.replica_healthy(b.url), 10, "the stub to stop")
+    name = reg.promote(trained_adapters["a"])
+    assert reg.current() == name and name in a.loaded and pool.in_service() == [a.url]
+
+
 def test_a_replica_set_needs_distinct_replicas():
     with pytest.raises(ValueError):
         ReplicaSet("http://127.0.0.1:1", [])
