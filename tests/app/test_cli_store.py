@@ -48,11 +48,12 @@ def test_stats_json_reports_counts_and_the_aligners_lambdas(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["counts"] == {"up": 5, "down": 2, "withdrawn": 0, "total": 7}
     assert out["since_last_run"]["total"] == 7
-    nxt = out["next_run"]  # the aligner holds one thumbs-up out to judge the run (its per-kind floor, 25% at most)
+    nxt = out["next_run"]  # answer ids are random, so which answers the hash slice holds out varies run to run
     assert (nxt["snapshot_desirable"], nxt["snapshot_undesirable"]) == (5, 2)
-    assert (nxt["heldout_desirable"], nxt["heldout_undesirable"]) == (1, 0)
-    assert (nxt["n_desirable"], nxt["n_undesirable"]) == (4, 2)
-    assert (nxt["lambda_d"], nxt["lambda_u"]) == auto_lambdas(4, 2)
+    assert nxt["heldout_desirable"] >= 1  # the per-kind floor holds a thumbs-up aside (25% of 5 rounds to 1)
+    assert nxt["n_desirable"] + nxt["heldout_desirable"] == 5 and nxt["n_undesirable"] + nxt["heldout_undesirable"] == 2
+    assert nxt["n_desirable"] >= 1 and nxt["n_undesirable"] >= 1  # both kinds always stay in training
+    assert (nxt["lambda_d"], nxt["lambda_u"]) == auto_lambdas(nxt["n_desirable"], nxt["n_undesirable"])
 
     only_up = tmp_path / "up.duckdb"
     make_db(only_up, n_up=3, n_down=0)
