@@ -207,6 +207,13 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
             lines.append(line)
             if g.get("goals_in_every_seed"):
                 lines.append(f"  in every seed: {goals.describe(g['goals_in_every_seed'])}")
+            if p := g.get("attacker_pooled"):
+                lo, hi = p["by_cycle"][-1]["ci95"]
+                lines.append(f"  {p['attacker']}, pooled over {p['n_runs']} repeats: "
+                             + " → ".join(pct(c["rate"]) for c in p["by_cycle"])
+                             + f" (last 95% interval {pct(lo)}–{pct(hi)}): "
+                             + ("moved toward the attacker" if p["moved_toward_attacker"] else "did not move")
+                             + f"; higher at the end in {p['runs_toward_attacker']} of {p['n_runs']}")
     return lines
 
 
@@ -250,6 +257,7 @@ def repeats(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "runs_meeting_all_goals": sum(goals.all_held(x["goals"]) for x in s),
             "goals_in_every_seed": goals.every_seed([x["goals"] for x in s]),
             "min_capability_ratio": min(caps, default=None), "max_cycle_seconds": max(secs, default=None),
+            "attacker_pooled": goals.pooled_toward_attacker(members) if len(members) > 1 else None,
         })
     return out
 

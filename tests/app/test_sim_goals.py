@@ -109,3 +109,46 @@ def test_verdict_over_seeds():
     assert goals.every_seed([a, dict(a, gain=None)])["gain"] is None  # one seed could not tell
     assert goals.all_held(a) and not goals.all_held(dict(a, gain=False)) and not goals.all_held({"x": None})
     assert goals.describe({"gain_x": True, "cap_y": False, "z": None}) == "gain x: held; cap y: FAILED"
+
+
+def attacked_run(base_up: int, final_up: int, n: int = 100, name: str = "attacker (not lists)") -> dict:
+    """One repeat's record: the attacker's held-out thumbs-up counts at base and after its one cycle."""
+    def m(k: int) -> dict:
+        return {"desirable_rate": 0.5, "by_rater": {name: {"desirable_rate": k / n, "ci95": list(wilson(k, n)),
+                                                            "n_up": k, "n_rated": n}}}
+    return {"case": {"attacker": name}, "base": m(base_up), "cycles": [{"eval": m(final_up)}]}
+
+
+def test_pooled_over_seeds_shows_a_movement_each_seed_alone_cannot():
+    runs = [attacked_run(33, 40) for _ in range(5)]
+    for r in runs:  # each seed alone: 40 of 100 has an interval reaching below 33%, so "not moved"
+        assert goals.check(r["base"], r["cycles"], r["case"])["not_toward_attacker"] is True
+    pooled = goals.pooled_toward_attacker(runs)
+    assert [c["n_up"] for c in pooled["by_cycle"]] == [165, 200] and pooled["by_cycle"][1]["n_rated"] == 500
+    assert pooled["moved_toward_attacker"] is True and pooled["runs_toward_attacker"] == 5
+    still = goals.pooled_toward_attacker([attacked_run(33, 35) for _ in range(4)] + [attacked_run(33, 30)])
+    assert still["moved_toward_attacker"] is False and still["runs_toward_attacker"] == 4
+    # no single attacker, or a record without counts: no pooled verdict
+    assert goals.pooled_toward_attacker([attacked_run(33, 40), attacked_run(33, 40, name="other")]) is None
+    bare = attacked_run(33, 40)
+    del bare["base"]["by_rater"]["attacker (not lists)"]["n_up"]
+    assert goals.pooled_toward_attacker([bare, attacked_run(33, 40)]) is None
+
+
+def test_repeats_carry_the_pooled_verdict_and_the_printout_says_it():
+    from app.sim import report
+
+    runs = []
+    for seed in range(3):
+        r = attacked_run(30, 40) | {"rater": "lists", "seed": seed}
+        r["cycles"][0].update(promoted=True, cycle_seconds=100.0)
+        r["base"].update(capability_accuracy=1.0)
+        r["cycles"][0]["eval"].update(capability_accuracy=1.0)
+        r["summary"] = report.summarize(r["base"], r["cycles"], r["case"])
+        runs.append(r)
+    (group,) = report.repeats(runs)
+    assert group["attacker_pooled"]["moved_toward_attacker"] is True  # 120/300 vs 30%: interval 34.6–45.6%
+    lines = report.summary_lines({"runs": runs, "repeats": [group]})
+    assert ("  attacker (not lists), pooled over 3 repeats: 30.0% → 40.0% (last 95% interval 34.6%–45.6%): "
+            "moved toward the attacker; higher at the end in 3 of 3") in lines
+    assert report.repeats(runs[:1])[0]["attacker_pooled"] is None  # one run: its own goal says it
