@@ -93,6 +93,8 @@ class Config:
                                              "while people chat; vLLM's priority cannot hold back running ones "
                                              "(0 = no limit)")
     vllm_tensor_parallel: int = _opt(1, "vLLM --tensor-parallel-size (GPU builds)")
+    vllm_data_parallel: int = _opt(1, "vLLM --data-parallel-size: engines behind one server, each with its own "
+                                      "copy of the model (several GPUs on one node; a runtime adapter reaches all)")
     vllm_extra_args: str = _opt("", "extra flags passed verbatim to the vLLM server")
     vllm_start_timeout: float = _opt(300.0, "seconds to wait for the vLLM server to become ready")
 

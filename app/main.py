@@ -57,6 +57,7 @@ def server_spec(cfg: Config):
         max_lora_rank=cfg.vllm_max_lora_rank, max_loras=cfg.vllm_max_loras,
         max_cpu_loras=cfg.vllm_max_cpu_loras, max_model_len=cfg.vllm_max_model_len,
         dtype=cfg.vllm_dtype, kvcache_gb=cfg.vllm_kvcache_gb, tensor_parallel=cfg.vllm_tensor_parallel,
+        data_parallel=cfg.vllm_data_parallel,
         reserved_cpus=cfg.vllm_reserved_cpus, max_num_batched_tokens=cfg.vllm_max_num_batched_tokens,
         block_size=cfg.vllm_block_size, scheduling_policy=cfg.vllm_scheduling_policy,
         extra_args=tuple(shlex.split(cfg.vllm_extra_args)), start_timeout=cfg.vllm_start_timeout,

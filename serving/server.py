@@ -191,6 +191,7 @@ class VLLMServerSpec:
     # version asks for -1, so a swap does not queue behind a burst of waiting chats. "fcfs" = vLLM's default.
     scheduling_policy: str = "priority"
     tensor_parallel: int = 1
+    data_parallel: int = 1
     extra_args: tuple[str, ...] = ()
     served_model_name: str = "base"
     log_path: Path | str | None = None  # default: a file in the temp dir named after the port
@@ -287,6 +288,8 @@ class VLLMServer:
                "--max-model-len", str(s.max_model_len)]
         if s.tensor_parallel != 1:
             cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
+        if s.data_parallel != 1:
+            cmd += ["--data-parallel-size", str(s.data_parallel)]
         budget = vllm_token_budget(s.max_num_batched_tokens)
         if budget is not None:
             cmd += ["--max-num-batched-tokens", str(budget)]

@@ -25,12 +25,13 @@ GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n\n"
 
 def test_command_line_carries_the_spec(tmp_path):
     spec = VLLMServerSpec(model_dir=tmp_path, port=1234, max_lora_rank=8, max_loras=3, tensor_parallel=2,
-                          dtype="bfloat16", extra_args=("--enforce-eager",))
+                          data_parallel=2, dtype="bfloat16", extra_args=("--enforce-eager",))
     cmd = VLLMServer(spec).command()
     assert cmd[:3] == [sys.executable, "-m", "serving.vllm_cpu.launch"]
     joined = " ".join(cmd)
     for flag in ("--served-model-name base", "--port 1234", "--enable-lora", "--max-lora-rank 8", "--max-loras 3",
-                 "--max-cpu-loras 8", "--tensor-parallel-size 2", "--dtype bfloat16", "--max-model-len 2048"):
+                 "--max-cpu-loras 8", "--tensor-parallel-size 2", "--data-parallel-size 2", "--dtype bfloat16",
+                 "--max-model-len 2048"):
         assert flag in joined
     assert cmd[-1] == "--enforce-eager"
     stock = VLLMServer(VLLMServerSpec(model_dir=tmp_path, max_loras=0, fast_cpu_lora=False)).command()
@@ -99,13 +100,14 @@ def test_both_builds_commands_parse_with_vllms_own_serve_parser(tmp_path, monkey
     import serving.server as server_module
 
     monkeypatch.setattr(server_module, "_is_cpu_build", lambda: cpu_build)
-    server = VLLMServer(VLLMServerSpec(model_dir=tmp_path, port=1234, tensor_parallel=1 if cpu_build else 2))
+    server = VLLMServer(VLLMServerSpec(model_dir=tmp_path, port=1234, tensor_parallel=1 if cpu_build else 2,
+                                       data_parallel=2))
     cmd = server.command()
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(cmd[3:])
     validate_parsed_serve_args(args)
     assert (args.model, args.served_model_name, args.port) == (str(tmp_path), ["base"], 1234)
     assert args.enable_lora and (args.max_lora_rank, args.max_loras, args.max_cpu_loras) == (16, 3, 8)
-    assert args.scheduling_policy == "priority" and args.max_model_len == 2048
+    assert args.scheduling_policy == "priority" and args.max_model_len == 2048 and args.data_parallel_size == 2
     if cpu_build:
         assert args.block_size == 32 and args.max_num_batched_tokens == vllm_token_budget(0, cpu_build=True)
         assert args.dtype in ("bfloat16", "float32") and args.tensor_parallel_size == 1
