@@ -1,4 +1,4 @@
-"""Optional anchor term: keep the policy's next-token distributions near the base model's on prompts no one rated.
+"""The anchor term: keep the policy's next-token distributions near the base model's on prompts no one rated.
 
 Preference updates can cost general answers the capability guard checks; like InstructGPT's PPO-ptx (Ouyang et
 al., 2022, §3.5) we add a term on data outside the preference set, the per-token KL to the reference along its
@@ -6,7 +6,7 @@ own greedy answers to `data/anchor_prompts.jsonl`, cut at `anchor_max_tokens`:
 
     loss = KTO loss + γ · mean over anchor answer tokens of KL(π_ref(·|x, y_<t) ‖ π_θ(·|x, y_<t))
 
-γ = 0 (the default) leaves runs bit-identical to plain KTO. The reference is the base model (adapter off); its
+γ = 0 leaves runs bit-identical to plain KTO; the shipped γ is 7. The reference is the base model (adapter off); its
 answers and top-k distributions (loss.bucket_kl) are built once per run and cached by a hash of their inputs.
 Measured: docs/experiments/2026-11-30-anchor-term.md, docs/experiments/2026-12-01-anchor-strength-and-length.md.
 """

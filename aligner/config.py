@@ -51,19 +51,21 @@ class TrainConfig:
         None, "linear layers to adapt, e.g. q_proj k_proj v_proj o_proj (default: every linear layer of the block); "
               "with --resume-from it must name the resumed adapter's own", metavar="MODULE")
     first_lora_layer: int | str = _arg(
-        "0", "a new adapter goes in decoder layers N.. only, or from P% of the depth up (50% = the upper half, "
-             "whatever the model): the layers below run once per rated answer instead of in every training pass "
-             "(aligner/model.py, Prefix); a continued adapter keeps its own layers; 0 = every layer",
+        "50%", "a new adapter goes in decoder layers N.. only, or from P% of the depth up (50% = the upper half, "
+               "whatever the model): the layers below run once per rated answer instead of in every training pass "
+               "(aligner/model.py, Prefix), and the facts kept in the lower layers stay put; a continued adapter "
+               "keeps its own layers; 0 = every layer",
         metavar="N|P%")
     # Optimisation.
-    epochs: int = _arg(1, "passes over the training examples", check=_at_least(1))
+    epochs: int = _arg(2, "passes over the training examples: a cycle's few thumbs-up teach more in two "
+                          "(docs/experiments/2026-12-06-shipped-recipe.md)", check=_at_least(1))
     batch_size: int = _arg(8, "micro-batch size per process (KL pairs are formed inside a batch)",
                            check=_at_least(2))
     grad_accum: int = _arg(1, "micro-batches per optimizer step", check=_at_least(1))
     grad_tokens: int = _arg(2048, "padded tokens per forward with gradient: bounds training memory; a longer "
                                   "micro-batch is chunked, same result", check=_at_least(1))
-    lr: float = _arg(2.5e-4, "learning rate; higher rates moved the rater faster but lost facts "
-                             "(docs/experiments/2026-11-23-simulator-defaults.md)",
+    lr: float = _arg(1e-3, "learning rate of the upper-half adapter with the anchor term; higher rates moved the "
+                           "rater faster but lost facts (docs/experiments/2026-12-06-shipped-recipe.md)",
                      check=((lambda v: v > 0), "must be > 0"))
     lr_generation_decay: float = _arg(
         1.0, "a continued adapter (--resume-from) trains at lr × D^g, g = how many runs before this one trained it "
@@ -77,7 +79,7 @@ class TrainConfig:
     max_steps: int | None = _arg(None, "stop after this many optimizer steps (default: the epochs' steps)",
                                  check=_at_least(1))
     # Checkpoints the promotion gate can fall back to.
-    checkpoints: int = _arg(3, "earlier adapters kept (evenly spaced) for the promotion gate to fall back to; "
+    checkpoints: int = _arg(5, "earlier adapters kept (evenly spaced) for the promotion gate to fall back to; "
                                "0 = none", check=((lambda v: 0 <= v <= 20), "must be in [0, 20]"))
     checkpoint_eval: str = _arg("lazy", "lazy: checkpoints' held-out metrics are computed only if the gate needs "
                                         "them (python -m aligner.checkpoints); eager: during the run",
@@ -126,8 +128,8 @@ class TrainConfig:
     trim_every: int = _arg(0, "give freed heap memory back to the OS every N optimizer steps (0: only between "
                               "phases; trimming every step re-faults each step's activations: 1.12x slower steps, "
                               "same peak RSS, docs/experiments/2026-12-01-aligner-trim-heap.md)")
-    # The optional anchor term (aligner/anchor.py).
-    anchor_weight: float = _arg(0.0, "γ of the optional anchor term: γ × per-token KL(base ‖ policy) along the base "
+    # The anchor term (aligner/anchor.py).
+    anchor_weight: float = _arg(7.0, "γ of the anchor term: γ × per-token KL(base ‖ policy) along the base "
                                      "model's own answers to shipped general prompts nobody rated, against the "
                                      "facts a strong preference can cost (aligner/anchor.py); 0 = the paper's KTO "
                                      "loss alone",

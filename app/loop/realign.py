@@ -155,7 +155,7 @@ class Realigner:
         # a fresh adapter's lowest layer, N or P% of the depth (aligner/layers.py; the aligner resolves it against
         # the model): the layers below run once per sequence (aligner/model.py, Prefix)
         self.first_lora_layer = str(first_lora_layer).strip()
-        self._all_layers = parse_first_layer(self.first_lora_layer)[0] == 0  # ValueError names the accepted forms
+        parse_first_layer(self.first_lora_layer)  # ValueError names the accepted forms
         self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
         self.anchor_max_tokens = anchor_max_tokens  # how much of each base-model anchor answer the term covers
         # The base model's anchor answers, keyed by a hash of the model's files and the settings: the app keeps
@@ -382,15 +382,16 @@ class Realigner:
                "--beta", str(self.beta), "--progress-json"]
         if served_dir is not None:
             cmd += ["--served-adapter", str(served_dir)]
+        # The recipe's settings are always spelled out: an operator's 0 (every layer, no anchor) must not fall
+        # back to the aligner's own default, which is the shipped recipe.
         if resume_dir is not None:
-            cmd += ["--resume-from", str(resume_dir), "--reference", "base"]
-            if self.lr_generation_decay != 1:
-                cmd += ["--lr-generation-decay", f"{self.lr_generation_decay:g}"]
-        elif not self._all_layers:
-            cmd += ["--first-lora-layer", self.first_lora_layer]
+            cmd += ["--resume-from", str(resume_dir), "--reference", "base",
+                    "--lr-generation-decay", f"{self.lr_generation_decay:g}"]
+        else:
+            cmd += ["--first-lora-layer", str(self.first_lora_layer)]
+        cmd += ["--anchor-weight", f"{self.anchor_weight:g}"]
         if self.anchor_weight > 0:
-            cmd += ["--anchor-weight", f"{self.anchor_weight:g}", "--anchor-max-tokens", str(self.anchor_max_tokens),
-                    "--anchor-cache", str(self.anchor_cache)]
+            cmd += ["--anchor-max-tokens", str(self.anchor_max_tokens), "--anchor-cache", str(self.anchor_cache)]
         if self.device != TrainConfig.device:
             cmd += ["--device", self.device]
         if self.gpu_memory_fraction > 0:

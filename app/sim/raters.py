@@ -15,6 +15,8 @@ SHORT_SENTENCE_WORDS = 14
 MEDIUM_WORDS = (40, 120)
 SECOND_PERSON_MIN = 3
 THOROUGH_MIN_WORDS = 90
+FEW_SENTENCES_MAX = 3
+FIRST_PERSON_MIN = 2
 
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•+]|\d{1,2}[.)])\s+\S")
 _EXAMPLE = re.compile(r"\b(?:for example|for instance|e\.g\.|such as)", re.IGNORECASE)
@@ -26,6 +28,9 @@ _MARKUP = re.compile(r"[*#`|]|^\s*(?:[-*•+]|\d{1,2}[.)])\s", re.MULTILINE)
 _NUMBERED_ITEM = re.compile(r"^\s*\d{1,2}[.)]\s+", re.MULTILINE)
 _DIGIT = re.compile(r"\d")
 _YOU = re.compile(r"\byou(?:r|rs|rself|'re|'ll|'ve|'d)?\b", re.IGNORECASE)
+_CAVEAT = re.compile(r"\b(?:however|although|keep in mind|note that|it depends|may vary|not always|be careful)\b",
+                     re.IGNORECASE)
+_FIRST_PERSON = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|my|me)\b")
 _CREATIVE = re.compile(r"^(?:write a (?:short poem|haiku|two-sentence story)|describe .* travel guide)",
                        re.IGNORECASE)
 
@@ -124,13 +129,43 @@ def thorough(prompt: str, answer: str) -> bool | None:
     return word_count(answer) >= THOROUGH_MIN_WORDS
 
 
+def caveat(prompt: str, answer: str) -> bool | None:
+    """Content preference: likes answers that state a limit or a caution ("however", "although", "keep in mind",
+    "note that", "it depends", "may vary", "not always", "be careful") instead of only asserting."""
+    return bool(_CAVEAT.search(answer))
+
+
+def one_paragraph(prompt: str, answer: str) -> bool | None:
+    """Format preference: likes an answer in one block of text, no line breaks (a chat bubble, not a document)."""
+    text = answer.strip()
+    return bool(text) and "\n" not in text
+
+
+def first_person(prompt: str, answer: str) -> bool | None:
+    """Style preference: likes an assistant that speaks for itself ("I", "my", "me") at least twice, rather than an
+    impersonal text."""
+    return len(_FIRST_PERSON.findall(answer)) >= FIRST_PERSON_MIN
+
+
+def few_sentences(prompt: str, answer: str) -> bool | None:
+    """Length preference counted in sentences, not words: likes answers of at most three sentences (list items count
+    as sentences). Creative requests are not rated."""
+    if _CREATIVE.match(prompt.strip()):
+        return None
+    n = len(sentences(answer))
+    return 0 < n <= FEW_SENTENCES_MAX
+
+
 EXAMPLE_RATERS = {"concise": concise, "bullets": bullets, "examples": examples}
 DEVELOPMENT_RATERS = {**EXAMPLE_RATERS, "bold_terms": bold_terms, "analogy": analogy,
-                      "short_sentences": short_sentences, "medium": medium, "plain": plain}
-HELDOUT_RATERS = {"opens_with_answer": opens_with_answer, "numbers": numbers, "second_person": second_person,
-                  "thorough": thorough}
+                      "short_sentences": short_sentences, "medium": medium, "plain": plain,
+                      "opens_with_answer": opens_with_answer, "numbers": numbers}
+"""`opens_with_answer` and `numbers` were held out until recipes were compared on them (2026-12-06): now develop."""
+HELDOUT_RATERS = {"caveat": caveat, "one_paragraph": one_paragraph, "first_person": first_person,
+                  "few_sentences": few_sentences, "second_person": second_person, "thorough": thorough}
 """Never used to tune a recipe: results on these are the ones that say how the product does on unseen preferences."""
 RATERS = {**DEVELOPMENT_RATERS, **HELDOUT_RATERS}
 KIND = {"concise": "length", "bullets": "format", "examples": "content", "bold_terms": "format",
         "analogy": "content", "short_sentences": "style", "medium": "length", "plain": "format",
-        "opens_with_answer": "format", "numbers": "content", "second_person": "style", "thorough": "length"}
+        "opens_with_answer": "format", "numbers": "content", "second_person": "style", "thorough": "length",
+        "caveat": "content", "one_paragraph": "format", "first_person": "style", "few_sentences": "length"}

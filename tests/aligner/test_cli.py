@@ -56,7 +56,8 @@ def test_writes_vllm_compatible_adapter_and_manifest(trained, snapshot):
     assert h["served"]["margin"] == 0.0 and h["served"]["frac_correct_side"] == 0.5  # base is served
     assert not [p for p in trained.parent.iterdir() if ".tmp-" in p.name], "no temporary directory left behind"
     phases = m["phase_seconds"]  # where the run's time went
-    assert set(phases) == {"load", "reference", "heldout_served", "train", "checkpoints", "heldout_new"}
+    assert set(phases) == {"load", "reference", "heldout_served", "anchor", "train", "checkpoints", "heldout_new"}
+    assert m["anchor"]["weight"] == 7.0  # the shipped recipe: the anchor term is on by default
     assert all(v >= 0 for v in phases.values()) and phases["train"] > 0 and phases["reference"] > 0
     assert phases["train"] == pytest.approx(m["train_seconds"], abs=1e-2)
     assert sum(phases.values()) <= m["total_seconds"] + 1e-2

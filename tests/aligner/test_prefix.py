@@ -121,7 +121,7 @@ def test_anchor_term_starts_at_the_first_adapted_layer_with_the_same_numbers(sna
 def test_a_served_or_resumed_adapter_reaching_lower_layers_runs_the_whole_model(snapshot, tiny_model_dir, tmp_path):
     """The cache is checked at each use: an adapter in layer 0 (served here) must not start at layer 1."""
     everywhere = tmp_path / "all"
-    _align(snapshot, tiny_model_dir, everywhere, "--max-steps", "3", "--checkpoints", "0")
+    _align(snapshot, tiny_model_dir, everywhere, "--max-steps", "3", "--checkpoints", "0", "--first-lora-layer", "0")
     upper = tmp_path / "upper"  # "50%" of the tiny model's 2 layers: layer 1
     first = _align(snapshot, tiny_model_dir, upper, "--max-steps", "3", "--checkpoints", "0",
                    "--first-lora-layer", "50%")

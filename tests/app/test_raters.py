@@ -104,3 +104,21 @@ def test_opens_with_answer_numbers_and_second_person():
     assert raters.numbers("Write a haiku about rain.", "3 drops") is None
     assert raters.second_person("q", "You can do it; your plan works if you try.") is True
     assert raters.second_person("q", "You can do it; the plan works.") is False
+
+
+def test_caveat_one_paragraph_first_person_and_few_sentences():
+    assert raters.caveat("q", "Water boils at 100 °C; however, less at altitude.") is True
+    assert raters.caveat("q", "Keep in mind the dough must rest.") is True
+    assert raters.caveat("q", "Water boils at 100 °C.") is False
+    assert raters.caveat("q", "The howevers of life.") is False  # whole words only
+    assert raters.one_paragraph("q", "  One block of text. Still one.  \n") is True
+    assert raters.one_paragraph("q", "First.\nSecond.") is False
+    assert raters.one_paragraph("q", "   ") is False
+    assert raters.first_person("q", "I think my answer helps.") is True
+    assert raters.first_person("q", "I think it helps.") is False  # once is not enough
+    assert raters.first_person("q", "Imagine mines.") is False  # "I" as a word, not a letter
+    assert raters.few_sentences("Why?", "One. Two! Three?") is True
+    assert raters.few_sentences("Why?", "One. Two. Three. Four.") is False
+    assert raters.few_sentences("Why?", "- a\n- b\n- c\n- d") is False  # list items count as sentences
+    assert raters.few_sentences("Why?", "") is False
+    assert raters.few_sentences("Write a haiku about rain.", "Rain.") is None

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 import app.loop.gate
+from aligner import config as aligner_config
 from app.loop.gate import Candidate, rater_check, should_promote
 from app.loop.realign import Realigner
 from feedback_store import FeedbackStore
 from tests.app.doubles import PointerRegistry
 
 TRAIN_ARGS = ["--max-steps", "1", "--batch-size", "4", "--holdout-fraction", "0.25"]
+LR = aligner_config.default("lr")  # the shipped learning rate
 
 
 Registry = PointerRegistry
@@ -59,7 +61,7 @@ def test_continue_mode_resumes_the_served_adapter_on_unseen_ratings(tiny_model_d
     first = rl.run("operator")
     assert first.promoted and first.version == "kto-v1", first.reason
     assert first.manifest["resume_from"] is None  # base served: a new adapter on everything
-    assert first.manifest["generation"] == 0 and first.manifest["hyperparameters"]["lr_effective"] == 2.5e-4
+    assert first.manifest["generation"] == 0 and first.manifest["hyperparameters"]["lr_effective"] == LR
     run1 = store.get_run(first.run_id)
     assert run1["n_desirable"] + run1["n_undesirable"] <= 12
 
@@ -68,7 +70,7 @@ def test_continue_mode_resumes_the_served_adapter_on_unseen_ratings(tiny_model_d
     assert second.promoted and second.version == "kto-v2", second.reason
     m = second.manifest
     assert m["resume_from"] == str(reg.paths["kto-v1"]) and m["reference"] == "base"
-    assert m["generation"] == 1 and m["hyperparameters"]["lr_effective"] == pytest.approx(2.5e-4 * 0.5)
+    assert m["generation"] == 1 and m["hyperparameters"]["lr_effective"] == pytest.approx(LR * 0.5)
     # only the 8 ratings kto-v1 has not seen reached the aligner
     used = set(store.run_examples(second.run_id, include_dropped=True))
     assert len(used) <= 8 and used.isdisjoint(store.run_examples(first.run_id, include_dropped=True))
@@ -143,20 +145,31 @@ def test_first_lora_layer_reaches_a_new_adapter_and_a_continued_one_keeps_its_la
     params = [store.get_run(r.run_id)["params"] for r in (first, second)]
     params = [json.loads(p) if isinstance(p, str) else p for p in params]
     assert params[0]["first_lora_layer"] == "50%" and params[1]["first_lora_layer"] is None
-    assert "--first-lora-layer" not in Realigner(None, reg, model_dir=tiny_model_dir, work_dir=tmp_path,
-                                                 first_lora_layer="0%").command(tmp_path / "s.parquet", tmp_path / "o",
-                                                                                 None)
+    every = Realigner(None, reg, model_dir=tiny_model_dir, work_dir=tmp_path, first_lora_layer="0%")
+    cmd = every.command(tmp_path / "s.parquet", tmp_path / "o", None)  # every layer, said, not left to the default
+    assert cmd[cmd.index("--first-lora-layer") + 1] == "0%"
     store.close()
 
 
 @pytest.mark.timeout(600)
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
 def test_anchor_weight_reaches_the_aligner_and_the_run_record(tiny_model_dir: Path, tmp_path: Path):
     """The operator's `anchor_weight` and `anchor_max_tokens` settings train with the anchor term (on the shipped anchor
-    prompts, along that many tokens of each base-model answer) and are recorded with the run; the default weight, 0,
-    passes no anchor flag at all, so runs stay the paper's plain KTO."""
-    plain = _realigner(None, Registry(), tiny_model_dir, tmp_path, "fresh").command(
+    prompts, along that many tokens of each base-model answer) and are recorded with the run. The operator's 0 (and
+    every layer) reaches the aligner as such: left out, the aligner would train its own default, the shipped recipe."""
+    shipped = _realigner(None, Registry(), tiny_model_dir, tmp_path, "fresh").command(
         tmp_path / "s.parquet", tmp_path / "o", None)
-    assert "--anchor-weight" not in plain and "--anchor-max-tokens" not in plain
+    assert _flag(shipped, "--anchor-weight") == "7" and _flag(shipped, "--first-lora-layer") == "50%"
+    plain = Realigner(None, Registry(), model_dir=tiny_model_dir, work_dir=tmp_path / "p", anchor_weight=0.0,
+                      first_lora_layer="0").command(tmp_path / "s.parquet", tmp_path / "o", None)
+    assert _flag(plain, "--anchor-weight") == "0" and "--anchor-max-tokens" not in plain
+    assert _flag(plain, "--first-lora-layer") == "0"
+    resumed = Realigner(None, Registry(), model_dir=tiny_model_dir, work_dir=tmp_path / "p", anchor_weight=0.0,
+                        ).command(tmp_path / "s.parquet", tmp_path / "o", None, resume_dir=tmp_path / "v1")
+    assert _flag(resumed, "--lr-generation-decay") == "1" and "--first-lora-layer" not in resumed
     store, reg = FeedbackStore(tmp_path / "f.duckdb"), Registry()
     rl = Realigner(store, reg, model_dir=tiny_model_dir, work_dir=tmp_path / "runs", min_gain=-1e9,
                    extra_args=TRAIN_ARGS, lora_rank=8, anchor_weight=2.5, anchor_max_tokens=8)
@@ -324,15 +337,16 @@ def test_aligner_children_run_at_the_configured_niceness(tmp_path: Path):
 
 
 def test_lr_generation_decay_reaches_only_a_continued_run(tmp_path: Path):
-    """A continued adapter is told the decay (the aligner reads its generation from the manifests); a fresh one,
-    and the default 1, pass nothing."""
+    """A continued adapter is told the decay, the default 1 too (the aligner reads its generation from the
+    manifests); a fresh one passes nothing."""
     snap, out, served = tmp_path / "s.parquet", tmp_path / "o", tmp_path / "kto-v1"
     decayed = Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path, lr_generation_decay=0.5)
     cmd = decayed.command(snap, out, served, resume_dir=served)
     assert cmd[cmd.index("--lr-generation-decay") + 1] == "0.5"
     assert "--lr-generation-decay" not in decayed.command(snap, out, served)  # fresh: a new adapter, generation 0
     plain = Realigner(None, Registry(), model_dir=tmp_path, work_dir=tmp_path)
-    assert "--lr-generation-decay" not in plain.command(snap, out, served, resume_dir=served)
+    cmd = plain.command(snap, out, served, resume_dir=served)
+    assert cmd[cmd.index("--lr-generation-decay") + 1] == "1"
 
 
 @pytest.mark.parametrize("raw", ["0", "1.5", "-0.5", "nan"])
