@@ -102,8 +102,9 @@ class Config:
     system_prompt: str = _opt("You are a helpful assistant.", "default system prompt (operators can change it)")
     temperature: float = _opt(0.7, "sampling temperature for chat answers")
     top_p: float = _opt(0.95, "nucleus sampling for chat answers")
-    max_tokens: int = _opt(128, "maximum answer length in tokens; the default model's longer answers are mostly "
-                                "rambling, and a cycle that trains on them stays under 10 minutes on 2 cores")
+    max_tokens: int = _opt(128, "maximum answer length in tokens: a realignment trains on the answers, and 128 keeps "
+                                "a cycle of 400 ratings under 10 minutes on 2 cores (the default model's longer "
+                                "answers mostly ramble)")
     max_message_chars: int = _opt(4000, "longest user message accepted")
     ratings_per_minute: int = _opt(60, "per-user rating rate limit")
 
