@@ -156,7 +156,7 @@ class Realigner:
         # the model): the layers below run once per sequence (aligner/model.py, Prefix)
         self.first_lora_layer = str(first_lora_layer).strip()
         parse_first_layer(self.first_lora_layer)  # ValueError names the accepted forms
-        self.anchor_weight = anchor_weight  # γ of the aligner's optional anchor term (aligner/anchor.py)
+        self.anchor_weight = anchor_weight  # γ of the aligner's anchor term (aligner/anchor.py; 0 = off)
         self.anchor_max_tokens = anchor_max_tokens  # how much of each base-model anchor answer the term covers
         # The base model's anchor answers, keyed by a hash of the model's files and the settings: the app keeps
         # them per machine (home/cache/anchors), so a new data directory or simulation does not build them again.
