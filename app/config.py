@@ -53,6 +53,10 @@ class Config:
                                       "serves the adapter version the store names, so a promotion or rollback made "
                                       "by another app process reaches it within N s; with vllm_router_url the "
                                       "leader also checks the vLLM replicas this often (docs/deploy.md)")
+    dashboard_copy_s: float = _opt(30.0, "with db_url: the console's counts, charts and next-run numbers come from "
+                                         "a DuckDB copy of the store's ratings, runs and adapters (under DATA_DIR/"
+                                         "dashboard), made again in the background when a console refresh finds it "
+                                         "older than N s; 0 = query PostgreSQL on every refresh (docs/deploy.md)")
     adapter_dir: Path | None = _opt(None, "where adapter versions are kept (default: DATA_DIR/adapters)")
     deployment: str = _opt("default", "deployment name recorded with every answer and rating")
 
@@ -294,6 +298,9 @@ def config_from(args: argparse.Namespace | None = None, environ: dict[str, str] 
         raise SystemExit(f"kto-loop: align_max_memory_gb must be a finite number, got {cfg.align_max_memory_gb}")
     if not (math.isfinite(cfg.replica_sync_s) and cfg.replica_sync_s > 0):
         raise SystemExit(f"kto-loop: replica_sync_s must be a number of seconds > 0, got {cfg.replica_sync_s}")
+    if not (math.isfinite(cfg.dashboard_copy_s) and (cfg.dashboard_copy_s == 0 or cfg.dashboard_copy_s >= 1)):
+        raise SystemExit(f"kto-loop: dashboard_copy_s must be 0 (off) or a number of seconds ≥ 1, got "
+                         f"{cfg.dashboard_copy_s}")
     if cfg.db_url and not cfg.db_url.startswith(("postgresql://", "postgres://")):
         raise SystemExit("kto-loop: db_url must be a postgresql:// URL (or empty for the DuckDB file)")
     for proxy in filter(None, (p.strip() for p in cfg.trusted_proxies.split(","))):

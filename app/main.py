@@ -34,6 +34,7 @@ class Stack:
     realigner: Realigner
     settings: SettingsStore
     cfg: Config
+    dashboard: Any = None  # feedback_store.mirror.DashboardCopy on PostgreSQL (dashboard_copy_s > 0)
 
 
 def _free_port(host: str) -> int:
@@ -148,7 +149,13 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             timeout_s=cfg.align_timeout_s, max_memory_bytes=memory_cap_bytes(cfg.align_max_memory_gb),
             device=cfg.device, gpu_memory_fraction=cfg.gpu_memory_fraction)
         stack.callback(realigner.close)
-        yield Stack(server, store, registry, client, realigner, settings, cfg)
+        dashboard = None
+        if cfg.db_url and cfg.dashboard_copy_s > 0:
+            from feedback_store.mirror import DashboardCopy
+
+            dashboard = DashboardCopy.own_folder(store, Path(cfg.data_dir) / "dashboard", cfg.dashboard_copy_s)
+            stack.callback(dashboard.close)
+        yield Stack(server, store, registry, client, realigner, settings, cfg, dashboard)
 
 
 def memory_cap_bytes(gb: float) -> int | None:
@@ -185,7 +192,7 @@ def create_app(st: Stack, admin_password: str, *, console_refresh_s: float = 3.0
     cfg = st.cfg
     scheduler = RealignScheduler(st.realigner, st.store, st.settings, retention_days=cfg.retention_days,
                                  **replica_loop(st))
-    op = Operator(st.store, st.registry, st.realigner, scheduler, st.settings)
+    op = Operator(st.store, st.registry, st.realigner, scheduler, st.settings, dashboard=st.dashboard)
     buckets = buckets_for(st.store, shared=bool(cfg.db_url))   # replicas on one store share every rate limit
     service = ChatService(st.store, st.client, st.registry, system_prompt=lambda: st.settings.load().system_prompt,
                           sampling=lambda: sampling_for(cfg), max_chars=cfg.max_message_chars,

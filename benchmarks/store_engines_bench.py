@@ -22,7 +22,9 @@ Dashboard queries: the same 1 M ratings (10,000 raters, 250,000 conversations, s
 70/30 👎/👍, 2 % withdrawn, reasons and comments on some 👎) are generated once in DuckDB and bulk-loaded into both
 engines (DuckDB INSERT ... SELECT, PostgreSQL COPY, then VACUUM ANALYZE as autovacuum would leave it). Each
 store method the console's refresh calls (app/web/console.py, Operator) is then timed through FeedbackStore,
-the engines alternating, median of 5 after a warm-up.
+the engines rotating, median of 5 after a warm-up. A third column is the console's DuckDB copy of the PostgreSQL
+store (feedback_store/mirror.py; what the app reads with db_url set): the time to make it (median of 5) and the
+calls it answers; `--repeats 0` skips the write throughput.
 """
 
 from __future__ import annotations
@@ -380,30 +382,57 @@ REFRESH = ("counts", "next_run", "ratings_since_last_run", "training_counts_unse
            "last_run_checks", "counts_by_time_hour", "counts_by_adapter", "counts_by_user_top100", "runs", "adapters")
 
 
+# the calls the console's DuckDB copy of a PostgreSQL store answers (app/web/console.py, Operator.counted); the
+# others (runs, adapters, 👎 reasons, exports) stay on PostgreSQL
+COPIED = ("counts", "next_run", "ratings_since_last_run", "training_counts_unseen_by_served", "snapshot_shares",
+          "counts_by_time_hour", "counts_by_time_day", "counts_by_adapter", "counts_by_user_top100")
+
+
 def dashboard(stores: dict[str, FeedbackStore], tmp: Path, repeats: int) -> dict[str, dict[str, float]]:
-    """Median ms of each query per engine, engines alternating (first one swapped each repeat), after a warm-up;
-    `console_refresh` is the sum of the calls one refresh of the console makes."""
+    """Median ms of each query per engine, engines rotating (the order turned each repeat), after a warm-up;
+    `console_refresh` is the sum of the calls one refresh of the console makes (on the copy: the COPIED calls
+    there, the rest on PostgreSQL, as the app does)."""
     queries = {e: dashboard_queries(s, tmp / e) for e, s in stores.items()}
     for e in stores:
         (tmp / e).mkdir(exist_ok=True)
     out: dict[str, dict[str, float]] = {}
     for name in queries["duckdb"]:
-        times: dict[str, list[float]] = {e: [] for e in stores}
-        for e in stores:
+        engines = [e for e in stores if e != "postgres_copy" or name in COPIED]
+        times: dict[str, list[float]] = {e: [] for e in engines}
+        for e in engines:
             queries[e][name]()                          # warm-up
         for rep in range(repeats):
-            for e in (list(stores) if rep % 2 == 0 else list(stores)[::-1]):
+            for e in engines[rep % len(engines):] + engines[:rep % len(engines)]:
                 t = time.perf_counter()
                 queries[e][name]()
                 times[e].append((time.perf_counter() - t) * 1000)
         out[name] = {e: statistics.median(v) for e, v in times.items()}
-        out[name]["postgres_over_duckdb"] = out[name]["postgres"] / out[name]["duckdb"]
-        print(f"  {name:34s} duckdb {out[name]['duckdb']:9.1f} ms   postgres {out[name]['postgres']:9.1f} ms   "
-              f"{out[name]['postgres_over_duckdb']:6.2f}x", flush=True)
-    out["console_refresh"] = {e: sum(out[q][e] for q in REFRESH) for e in stores}
-    out["console_refresh"]["postgres_over_duckdb"] = out["console_refresh"]["postgres"] / out["console_refresh"][
-        "duckdb"]
+        out[name].update({f"{e}_over_duckdb": out[name][e] / out[name]["duckdb"] for e in engines if e != "duckdb"})
+        print(f"  {name:34s} " + "   ".join(f"{e} {out[name][e]:9.1f} ms" for e in engines), flush=True)
+    refresh = {e: sum(out[q][e] for q in REFRESH) for e in ("duckdb", "postgres")}
+    if "postgres_copy" in stores:
+        refresh["postgres_copy"] = sum(out[q]["postgres_copy" if q in COPIED else "postgres"] for q in REFRESH)
+    out["console_refresh"] = refresh | {f"{e}_over_duckdb": v / refresh["duckdb"] for e, v in refresh.items()
+                                        if e != "duckdb"}
+    print("  console refresh: " + ", ".join(f"{e} {v:.1f} ms" for e, v in refresh.items()), flush=True)
     return out
+
+
+def dashboard_copy(pg: FeedbackStore, tmp: Path, repeats: int) -> tuple[FeedbackStore, dict[str, Any]]:
+    """Time making the console's DuckDB copy of the PostgreSQL store (feedback_store/mirror.py, build), median of
+    `repeats`; returns the last copy, opened read-only as the app opens it, and the timings."""
+    from feedback_store.mirror import build
+
+    times, n = [], 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = build(pg, tmp / "copy.duckdb")
+        times.append(time.perf_counter() - t)
+    print(f"  dashboard copy of {n:,} ratings: median {statistics.median(times):.2f} s of {repeats}", flush=True)
+    copy = FeedbackStore(tmp / "copy.duckdb", DEPLOYMENT, read_only=True, max_user_share=MAX_USER_SHARE,
+                         max_addr_share=MAX_ADDR_SHARE)
+    return copy, {"ratings": n, "seconds": times, "median_s": statistics.median(times),
+                  "file_mb": (tmp / "copy.duckdb").stat().st_size / 2**20}
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -411,7 +440,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratings", type=int, default=1_000_000, help="ratings loaded for the dashboard queries")
     ap.add_argument("--write-ratings", type=int, default=800, help="ratings per throughput case and repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of the throughput cases")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the throughput cases (0: skip them)")
     ap.add_argument("--query-repeats", type=int, default=5, help="timed calls of each dashboard query")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -432,9 +461,10 @@ def main() -> int:
             result["machine"].update({"postgres": pg_version(bin_dir), "postgres_server_version": server_version,
                                       "psycopg": psycopg.__version__, "fsync_ms": fsync_ms(tmp)})
             result["postgres_settings"] = PG_SETTINGS
-            print(f"write throughput: {args.write_ratings} ratings per case, {args.repeats} repeats", flush=True)
             where = {"duckdb": str(tmp / "writes.duckdb"), "postgres": server.new_database()}
-            result["throughput"] = throughput(where, args.write_ratings, args.repeats)
+            print(f"write throughput: {args.write_ratings} ratings per case, {args.repeats} repeats", flush=True)
+            if args.repeats:
+                result["throughput"] = throughput(where, args.write_ratings, args.repeats)
 
             print(f"loading {args.ratings:,} ratings into both engines", flush=True)
             pg_url = server.new_database()
@@ -444,6 +474,8 @@ def main() -> int:
                       for e, loc in (("duckdb", tmp / "dash.duckdb"), ("postgres", pg_url))}
             try:
                 result["loaded"] = check_same(stores)
+                stores["postgres_copy"], result["dashboard_copy"] = dashboard_copy(stores["postgres"], tmp,
+                                                                                   args.query_repeats)
                 result["dashboard_ms"] = dashboard(stores, tmp, args.query_repeats)
             finally:
                 for s in stores.values():
@@ -451,16 +483,22 @@ def main() -> int:
     finally:
         server.stop()
     result["machine"]["load_avg_at_end"] = os.getloadavg()[0]
-    cases = result["throughput"]["cases"]
-    duck1 = cases["duckdb_1proc"]["ratings_per_s"]
     result["ratios"] = {
-        **{f"{k}_over_duckdb_1proc": v["ratings_per_s"] / duck1 for k, v in cases.items() if k != "duckdb_1proc"},
-        "postgres_4procs_over_duckdb_1proc_4threads": cases["postgres_4procs"]["ratings_per_s"]
-        / cases["duckdb_1proc_4threads"]["ratings_per_s"],
-        "postgres_1proc_4threads_over_duckdb_1proc_4threads": cases["postgres_1proc_4threads"]["ratings_per_s"]
-        / cases["duckdb_1proc_4threads"]["ratings_per_s"],
         "dashboard_postgres_over_duckdb": {q: v["postgres_over_duckdb"] for q, v in result["dashboard_ms"].items()},
+        "dashboard_copy_over_duckdb": {q: v["postgres_copy_over_duckdb"] for q, v in result["dashboard_ms"].items()
+                                       if "postgres_copy_over_duckdb" in v},
     }
+    if "throughput" in result:
+        cases = result["throughput"]["cases"]
+        duck1 = cases["duckdb_1proc"]["ratings_per_s"]
+        result["ratios"].update({
+            **{f"{k}_over_duckdb_1proc": v["ratings_per_s"] / duck1 for k, v in cases.items()
+               if k != "duckdb_1proc"},
+            "postgres_4procs_over_duckdb_1proc_4threads": cases["postgres_4procs"]["ratings_per_s"]
+            / cases["duckdb_1proc_4threads"]["ratings_per_s"],
+            "postgres_1proc_4threads_over_duckdb_1proc_4threads": cases["postgres_1proc_4threads"]["ratings_per_s"]
+            / cases["duckdb_1proc_4threads"]["ratings_per_s"],
+        })
     write_result(result, out, t_all)
     return 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,11 +196,6 @@ class PgConnection:
         self._c.close()
 
 
-# psycopg type OIDs → the Arrow types DuckDB gives the same columns, so both engines' snapshots are identical
-_ARROW_TYPES = {16: pa.bool_(), 20: pa.int64(), 21: pa.int64(), 23: pa.int64(), 25: pa.string(),
-                701: pa.float64(), 1043: pa.string(), 1114: pa.timestamp("us")}
-
-
 class PgDialect(DuckDialect):
     """PostgreSQL: several processes write at once; advisory locks on the keys a transaction changes stand in for
     the single writer, and nothing is cached across transactions."""
@@ -241,6 +236,29 @@ class PgDialect(DuckDialect):
     def release_run(self, conn: Any, run_id: str) -> None:
         conn.execute("SELECT pg_advisory_unlock(?)", [lock_key("run", run_id)])
         conn.session_locks.discard(lock_key("run", run_id))
+
+    @contextmanager
+    def snapshot_reader(self, url: str, timeout_s: float = 300.0) -> Iterator[Callable[[str, list, Path], None]]:
+        """copy_out(select with {} placeholders, params, csv_path) on a connection of its own, every call in one
+        REPEATABLE READ transaction (so the tables agree with each other): COPY ... TO STDOUT, streamed to the file.
+        A statement running longer than `timeout_s` is cancelled by the server (a wedged copy ends)."""
+        pg = _psycopg()
+        with pg.connect(url, autocommit=True) as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            conn.execute("SET LOCAL DateStyle = 'ISO, YMD'")
+            conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
+
+            def copy_out(select: str, params: list, path: Path) -> None:
+                from psycopg import sql
+
+                query = sql.SQL(select).format(*[sql.Literal(p) for p in params]) if params else sql.SQL(select)
+                with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)) as cp, \
+                        open(path, "wb") as f:
+                    for block in cp:
+                        f.write(block)
+
+            yield copy_out
+            conn.execute("ROLLBACK")    # read only: nothing to commit (an error closes the connection instead)
 
 
 def dialect_for(location: str | Path) -> DuckDialect:

@@ -236,9 +236,10 @@ class Realigner:
             except Exception:
                 pass  # a broken progress callback must not break the run
 
-    def next_run(self, max_examples: int | None = None) -> next_run.NextRun:
-        """What a run started now would train on and with which λ (the console's and `kto-loop stats`' numbers)."""
-        return next_run.next_run(self.store, mode=self.mode, max_examples=max_examples or self.max_examples,
+    def next_run(self, max_examples: int | None = None, store: Any = None) -> next_run.NextRun:
+        """What a run started now would train on and with which λ (the console's and `kto-loop stats`' numbers);
+        `store`: another view of the same rows (the console's copy, feedback_store/mirror.py)."""
+        return next_run.next_run(store or self.store, mode=self.mode, max_examples=max_examples or self.max_examples,
                                  extra_args=self.extra_args, adapter_dir_of=self._adapter_dir_of)
 
     def _run(self, trigger: str, progress: Progress | None, max_examples: int, since: Any) -> RunOutcome:

@@ -10,7 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 import pandas as pd
@@ -20,6 +20,9 @@ from app.loop.next_run import TooFewRatings, refusal
 from app.loop.realign import NotCancellable, Realigner, RunInProgress
 from app.loop.scheduler import NotLeader, RealignScheduler, new_ratings
 from app.operator_settings import SETTINGS_FILE, OperatorSettings, SettingsStore, has_schedule
+
+if TYPE_CHECKING:
+    from feedback_store.mirror import DashboardCopy
 
 EXAMPLE_COLUMNS = ["rated", "thumb", "prompt", "answer", "reason", "comment", "user", "rating id"]
 EXAMPLES_SHOWN = 200  # rows of a run's examples the console shows; the label gives the full count
@@ -72,42 +75,51 @@ def _json_safe(v: Any) -> Any:
 class Operator:
     """Everything the console and the admin API do, in one place."""
 
-    def __init__(self, store, registry, realigner: Realigner, scheduler: RealignScheduler, settings: SettingsStore):
+    def __init__(self, store, registry, realigner: Realigner, scheduler: RealignScheduler, settings: SettingsStore,
+                 dashboard: DashboardCopy | None = None):
         self.store, self.registry, self.realigner = store, registry, realigner
-        self.scheduler, self.settings = scheduler, settings
+        self.scheduler, self.settings, self.dashboard = scheduler, settings, dashboard
+
+    def counted(self) -> Any:
+        """The store the dashboard's aggregates read: its DuckDB copy on PostgreSQL (feedback_store/mirror.py)."""
+        return self.dashboard.store() if self.dashboard is not None else self.store
 
     # ---- dashboard
     def summary(self) -> dict[str, Any]:
-        c = self.store.counts()
+        agg = self.counted()
+        c = agg.counts()
         up, down = int(_get(c, "up")), int(_get(c, "down"))
         withdrawn = int(_get(c, "withdrawn"))
         s = self.settings.load()
-        nxt = self.realigner.next_run(s.max_examples).as_dict()  # what a run now would train on (next_run.py)
+        # what a run now would train on (next_run.py)
+        nxt = self.realigner.next_run(s.max_examples, store=agg).as_dict()
         return {"up": up, "down": down, "withdrawn": withdrawn,
                 "like_rate": up / (up + down) if up + down else None,
                 "n_desirable": nxt["n_desirable"], "n_undesirable": nxt["n_undesirable"],
                 "lambda_d": nxt["lambda_d"], "lambda_u": nxt["lambda_u"], "lambda_note": nxt["note"],
-                "next": nxt, "new_since_last_run": new_ratings(self.store),
-                "unseen_by_served": self.unseen_by_served(nxt["served"]),
+                "next": nxt, "new_since_last_run": new_ratings(agg),
+                "unseen_by_served": self.unseen_by_served(nxt["served"], agg),
+                "counted_at": self.dashboard.as_of() if self.dashboard is not None else None,
+                "counted_every_s": self.dashboard.max_age_s if self.dashboard is not None else None,
                 "served": self.registry.current(), "run": self.realigner.status.as_dict(),
                 "schedule": dataclasses.asdict(s), "scheduled": has_schedule(s) and s.enabled,
                 "next_run": self.scheduler.next_run_time(), "last_tick": self.scheduler.last_tick,
-                "settings_error": self.settings.error, "shares": self.shares(nxt),
+                "settings_error": self.settings.error, "shares": self.shares(nxt, store=agg),
                 "last_run_checks": self.last_run_checks()}
 
-    def unseen_by_served(self, served: str) -> int | None:
+    def unseen_by_served(self, served: str, store: Any = None) -> int | None:
         """Final ratings the served version has not trained on (all of them under the base model). Unlike "new
         since the last run", a run the gate refused does not reset it: its ratings are still to be learned."""
         try:
-            n_d, n_u = self.store.training_counts(since=None if served in (None, "base") else served,
+            n_d, n_u = (store or self.store).training_counts(since=None if served in (None, "base") else served,
                                                   max_user_share=None, max_addr_share=None)
         except Exception:  # a served version the store does not know: no honest number
             return None
         return n_d + n_u
 
-    def shares(self, nxt: dict[str, Any], top: int = 5) -> dict[str, Any]:
+    def shares(self, nxt: dict[str, Any], top: int = 5, store: Any = None) -> dict[str, Any]:
         """The next run's top contributors and what the share caps cut (app/cli/stats.py, shares)."""
-        return stats.shares(self.store, nxt, top)
+        return stats.shares(store or self.store, nxt, top)
 
     def last_run_checks(self) -> dict[str, Any] | None:
         """The newest finished run's gate reason, per-rater check and caps (app/cli/stats.py)."""
@@ -115,7 +127,7 @@ class Operator:
 
     def by_time(self, bucket: str = "hour") -> pd.DataFrame:
         """Up and down per bucket, as bar labels: a bar stays visible when all ratings share one bucket."""
-        rows = records(self.store.counts_by_time(bucket=bucket))
+        rows = records(self.counted().counts_by_time(bucket=bucket))
         fmt = "%m-%d %H:00" if bucket == "hour" else "%Y-%m-%d"
         out = []
         for r in rows:
@@ -126,7 +138,7 @@ class Operator:
 
     def by_adapter(self) -> pd.DataFrame:
         out = []
-        for r in records(self.store.counts_by_adapter()):
+        for r in records(self.counted().counts_by_adapter()):
             up, down = int(_get(r, "up")), int(_get(r, "down"))
             out.append({"adapter": str(_get(r, "adapter", "version", default="?")), "up": up, "down": down,
                         "like rate %": round(100 * up / (up + down), 1) if up + down else 0.0})
@@ -134,7 +146,7 @@ class Operator:
 
     def by_user(self) -> pd.DataFrame:
         out = []
-        for r in records(self.store.counts_by_user()):
+        for r in records(self.counted().counts_by_user()):
             up, down = int(_get(r, "up")), int(_get(r, "down"))
             out.append({"user": str(_get(r, "user_id", "user", default="?")), "up": up, "down": down,
                         "withdrawn": int(_get(r, "withdrawn")),
@@ -398,6 +410,10 @@ def _next_scope(n: dict[str, Any]) -> str:
             f"held out to judge it")
 
 
+def _clock(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%H:%M:%S")
+
+
 def summary_markdown(s: dict[str, Any]) -> str:
     rate = "—" if s["like_rate"] is None else f"{100 * s['like_rate']:.1f}%"
     lam = (f"λ_D = **{_fmt(s['lambda_d'], '.3f')}**, λ_U = **{_fmt(s['lambda_u'], '.3f')}**"
@@ -425,6 +441,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"Next run would train on n_D = **{s['n_desirable']}**, n_U = **{s['n_undesirable']}**, {lam} "
         f"({_next_scope(s['next'])}).  \n"
         f"Realignment: {status}.  \nNext scheduled check: {nxt}."
+        + (f"  \n_Counts as of {_clock(s['counted_at'])} UTC (a copy of the store, refreshed every "
+           f"{s['counted_every_s']:g} s)._" if s.get("counted_at") is not None else "")
     )
 
 
@@ -553,7 +571,7 @@ def build_console(op: Operator, refresh_s: float = 3.0) -> gr.Blocks:
         demo.load(schedule_fields, None, [interval, cron, min_new, max_ex, enabled, sched_state])
 
         def reasons(adapter):
-            versions = [""] + [str(r.get("adapter")) for r in records(op.store.counts_by_adapter())]
+            versions = [""] + [str(r.get("adapter")) for r in records(op.counted().counts_by_adapter())]
             table = op.down_reasons(adapter or None)
             label = ("Thumbs-down with a reason or comment (newest first)" if len(table) else
                      "Thumbs-down with a reason or comment: none yet")

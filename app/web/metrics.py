@@ -51,15 +51,17 @@ class StackCollector:
         for channel, n in store.answer_counts().items():
             chats.add_metric([channel], n)
         yield chats
+        dashboard = getattr(self.st, "dashboard", None)   # on PostgreSQL: the console's copy (feedback_store/mirror)
+        counted = dashboard.store() if dashboard is not None else store
         ratings = GaugeMetricFamily("kto_loop_ratings", "current ratings by value (withdrawn: taken back)",
                                     labels=["value"])
-        for value, n in store.counts().items():
+        for value, n in counted.counts().items():
             if value != "total":
                 ratings.add_metric([value], n)
         yield ratings
         like = GaugeMetricFamily("kto_loop_like_rate", "thumbs-up share of the up/down ratings of each version's "
                                  "answers", labels=["version"])
-        for a in store.counts_by_adapter():
+        for a in counted.counts_by_adapter():
             if a["approval"] is not None:
                 like.add_metric([a["adapter"]], a["approval"])
         yield like
