@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # what the dashboard reads: every column of these tables of the deployment (conversations, answers and the audit
 # trail stay on PostgreSQL: the console's reading lists query them there, a page at a time)
 TABLES = ("ratings", "runs", "adapters", "adapter_events")
+MAX_LINE = 256 * 2**20     # the longest row the copy reads (DuckDB's CSV reader needs a bound)
 
 
 def _columns(duck: Any, table: str) -> list[tuple[str, str]]:
@@ -47,10 +48,11 @@ def build(source: FeedbackStore, path: Path, timeout_s: float = 300.0) -> int:
                     copy_out(f"SELECT {', '.join(c for c, _ in cols)} FROM {table} WHERE deployment = {{}}",
                              [source.deployment], csv)
                     types = "{" + ", ".join(f"'{c}': '{t}'" for c, t in cols) + "}"
-                    # PostgreSQL's CSV: NULL is an empty unquoted field, '' a quoted one; ISO timestamps; t/f
+                    # PostgreSQL's CSV: NULL is an empty unquoted field, '' a quoted one; ISO timestamps; t/f. A
+                    # run's metrics may be one long line (DuckDB's default limit is 2 MB)
                     duck.execute(f"INSERT INTO {table} SELECT * FROM read_csv(?, header = false, auto_detect = false,"
-                                 f" columns = {types}, quote = '\"', escape = '\"', allow_quoted_nulls = false)",
-                                 [str(csv)])
+                                 f" columns = {types}, quote = '\"', escape = '\"', allow_quoted_nulls = false,"
+                                 f" max_line_size = {MAX_LINE})", [str(csv)])
                 finally:
                     csv.unlink(missing_ok=True)
         return int(duck.execute("SELECT count(*) FROM ratings").fetchone()[0])

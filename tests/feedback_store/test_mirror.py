@@ -66,6 +66,16 @@ def test_the_copy_answers_every_console_figure_exactly_as_postgresql_does(pg_url
                 r["comment"] for r in copy._read_dicts("SELECT comment FROM ratings"))
 
 
+def test_a_run_with_megabytes_of_metrics_is_copied_whole(pg_url, tmp_path):
+    with FeedbackStore(pg_url) as pg:
+        run = pg.start_run("cli")
+        metrics = {"checkpoints": [{"step": i, "note": "x" * 1000} for i in range(3000)]}   # about 3 MB of JSON
+        pg.finish_run(run, "rejected", metrics=metrics)
+        build(pg, tmp_path / "copy.duckdb")
+        with FeedbackStore(tmp_path / "copy.duckdb", read_only=True) as copy:
+            assert copy.get_run(run)["metrics"] == metrics == pg.get_run(run)["metrics"]
+
+
 def test_only_the_stores_deployment_is_copied(pg_url, tmp_path):
     with FeedbackStore(pg_url, deployment="other") as other:
         _history(other)
