@@ -71,7 +71,8 @@ class Copy:
 class DashboardCopy:
     """The store the console aggregates from: a DuckDB copy no older than `max_age_s` once a copy exists (refreshed
     in the background when a read finds it stale, so no reader waits on PostgreSQL), and the source itself before
-    the first copy, or when copying fails for longer than 4 × `max_age_s`."""
+    the first copy, or when copying fails for longer than 4 × `max_age_s`; a failed copy is retried an interval
+    later, not on every read."""
 
     def __init__(self, source: FeedbackStore, folder: Path, max_age_s: float,
                  clock: Callable[[], float] = time.time):
@@ -86,6 +87,7 @@ class DashboardCopy:
         self._building: threading.Thread | None = None
         self._n = 0
         self.last_error: str | None = None
+        self._failed_at: float | None = None
         self._closed = False
 
     @classmethod
@@ -103,7 +105,8 @@ class DashboardCopy:
         """The copy to read now (the source's share caps applied), starting a refresh if it is stale."""
         cur = self._current
         now = self._clock()
-        if cur is None or now - cur.as_of >= self.max_age_s:
+        retry = self._failed_at is None or now - self._failed_at >= self.max_age_s   # a failure waits an interval
+        if (cur is None or now - cur.as_of >= self.max_age_s) and retry:
             self.refresh(wait=False)
         if cur is None or now - cur.as_of >= 4 * self.max_age_s:
             return self.source
@@ -139,11 +142,11 @@ class DashboardCopy:
             fresh = Copy(FeedbackStore(path, self.source.deployment, read_only=True), started,
                          round(time.perf_counter() - t0, 3), n)
         except Exception as e:    # the console keeps its last copy (or the source): a failed copy is only logged
-            self.last_error = f"{type(e).__name__}: {e}"
+            self.last_error, self._failed_at = f"{type(e).__name__}: {e}", self._clock()
             log.warning("dashboard copy of the feedback store failed: %s", self.last_error)
             path.unlink(missing_ok=True)
             return
-        self.last_error = None
+        self.last_error = self._failed_at = None
         with self._lock:
             if self._closed:
                 stale = fresh

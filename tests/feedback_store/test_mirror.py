@@ -145,9 +145,15 @@ def test_a_failing_copy_keeps_the_last_one_then_falls_back_to_the_store(pg_url, 
             now[0] = 15
             with pytest.raises(RuntimeError, match="no_such_db"):
                 mirror.refresh()
-            assert mirror.store() is good and mirror.as_of() == 0.0     # stale but within 4 intervals
+            tries = mirror._n
+            for now[0] in (15, 20, 24.9):               # a failed copy is not retried for one interval
+                assert mirror.store() is good and mirror.as_of() == 0.0     # stale but within 4 intervals
+                mirror._building.join()
+            assert mirror._n == tries
             now[0] = 40
             assert mirror.store() is pg and mirror.as_of() is None      # too old to show: the store itself
+            mirror._building.join()
+            assert mirror._n == tries + 1 and "no_such_db" in mirror.last_error
         finally:
             mirror.close()
 
