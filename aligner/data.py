@@ -18,6 +18,7 @@ from aligner.config import HELDOUT_FLOOR_MAX_SHARE, HELDOUT_MIN_PER_CLASS
 from aligner.loss import rotation
 
 REQUIRED_COLUMNS = ("example_id", "answer_id", "messages", "completion", "label")
+OPTIONAL_COLUMNS = ("user_id", "ended")
 MIN_PROMPT_TOKENS = 8  # below this the completion is judged without its question, so the example is dropped
 
 
@@ -30,7 +31,7 @@ class Example:
     example_id: str
     answer_id: str
     prompt_ids: list[int]
-    completion_ids: list[int]  # the answer tokens plus the end-of-turn token; the loss covers these only
+    completion_ids: list[int]  # the answer tokens, plus the end-of-turn token if it ended; the loss covers these
     desirable: bool
     prompt_truncated: int = 0  # prompt tokens cut from the left to fit max_length
     user_id: str | None = None  # who rated it (snapshots carry it): the gate's per-rater breakdown
@@ -63,8 +64,10 @@ def read_snapshot(path: str | Path) -> list[dict[str, Any]]:
         raise SnapshotError(f"snapshot {path.name} lacks column(s) {', '.join(missing)}")
     if table.num_rows == 0:
         raise SnapshotError(f"snapshot {path.name} is empty: nothing to train on")
-    rows = table.select([*REQUIRED_COLUMNS, *(["user_id"] if "user_id" in table.column_names else [])]).to_pylist()
+    optional = [c for c in OPTIONAL_COLUMNS if c in table.column_names]
+    rows = table.select([*REQUIRED_COLUMNS, *optional]).to_pylist()
     for i, row in enumerate(rows):
+        row["ended"] = row.get("ended") is not False  # older snapshots have no column: every answer ended
         if row["label"] is None or not isinstance(row["label"], bool):
             raise SnapshotError(f"row {i}: label must be a bool, got {row['label']!r}")
         if not isinstance(row["completion"], str):
@@ -100,11 +103,14 @@ def is_heldout(answer_id: str, fraction: float) -> bool:
     return fraction > 0 and answer_hash(answer_id) < fraction
 
 
-def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: str) -> tuple[list[int], list[int]]:
+def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: str,
+                  ended: bool = True) -> tuple[list[int], list[int]]:
     """Prompt ids (chat template with the generation prompt) and completion ids (answer + end-of-turn token).
 
     The completion is rendered through the template too, so the end-of-turn marker is the model's own; text the
-    template adds after it (a newline) is not part of what the model generated and is left out.
+    template adds after it (a newline) is not part of what the model generated and is left out. An answer that did
+    not end (cut at max_tokens, stopped by the user) gets no end-of-turn: log π(y|x) is of what was sampled, and a
+    marker there would teach the model to stop mid-sentence.
     """
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
@@ -116,6 +122,8 @@ def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: st
         suffix = suffix[:cut + len(eot)] if cut >= 0 else suffix.rstrip()
     else:  # templates that rewrite earlier turns: fall back to the plain answer plus EOS
         suffix = completion + (tokenizer.eos_token or "")
+    if not ended:
+        suffix = suffix[:suffix.find(completion) + len(completion)] if completion in suffix else completion
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     return list(prompt_ids), list(completion_ids)
@@ -131,8 +139,12 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int = 512, heldo
     kept: list[Example] = []
     dropped: list[dict[str, Any]] = []
     for row in rows:
-        prompt_ids, completion_ids = tokenize_pair(tokenizer, row["messages"], row["completion"])
+        prompt_ids, completion_ids = tokenize_pair(tokenizer, row["messages"], row["completion"], row["ended"])
         n_total = len(prompt_ids) + len(completion_ids)
+        if not completion_ids:
+            dropped.append({"example_id": row["example_id"], "answer_id": row["answer_id"],
+                            "reason": "no completion tokens", "n_tokens": n_total})
+            continue
         if len(completion_ids) > max_length - MIN_PROMPT_TOKENS:
             dropped.append({"example_id": row["example_id"], "answer_id": row["answer_id"],
                             "reason": "completion longer than max_length allows", "n_tokens": n_total})

@@ -24,6 +24,7 @@ SNAPSHOT_SCHEMA = pa.schema([
     ("user_id", pa.string()),
     ("adapter", pa.string()),
     ("rated_at", pa.timestamp("us", tz="UTC")),
+    ("ended", pa.bool_()),          # false: cut at max_tokens or stopped by the user, so no end-of-turn to learn
 ])
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -77,10 +78,34 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> str:
     return digest
 
 
+def answer_ended(sampling: str | dict | None, completion_tokens: int | None) -> bool:
+    """Did the model end this answer itself? Not when the user stopped it, vLLM said "length", or (answers stored
+    before the finish reason was kept) it used all of max_tokens. Unknown counts as ended, the old assumption."""
+    if isinstance(sampling, str):
+        try:
+            sampling = json.loads(sampling) if sampling else {}
+        except json.JSONDecodeError:
+            sampling = {}
+    sampling = sampling if isinstance(sampling, dict) else {}
+    if sampling.get("stopped"):
+        return False
+    finish = sampling.get("finish_reason")
+    if isinstance(finish, str):
+        return finish == "stop"
+    limit = sampling.get("max_tokens")
+    return not (isinstance(limit, int) and isinstance(completion_tokens, int) and completion_tokens >= limit)
+
+
 def to_snapshot_table(table: pa.Table) -> pa.Table:
-    """Cast a query result to the exact snapshot schema (UTC timestamps, column order)."""
+    """Cast a query result to the exact snapshot schema (UTC timestamps, column order); `ended` is worked out from
+    the answers' sampling and completion_tokens columns."""
     cols = []
     for field in SNAPSHOT_SCHEMA:
+        if field.name == "ended":
+            cols.append(pa.array([answer_ended(s, n) for s, n in zip(table.column("sampling").to_pylist(),
+                                                                      table.column("completion_tokens").to_pylist(),
+                                                                      strict=True)], pa.bool_()))
+            continue
         col = table.column(field.name)
         if field.name == "rated_at":
             col = col.cast(pa.timestamp("us")).cast(field.type)  # stored as naive UTC

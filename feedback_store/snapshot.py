@@ -165,7 +165,7 @@ class Snapshots(Runs):
         user, addr = self._shares(max_user_share, max_addr_share)
         table = self._candidates("""r.id AS example_id, r.answer_id, a.prompt_messages AS messages,
             a.text AS completion, r.value = 'up' AS label, r.user_id, r.adapter, r.updated_at AS rated_at,
-            r.reason, r.comment, r.client_addr""", since, max_examples, until, True)
+            r.reason, r.comment, r.client_addr, a.sampling, a.completion_tokens""", since, max_examples, until, True)
         table, report, _ = self._cap(table, user, addr)
         return table, report
 

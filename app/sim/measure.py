@@ -6,12 +6,16 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from app.loop.gate import CAPABILITY_MAX_TOKENS, Question, is_correct
 from app.sim.inputs import Rater, SimulationError, call_rater
+
+LIST_ITEM = re.compile(r"([-*•]|\d+[.)])\s")
+SENTENCE_END = '.!?:;"\')]*`»…”’'  # what an answer may end on without stopping mid-sentence
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -38,10 +42,25 @@ def with_sampling(sampling: Any, **changes: Any) -> Any:
     return {**dict(sampling), **changes}
 
 
-def complete(client: Any, messages: list[dict[str, str]], model: str, sampling: Any, kind: str = "user") -> str:
-    """The whole answer text from `ChatClient.stream_chat` (chunks are str; the final ChatResult is skipped)."""
-    return "".join(part for part in client.stream_chat(messages, model, sampling, kind=kind)
-                   if isinstance(part, str))
+def complete(client: Any, messages: list[dict[str, str]], model: str, sampling: Any,
+             kind: str = "user") -> tuple[str, str | None]:
+    """The whole answer text from `ChatClient.stream_chat` and vLLM's finish reason (from the final ChatResult)."""
+    parts: list[str] = []
+    finish = None
+    for part in client.stream_chat(messages, model, sampling, kind=kind):
+        if isinstance(part, str):
+            parts.append(part)
+        else:
+            finish = getattr(part, "finish_reason", None)
+    return "".join(parts), finish
+
+
+def stops_mid_sentence(text: str, finish: str | None) -> bool:
+    """The model ended the answer itself (not cut at max_tokens) but not at the end of a sentence, list item,
+    quotation or code block: the fluency loss a capability probe of short facts does not see. A list's last item
+    needs no full stop."""
+    last = text.rstrip().rsplit("\n", 1)[-1].lstrip()
+    return finish == "stop" and last[-1:] not in SENTENCE_END and not LIST_ITEM.match(last)
 
 
 def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
@@ -106,10 +125,12 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
         done = cut
         cap_at.append(len(jobs))
         jobs += [(q.question, greedy) for q in capability]
-    texts = parallel_map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1], "background"),
-                         jobs, workers)
+    done_jobs = parallel_map(lambda j: complete(client, _messages(system_prompt, j[0]), model, j[1], "background"),
+                             jobs, workers)
+    texts = [t for t, _ in done_jobs]
     cap_pos = {i + k for i in cap_at for k in range(len(capability))}
     answers = [t for i, t in enumerate(texts) if i not in cap_pos]
+    finishes = [f for i, (_, f) in enumerate(done_jobs) if i not in cap_pos]
     probes = [texts[i:i + len(capability)] for i in cap_at]
     verdicts = [call_rater(rater, p, a) for (p, _), a in zip(sampled, answers, strict=False)]
     rated = [v for v in verdicts if v is not None]
@@ -132,6 +153,9 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
         "capability_accuracy": mean_correct / len(capability) if capability else 0.0,
         "capability_correct": runs[0] if len(runs) == 1 else round(mean_correct, 2),
         "capability_runs": runs, "capability_n": len(capability), "mean_words": sum(words) / max(1, len(words)),
+        "cut_at_max_tokens": sum(f == "length" for f in finishes) / max(1, len(finishes)),
+        "stops_mid_sentence": sum(stops_mid_sentence(a, f) for a, f in zip(answers, finishes, strict=True))
+        / max(1, len(finishes)),
         "capability_wrong": wrong, **({"by_rater": by_rater} if also else {}),
         "seconds": round(time.perf_counter() - t0, 1),
         "example_answer": {"prompt": sampled[0][0], "answer": answers[0]} if answers else None,

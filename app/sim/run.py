@@ -221,7 +221,8 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
     if checkpoint:
         checkpoint(_run_record(spec, base, []))
     log(f"[{spec.rater_name}] base: desirable {pct(base['desirable_rate'])} "
-        f"[{pct(base['ci95'][0])}, {pct(base['ci95'][1])}], capability {pct(base['capability_accuracy'])} "
+        f"[{pct(base['ci95'][0])}, {pct(base['ci95'][1])}], capability {pct(base['capability_accuracy'])}, stops "
+        f"mid-sentence {pct(base['stops_mid_sentence'])}, cut at max_tokens {pct(base['cut_at_max_tokens'])} "
         f"({base['seconds']} s)")
     cycles: list[dict[str, Any]] = []
     cursor = 0
@@ -270,7 +271,8 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
         e = rec["eval"]
         log(f"[{spec.rater_name}] cycle {c}: served {served} (promoted={rec['promoted']}): desirable "
             f"{pct(e['desirable_rate'])} [{pct(e['ci95'][0])}, {pct(e['ci95'][1])}], capability "
-            f"{pct(e['capability_accuracy'])}; cycle took {rec['cycle_seconds']} s")
+            f"{pct(e['capability_accuracy'])}, stops mid-sentence {pct(e['stops_mid_sentence'])}, cut at max_tokens "
+            f"{pct(e['cut_at_max_tokens'])}; cycle took {rec['cycle_seconds']} s")
         if "ablation_pinned" in rec:
             a = rec["ablation_pinned"]["eval"]
             log(f"[{spec.rater_name}] cycle {c}: ablation λ=1: desirable {pct(a['desirable_rate'])}, "

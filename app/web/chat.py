@@ -504,7 +504,8 @@ class ChatService:
             turn.msg_id = self.store.add_answer(
                 sess.conv_id, parent_id=user_turn.msg_id, prompt_messages=prompt, text=text,
                 adapter=turn.adapter,
-                sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {}),
+                sampling=_sampling_dict(sampling) | ({"stopped": True} if stopped else {})
+                | ({"finish_reason": finish} if (finish := getattr(result, "finish_reason", None)) else {}),
                 prompt_tokens=getattr(result, "prompt_tokens", None),
                 completion_tokens=getattr(result, "completion_tokens", None),
                 latency_ms=latency_ms,

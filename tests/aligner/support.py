@@ -50,6 +50,8 @@ def write_snapshot(path: Path, rows: list[dict], drop_columns: tuple[str, ...] =
     schema = pa.schema([("example_id", pa.string()), ("answer_id", pa.string()), ("messages", pa.string()),
                         ("completion", pa.string()), ("label", pa.bool_()), ("user_id", pa.string()),
                         ("adapter", pa.string()), ("rated_at", pa.timestamp("us", tz="UTC"))])
+    if any("ended" in r for r in rows):  # the column the store writes; older snapshots lack it
+        schema = schema.append(pa.field("ended", pa.bool_()))
     table = pa.Table.from_pylist(rows, schema=schema)
     for c in drop_columns:
         table = table.drop_columns([c])

@@ -55,6 +55,27 @@ def test_completion_tokens_end_with_end_of_turn(tok):
     assert c[-1] == tok.eos_token_id
 
 
+def test_an_answer_that_did_not_end_is_trained_without_end_of_turn(tmp_path, tok):
+    """A cut or stopped answer was sampled without an end-of-turn: adding one would teach stopping mid-sentence."""
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}]
+    _, cut = tokenize_pair(tok, msgs, "Hello there, this answer was cut", ended=False)
+    assert tok.decode(cut) == "Hello there, this answer was cut" and tok.eos_token_id not in cut
+
+    rows = synthetic_rows(3, 3)
+    for i, row in enumerate(rows):
+        row["ended"] = i % 2 == 0
+    ds = build_dataset(write_snapshot(tmp_path / "s.parquet", rows), tok, heldout_fraction=0.0)
+    by_id = {ex.example_id: ex for ex in ds.train}
+    assert len(by_id) == 6
+    for row in rows:
+        ids = by_id[row["example_id"]].completion_ids
+        assert (ids[-1] == tok.eos_token_id) is row["ended"]
+        assert tok.decode(ids).removesuffix("<|im_end|>") == row["completion"]
+
+    old = build_dataset(write_snapshot(tmp_path / "old.parquet", synthetic_rows(3, 3)), tok, heldout_fraction=0.0)
+    assert all(ex.completion_ids[-1] == tok.eos_token_id for ex in old.train)   # no column: every answer ended
+
+
 def test_truncation_and_drop_are_reported(tmp_path, tok):
     rows = synthetic_rows(12, 12, long_every=7)
     long_prompt = json.loads(rows[0]["messages"])

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from app.web.chat import (
@@ -35,6 +36,7 @@ class Result:
     model: str
     prompt_tokens: int = 7
     completion_tokens: int = 3
+    finish_reason: str | None = "stop"
 
 
 class ScriptedStream:
@@ -193,6 +195,42 @@ def test_stop_keeps_the_partial_answer_and_it_can_be_rated(store):
     assert ans["text"] == first
     svc.rate(sess, 1, False)
     assert store.counts()["down"] == 1
+
+
+def test_the_snapshot_knows_which_answers_the_model_did_not_end(store, tmp_path):
+    """vLLM's finish reason is kept with the answer: one cut at max_tokens, or stopped, is trained without an
+    end-of-turn (aligner/data.py), so the served model is not taught to stop mid-sentence."""
+    client = ScriptedClient()
+    svc = ChatService(store, client, Registry(), system_prompt=lambda: "", sampling=lambda: {"max_tokens": 50},
+                      max_chars=500, ratings_per_minute=60)
+    sess = svc.session("k", "u1")
+    list(svc.send(sess, "short"))
+    assert store.get_answer(sess.turns[1].msg_id)["sampling"]["finish_reason"] == "stop"
+    cut_result = Result("base", completion_tokens=2, finish_reason="length")  # vLLM says so, whatever the count
+    client.stream_chat = lambda messages, model, sampling=None: _Finishing(["a long ", "answer"], cut_result)
+    list(svc.send(sess, "long"))
+    gen = svc.send(sess, "stop me")
+    next(gen)
+    sess.stop.set()
+    list(gen)
+    for i in (1, 3, 5):
+        svc.rate(sess, i, True)
+    rows = pq.read_table(store.export_snapshot(tmp_path / "s.parquet").path).to_pylist()
+    assert sorted((r["completion"], r["ended"]) for r in rows) == [("a long ", False), ("a long answer", False),
+                                                                  ("answer 1 to short", True)]
+
+
+class _Finishing(ScriptedStream):
+    def __init__(self, words, result):
+        super().__init__(words, result.model)
+        self._final = result
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.result = self._final
+            raise
 
 
 def test_server_failure_removes_the_pending_turn(store):

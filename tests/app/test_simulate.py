@@ -147,6 +147,7 @@ class CannedClient:
         else:
             text = "word " * 80
         yield from [text[: len(text) // 2], text[len(text) // 2:]]
+        yield SimpleNamespace(finish_reason="length" if text.startswith("word") else "stop")  # the ChatResult
 
 
 @pytest.fixture
@@ -196,6 +197,16 @@ def test_measure_rates_and_capability():
     assert all(s["temperature"] == 0.0 and s["max_tokens"] == gate.CAPABILITY_MAX_TOKENS for s in greedy)
     assert all(m == "kto-v1" for _, m, _ in client.calls)
     assert client.kinds == ["background"] * 8  # the product's own traffic: gives way to people chatting
+    assert out["cut_at_max_tokens"] == 0.5 and out["stops_mid_sentence"] == 0.0
+
+
+@pytest.mark.parametrize("text, finish, mid", [
+    ("It is blue.", "stop", False), ("It is blue", "stop", True), ("It is blue", "length", False),
+    ("Steps:\n- mix\n- bake", "stop", False), ("1. mix\n2) bake", "stop", False),
+    ("You can even organize a bake sale\n", "stop", True), ('He said "go."', "stop", False),
+    ("Use `x`", "stop", False), ("It is", None, False)])
+def test_an_answer_the_model_ended_mid_sentence_is_counted(text, finish, mid):
+    assert measure.stops_mid_sentence(text, finish) is mid
 
 
 def test_measure_averages_repeated_capability_probes_spread_through_the_sampling():

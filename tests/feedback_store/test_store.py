@@ -362,6 +362,30 @@ def test_failed_run_does_not_reset_since_last_run_and_stale_runs_are_closed(loca
         assert latest["status"] == "failed" and "interrupted" in latest["error"]
 
 
+def test_snapshot_says_which_answers_the_model_ended(store, clock, tmp_path):
+    """Cut at max_tokens, stopped by the user, or ended by the model: the aligner trains an end-of-turn only on the
+    last (aligner/data.py tokenize_pair)."""
+    cases = {  # sampling, completion_tokens -> ended
+        "stop": ({"max_tokens": 8, "finish_reason": "stop"}, 8, True),
+        "length": ({"max_tokens": 8, "finish_reason": "length"}, 8, False),
+        "stopped": ({"max_tokens": 8, "stopped": True, "finish_reason": "stop"}, 3, False),
+        "old_full": ({"max_tokens": 8}, 8, False),            # stored before the finish reason was kept
+        "old_short": ({"max_tokens": 8}, 5, True),
+        "unknown": ({}, None, True),
+    }
+    ids = {}
+    for name, (sampling, n, _) in cases.items():
+        conv = store.new_conversation("alice")
+        msg = store.add_user_message(conv, name)
+        ans = store.add_answer(conv, msg, [{"role": "user", "content": name}], f"answer {name}",
+                               sampling=sampling, completion_tokens=n)
+        ids[ans] = name
+        store.rate("alice", ans, "up")
+        clock.tick(minutes=1)
+    rows = pq.read_table(store.export_snapshot(tmp_path / "s.parquet").path).to_pylist()
+    assert {ids[r["answer_id"]]: r["ended"] for r in rows} == {k: v[2] for k, v in cases.items()}
+
+
 def test_export_round_trip_snapshot_and_kto(store, clock, tmp_path):
     import datasets
 
