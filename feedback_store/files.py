@@ -30,10 +30,11 @@ SNAPSHOT_SCHEMA = pa.schema([
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _UTC = pa.timestamp("us", tz="UTC")
 # TRL's unpaired preference format, conversational: prompt and completion are lists of messages; then metadata
-# TRL leaves alone (the rated answer, its rater, the reason and comment given with the final rating, when).
+# TRL leaves alone (the rated answer, its rater, the reason and comment given with the final rating, whether the
+# model ended the answer or it was cut, when). TRL appends an end-of-turn to every completion: filter on `ended`.
 KTO_SCHEMA = pa.schema([("prompt", pa.list_(_MESSAGE)), ("completion", pa.list_(_MESSAGE)), ("label", pa.bool_()),
                         ("answer_id", pa.string()), ("user_id", pa.string()), ("reason", pa.string()),
-                        ("comment", pa.string()), ("rated_at", _UTC)])
+                        ("comment", pa.string()), ("ended", pa.bool_()), ("rated_at", _UTC)])
 # TRL's preference format (DPOTrainer), conversational with an explicit prompt: chosen and rejected are one
 # assistant message each; then metadata: both answers, the one user who rated them, each final rating's reason and
 # comment, and when the later of the two ratings was made.
@@ -128,8 +129,9 @@ def kto_rows(rated: pa.Table) -> list[dict]:
     """Rated rows (the snapshot's columns plus reason and comment) → TRL unpaired rows: prompt = message list,
     completion = [assistant message], label, then the metadata columns of KTO_SCHEMA."""
     return [{"prompt": _messages(r["messages"]), "completion": [{"role": "assistant", "content": r["completion"]}],
-             "label": bool(r["label"]), **{name: r[name] for name in KTO_SCHEMA.names[3:-1]},
-             "rated_at": _utc(r["rated_at"])} for r in rated.to_pylist()]
+             "label": bool(r["label"]), **{name: r[name] for name in KTO_SCHEMA.names[3:-2]},
+             "ended": answer_ended(r["sampling"], r["completion_tokens"]), "rated_at": _utc(r["rated_at"])}
+            for r in rated.to_pylist()]
 
 
 def dpo_rows(pairs: pa.Table) -> list[dict]:

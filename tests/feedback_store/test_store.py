@@ -384,6 +384,8 @@ def test_snapshot_says_which_answers_the_model_ended(store, clock, tmp_path):
         clock.tick(minutes=1)
     rows = pq.read_table(store.export_snapshot(tmp_path / "s.parquet").path).to_pylist()
     assert {ids[r["answer_id"]]: r["ended"] for r in rows} == {k: v[2] for k, v in cases.items()}
+    rows = pq.read_table(store.export_kto(tmp_path / "kto.parquet").path).to_pylist()   # for TRL users to filter on
+    assert {ids[r["answer_id"]]: r["ended"] for r in rows} == {k: v[2] for k, v in cases.items()}
 
 
 def test_export_round_trip_snapshot_and_kto(store, clock, tmp_path):
