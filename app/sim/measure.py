@@ -44,15 +44,10 @@ def with_sampling(sampling: Any, **changes: Any) -> Any:
 
 def complete(client: Any, messages: list[dict[str, str]], model: str, sampling: Any,
              kind: str = "user") -> tuple[str, str | None]:
-    """The whole answer text from `ChatClient.stream_chat` and vLLM's finish reason (from the final ChatResult)."""
-    parts: list[str] = []
-    finish = None
-    for part in client.stream_chat(messages, model, sampling, kind=kind):
-        if isinstance(part, str):
-            parts.append(part)
-        else:
-            finish = getattr(part, "finish_reason", None)
-    return "".join(parts), finish
+    """The whole answer text from `ChatClient.stream_chat` and vLLM's finish reason (the stream's ChatResult)."""
+    stream = client.stream_chat(messages, model, sampling, kind=kind)
+    text = "".join(stream)
+    return text, getattr(getattr(stream, "result", None), "finish_reason", None)
 
 
 def stops_mid_sentence(text: str, finish: str | None) -> bool:

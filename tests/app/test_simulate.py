@@ -146,8 +146,25 @@ class CannedClient:
             text = "- a\n- b\n- c"
         else:
             text = "word " * 80
-        yield from [text[: len(text) // 2], text[len(text) // 2:]]
-        yield SimpleNamespace(finish_reason="length" if text.startswith("word") else "stop")  # the ChatResult
+        return CannedStream([text[: len(text) // 2], text[len(text) // 2:]],
+                            "length" if text.startswith("word") else "stop")
+
+
+class CannedStream:
+    """Like serving.client.ChatStream: text chunks, then `.result` with vLLM's finish reason."""
+
+    def __init__(self, parts, finish):
+        self._it, self._finish, self.result = iter(parts), finish, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.result = SimpleNamespace(finish_reason=self._finish)
+            raise
 
 
 @pytest.fixture

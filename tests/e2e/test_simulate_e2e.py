@@ -60,6 +60,12 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     assert doc["settings"]["first_lora_layer"] == "50%"
     assert doc["settings"]["capability_repeats"] == 2 and len(run["base"]["capability_runs"]) == 2
     assert run["base"]["capability_accuracy"] == sum(run["base"]["capability_runs"]) / (2 * 3)
+    # a random model rarely ends within 24 tokens: vLLM's "length" reaches the measurement and the training data
+    assert run["base"]["cut_at_max_tokens"] > 0.5 and 0 <= run["base"]["stops_mid_sentence"] <= 1
+    import pyarrow.parquet as pq
+    ended = [e for f in Path(run["data_dir"]).glob("runs/*/snapshot.parquet")
+             for e in pq.read_table(f).column("ended").to_pylist()]
+    assert len(ended) == 32 and ended.count(False) > 16
     (cycle,) = run["cycles"]
     assert CYCLE_KEYS <= set(cycle), CYCLE_KEYS - set(cycle)
     # a random model has nothing to learn, so the gate's sign test can still say no: both outcomes are the real
