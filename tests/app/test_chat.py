@@ -40,11 +40,12 @@ class Result:
 
 
 class ScriptedStream:
-    def __init__(self, words, model):
+    def __init__(self, words, model, final: Result | None = None):
         self._it = iter(words)
         self.result = None
         self.model = model
         self.closed = False
+        self._final = final  # the ChatResult at the end (default: a plain stop)
 
     def __iter__(self):
         return self
@@ -53,7 +54,7 @@ class ScriptedStream:
         try:
             return next(self._it)
         except StopIteration:
-            self.result = Result(self.model)
+            self.result = self._final or Result(self.model)
             raise
 
     def close(self):
@@ -206,8 +207,8 @@ def test_the_snapshot_knows_which_answers_the_model_did_not_end(store, tmp_path)
     sess = svc.session("k", "u1")
     list(svc.send(sess, "short"))
     assert store.get_answer(sess.turns[1].msg_id)["sampling"]["finish_reason"] == "stop"
-    cut_result = Result("base", completion_tokens=2, finish_reason="length")  # vLLM says so, whatever the count
-    client.stream_chat = lambda messages, model, sampling=None: _Finishing(["a long ", "answer"], cut_result)
+    cut = Result("base", completion_tokens=2, finish_reason="length")  # vLLM says so, whatever the count
+    client.stream_chat = lambda messages, model, sampling=None: ScriptedStream(["a long ", "answer"], "base", cut)
     list(svc.send(sess, "long"))
     gen = svc.send(sess, "stop me")
     next(gen)
@@ -218,19 +219,6 @@ def test_the_snapshot_knows_which_answers_the_model_did_not_end(store, tmp_path)
     rows = pq.read_table(store.export_snapshot(tmp_path / "s.parquet").path).to_pylist()
     assert sorted((r["completion"], r["ended"]) for r in rows) == [("a long ", False), ("a long answer", False),
                                                                   ("answer 1 to short", True)]
-
-
-class _Finishing(ScriptedStream):
-    def __init__(self, words, result):
-        super().__init__(words, result.model)
-        self._final = result
-
-    def __next__(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self.result = self._final
-            raise
 
 
 def test_server_failure_removes_the_pending_turn(store):

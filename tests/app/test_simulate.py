@@ -154,17 +154,18 @@ class CannedStream:
     """Like serving.client.ChatStream: text chunks, then `.result` with vLLM's finish reason."""
 
     def __init__(self, parts, finish):
-        self._it, self._finish, self.result = iter(parts), finish, None
+        self.result = None
+        self._gen = self._run(parts, finish)
+
+    def _run(self, parts, finish):
+        yield from parts
+        self.result = SimpleNamespace(finish_reason=finish)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        try:
-            return next(self._it)
-        except StopIteration:
-            self.result = SimpleNamespace(finish_reason=self._finish)
-            raise
+        return next(self._gen)
 
 
 @pytest.fixture
