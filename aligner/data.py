@@ -105,7 +105,7 @@ def is_heldout(answer_id: str, fraction: float) -> bool:
 
 def tokenize_pair(tokenizer: Any, messages: list[dict[str, str]], completion: str,
                   ended: bool = True) -> tuple[list[int], list[int]]:
-    """Prompt ids (chat template with the generation prompt) and completion ids (answer + end-of-turn token).
+    """Prompt ids (chat template with the generation prompt) and completion ids (the answer, end-of-turn if it ended).
 
     The completion is rendered through the template too, so the end-of-turn marker is the model's own; text the
     template adds after it (a newline) is not part of what the model generated and is left out. An answer that did
