@@ -16,6 +16,8 @@ from app.sim.inputs import Rater, SimulationError, call_rater
 
 LIST_ITEM = re.compile(r"([-*•]|\d+[.)])\s")
 SENTENCE_END = '.!?:;"\')]*`»…”’'  # what an answer may end on without stopping mid-sentence
+SENTENCE_OR_LINE = re.compile(r"(?<=[.!?])\s+|\n+")
+LOOP_REPEATS = 3  # the same sentence this often in one answer: a loop, not emphasis
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -62,6 +64,17 @@ def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
     """The request a new chat would send, with the served system prompt."""
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": user}]
+
+
+def repeats_itself(text: str) -> bool:
+    """The answer says one sentence or line of three words or more at least LOOP_REPEATS times: the degenerate loop
+    a preference met by form alone (one paragraph, a length) can reward, and a probe of short facts does not see."""
+    seen: dict[str, int] = {}
+    for piece in SENTENCE_OR_LINE.split(text):
+        key = " ".join(piece.lower().split())
+        if len(key.split()) >= 3:
+            seen[key] = seen.get(key, 0) + 1
+    return max(seen.values(), default=0) >= LOOP_REPEATS
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
@@ -151,6 +164,7 @@ def measure(client: Any, model: str, *, holdout: Sequence[str], rater: Rater, ca
         "cut_at_max_tokens": sum(f == "length" for f in finishes) / max(1, len(finishes)),
         "stops_mid_sentence": sum(stops_mid_sentence(a, f) for a, f in zip(answers, finishes, strict=True))
         / max(1, len(finishes)),
+        "repeats_itself": sum(map(repeats_itself, answers)) / max(1, len(answers)),
         "capability_wrong": wrong, **({"by_rater": by_rater} if also else {}),
         "seconds": round(time.perf_counter() - t0, 1),
         "example_answer": {"prompt": sampled[0][0], "answer": answers[0]} if answers else None,

@@ -222,8 +222,8 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
         checkpoint(_run_record(spec, base, []))
     log(f"[{spec.rater_name}] base: desirable {pct(base['desirable_rate'])} "
         f"[{pct(base['ci95'][0])}, {pct(base['ci95'][1])}], capability {pct(base['capability_accuracy'])}, stops "
-        f"mid-sentence {pct(base['stops_mid_sentence'])}, cut at max_tokens {pct(base['cut_at_max_tokens'])} "
-        f"({base['seconds']} s)")
+        f"mid-sentence {pct(base['stops_mid_sentence'])}, cut at max_tokens {pct(base['cut_at_max_tokens'])}, "
+        f"repeats itself {pct(base.get('repeats_itself'))} ({base['seconds']} s)")
     cycles: list[dict[str, Any]] = []
     cursor = 0
     for c in range(1, spec.cycles + 1):
@@ -272,7 +272,8 @@ def simulate_one(stack: Any, spec: SimSpec, log: Log = print,
         log(f"[{spec.rater_name}] cycle {c}: served {served} (promoted={rec['promoted']}): desirable "
             f"{pct(e['desirable_rate'])} [{pct(e['ci95'][0])}, {pct(e['ci95'][1])}], capability "
             f"{pct(e['capability_accuracy'])}, stops mid-sentence {pct(e['stops_mid_sentence'])}, cut at max_tokens "
-            f"{pct(e['cut_at_max_tokens'])}; cycle took {rec['cycle_seconds']} s")
+            f"{pct(e['cut_at_max_tokens'])}, repeats itself {pct(e.get('repeats_itself'))}; cycle took "
+            f"{rec['cycle_seconds']} s")
         if "ablation_pinned" in rec:
             a = rec["ablation_pinned"]["eval"]
             log(f"[{spec.rater_name}] cycle {c}: ablation λ=1: desirable {pct(a['desirable_rate'])}, "

@@ -215,7 +215,7 @@ def test_measure_rates_and_capability():
     assert all(s["temperature"] == 0.0 and s["max_tokens"] == gate.CAPABILITY_MAX_TOKENS for s in greedy)
     assert all(m == "kto-v1" for _, m, _ in client.calls)
     assert client.kinds == ["background"] * 8  # the product's own traffic: gives way to people chatting
-    assert out["cut_at_max_tokens"] == 0.5 and out["stops_mid_sentence"] == 0.0
+    assert out["cut_at_max_tokens"] == 0.5 and out["stops_mid_sentence"] == 0.0 and out["repeats_itself"] == 0.0
 
 
 @pytest.mark.parametrize("text, finish, mid", [
@@ -225,6 +225,15 @@ def test_measure_rates_and_capability():
     ("Use `x`", "stop", False), ("It is", None, False)])
 def test_an_answer_the_model_ended_mid_sentence_is_counted(text, finish, mid):
     assert measure.stops_mid_sentence(text, finish) is mid
+
+
+@pytest.mark.parametrize("text, loops", [
+    ("It's best to have a plan. It's best to have a plan. It's best to have  a PLAN.", True),
+    ("A cup of tea,\na cup of tea,\nA cup of tea,\nand then some.", True),
+    ("Mix it well. Bake it. Mix it well. Serve it warm. Mix it well again.", False),
+    ("- Yes.\n- Yes.\n- Yes.", False), ("Go. Go. Go. Go.", False), ("", False)])
+def test_an_answer_that_loops_on_one_sentence_is_counted(text, loops):
+    assert measure.repeats_itself(text) is loops
 
 
 def test_measure_averages_repeated_capability_probes_spread_through_the_sampling():
