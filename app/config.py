@@ -145,6 +145,11 @@ class Config:
                                                     "questions a new adapter may lose against the base model, "
                                                     "not the served adapter (bounded over any number of cycles; "
                                                     "asked at temperature 0 before the swap; negative = off)")
+    promote_max_loop_increase: float = _opt(0.05, "loop check: the largest share of the shipped open prompts a new "
+                                                  "adapter may answer by looping on one sentence beyond the base "
+                                                  "model's count (answered with the served sampling before the "
+                                                  "swap; negative = off; part of the capability guard, off "
+                                                  "with it)")
     align_extra_args: str = _opt("", "extra flags passed verbatim to the aligner subprocess (e.g. '--max-steps 2')")
     align_timeout_s: float = _opt(0.0, "an aligner or checkpoint-evaluation child still running after this many "
                                        "seconds is stopped and the run fails (0 = scaled to the run: a start-up "

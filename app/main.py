@@ -89,7 +89,6 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
     from serving.admission import Admission
     from serving.client import ChatClient
     from serving.registry import AdapterRegistry
-    from serving.server import request_priority
 
     cfg = cfg.resolved() if cfg.data_dir is None else cfg
     Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -129,15 +128,7 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
         if own:
             server.add_restart_hook(lambda: reconcile(store, registry, shared=shared))
         settings = SettingsStore(cfg.data_dir, default_settings(cfg))
-        guard = None
-        if cfg.promote_max_capability_drop >= 0:
-            from app.loop.gate import CapabilityGuard, http_ask, load_capability
-
-            ask = http_ask(server.base_url, lambda: settings.load().system_prompt,
-                           priority=request_priority(server, "background"), admission=admission,
-                           api_key=server.api_key)
-            guard = CapabilityGuard(ask, load_capability(), cfg.promote_max_capability_drop,
-                                    base=served_model_name(server))
+        guard = promotion_guard(cfg, server, settings, admission)
         realigner = Realigner(
             store, registry, model_dir=Path(cfg.model_dir), work_dir=Path(cfg.data_dir) / "runs",
             lora_rank=cfg.lora_rank, max_lora_rank=cfg.vllm_max_lora_rank, beta=cfg.beta, min_gain=cfg.promote_min_gain,
@@ -156,6 +147,24 @@ def build_stack(cfg: Config) -> Iterator[Stack]:
             dashboard = DashboardCopy.own_folder(store, Path(cfg.data_dir) / "dashboard", cfg.dashboard_copy_s)
             stack.callback(dashboard.close)
         yield Stack(server, store, registry, client, realigner, settings, cfg, dashboard)
+
+
+def promotion_guard(cfg: Config, server: Any, settings: SettingsStore, admission: Any = None) -> Any:
+    """The gate's check between loading a candidate and switching to it: the capability probe (greedy, short) and
+    the loop check (open prompts, answered with the served sampling); None when the capability guard is off."""
+    if cfg.promote_max_capability_drop < 0:
+        return None
+    from app.loop.gate import CapabilityGuard, http_ask, load_capability, load_open_prompts
+    from serving.server import request_priority
+
+    how: dict[str, Any] = dict(system_prompt=lambda: settings.load().system_prompt, admission=admission,
+                               priority=request_priority(server, "background"), api_key=server.api_key)
+    loops = cfg.promote_max_loop_increase >= 0
+    return CapabilityGuard(
+        http_ask(server.base_url, **how), load_capability(), cfg.promote_max_capability_drop,
+        base=served_model_name(server), max_loop_increase=cfg.promote_max_loop_increase,
+        sample=http_ask(server.base_url, sampling=sampling_for(cfg).to_request(), **how) if loops else None,
+        open_prompts=load_open_prompts() if loops else ())
 
 
 def memory_cap_bytes(gb: float) -> int | None:

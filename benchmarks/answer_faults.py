@@ -2,8 +2,8 @@
 
 `kto-loop simulate` measures both on held-out answers (`stops_mid_sentence`, `repeats_itself`); runs from before
 it did only kept their stores. This counts them from those stores (each rater's feedback.duckdb, read-only), with
-the simulator's own rules (`app.sim.measure`) and the snapshot's (`feedback_store.files.answer_ended`) for which
-answers the model ended itself.
+the product's own rules (`app.sim.measure`, `app.loop.gate`) and the snapshot's
+(`feedback_store.files.answer_ended`) for which answers the model ended itself.
 
 Run: `.venv/bin/python -m benchmarks.answer_faults SIM_DIR[=LABEL] ...`, where SIM_DIR is a simulation's work
 directory (default location ~/.cache/kto-loop/data/simulations/<started>). Writes
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import duckdb
 
-from app.sim.measure import repeats_itself, stops_mid_sentence
+from app.loop.gate import repeats_itself
+from app.sim.measure import stops_mid_sentence
 from benchmarks.harness import machine, result_path
 from feedback_store.files import answer_ended
 

@@ -1,6 +1,7 @@
 """The promotion gate: a trained adapter is served only if it beats the served one on the aligner's held-out set
 (margin test) without resting on one rater's answers (rater check) and keeps the base model's factual answers
-(capability guard); when a run's final adapter fails, its earlier checkpoints are offered newest first (checkpoint
+(capability guard) without looping on one sentence more often than the base model does (loop check); when a run's
+final adapter fails, its earlier checkpoints are offered newest first (checkpoint
 fallback). The decisions are pure functions; the I/O (asking vLLM, loading an adapter, evaluating checkpoints) is
 passed in. Measurements behind the rules: docs/experiments/2026-11-23-simulator-defaults.md,
 docs/experiments/2026-12-02-examples-learning-rate-seeds.md.
@@ -12,7 +13,7 @@ import concurrent.futures as cf
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ FRAC_TOLERANCE = 0.05
 SIGN_TEST_ALPHA = 0.05
 DEFAULT_CAPABILITY = Path(__file__).parent / "data" / "capability.jsonl"
 CAPABILITY_MAX_TOKENS = 64
+DEFAULT_OPEN_PROMPTS = Path(__file__).parent / "data" / "open_prompts.jsonl"
+SENTENCE_OR_LINE = re.compile(r"(?<=[.!?])\s+|\n+")
+LOOP_REPEATS = 3  # the same sentence this often in one answer: a loop, not emphasis
 
 
 # ---------------------------------------------------------------- margin test
@@ -226,6 +230,53 @@ def capability_ok(candidate: ProbeResult, floor: ProbeResult, max_drop: float) -
     return candidate.accuracy >= floor.accuracy - max_drop - 1e-9
 
 
+def repeats_itself(text: str) -> bool:
+    """The answer says one sentence or line of three words or more at least LOOP_REPEATS times: the degenerate loop
+    a preference met by form alone (one paragraph, a length) can reward, and a probe of short facts does not see."""
+    seen: dict[str, int] = {}
+    for piece in SENTENCE_OR_LINE.split(text):
+        key = " ".join(piece.lower().split())
+        if len(key.split()) >= 3:
+            seen[key] = seen.get(key, 0) + 1
+    return max(seen.values(), default=0) >= LOOP_REPEATS
+
+
+def load_open_prompts(path: str | Path = DEFAULT_OPEN_PROMPTS) -> list[str]:
+    """Open requests (explain, advise, write a poem) whose answers the loop check reads: long enough to loop."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapabilityError(f"open prompts file not found: {path}")
+    try:
+        prompts = [str(json.loads(line)["prompt"]) for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CapabilityError(f"{path}: expected lines of {{'prompt': str}} ({e})") from None
+    if not prompts:
+        raise CapabilityError(f"no prompts in {path}")
+    return prompts
+
+
+@dataclass
+class LoopProbe:
+    model: str
+    loops: int
+    n: int
+    examples: list[dict[str, str]]
+
+
+def loop_probe(ask: Ask, model: str, prompts: Sequence[str], workers: int = 0) -> LoopProbe:
+    """Answer every open prompt as users are answered (served sampling) and count the answers that loop."""
+    with cf.ThreadPoolExecutor(max(1, workers or len(prompts))) as ex:
+        answers = list(ex.map(lambda p: ask(model, p), prompts))
+    looped = [{"prompt": p, "answer": a[:300]} for p, a in zip(prompts, answers, strict=True) if repeats_itself(a)]
+    return LoopProbe(model, len(looped), len(prompts), looped)
+
+
+def loops_ok(candidate: LoopProbe, floor: LoopProbe, max_increase: float) -> bool:
+    """A candidate may loop on at most `max_increase` of the open prompts more than the floor model does."""
+    return candidate.loops <= floor.loops + max_increase * candidate.n + 1e-9
+
+
 class CapabilityGuard:
     """`guard(candidate, served) -> (ok, reason)`, the registry's check between loading and switching. The floor is
     the base model's score when `base` is given (a per-cycle floor against the served version would ratchet down a
@@ -233,14 +284,36 @@ class CapabilityGuard:
     Probes are cached: the served version's while it is served, the base model's for good."""
 
     def __init__(self, ask: Ask, questions: Sequence[Question], max_drop: float, workers: int = 0,
-                 base: str | None = None) -> None:
+                 base: str | None = None, sample: Ask | None = None, open_prompts: Sequence[str] = (),
+                 max_loop_increase: float = -1.0) -> None:
         if not questions:
             raise CapabilityError("the capability guard needs at least one question")
         self.ask, self.questions, self.max_drop, self.workers = ask, list(questions), max_drop, workers
         self.base = base
         self._served: dict[str, ProbeResult] = {}
         self._base: ProbeResult | None = None
+        # The loop check (off unless `sample`, prompts and max_loop_increase >= 0 are all given).
+        self.sample, self.open_prompts = sample, list(open_prompts)
+        self.max_loop_increase = max_loop_increase
+        self._loops: dict[str, LoopProbe] = {}  # the floor model's, kept for good
         self.last: dict[str, Any] | None = None
+
+    @property
+    def checks_loops(self) -> bool:
+        return self.sample is not None and bool(self.open_prompts) and self.max_loop_increase >= 0
+
+    def _loop_verdict(self, candidate: str, floor_model: str) -> tuple[bool, str, dict[str, Any]]:
+        """Loops of the candidate against the floor model (the base model, or the served one without a base)."""
+        assert self.sample is not None
+        floor = self._loops.get(floor_model) or loop_probe(self.sample, floor_model, self.open_prompts, self.workers)
+        self._loops = {floor_model: floor}
+        new = loop_probe(self.sample, candidate, self.open_prompts, self.workers)
+        ok = loops_ok(new, floor, self.max_loop_increase)
+        record = {"candidate_loops": new.loops, "floor_loops": floor.loops, "loops_n": new.n,
+                  "max_loop_increase": self.max_loop_increase, "loops_ok": ok, "candidate_loop_examples": new.examples}
+        what = (f"loops on {new.loops}/{new.n} open prompts vs {floor.loops}/{floor.n} for {floor_model} "
+                f"(allowed {self.max_loop_increase:.0%} more)")
+        return ok, what, record
 
     def __call__(self, candidate: str, served: str) -> tuple[bool, str]:
         old = self._served.get(served) or probe(self.ask, served, self.questions, self.workers)
@@ -259,14 +332,20 @@ class CapabilityGuard:
             self.last["base_correct"] = floor.correct
             what += f", served {served} {old.correct}/{old.n}"
         what += f" (allowed drop {self.max_drop:.0%})"
+        if self.checks_loops and ok:  # a candidate the probe refused needs no more generating
+            loops_fine, loops_what, record = self._loop_verdict(candidate, self.base or served)
+            self.last.update(record)
+            self.last["ok"] = ok = ok and loops_fine
+            what += f"; {loops_what}"
         return ok, (what if ok else f"not promoted: {what}")
 
 
 def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = None,
              timeout: float = 120.0, priority: int | None = None, admission: Admission | None = None,
-             api_key: str | None = None) -> Ask:
+             api_key: str | None = None, sampling: Mapping[str, Any] | None = None) -> Ask:
     """An `Ask` over vLLM's OpenAI API: greedy, CAPABILITY_MAX_TOKENS, the app's system prompt; `priority` and
-    `admission` keep the probe behind users' chats (serving.server, serving.admission); `api_key` is the server's."""
+    `admission` keep the probe behind users' chats (serving.server, serving.admission); `api_key` is the server's.
+    With `sampling` (a served request's sampling fields) it answers as users are answered instead."""
     import httpx
 
     from serving.admission import slot
@@ -277,7 +356,10 @@ def http_ask(base_url: str, system_prompt: Callable[[], str | None] | None = Non
     def ask(model: str, question: str) -> str:
         sp = system_prompt() if system_prompt else None
         messages = ([{"role": "system", "content": sp}] if sp else []) + [{"role": "user", "content": question}]
-        body = {"model": model, "messages": messages, "temperature": 0.0, "max_tokens": CAPABILITY_MAX_TOKENS}
+        body: dict[str, Any] = {"model": model, "messages": messages, "temperature": 0.0,
+                                "max_tokens": CAPABILITY_MAX_TOKENS}
+        if sampling is not None:  # no seed: it crashes vLLM's CPU sampler (serving.client.SamplingParams)
+            body.update(sampling)
         if priority is not None:
             body["priority"] = priority
         with slot(admission, "background"):

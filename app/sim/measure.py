@@ -11,13 +11,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from app.loop.gate import CAPABILITY_MAX_TOKENS, Question, is_correct
+from app.loop.gate import CAPABILITY_MAX_TOKENS, Question, is_correct, repeats_itself
 from app.sim.inputs import Rater, SimulationError, call_rater
 
 LIST_ITEM = re.compile(r"([-*•]|\d+[.)])\s")
 SENTENCE_END = '.!?:;"\')]*`»…”’'  # what an answer may end on without stopping mid-sentence
-SENTENCE_OR_LINE = re.compile(r"(?<=[.!?])\s+|\n+")
-LOOP_REPEATS = 3  # the same sentence this often in one answer: a loop, not emphasis
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -64,17 +62,6 @@ def _messages(system_prompt: str | None, user: str) -> list[dict[str, str]]:
     """The request a new chat would send, with the served system prompt."""
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": user}]
-
-
-def repeats_itself(text: str) -> bool:
-    """The answer says one sentence or line of three words or more at least LOOP_REPEATS times: the degenerate loop
-    a preference met by form alone (one paragraph, a length) can reward, and a probe of short facts does not see."""
-    seen: dict[str, int] = {}
-    for piece in SENTENCE_OR_LINE.split(text):
-        key = " ".join(piece.lower().split())
-        if len(key.split()) >= 3:
-            seen[key] = seen.get(key, 0) + 1
-    return max(seen.values(), default=0) >= LOOP_REPEATS
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:

@@ -120,6 +120,7 @@ def document(cfg: Any, specs: Sequence[SimSpec], t0: float, runs: list[dict[str,
                      "lr_generation_decay": cfg.lr_generation_decay,
                      "promote_min_gain": cfg.promote_min_gain,
                      "promote_max_capability_drop": cfg.promote_max_capability_drop,
+                     "promote_max_loop_increase": getattr(cfg, "promote_max_loop_increase", None),
                      "align_extra_args": cfg.align_extra_args, "align_mode": cfg.align_mode,
                      "max_examples": cfg.max_examples, "first_lora_layer": cfg.first_lora_layer,
                      "max_user_share": getattr(cfg, "max_user_share", None),  # the snapshot's share caps

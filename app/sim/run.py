@@ -156,7 +156,11 @@ def _cycle_record(outcome: Any) -> dict[str, Any]:
 
 
 def _guard_counts(guard: dict[str, Any] | None) -> dict[str, Any]:
-    return {"capability_correct": guard.get("candidate_correct"), "capability_ok": guard.get("ok")} if guard else {}
+    """The guard's verdict in a line: facts kept, and open prompts looped on (absent when not checked)."""
+    if not guard:
+        return {}
+    return {"capability_correct": guard.get("candidate_correct"), "capability_ok": guard.get("ok"),
+            **{k: guard[k] for k in ("candidate_loops", "floor_loops", "loops_ok") if k in guard}}
 
 
 def train_pinned(stack: Any, run_id: str, cycle: int, log: Log,

@@ -14,7 +14,9 @@ from app.loop.gate import (
     http_ask,
     is_correct,
     load_capability,
+    load_open_prompts,
     probe,
+    repeats_itself,
 )
 
 QUESTIONS = [Question(f"What is the capital of country {i}?", (f"City{i}",)) for i in range(20)]
@@ -144,3 +146,113 @@ def test_a_served_version_that_scored_above_the_base_does_not_raise_the_bar():
     assert guard.last["served_correct"] == 20 and guard.last["base_correct"] == 19
     ok, reason = guard("kto-v3", "kto-v1")  # two below the base: more than 5% of the questions
     assert not ok and reason.startswith("not promoted: capability probe 17/20 vs 19/20 for base")
+
+
+# ---------------------------------------------------------------- the loop check
+
+PROMPTS = [f"Tell me about topic {i}." for i in range(40)]
+LOOP = "It is best to have a plan. " * 6
+
+
+def looping(loops: dict[str, int], calls: list[str] | None = None):
+    """A sampler where model `m` loops on the first loops[m] prompts and answers plainly otherwise."""
+    def sample(model: str, prompt: str) -> str:
+        if calls is not None:
+            calls.append(model)
+        i = int(prompt.split()[-1].rstrip("."))
+        return LOOP if i < loops[model] else f"Topic {i} is interesting. Here is one fact about it. That is all."
+    return sample
+
+
+@pytest.mark.parametrize("text, loops", [
+    ("It's best to have a plan. It's best to have a plan. It's best to have  a PLAN.", True),
+    ("A cup of tea,\na cup of tea,\nA cup of tea,\nand then some.", True),
+    ("Mix it well. Bake it. Mix it well. Serve it warm. Mix it well again.", False),
+    ("- Yes.\n- Yes.\n- Yes.", False), ("Go. Go. Go. Go.", False), ("", False)])
+def test_an_answer_that_loops_on_one_sentence_is_counted(text, loops):
+    assert repeats_itself(text) is loops
+
+
+def test_shipped_open_prompts_load_and_are_not_the_simulators():
+    from app.sim.inputs import DEFAULT_HOLDOUT, DEFAULT_PROMPTS, load_prompts
+
+    prompts = load_open_prompts()
+    assert len(prompts) == len(set(prompts)) == 64
+    assert not set(prompts) & set(load_prompts(DEFAULT_HOLDOUT) + load_prompts(DEFAULT_PROMPTS))
+
+
+@pytest.mark.parametrize("candidate, ok", [(1, True), (3, True), (4, False), (20, False)])
+def test_loop_check_allows_at_most_the_configured_increase_over_the_base_model(candidate, ok):
+    guard = CapabilityGuard(scripted({"base": 20, "kto-v1": 20}), QUESTIONS, max_drop=0.05, base="base",
+                            sample=looping({"base": 1, "kto-v1": candidate}), open_prompts=PROMPTS,
+                            max_loop_increase=0.05)   # 0.05 of 40 prompts: two more than the base's one
+    verdict, reason = guard("kto-v1", "base")
+    assert verdict is ok and guard.last["ok"] is ok and guard.last["loops_ok"] is ok
+    assert f"loops on {candidate}/40 open prompts vs 1/40 for base" in reason
+    assert reason.startswith("not promoted") != ok
+    assert len(guard.last["candidate_loop_examples"]) == candidate
+
+
+def test_loop_check_samples_the_base_model_once_and_skips_a_candidate_the_probe_refused():
+    calls: list[str] = []
+    guard = CapabilityGuard(scripted({"base": 20, "kto-v1": 20, "kto-v2": 20, "kto-v3": 10}), QUESTIONS,
+                            max_drop=0.05, base="base", sample=looping({"base": 0, "kto-v1": 0, "kto-v2": 2}, calls),
+                            open_prompts=PROMPTS, max_loop_increase=0.05)
+    assert guard("kto-v1", "base")[0] and guard("kto-v2", "kto-v1")[0]
+    ok, reason = guard("kto-v3", "kto-v2")    # lost half its facts: refused before any open prompt is sent
+    assert not ok and "loops" not in reason and "loops_ok" not in guard.last
+    assert calls.count("base") == 40 and calls.count("kto-v1") == 40 and calls.count("kto-v2") == 40
+    assert "kto-v3" not in calls
+
+
+@pytest.mark.parametrize("sample, increase", [(None, 0.05), ("looping", -1.0)])
+def test_loop_check_is_off_without_a_sampler_or_with_a_negative_increase(sample, increase):
+    guard = CapabilityGuard(scripted({"base": 20, "kto-v1": 20}), QUESTIONS, max_drop=0.05, base="base",
+                            sample=looping({"base": 0, "kto-v1": 40}) if sample else None, open_prompts=PROMPTS,
+                            max_loop_increase=increase)
+    ok, reason = guard("kto-v1", "base")
+    assert ok and "loops" not in reason and not guard.checks_loops
+
+
+def test_http_ask_with_sampling_answers_as_users_are_answered(monkeypatch):
+    sent = []
+
+    def post(url, timeout, json, headers):
+        sent.append(json)
+        return httpx.Response(200, json={"choices": [{"message": {"content": "A poem."}}]},
+                              request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(httpx, "post", post)
+    ask = http_ask("http://127.0.0.1:9", sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 128})
+    assert ask("kto-v2", "Write a poem.") == "A poem."
+    assert (sent[0]["temperature"], sent[0]["top_p"], sent[0]["max_tokens"]) == (0.7, 0.95, 128)
+    assert "seed" not in sent[0]  # a seed crashes vLLM's CPU sampler
+
+
+def test_the_app_wires_the_loop_check_with_the_served_sampling(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from app.config import Config
+    from app.main import default_settings, promotion_guard
+    from app.operator_settings import SettingsStore
+
+    sent = []
+
+    def post(url, timeout, json, headers):
+        sent.append(json)
+        return httpx.Response(200, json={"choices": [{"message": {"content": "Paris."}}]},
+                              request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(httpx, "post", post)
+    server = SimpleNamespace(base_url="http://127.0.0.1:9", api_key=None, served_model_name="base")
+
+    def guard_for(**kw):
+        cfg = Config(data_dir=tmp_path / "data", model_dir=tmp_path / "model", max_tokens=96, **kw).resolved()
+        return promotion_guard(cfg, server, SettingsStore(cfg.data_dir, default_settings(cfg)))
+
+    guard = guard_for()
+    assert guard.checks_loops and guard.max_loop_increase == 0.05 and len(guard.open_prompts) == 64
+    guard.sample("base", "Write a poem.")
+    assert sent[-1]["max_tokens"] == 96 and sent[-1]["temperature"] == Config().temperature
+    assert not guard_for(promote_max_loop_increase=-1.0).checks_loops
+    assert guard_for(promote_max_capability_drop=-1.0) is None

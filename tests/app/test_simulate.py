@@ -227,15 +227,6 @@ def test_an_answer_the_model_ended_mid_sentence_is_counted(text, finish, mid):
     assert measure.stops_mid_sentence(text, finish) is mid
 
 
-@pytest.mark.parametrize("text, loops", [
-    ("It's best to have a plan. It's best to have a plan. It's best to have  a PLAN.", True),
-    ("A cup of tea,\na cup of tea,\nA cup of tea,\nand then some.", True),
-    ("Mix it well. Bake it. Mix it well. Serve it warm. Mix it well again.", False),
-    ("- Yes.\n- Yes.\n- Yes.", False), ("Go. Go. Go. Go.", False), ("", False)])
-def test_an_answer_that_loops_on_one_sentence_is_counted(text, loops):
-    assert measure.repeats_itself(text) is loops
-
-
 def test_measure_averages_repeated_capability_probes_spread_through_the_sampling():
     class FlakyClient(CannedClient):
         """Like vLLM on a bf16 CPU: one greedy answer changes from one probe to the next."""
@@ -536,13 +527,16 @@ def test_refused_candidate_is_the_final_adapter_even_when_a_checkpoint_was_promo
         {"candidate": "final", "step": None, "version": "kto-v4", "promoted": False, "reason": "no",
          "capability_guard": guard},
         {"candidate": "step 11/22", "step": 11, "version": "kto-v5", "promoted": True, "reason": "yes",
-         "capability_guard": dict(guard, candidate="kto-v5", ok=True, candidate_correct=32)}],
+         "capability_guard": dict(guard, candidate="kto-v5", ok=True, candidate_correct=32, candidate_loops=2,
+                                  floor_loops=1, loops_ok=True)}],
         "promoted_checkpoint": {"step": 11}}
     rec = sim._cycle_record(SimpleNamespace(run_id="r", status="promoted", promoted=True, reason="yes",
                                             version="kto-v5", manifest=manifest))
     assert rec["promoted_step"] == 11
     assert [(c["version"], c["capability_correct"], c["capability_ok"]) for c in rec["candidates"]] == [
         ("kto-v4", 19, False), ("kto-v5", 32, True)]
+    assert "candidate_loops" not in rec["candidates"][0]  # refused by the probe: no loop check ran
+    assert (rec["candidates"][1]["candidate_loops"], rec["candidates"][1]["loops_ok"]) == (2, True)
     assert sim.refused_candidate(rec) == "kto-v4"
     gate_said_no = dict(rec, candidates=[{"candidate": "final", "version": None, "promoted": False}])
     assert sim.refused_candidate(gate_said_no) is None  # never loaded: nothing to measure
