@@ -309,8 +309,9 @@ class CapabilityGuard:
         self._loops = {floor_model: floor}
         new = loop_probe(self.sample, candidate, self.open_prompts, self.workers)
         ok = loops_ok(new, floor, self.max_loop_increase)
-        record = {"candidate_loops": new.loops, "floor_loops": floor.loops, "loops_n": new.n,
-                  "max_loop_increase": self.max_loop_increase, "loops_ok": ok, "candidate_loop_examples": new.examples}
+        record = {"candidate_loops": new.loops, "floor_loops": floor.loops, "floor_model": floor_model,
+                  "loops_n": new.n, "max_loop_increase": self.max_loop_increase, "loops_ok": ok,
+                  "candidate_loop_examples": new.examples}
         what = (f"loops on {new.loops}/{new.n} open prompts vs {floor.loops}/{floor.n} for {floor_model} "
                 f"(allowed {self.max_loop_increase:.0%} more)")
         return ok, what, record
@@ -447,6 +448,9 @@ def decide(cands: Sequence[Candidate], manifest: dict[str, Any], min_gain: float
                 if ok:
                     reason += (f"; capability probe {guard['candidate_correct']}/{guard['n']} "
                                f"(served {guard['served_correct']}/{guard['n']})")
+                    if "candidate_loops" in guard:
+                        reason += (f"; loops on {guard['candidate_loops']}/{guard['loops_n']} open prompts "
+                                   f"({guard['floor_loops']} for {guard['floor_model']})")
         # a refused candidate keeps the name it was loaded under (vLLM cannot forget it): record that too
         verdict.update(reason=reason, promoted=ok, version=tried.version or (tried.guard or {}).get("candidate"))
         if ok:

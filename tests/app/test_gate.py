@@ -243,3 +243,13 @@ def test_decide_records_a_capability_refusal_of_every_candidate():
     assert not res.promoted and res.version is None and res.capability_guard == guard
     assert res.reason == "not promoted: probe final (so were the run's 1 earlier checkpoint)"
     assert [v["version"] for v in res.candidates] == ["kto-v3", "kto-v3"]  # the name each was loaded under
+
+
+def test_a_promotion_says_what_the_capability_guard_and_its_loop_check_counted():
+    guard = {"candidate": "kto-v1", "candidate_correct": 10, "served_correct": 10, "n": 10}
+    looped = {**guard, "candidate_loops": 3, "floor_loops": 2, "floor_model": "base", "loops_n": 64}
+    for record, tail in [(guard, "capability probe 10/10 (served 10/10)"),
+                         (looped, "capability probe 10/10 (served 10/10); loops on 3/64 open prompts (2 for base)")]:
+        res = decide([Candidate("final", None, Path("f"), m(1.0))], {"heldout": {"served": None}}, 0.0,
+                     lambda c, r=record: Attempt("kto-v1", None, r), lambda p: None)
+        assert res.promoted and res.reason.endswith(tail), res.reason
