@@ -12,15 +12,13 @@ benchmarks/results/answer_faults/<date>_<cpu>[_<label>].json.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import duckdb
 
 from app.loop.gate import repeats_itself
 from app.sim.measure import stops_mid_sentence
-from benchmarks.harness import machine, result_path
+from benchmarks.harness import per_simulation_store
 from feedback_store.files import answer_ended
 
 
@@ -45,27 +43,9 @@ def read_store(path: Path) -> list[tuple[str, str, str | None, int | None]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sim_dirs", nargs="+", help="simulation work directories, each optionally =LABEL")
-    ap.add_argument("--label", default="", help="suffix of the result file's name")
-    ap.add_argument("--out", type=Path, help="result file (default: benchmarks/results/answer_faults/...)")
-    args = ap.parse_args()
-    runs = []
-    for spec in args.sim_dirs:
-        where, _, label = spec.partition("=")
-        sim = Path(where).expanduser()
-        for store in sorted(sim.glob("*/feedback.duckdb")):
-            by_adapter = count(read_store(store))
-            runs.append({"simulation": sim.name, "label": label or sim.name, "rater": store.parent.name,
-                         "adapters": by_adapter})
-            cells = ", ".join(f"{a}: mid-sentence {v['stops_mid_sentence']:.1%}, loops {v['repeats_itself']:.1%} of "
-                              f"{v['answers']} (cut {v['cut']:.0%})"
-                              for a, v in by_adapter.items())
-            print(f"{label or sim.name} {store.parent.name}: {cells}")
-    out = args.out or result_path("answer_faults", args.label)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"kind": "answer_faults", "machine": machine(), "runs": runs}, indent=2))
-    print(f"wrote {out}")
+    per_simulation_store("answer_faults", __doc__, lambda store: count(read_store(store)),
+                         lambda a, v: f"{a}: mid-sentence {v['stops_mid_sentence']:.1%}, loops "
+                                      f"{v['repeats_itself']:.1%} of {v['answers']} (cut {v['cut']:.0%})")
 
 
 if __name__ == "__main__":

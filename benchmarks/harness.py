@@ -91,6 +91,32 @@ def write_result(result: dict, out: Path, t_all: float) -> None:
     print(f"wrote {out} in {result['total_s']:.0f}s")
 
 
+def per_simulation_store(bench: str, doc: str, measure: Callable[[Path], dict[str, dict[str, Any]]],
+                         cell: Callable[[str, dict[str, Any]], str]) -> None:
+    """The command line of the benchmarks that read simulations' stores: `SIM_DIR[=LABEL] ... [--label] [--out]`;
+    `measure` maps one rater's feedback.duckdb to per-adapter figures, `cell` prints one adapter's."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("sim_dirs", nargs="+", help="simulation work directories, each optionally =LABEL")
+    ap.add_argument("--label", default="", help="suffix of the result file's name")
+    ap.add_argument("--out", type=Path, help=f"result file (default: benchmarks/results/{bench}/...)")
+    args = ap.parse_args()
+    runs = []
+    for spec in args.sim_dirs:
+        where, _, label = spec.partition("=")
+        sim = Path(where).expanduser()
+        for store in sorted(sim.glob("*/feedback.duckdb")):
+            by_adapter = measure(store)
+            runs.append({"simulation": sim.name, "label": label or sim.name, "rater": store.parent.name,
+                         "adapters": by_adapter})
+            print(f"{label or sim.name} {store.parent.name}: " + ", ".join(cell(a, v) for a, v in by_adapter.items()))
+    out = args.out or result_path(bench, args.label)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"kind": bench, "machine": machine(), "runs": runs}, indent=2))
+    print(f"wrote {out}")
+
+
 # ------------------------------------------------------------------------------------------ serving workload
 MAX_TOKENS = 64
 TOPICS = ["the sea", "a red fox", "trains", "winter", "a lighthouse", "coffee", "the moon", "bees", "a library",

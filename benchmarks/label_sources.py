@@ -13,14 +13,13 @@ benchmarks/results/label_sources/<date>_<cpu>[_<label>].json.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import duckdb
 
-from benchmarks.harness import machine, result_path
+from benchmarks.harness import per_simulation_store
 
 
 def within_prompt_ratio(thumbs_by_prompt: list[list[bool]]) -> dict[str, float | int | None]:
@@ -50,27 +49,11 @@ def read_store(path: Path) -> dict[str, list[list[bool]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("sim_dirs", nargs="+", help="simulation work directories, each optionally =LABEL")
-    ap.add_argument("--label", default="", help="suffix of the result file's name")
-    ap.add_argument("--out", type=Path, help="result file (default: benchmarks/results/label_sources/...)")
-    args = ap.parse_args()
-    runs = []
-    for spec in args.sim_dirs:
-        where, _, label = spec.partition("=")
-        sim = Path(where).expanduser()
-        for store in sorted(sim.glob("*/feedback.duckdb")):
-            thumbs = read_store(store)
-            by_adapter = {a: within_prompt_ratio(thumbs[a]) for a in sorted(thumbs, key=lambda a: (a != "base", a))}
-            runs.append({"simulation": sim.name, "label": label or sim.name, "rater": store.parent.name,
-                         "adapters": by_adapter})
-            cells = ", ".join(f"{a}: prompt share {v['prompt_share']} ({v['answers']} answers, {v['prompts']} prompts)"
-                              for a, v in by_adapter.items())
-            print(f"{label or sim.name} {store.parent.name}: {cells}")
-    out = args.out or result_path("label_sources", args.label)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"kind": "label_sources", "machine": machine(), "runs": runs}, indent=2))
-    print(f"wrote {out}")
+    per_simulation_store("label_sources", __doc__,
+                         lambda store: {a: within_prompt_ratio(t) for a, t in sorted(
+                             read_store(store).items(), key=lambda kv: (kv[0] != "base", kv[0]))},
+                         lambda a, v: f"{a}: prompt share {v['prompt_share']} ({v['answers']} answers, "
+                                      f"{v['prompts']} prompts)")
 
 
 if __name__ == "__main__":

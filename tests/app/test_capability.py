@@ -214,15 +214,21 @@ def test_loop_check_is_off_without_a_sampler_or_with_a_negative_increase(sample,
     assert ok and "loops" not in reason and not guard.checks_loops
 
 
-def test_http_ask_with_sampling_answers_as_users_are_answered(monkeypatch):
-    sent = []
+def _answer_every_chat(monkeypatch, content: str) -> list[dict]:
+    """httpx.post answers every chat request with `content`; returns the request bodies, in order."""
+    sent: list[dict] = []
 
     def post(url, timeout, json, headers):
         sent.append(json)
-        return httpx.Response(200, json={"choices": [{"message": {"content": "A poem."}}]},
+        return httpx.Response(200, json={"choices": [{"message": {"content": content}}]},
                               request=httpx.Request("POST", url))
 
     monkeypatch.setattr(httpx, "post", post)
+    return sent
+
+
+def test_http_ask_with_sampling_answers_as_users_are_answered(monkeypatch):
+    sent = _answer_every_chat(monkeypatch, "A poem.")
     ask = http_ask("http://127.0.0.1:9", sampling={"temperature": 0.7, "top_p": 0.95, "max_tokens": 128})
     assert ask("kto-v2", "Write a poem.") == "A poem."
     assert (sent[0]["temperature"], sent[0]["top_p"], sent[0]["max_tokens"]) == (0.7, 0.95, 128)
@@ -236,14 +242,7 @@ def test_the_app_wires_the_loop_check_with_the_served_sampling(tmp_path, monkeyp
     from app.main import default_settings, promotion_guard
     from app.operator_settings import SettingsStore
 
-    sent = []
-
-    def post(url, timeout, json, headers):
-        sent.append(json)
-        return httpx.Response(200, json={"choices": [{"message": {"content": "Paris."}}]},
-                              request=httpx.Request("POST", url))
-
-    monkeypatch.setattr(httpx, "post", post)
+    sent = _answer_every_chat(monkeypatch, "Paris.")
     server = SimpleNamespace(base_url="http://127.0.0.1:9", api_key=None, served_model_name="base")
 
     def guard_for(**kw):
