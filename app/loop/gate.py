@@ -175,23 +175,28 @@ class Question:
     answers: tuple[str, ...]
 
 
-def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
-    """The factual questions (all answered correctly by the base model) a candidate must keep answering."""
+def _read_jsonl(path: str | Path, what: str, shape: str, parse: Callable[[dict], Any]) -> list[Any]:
+    """One item per non-blank JSON line, with the file and line named in every error: the gate's data files."""
     path = Path(path)
     if not path.is_file():
-        raise CapabilityError(f"capability file not found: {path}")
+        raise CapabilityError(f"{what} file not found: {path}")
     items = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            items.append(Question(str(row["question"]), tuple(str(a) for a in row["answers"])))
+            items.append(parse(json.loads(line)))
         except (ValueError, KeyError, TypeError) as e:
-            raise CapabilityError(f"{path}:{i}: expected {{'question': str, 'answers': [str, ...]}} ({e})") from None
+            raise CapabilityError(f"{path}:{i}: expected {shape} ({e})") from None
     if not items:
-        raise CapabilityError(f"no questions in {path}")
+        raise CapabilityError(f"no {what} items in {path}")
     return items
+
+
+def load_capability(path: str | Path = DEFAULT_CAPABILITY) -> list[Question]:
+    """The factual questions (all answered correctly by the base model) a candidate must keep answering."""
+    return _read_jsonl(path, "capability", "{'question': str, 'answers': [str, ...]}",
+                       lambda row: Question(str(row["question"]), tuple(str(a) for a in row["answers"])))
 
 
 def is_correct(answer: str, accepted: Sequence[str]) -> bool:
@@ -215,11 +220,16 @@ class ProbeResult:
         return self.correct / self.n if self.n else 0.0
 
 
-def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 0) -> ProbeResult:
-    """Ask every question of `model` at once (`workers` = 0): vLLM batches them into the same engine steps,
+def ask_all(ask: Ask, model: str, prompts: Sequence[str], workers: int = 0) -> list[str]:
+    """Ask every prompt of `model` at once (`workers` = 0): vLLM batches them into the same engine steps,
     about twice as fast as eight at a time on 2 cores (docs/experiments/2026-11-30-probe-priority-and-admission.md)."""
-    with cf.ThreadPoolExecutor(max(1, workers or len(questions))) as ex:
-        answers = list(ex.map(lambda q: ask(model, q.question), questions))
+    with cf.ThreadPoolExecutor(max(1, workers or len(prompts))) as ex:
+        return list(ex.map(lambda p: ask(model, p), prompts))
+
+
+def probe(ask: Ask, model: str, questions: Sequence[Question], workers: int = 0) -> ProbeResult:
+    """Every question, greedy, counted right or wrong."""
+    answers = ask_all(ask, model, [q.question for q in questions], workers)
     wrong = [{"question": q.question, "answer": a[:200]} for q, a in zip(questions, answers, strict=True)
              if not is_correct(a, q.answers)]
     return ProbeResult(model, len(questions) - len(wrong), len(questions), wrong)
@@ -243,17 +253,7 @@ def repeats_itself(text: str) -> bool:
 
 def load_open_prompts(path: str | Path = DEFAULT_OPEN_PROMPTS) -> list[str]:
     """Open requests (explain, advise, write a poem) whose answers the loop check reads: long enough to loop."""
-    path = Path(path)
-    if not path.is_file():
-        raise CapabilityError(f"open prompts file not found: {path}")
-    try:
-        prompts = [str(json.loads(line)["prompt"]) for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CapabilityError(f"{path}: expected lines of {{'prompt': str}} ({e})") from None
-    if not prompts:
-        raise CapabilityError(f"no prompts in {path}")
-    return prompts
+    return _read_jsonl(path, "open prompts", "{'prompt': str}", lambda row: str(row["prompt"]))
 
 
 @dataclass
@@ -266,8 +266,7 @@ class LoopProbe:
 
 def loop_probe(ask: Ask, model: str, prompts: Sequence[str], workers: int = 0) -> LoopProbe:
     """Answer every open prompt as users are answered (served sampling) and count the answers that loop."""
-    with cf.ThreadPoolExecutor(max(1, workers or len(prompts))) as ex:
-        answers = list(ex.map(lambda p: ask(model, p), prompts))
+    answers = ask_all(ask, model, prompts, workers)
     looped = [{"prompt": p, "answer": a[:300]} for p, a in zip(prompts, answers, strict=True) if repeats_itself(a)]
     return LoopProbe(model, len(looped), len(prompts), looped)
 
