@@ -28,6 +28,8 @@ CAPABILITY_MAX_TOKENS = 64
 DEFAULT_OPEN_PROMPTS = Path(__file__).parent / "data" / "open_prompts.jsonl"
 SENTENCE_OR_LINE = re.compile(r"(?<=[.!?])\s+|\n+")
 LOOP_REPEATS = 3  # the same sentence this often in one answer: a loop, not emphasis
+# one held-out answer weighs what any answer weighs: whether a gain rests on one answer is the sign test's question
+RATER_CHECK_MIN_ANSWERS = 2
 
 
 # ---------------------------------------------------------------- margin test
@@ -142,20 +144,26 @@ def _gain(new: dict[str, Any] | None, served: dict[str, Any] | None) -> float | 
     return None if new_score is None or served_score is None or served_what != what else new_score - served_score
 
 
-def rater_check(new: dict[str, Any] | None, served: dict[str, Any] | None,
-                min_gain: float) -> tuple[bool, str, dict[str, Any] | None]:
+def rater_check(new: dict[str, Any] | None, served: dict[str, Any] | None, min_gain: float,
+                min_answers: int = RATER_CHECK_MIN_ANSWERS) -> tuple[bool, str, dict[str, Any] | None]:
     """Rule: with held-out answers from two or more raters, the gain must still exceed `min_gain` when the
     rater whose removal lowers it most is left out (a gain that needs one identity is that identity's taste).
-    Returns (ok, reason if refused, record); the record is None when the breakdown is missing or has one rater."""
+    Only raters holding `min_answers` or more held-out answers are left out: a one-answer rater's
+    "taste" cannot be told from one noisy reward (docs/experiments/2026-12-07-rater-check-one-answer.md).
+    Returns (ok, reason if refused, record); the record is None when the breakdown is missing, has one rater, or
+    no rater holds enough answers."""
     raters = (new or {}).get("per_rater")
     if not isinstance(raters, dict) or len(raters) < 2 or (served and not isinstance(served.get("per_rater"), dict)):
         return True, "", None
-    gains = {who: _gain(_without(new, who), _without(served, who) if served else None) for who in raters}
+    judged = [who for who, r in raters.items() if r["n"] >= min_answers]
+    if not judged:
+        return True, "", None
+    gains = {who: _gain(_without(new, who), _without(served, who) if served else None) for who in judged}
     who = min(gains, key=lambda w: -math.inf if gains[w] is None else gains[w])
     left, n = gains[who], sum(r["n"] for r in raters.values())
-    record = {"raters": len(raters), "most_influential": who, "n": raters[who]["n"], "n_heldout": n,
-              "gain": _gain(new, served), "gain_without": left, "min_gain": min_gain, "ok": left is not None and
-              left > min_gain}
+    record = {"raters": len(raters), "judged": len(judged), "most_influential": who, "n": raters[who]["n"],
+              "n_heldout": n, "gain": _gain(new, served), "gain_without": left, "min_gain": min_gain,
+              "ok": left is not None and left > min_gain}
     if record["ok"]:
         return True, "", record
     shown = "not measurable" if left is None else f"{left:+.4f}, not above {min_gain:+.4f}"

@@ -377,8 +377,8 @@ def trust_markdown(s: dict[str, Any]) -> str:
     else:
         rc = last.get("rater_check")
         if rc is None:
-            rater = ("not applied (the held-out answers came from fewer than two raters, or the run never reached "
-                     "the gate)")
+            rater = ("not applied (the held-out answers came from fewer than two raters, no rater held two or more "
+                     "of them, or the run never reached the gate)")
         else:
             left = "not measurable" if rc.get("gain_without") is None else f"{rc['gain_without']:+.4f}"
             share = f"{rc['n']} of {rc['n_heldout']} held-out answers"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from app.loop.gate import Attempt, Candidate, decide, rater_check, should_promote, sign_test_p
+from app.loop.gate import Attempt, Candidate, _without, decide, rater_check, should_promote, sign_test_p
 
 
 def m(margin, frac=0.7, loss=0.4):
@@ -171,9 +171,24 @@ def test_a_rater_who_held_a_whole_class_leaves_that_class_score():
     rows = [("ann", True, 1.0), ("ann", True, 1.0), ("bob", False, -0.5)]
     ok, _, rec = rater_check(held(rows), held([(w, up, 0.0) for w, up, _ in rows]), 0.0)
     assert rec["most_influential"] == "ann" and rec["gain_without"] == pytest.approx(0.5) and ok
-    only = [("ann", True, 1.0), ("bob", True, -1.0)]  # one class; without ann only bob's −1 is left
+    only = [("ann", True, 1.0), ("ann", True, 1.0), ("bob", True, -1.0)]  # one class; without ann, bob's −1
     ok, reason, rec = rater_check(held(only), held([(w, up, 0.0) for w, up, _ in only]), 0.0)
     assert not ok and rec["most_influential"] == "ann" and rec["gain_without"] == pytest.approx(-1.0)
+
+
+def test_a_rater_with_one_heldout_answer_is_not_left_out():
+    """Twenty honest one-answer raters whose answers moved slightly the wrong way and zed's one answer that moved
+    far the right way (the flipped-thumbs run's shape): the small gain rests on one answer, which says nothing
+    about zed's taste, so the check leaves zed in; a second answer from zed makes it a rater's gain, refused."""
+    crowd = [(f"u{i:02d}", i % 2 == 0, -0.1 if i % 2 == 0 else 0.1) for i in range(20)]
+    zed = [("zed", True, 6.0)]
+    base = [(w, up, 0.0) for w, up, _ in crowd + zed]
+    new, served = held(crowd + zed), held(base)
+    assert should_promote(new, served, 0.0)[0] and _without(new, "zed")["margin"] < 0
+    assert rater_check(new, served, 0.0) == (True, "", None)
+    ok, reason, rec = rater_check(held(crowd + zed + zed), held(base + [("zed", True, 0.0)]), 0.0)
+    assert not ok and "without zed's 2 of 22 held-out answers" in reason
+    assert rec["raters"] == 21 and rec["judged"] == 1
 
 
 def test_no_breakdown_or_a_single_rater_is_not_judged():
