@@ -243,7 +243,7 @@ def test_two_vllm_replicas_behind_the_router_swap_under_streamed_load_and_surviv
         os.killpg(servers[1]._proc.pid, signal.SIGKILL)      # the supervisor restarts it on the same port
         wait_until(lambda: pool.in_service() == [urls[0]], 30, "the killed replica to leave the router")
         out_at = time.monotonic()
-        wait_until(lambda: sorted(pool.in_service()) == sorted(urls), 240, "the restarted replica to come back")
+        wait_until(lambda: sorted(pool.in_service()) == sorted(urls), 480, "the restarted replica to come back")
         back_at = time.monotonic()
         assert {v1, v2} <= set(reg.loaded_on(urls[1]))
         wait_until(lambda: sum(r[0] > back_at for r in results) >= 4, 120, "chats after the replica came back")
