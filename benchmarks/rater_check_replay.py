@@ -52,9 +52,9 @@ def main() -> None:
     for path in files:
         doc = json.loads(path.read_text())
         min_gain = float((doc.get("settings") or {}).get("promote_min_gain") or 0.0)
-        for run in doc.get("runs") or []:
-            for cycle in run.get("cycles") or [] if isinstance(run, dict) else []:
-                key = cycle.get("run_id") if isinstance(cycle, dict) else None
+        for run in (r for r in doc.get("runs") or [] if isinstance(r, dict)):
+            for cycle in (c for c in run.get("cycles") or [] if isinstance(c, dict)):
+                key = cycle.get("run_id")
                 if not key or key in seen:
                     continue
                 seen.add(key)
