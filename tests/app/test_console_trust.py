@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from aligner.config import TrainConfig
+from aligner.data import is_heldout
 from app.cli import main
 from app.config import Config
 from app.loop.next_run import fewest_per_kind
@@ -67,13 +69,21 @@ def web(stack):
     scheduler.shutdown()
 
 
-def _rate(store: FeedbackStore, user: str, n_up: int, n_down: int, addr: str | None = None) -> None:
+def _rate(store: FeedbackStore, user: str, n_up: int, n_down: int, addr: str | None = None,
+          outside_hash_slice: bool = False) -> None:
+    """`user` rates n_up 👍 and n_down 👎 answers; `outside_hash_slice`: only answers the aligner's hash slice does
+    not hold out (answer ids are random), so what is held out is the floor's doing alone."""
     conv = store.new_conversation(user)
-    for i in range(n_up + n_down):
+    rated, i = 0, 0
+    while rated < n_up + n_down:
         q = f"{user} question {i}"
         m = store.add_user_message(conv, q)
         a = store.add_answer(conv, m, [{"role": "user", "content": q}], f"{user} answer {i}", adapter="base")
-        store.rate(user, a, "up" if i < n_up else "down", client_addr=addr)
+        i += 1
+        if outside_hash_slice and is_heldout(a, TrainConfig.heldout_fraction):
+            continue
+        store.rate(user, a, "up" if rated < n_up else "down", client_addr=addr)
+        rated += 1
 
 
 def _finished_run(store: FeedbackStore, status: str, metrics: dict, tmp: Path) -> str:
@@ -89,7 +99,7 @@ def test_realign_with_too_few_ratings_is_refused_before_anything_runs(web, stack
     """2 👍 / 2 👎: the held-out floor sets none aside, so the gate could never promote; the API (and with it the
     console and `kto-loop align --now`) says what a run needs, and no run is recorded or trained."""
     client, _ = web
-    _rate(stack.store, "alice", 2, 2)
+    _rate(stack.store, "alice", 2, 2, outside_hash_slice=True)
     r = client.post("/api/admin/align", json={}, headers=AUTH)
     assert r.status_code == 422, r.text
     why = r.json()["detail"]
