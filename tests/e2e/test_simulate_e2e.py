@@ -32,8 +32,9 @@ def test_short_simulation_end_to_end(tiny_model_dir: Path, tmp_path: Path):
     cfg = config_from(argparse.Namespace(), environ={
         "KTO_LOOP_HOME": str(tmp_path / "home"), "KTO_LOOP_MODEL_DIR": str(tiny_model_dir),
         "KTO_LOOP_MAX_TOKENS": "24", "KTO_LOOP_VLLM_KVCACHE_GB": "1",
-        # the gate is not under test here (a random model has no real preference to learn): always promote
-        "KTO_LOOP_PROMOTE_MIN_GAIN": "-1e9",
+        # the gate is not under test here (a random model has no real preference to learn): always promote, and no
+        # capability probe (tests/e2e/test_browser.py promotes through it, tests/app/test_realign_modes.py refuses)
+        "KTO_LOOP_PROMOTE_MIN_GAIN": "-1e9", "KTO_LOOP_PROMOTE_MAX_CAPABILITY_DROP": "-1",
         "KTO_LOOP_ALIGN_EXTRA_ARGS": "--max-steps 2 --batch-size 4 --holdout-fraction 0.4",
         "KTO_LOOP_FIRST_LORA_LAYER": "50%",  # the upper half of the tiny model's 2 layers: layer 1
     })
@@ -116,6 +117,7 @@ def test_an_attacker_is_held_to_the_stores_share_cap_through_the_real_loop(tiny_
     cfg = config_from(argparse.Namespace(), environ={
         "KTO_LOOP_HOME": str(tmp_path / "home"), "KTO_LOOP_MODEL_DIR": str(tiny_model_dir),
         "KTO_LOOP_MAX_TOKENS": "16", "KTO_LOOP_VLLM_KVCACHE_GB": "1", "KTO_LOOP_PROMOTE_MIN_GAIN": "-1e9",
+        "KTO_LOOP_PROMOTE_MAX_CAPABILITY_DROP": "-1",
         "KTO_LOOP_ALIGN_EXTRA_ARGS": "--max-steps 1 --batch-size 4 --holdout-fraction 0.4",
         "KTO_LOOP_MAX_ADDR_SHARE": "0.2", "KTO_LOOP_MAX_USER_SHARE": "0.1",
     })
