@@ -11,6 +11,9 @@ BROKEN_WITH_CPU_TORCH := torchvision torchaudio torchcodec
 EXTRAS ?= cpu,test,bench
 comma := ,
 CPU_FLAVOUR := $(filter cpu,$(subst $(comma), ,$(EXTRAS)))
+# pytest-xdist workers for `make test`, one test module at a time each: one worker leaves a core idle about a third
+# of the time, mostly while vLLM starts (single-threaded imports): docs/experiments/2026-12-07-test-suite-avx2.md.
+TEST_WORKERS ?= 2
 
 .PHONY: run test setup model browser postgres lint clean-venv
 
@@ -19,7 +22,7 @@ run: setup
 
 test: setup browser postgres
 	$(BIN)/ruff check .
-	$(BIN)/pytest -v --durations=25
+	$(BIN)/pytest -v --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 setup: $(STAMP) model
 

@@ -40,6 +40,13 @@ def wait_until(cond, timeout: float, what: str, every: float = 0.2) -> None:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist two workers share the cores: an OpenMP thread with nothing to do sleeps instead of
+    spinning, so the other worker's threads get the core (torch and vLLM here use libgomp)."""
+    if hasattr(config, "workerinput"):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @pytest.fixture(name="free_port")
 def free_port_fixture():
     return free_port

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -54,17 +55,20 @@ def train_test_adapter(model_dir: Path, out: Path, target: str, rank: int = 8, s
 def trained_adapters(default_model_dir: Path, kto_home: Path) -> dict[str, Path]:
     key = hashlib.sha256(json.dumps([RECIPE, TARGETS, str(default_model_dir)]).encode()).hexdigest()[:12]
     cache = kto_home / "test-cache" / f"serving-adapters-{key}"
+    cache.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, target in TARGETS.items():
-        d = cache / name
-        if not (d / "adapter_model.safetensors").exists():
-            tmp = cache / f".{name}.{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            train_test_adapter(default_model_dir, tmp, target, rank=RECIPE["r"], steps=RECIPE["steps"],
-                               lr=RECIPE["lr"], seed=RECIPE["seed"])
-            shutil.rmtree(d, ignore_errors=True)
-            os.replace(tmp, d)
-        out[name] = d
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test workers on a fresh machine: one trains, the other waits
+        for name, target in TARGETS.items():
+            d = cache / name
+            if not (d / "adapter_model.safetensors").exists():
+                tmp = cache / f".{name}.{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                train_test_adapter(default_model_dir, tmp, target, rank=RECIPE["r"], steps=RECIPE["steps"],
+                                   lr=RECIPE["lr"], seed=RECIPE["seed"])
+                shutil.rmtree(d, ignore_errors=True)
+                os.replace(tmp, d)
+            out[name] = d
     return out
 
 
